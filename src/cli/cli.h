@@ -1,0 +1,12 @@
+/* cli.h — subcommands of the moe-ep program. Each takes argv starting at its own name and
+ * returns the process exit code (0 ok, 1 failure, 2 bad usage). */
+#ifndef MOE_CLI_H
+#define MOE_CLI_H
+
+#define MOE_EP_VERSION "0.1.0"
+
+int cli_check(int argc, char **argv);
+int cli_forward(int argc, char **argv);
+int cli_backward(int argc, char **argv);
+
+#endif

@@ -1,0 +1,45 @@
+/* main.c — the moe-ep program: dispatches to one subcommand per file (cli_*.c). */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const struct {
+    const char *name;
+    int (*fn)(int argc, char **argv);
+    const char *summary;
+} commands[] = {
+    {"check", cli_check, "run the fused path and the reference on generated inputs, compare every stage"},
+    {"forward", cli_forward, "run one MoE block forward on a safetensors input"},
+    {"backward", cli_backward, "run one MoE block backward (input and weight gradients)"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: moe-ep <command> [options]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\n'moe-ep <command> --help' describes each command's options.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("moe-ep %s\n", MOE_EP_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "moe-ep: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,40 @@
+/* rng.c — counter-based generator (see rng.h). Mixing is SplitMix64's finaliser applied to the
+ * stream and counter; two rounds decorrelate neighbouring indices. */
+#include "rng.h"
+
+#include <math.h>
+
+static uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+uint64_t moe_rng_stream(uint64_t seed, const char *tensor_name)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (const unsigned char *p = (const unsigned char *)tensor_name; p && *p; p++) {
+        h ^= *p;
+        h *= 0x100000001b3ull;
+    }
+    return mix64(h ^ mix64(seed + 0x9e3779b97f4a7c15ull));
+}
+
+uint64_t moe_rng_u64(uint64_t stream, uint64_t index)
+{
+    return mix64(mix64(stream + index * 0x9e3779b97f4a7c15ull) ^ stream);
+}
+
+double moe_rng_uniform(uint64_t stream, uint64_t index)
+{
+    return (double)(moe_rng_u64(stream, index) >> 11) * 0x1p-53;
+}
+
+double moe_rng_normal(uint64_t stream, uint64_t index)
+{
+    /* Box-Muller on two sub-streams of the same index; u1 in (0,1] avoids log(0). */
+    double u1 = 1.0 - (double)(moe_rng_u64(stream, 2 * index) >> 11) * 0x1p-53;
+    double u2 = (double)(moe_rng_u64(stream, 2 * index + 1) >> 11) * 0x1p-53;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}

@@ -1,0 +1,90 @@
+/* test_util.c — see test_util.h. */
+#include "test_util.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+uint64_t moe_test_seed(void)
+{
+    static uint64_t seed;
+    static bool have;
+    if (have) return seed;
+    const char *env = getenv("MOE_TEST_SEED");
+    if (env && *env) {
+        seed = strtoull(env, NULL, 0);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        seed = ((uint64_t)ts.tv_sec * 1000003u) ^ (uint64_t)ts.tv_nsec;
+    }
+    have = true;
+    fprintf(stderr, "test seed: %" PRIu64 " (replay with MOE_TEST_SEED=%" PRIu64 ")\n", seed, seed);
+    return seed;
+}
+
+int moe_test_require_gpu(void)
+{
+    const char *req = getenv("MOE_REQUIRE_GPU");
+    bool required = req && strcmp(req, "1") == 0;
+#ifdef MOE_HAVE_CUDA
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaSuccess && n > 0) return 0;
+    fprintf(stderr, "no usable GPU: %s\n", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+#else
+    fprintf(stderr, "no usable GPU: this build has no CUDA backend (MOE_ENABLE_CUDA=OFF or no toolkit)\n");
+#endif
+    if (required) {
+        fprintf(stderr, "MOE_REQUIRE_GPU=1: a missing GPU is a failure\n");
+        return 1;
+    }
+    fprintf(stderr, "SKIPPED: GPU test without a GPU\n");
+    return MOE_TEST_SKIP;
+}
+
+double moe_test_rel_err(const double *a, const double *ref, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(ref[i])) return INFINITY;
+        double d = a[i] - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return sqrt(num / den);
+}
+
+bool moe_test_close(const char *what, const double *a, const double *ref, size_t rows,
+                    size_t cols, double tol)
+{
+    double g = moe_test_rel_err(a, ref, rows * cols);
+    double worst = 0;
+    size_t worst_row = 0;
+    for (size_t r = 0; r < rows; r++) {
+        double e = moe_test_rel_err(a + r * cols, ref + r * cols, cols);
+        if (e > worst || isnan(e)) { worst = e; worst_row = r; }
+    }
+    bool ok = g <= tol && worst <= 10 * tol;
+    fprintf(stderr, "%-28s rel %.3e  worst row %zu: %.3e  tol %.1e  %s\n", what, g, worst_row,
+            worst, tol, ok ? "ok" : "FAIL");
+    return ok;
+}
+
+double moe_test_tol(moe_dtype dt, bool grad)
+{
+    switch (dt) {
+    case MOE_DTYPE_BF16: return 1e-2;
+    case MOE_DTYPE_F16: return 1e-3;
+    case MOE_DTYPE_F32: return grad ? 1e-4 : 1e-5;
+    default: return 1e-9;
+    }
+}

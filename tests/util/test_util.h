@@ -1,0 +1,42 @@
+/*
+ * test_util.h — shared harness for moe-ep's cmocka tests.
+ *
+ * TESTS OVERVIEW
+ *  - Every test that draws random data calls moe_test_seed() once: a fresh seed per run (from
+ *    the clock), printed so a failure can be replayed with MOE_TEST_SEED=<seed>.
+ *  - GPU tests call moe_test_require_gpu() in main(): without a usable GPU it returns 77 (ctest's
+ *    SKIP_RETURN_CODE), or fails when MOE_REQUIRE_GPU=1 is set.
+ *  - moe_test_rel_err(): ||a-b|| / ||b|| over doubles; moe_test_assert_close(): that AND the
+ *    worst row within 10x, as DESIGN.md "Tolerances" says; NaN never passes.
+ *  - cmocka includes are here (setjmp/stdarg/stddef order matters).
+ */
+#ifndef MOE_TEST_UTIL_H
+#define MOE_TEST_UTIL_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdbool.h>
+
+#include "moe_ep.h"
+
+#define MOE_TEST_SKIP 77
+
+uint64_t moe_test_seed(void);
+/* 0 if a GPU is usable; else MOE_TEST_SKIP (or 1 with MOE_REQUIRE_GPU=1), printing why. */
+int moe_test_require_gpu(void);
+/* Global relative error; +inf if either has a NaN or ref is zero while a is not. */
+double moe_test_rel_err(const double *a, const double *ref, size_t n);
+/* Check rows x cols: global rel err <= tol and every row's rel err <= 10*tol (a zero reference
+ * row must be exactly zero). Prints the worst row on failure. Returns true when within. */
+bool moe_test_close(const char *what, const double *a, const double *ref, size_t rows,
+                    size_t cols, double tol);
+#define moe_test_assert_close(what, a, ref, rows, cols, tol) \
+    assert_true(moe_test_close((what), (a), (ref), (rows), (cols), (tol)))
+/* Default tolerance of a dtype (DESIGN.md): bf16 1e-2, fp16 1e-3, fp32 1e-5; grad=true: fp32 1e-4. */
+double moe_test_tol(moe_dtype dt, bool grad);
+
+#endif /* MOE_TEST_UTIL_H */
