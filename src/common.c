@@ -51,7 +51,10 @@ moe_status moe_error_prefix(moe_error *err, const char *fmt, ...)
     va_end(ap);
     char joined[2 * MOE_ERROR_MSG_LEN + 4];
     snprintf(joined, sizeof joined, "%s: %s", prefix, err->msg);
-    snprintf(err->msg, sizeof err->msg, "%s", joined);
+    size_t n = strlen(joined);
+    if (n >= sizeof err->msg) n = sizeof err->msg - 1; /* keep the head: it has the context */
+    memcpy(err->msg, joined, n);
+    err->msg[n] = '\0';
     return err->status;
 }
 
