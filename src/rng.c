@@ -38,3 +38,13 @@ double moe_rng_normal(uint64_t stream, uint64_t index)
     double u2 = (double)(moe_rng_u64(stream, 2 * index + 1) >> 11) * 0x1p-53;
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
+
+#include "dtype.h"
+
+void moe_fill_normal(moe_dtype dtype, void *dst, size_t n, uint64_t seed, const char *name,
+                     uint64_t offset, double scale)
+{
+    uint64_t s = moe_rng_stream(seed, name);
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) moe_store_elem(dtype, dst, i, scale * moe_rng_normal(s, offset + i));
+}
