@@ -8,5 +8,9 @@
 int cli_check(int argc, char **argv);
 int cli_forward(int argc, char **argv);
 int cli_backward(int argc, char **argv);
+int cli_serve(int argc, char **argv);       /* cli_serve.c */
+int cli_client(int argc, char **argv);      /* cli_client.c */
+int cli_bench_serve(int argc, char **argv); /* cli_client.c */
+int cli_gen_input(int argc, char **argv);   /* cli_client.c */
 
 #endif
