@@ -26,6 +26,7 @@
 #include "engine.h"
 #include "rng.h"
 #include "safetensors.h"
+#include "service/svc.h"
 #include "weights.h"
 
 /* ---------------------------------------------------------------- helpers ---- */
@@ -307,7 +308,7 @@ static moe_status local_reference(const char *config, const char *weights, int l
     moe_engine *eng = NULL;
     moe_fwd_state st;
     memset(&st, 0, sizeof st);
-    moe_status s = moe_weights_load(cfg, weights, layer_file, 0, E, dt, &w, err);
+    moe_status s = moe_serve_load_weights(cfg, weights, layer_file, dt, &w, err);
     if (s == MOE_OK) s = moe_engine_create(MOE_BACKEND_CPU, &w, dt, P, &eng, err);
     if (s == MOE_OK) s = moe_fwd_state_alloc(cfg, dt, P, false, &st, err);
     if (s == MOE_OK) s = moe_engine_forward(eng, P, *px, &st, err);
@@ -824,7 +825,7 @@ static double direct_engine(const char *config, const char *weights, int layer_f
     moe_engine *eng = NULL;
     double *t = malloc((size_t)reps * sizeof *t);
     double med = -1;
-    if (t && moe_weights_load(&cfg, weights, layer_file, 0, cfg.num_experts, dt, &w, err) == MOE_OK &&
+    if (t && moe_serve_load_weights(&cfg, weights, layer_file, dt, &w, err) == MOE_OK &&
         moe_engine_create(MOE_BACKEND_CPU, &w, dt, T, &eng, err) == MOE_OK) {
         size_t esz = moe_dtype_size(dt);
         uint8_t *out = malloc((size_t)T * cfg.hidden * esz + 1), *lg = malloc((size_t)T * cfg.num_experts * esz + 1);

@@ -28,7 +28,7 @@
 typedef struct moe_serve_options {
     const char *listen;           /* "unix:PATH" or "tcp:HOST:PORT" (PORT 0: any free port) */
     const char *config;           /* preset name or HF config.json */
-    const char *weights;          /* .safetensors or model.safetensors.index.json */
+    const char *weights;          /* .safetensors, model.safetensors.index.json, or random:SEED */
     const int *layers;            /* decoder layers to serve (model.layers.N); NULL: the file */
     int nlayers;                  /*   uses the block's own names and is served as layer 0 */
     moe_backend backend;
@@ -48,6 +48,15 @@ typedef struct moe_serve_options {
 } moe_serve_options;
 
 void moe_serve_options_default(moe_serve_options *o);
+
+/* The weights of one served layer, all experts: spec is a checkpoint path (layer < 0: the
+ * block's own names; else model.layers.N) or "random:SEED" (the counter-based generator,
+ * seed SEED + layer for layer >= 0), so benchmarks can serve a preset without a checkpoint.
+ * The client's verification loads through this too, so both sides agree. */
+struct moe_weights;
+struct moe_config;
+moe_status moe_serve_load_weights(const struct moe_config *cfg, const char *spec, int layer,
+                                  moe_dtype dt, struct moe_weights *w, moe_error *err);
 
 /* Collective over comm: every rank calls it with the same options. Loads the layers, serves
  * until SIGTERM/SIGINT reaches rank 0 or a SHUTDOWN request is honoured, drains in-flight

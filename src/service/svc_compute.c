@@ -8,12 +8,28 @@
  *     moe_ep_forward(l->ep, T, x, out, logits, NULL, NULL, err)
  * which is collective: every rank already calls this function once per batch, T = 0
  * included, in the same order, so nothing else in the service changes. */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "block_state.h"
 #include "engine.h"
 #include "svc_internal.h"
+
+moe_status moe_serve_load_weights(const moe_config *cfg, const char *spec, int layer,
+                                  moe_dtype dt, moe_weights *w, moe_error *err)
+{
+    if (strncmp(spec, "random:", 7) == 0) {
+        char *end;
+        errno = 0;
+        unsigned long long seed = strtoull(spec + 7, &end, 0);
+        if (errno || end == spec + 7 || *end)
+            return moe_fail(err, MOE_ERR_INVALID_ARG, "weights '%s': expected random:SEED", spec);
+        return moe_weights_random(cfg, seed + (uint64_t)(layer < 0 ? 0 : layer), 0,
+                                  cfg->num_experts, dt, w, err);
+    }
+    return moe_weights_load(cfg, spec, layer, 0, cfg->num_experts, dt, w, err);
+}
 
 moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int rank,
                           moe_error *err)
@@ -32,8 +48,7 @@ moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, 
         int file_layer = o->layers ? o->layers[i] : -1;
         l->number = o->layers ? o->layers[i] : 0;
         m->nlayers = i + 1;
-        moe_status st = moe_weights_load(&m->cfg, o->weights, file_layer, 0, m->cfg.num_experts,
-                                         m->dt, &l->w, err);
+        moe_status st = moe_serve_load_weights(&m->cfg, o->weights, file_layer, m->dt, &l->w, err);
         if (st == MOE_OK)
             st = moe_engine_create(m->backend, &l->w, m->dt, m->max_local_T, &l->eng, err);
         if (st != MOE_OK) {
