@@ -12,7 +12,7 @@
  *
  * Determinism: every output element is produced by one fixed sequence of double operations
  * that does not depend on the thread count, on how tokens are grouped, or on chunking:
- *  - a dot product (forward projections) sums in 8 interleaved lanes combined by a fixed tree,
+ *  - a dot product (forward projections) sums in 4 interleaved lanes combined by a fixed tree,
  *    the same code whether it runs for 1 or 4 tokens at once;
  *  - an input gradient dX[t,c] += dY[t,r] W[r,c] adds r in ascending order;
  *  - a weight gradient dW[r,c] += dY[t,r] X[t,c] adds t in ascending order;
@@ -20,8 +20,8 @@
  *    dx adds the experts (ascending), then the shared expert, then the router.
  * OpenMP only splits independent output rows / column blocks.
  *
- * Memory: the weights are never copied whole. Each projection converts one weight row (or a
- * COL_BLOCK-wide piece of one) to double at a time, into a per-thread scratch row, and uses it
+ * Memory: the weights are never copied whole. Each projection converts a small block of weight
+ * rows (or a PANEL_R x PANEL_C panel) to double at a time, into per-thread scratch, and uses it
  * for every token of the current chunk. Tokens are processed in chunks of at most ROW_CHUNK
  * rows per expert, so the activation buffers are [ROW_CHUNK, max(I, Is, H)].
  */
@@ -35,8 +35,9 @@
 #include "../dtype.h"
 
 enum {
-    LANES = 8,       /* interleaved partial sums of a dot product */
-    COL_BLOCK = 128, /* columns per work item of an input-gradient projection */
+    FWD_ROWS = 8,    /* weight rows converted together by a forward projection */
+    PANEL_R = 64,    /* weight rows converted together by an input-gradient projection */
+    PANEL_C = 64,    /* ... and its columns (one parallel work item) */
     ROW_CHUNK = 256, /* most token rows of one expert processed at once */
 };
 
@@ -80,132 +81,258 @@ static void load_span(const moe_tensor *t, size_t off, int n, double *dst)
         for (int i = 0; i < n; i++) dst[i] = s[i];
         break;
     }
+    case MOE_DTYPE_BF16: {
+        /* bf16 widens exactly by placing its 16 bits on top of an fp32 (inline here: the
+         * per-element call of moe_load_elem was a third of a full-size run). */
+        const uint16_t *s = (const uint16_t *)t->data + off;
+        for (int i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)s[i] << 16;
+            float f;
+            memcpy(&f, &u, sizeof f);
+            dst[i] = f;
+        }
+        break;
+    }
     default:
         for (int i = 0; i < n; i++) dst[i] = moe_load_elem(t->dtype, t->data, off + (size_t)i);
         break;
     }
 }
 
-static double lanes_total(const double s[LANES])
+/* Two doubles in one SSE register (GCC/Clang vector extension). Element-wise + and * on it are
+ * exactly the scalar operations, lane by lane, so a vector path and its scalar tail give
+ * bitwise the same value for an element. The build is ISO C (-std=c11), where GCC does not
+ * contract a*b+c into an FMA, so these are separately rounded multiplies and adds. */
+typedef double v2d __attribute__((vector_size(16)));
+
+static inline v2d ld2(const double *p)
 {
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    v2d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void st2(double *p, v2d v) { memcpy(p, &v, sizeof v); }
+static inline v2d bc2(double a) { return (v2d){a, a}; }
+
+/* Dot products: element i goes to lane i % 4 (lanes 0,1 in a0; 2,3 in a1), the lanes are
+ * combined as (l0 + l2) + (l1 + l3). dot1 and dot4 run exactly this per token, so a token's
+ * value does not depend on which tokens it is computed with. */
+static inline double dot_fold(v2d a0, v2d a1)
+{
+    v2d s = a0 + a1;
+    return s[0] + s[1];
 }
 
-/* dot(w, x) over n: element i goes to lane i % LANES, lanes combined by lanes_total. */
+static inline void dot_tail(const double *w, const double *x, int i, int n, v2d *a0, v2d *a1)
+{
+    for (int l = 0; i + l < n; l++) {
+        double p = w[i + l] * x[i + l];
+        if (l < 2) (*a0)[l] += p;
+        else (*a1)[l - 2] += p;
+    }
+}
+
 static double dot1(const double *w, const double *x, int n)
 {
-    double s[LANES] = {0};
+    v2d a0 = {0, 0}, a1 = {0, 0};
     int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-#pragma omp simd
-        for (int l = 0; l < LANES; l++) s[l] += w[i + l] * x[i + l];
+    for (; i + 4 <= n; i += 4) {
+        a0 += ld2(w + i) * ld2(x + i);
+        a1 += ld2(w + i + 2) * ld2(x + i + 2);
     }
-    for (int l = 0; i + l < n; l++) s[l] += w[i + l] * x[i + l];
-    return lanes_total(s);
+    dot_tail(w, x, i, n, &a0, &a1);
+    return dot_fold(a0, a1);
 }
 
-/* Four dot products sharing w; each is bitwise what dot1 would give (same lanes, same order),
- * so a token's value does not depend on which tokens it is computed with. */
 static void dot4(const double *w, const double *x0, const double *x1, const double *x2,
                  const double *x3, int n, double out[4])
 {
-    double s0[LANES] = {0}, s1[LANES] = {0}, s2[LANES] = {0}, s3[LANES] = {0};
+    v2d a00 = {0, 0}, a01 = {0, 0}, a10 = {0, 0}, a11 = {0, 0};
+    v2d a20 = {0, 0}, a21 = {0, 0}, a30 = {0, 0}, a31 = {0, 0};
     int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-#pragma omp simd
-        for (int l = 0; l < LANES; l++) {
-            double wv = w[i + l];
-            s0[l] += wv * x0[i + l];
-            s1[l] += wv * x1[i + l];
-            s2[l] += wv * x2[i + l];
-            s3[l] += wv * x3[i + l];
-        }
+    for (; i + 4 <= n; i += 4) {
+        v2d w0 = ld2(w + i), w1 = ld2(w + i + 2);
+        a00 += w0 * ld2(x0 + i);
+        a01 += w1 * ld2(x0 + i + 2);
+        a10 += w0 * ld2(x1 + i);
+        a11 += w1 * ld2(x1 + i + 2);
+        a20 += w0 * ld2(x2 + i);
+        a21 += w1 * ld2(x2 + i + 2);
+        a30 += w0 * ld2(x3 + i);
+        a31 += w1 * ld2(x3 + i + 2);
     }
-    for (int l = 0; i + l < n; l++) {
-        double wv = w[i + l];
-        s0[l] += wv * x0[i + l];
-        s1[l] += wv * x1[i + l];
-        s2[l] += wv * x2[i + l];
-        s3[l] += wv * x3[i + l];
-    }
-    out[0] = lanes_total(s0);
-    out[1] = lanes_total(s1);
-    out[2] = lanes_total(s2);
-    out[3] = lanes_total(s3);
+    dot_tail(w, x0, i, n, &a00, &a01);
+    dot_tail(w, x1, i, n, &a10, &a11);
+    dot_tail(w, x2, i, n, &a20, &a21);
+    dot_tail(w, x3, i, n, &a30, &a31);
+    out[0] = dot_fold(a00, a01);
+    out[1] = dot_fold(a10, a11);
+    out[2] = dot_fold(a20, a21);
+    out[3] = dot_fold(a30, a31);
 }
 
-/* Per-thread scratch rows for the weight conversions: nthr rows of `stride` doubles. */
+/* Per-thread scratch for the weight conversions: nthr areas of `stride` doubles. */
 typedef struct scratch {
     double *buf;
     int nthr;
     size_t stride;
 } scratch;
 
-static double *scratch_row(const scratch *s)
+static double *scratch_area(const scratch *s)
 {
     int tid = omp_get_thread_num();
     if (tid >= s->nthr) tid = s->nthr - 1; /* cannot happen: teams never exceed max threads */
     return s->buf + (size_t)tid * s->stride;
 }
 
+/* Scratch doubles one thread needs for projections with inner size up to maxc. */
+static size_t scratch_need(size_t maxc)
+{
+    return MOE_MAX((size_t)FWD_ROWS * maxc, (size_t)PANEL_R * PANEL_C);
+}
+
 /* Forward projection: Y[n,R] = rd(X[n,C] @ W^T) where W [R,C] starts at element off of tensor
- * Wt. Parallel over weight rows: each row is converted once and dotted with every token. */
+ * Wt. Parallel over blocks of FWD_ROWS weight rows: the block is converted once, then every
+ * group of 4 tokens is dotted with each of its rows (the tokens stay in cache across rows). */
 static void proj_fwd(const moe_tensor *Wt, size_t off, int R, int C, int n, const double *X,
                      double *Y, moe_dtype rd, const scratch *sc)
 {
     if (n <= 0 || R <= 0) return;
-#pragma omp parallel for schedule(static) if ((double)R * C * n > 65536.0)
-    for (int r = 0; r < R; r++) {
-        double *wr = scratch_row(sc);
-        load_span(Wt, off + (size_t)r * (size_t)C, C, wr);
+    int nb = (R + FWD_ROWS - 1) / FWD_ROWS;
+#pragma omp parallel for schedule(dynamic, 1) if ((double)R * C * n > 65536.0)
+    for (int b = 0; b < nb; b++) {
+        int r0 = b * FWD_ROWS, rn = MOE_MIN(FWD_ROWS, R - r0);
+        double *panel = scratch_area(sc);
+        load_span(Wt, off + (size_t)r0 * (size_t)C, rn * C, panel);
         int t = 0;
         for (; t + 4 <= n; t += 4) {
-            double v[4];
-            dot4(wr, X + (size_t)t * C, X + (size_t)(t + 1) * C, X + (size_t)(t + 2) * C,
-                 X + (size_t)(t + 3) * C, C, v);
-            for (int q = 0; q < 4; q++) Y[(size_t)(t + q) * R + r] = moe_round_to(rd, v[q]);
+            const double *x0 = X + (size_t)t * C;
+            for (int q = 0; q < rn; q++) {
+                double v[4];
+                dot4(panel + (size_t)q * C, x0, x0 + C, x0 + 2 * (size_t)C, x0 + 3 * (size_t)C,
+                     C, v);
+                for (int j = 0; j < 4; j++)
+                    Y[(size_t)(t + j) * R + r0 + q] = moe_round_to(rd, v[j]);
+            }
         }
-        for (; t < n; t++) Y[(size_t)t * R + r] = moe_round_to(rd, dot1(wr, X + (size_t)t * C, C));
+        for (; t < n; t++)
+            for (int q = 0; q < rn; q++)
+                Y[(size_t)t * R + r0 + q] =
+                    moe_round_to(rd, dot1(panel + (size_t)q * C, X + (size_t)t * C, C));
     }
 }
 
-/* Input gradient: dX[n,C] += dY[n,R] @ W, W [R,C] at element off of Wt; for each element the
- * rows r are added in ascending order. Parallel over COL_BLOCK-wide column blocks. */
+/* Input gradient: dX[n,C] += dY[n,R] @ W, W [R,C] at element off of Wt. Every element adds
+ * its r terms one at a time in ascending r (the vector tiles and the scalar edges perform the
+ * same operations in the same order). Parallel over PANEL_C-wide column blocks; within one,
+ * PANEL_R rows of W are converted at a time and a 4-token x 4-column tile of dX stays in
+ * registers across them. */
 static void proj_dx(const moe_tensor *Wt, size_t off, int R, int C, int n, const double *dY,
                     double *dX, const scratch *sc)
 {
     if (n <= 0 || R <= 0 || C <= 0) return;
-    int nb = (C + COL_BLOCK - 1) / COL_BLOCK;
-#pragma omp parallel for schedule(static) if ((double)R * C * n > 65536.0)
+    int nb = (C + PANEL_C - 1) / PANEL_C;
+#pragma omp parallel for schedule(dynamic, 1) if ((double)R * C * n > 65536.0)
     for (int b = 0; b < nb; b++) {
-        int c0 = b * COL_BLOCK;
-        int cn = MOE_MIN(COL_BLOCK, C - c0);
-        double *wr = scratch_row(sc);
-        for (int r = 0; r < R; r++) {
-            load_span(Wt, off + (size_t)r * (size_t)C + (size_t)c0, cn, wr);
-            for (int t = 0; t < n; t++) {
-                double a = dY[(size_t)t * R + r];
+        int c0 = b * PANEL_C, cn = MOE_MIN(PANEL_C, C - c0);
+        double *panel = scratch_area(sc); /* [PANEL_R, PANEL_C] */
+        for (int r0 = 0; r0 < R; r0 += PANEL_R) {
+            int rn = MOE_MIN(PANEL_R, R - r0);
+            for (int q = 0; q < rn; q++)
+                load_span(Wt, off + (size_t)(r0 + q) * C + c0, cn, panel + (size_t)q * PANEL_C);
+            const double *dy = dY + r0; /* dy[t*R + q] = dY[t, r0+q] */
+            int t = 0;
+            for (; t + 4 <= n; t += 4) {
+                const double *y0 = dy + (size_t)t * R, *y1 = y0 + R, *y2 = y1 + R, *y3 = y2 + R;
+                double *d0 = dX + (size_t)t * C + c0, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
+                int c = 0;
+                for (; c + 4 <= cn; c += 4) {
+                    v2d a00 = ld2(d0 + c), a01 = ld2(d0 + c + 2), a10 = ld2(d1 + c),
+                        a11 = ld2(d1 + c + 2), a20 = ld2(d2 + c), a21 = ld2(d2 + c + 2),
+                        a30 = ld2(d3 + c), a31 = ld2(d3 + c + 2);
+                    for (int q = 0; q < rn; q++) {
+                        const double *wq = panel + (size_t)q * PANEL_C + c;
+                        v2d w0 = ld2(wq), w1 = ld2(wq + 2);
+                        v2d s0 = bc2(y0[q]), s1 = bc2(y1[q]), s2 = bc2(y2[q]), s3 = bc2(y3[q]);
+                        a00 += s0 * w0; a01 += s0 * w1;
+                        a10 += s1 * w0; a11 += s1 * w1;
+                        a20 += s2 * w0; a21 += s2 * w1;
+                        a30 += s3 * w0; a31 += s3 * w1;
+                    }
+                    st2(d0 + c, a00); st2(d0 + c + 2, a01);
+                    st2(d1 + c, a10); st2(d1 + c + 2, a11);
+                    st2(d2 + c, a20); st2(d2 + c + 2, a21);
+                    st2(d3 + c, a30); st2(d3 + c + 2, a31);
+                }
+                for (; c < cn; c++) {
+                    for (int j = 0; j < 4; j++) {
+                        double *d = dX + (size_t)(t + j) * C + c0 + c;
+                        const double *yj = dy + (size_t)(t + j) * R;
+                        double a = *d;
+                        for (int q = 0; q < rn; q++) a += yj[q] * panel[(size_t)q * PANEL_C + c];
+                        *d = a;
+                    }
+                }
+            }
+            for (; t < n; t++) {
+                const double *yt = dy + (size_t)t * R;
                 double *d = dX + (size_t)t * C + c0;
-#pragma omp simd
-                for (int c = 0; c < cn; c++) d[c] += a * wr[c];
+                for (int q = 0; q < rn; q++) {
+                    double a = yt[q];
+                    const double *wq = panel + (size_t)q * PANEL_C;
+                    for (int c = 0; c < cn; c++) d[c] += a * wq[c];
+                }
             }
         }
     }
 }
 
-/* Weight gradient: dW[R,C] += dY[n,R]^T @ X[n,C], tokens added in ascending order.
- * Parallel over rows of dW. */
+/* Weight gradient: dW[R,C] += dY[n,R]^T @ X[n,C]; every element adds its t terms one at a
+ * time in ascending t. Parallel over blocks of 4 rows of dW; a 4-row x 4-column tile stays in
+ * registers over all tokens. */
 static void proj_dw(int R, int C, int n, const double *dY, const double *X, double *dW)
 {
     if (n <= 0 || R <= 0) return;
-#pragma omp parallel for schedule(static) if ((double)R * C * n > 65536.0)
-    for (int r = 0; r < R; r++) {
-        double *d = dW + (size_t)r * C;
-        for (int t = 0; t < n; t++) {
-            double a = dY[(size_t)t * R + r];
-            const double *x = X + (size_t)t * C;
-#pragma omp simd
-            for (int c = 0; c < C; c++) d[c] += a * x[c];
+    int nb = (R + 3) / 4;
+#pragma omp parallel for schedule(dynamic, 1) if ((double)R * C * n > 65536.0)
+    for (int b = 0; b < nb; b++) {
+        int r0 = b * 4;
+        if (r0 + 4 <= R) {
+            double *d0 = dW + (size_t)r0 * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
+            int c = 0;
+            for (; c + 4 <= C; c += 4) {
+                v2d a00 = ld2(d0 + c), a01 = ld2(d0 + c + 2), a10 = ld2(d1 + c),
+                    a11 = ld2(d1 + c + 2), a20 = ld2(d2 + c), a21 = ld2(d2 + c + 2),
+                    a30 = ld2(d3 + c), a31 = ld2(d3 + c + 2);
+                for (int t = 0; t < n; t++) {
+                    const double *xt = X + (size_t)t * C + c, *yt = dY + (size_t)t * R + r0;
+                    v2d x0 = ld2(xt), x1 = ld2(xt + 2);
+                    v2d s0 = bc2(yt[0]), s1 = bc2(yt[1]), s2 = bc2(yt[2]), s3 = bc2(yt[3]);
+                    a00 += s0 * x0; a01 += s0 * x1;
+                    a10 += s1 * x0; a11 += s1 * x1;
+                    a20 += s2 * x0; a21 += s2 * x1;
+                    a30 += s3 * x0; a31 += s3 * x1;
+                }
+                st2(d0 + c, a00); st2(d0 + c + 2, a01);
+                st2(d1 + c, a10); st2(d1 + c + 2, a11);
+                st2(d2 + c, a20); st2(d2 + c + 2, a21);
+                st2(d3 + c, a30); st2(d3 + c + 2, a31);
+            }
+            for (; c < C; c++)
+                for (int q = 0; q < 4; q++) {
+                    double a = dW[(size_t)(r0 + q) * C + c];
+                    for (int t = 0; t < n; t++) a += dY[(size_t)t * R + r0 + q] * X[(size_t)t * C + c];
+                    dW[(size_t)(r0 + q) * C + c] = a;
+                }
+        } else {
+            for (int r = r0; r < R; r++) {
+                double *d = dW + (size_t)r * C;
+                for (int t = 0; t < n; t++) {
+                    double a = dY[(size_t)t * R + r];
+                    const double *x = X + (size_t)t * C;
+                    for (int c = 0; c < C; c++) d[c] += a * x[c];
+                }
+            }
         }
     }
 }
@@ -528,7 +655,7 @@ static moe_status run_alloc(run *r, moe_error *err)
         return MOE_ERR_NOMEM;
     r->sc.nthr = omp_get_max_threads();
     if (r->sc.nthr < 1) r->sc.nthr = 1;
-    r->sc.stride = MOE_MAX(MOE_MAX(H, Iw), (size_t)COL_BLOCK);
+    r->sc.stride = scratch_need(MOE_MAX(H, Iw));
     if (!(r->sc.buf = alloc_d((size_t)r->sc.nthr * r->sc.stride, "reference scratch", err)))
         return MOE_ERR_NOMEM;
     struct { double **p; size_t n; } want[] = {
@@ -841,7 +968,7 @@ void ref_expert_row(const moe_weights *w, moe_dtype rd, int e, const double *x, 
     scratch sc = {NULL, 1, 0};
     if (ok) {
         sc.nthr = MOE_MAX(omp_get_max_threads(), 1);
-        sc.stride = (size_t)MOE_MAX(H, I);
+        sc.stride = scratch_need((size_t)MOE_MAX(H, I));
         G = malloc((size_t)I * sizeof(double));
         U = malloc((size_t)I * sizeof(double));
         A = malloc((size_t)I * sizeof(double));
