@@ -391,13 +391,10 @@ static double softmax_p(const softmax_row *s, int e)
 static double key_softmax(const void *ctx, int e) { return softmax_p((const softmax_row *)ctx, e); }
 static double key_logit(const void *ctx, int e) { return ((const double *)ctx)[e]; }
 
-/* Saved routing values of one token, for the backward. */
-typedef struct route_saved {
-    double S;      /* Qwen3 with norm_topk_prob: fr(sum of the k selected p) */
-    double *pre;   /* [k] Qwen3: selected p (fr); Llama-4: fr(sigmoid(top value)) */
-} route_saved;
-
-/* Route one token's logits row [E] -> ids [k], weights [k] (rounded to rd). */
+/* Route one token's logits row [E] -> ids [k], weights [k] (rounded to rd), and what the
+ * backward needs: pre [k] (Qwen3: the selected fp32 probabilities p; Llama-4: the fp32 sigmoid
+ * before rounding to rd, which is what HF's autograd differentiates) and *S_out (Qwen3 with
+ * norm_topk_prob: fr(sum of the selected p); else 1). */
 static void route_one(const moe_config *cfg, moe_dtype rd, const double *lrow, int32_t *ids,
                       double *wts, double *pre, double *S_out)
 {
@@ -555,6 +552,8 @@ static moe_status check_tensor(const moe_tensor *t, const char *name, int ndim, 
     return MOE_OK;
 }
 
+/* Only Llama-4 has a shared expert (Qwen3MoeSparseMoeBlock has none; a Qwen3 config's
+ * shared_inter is ignored). */
 static bool has_shared(const moe_weights *w)
 {
     return w->cfg.arch == MOE_ARCH_LLAMA4 && w->cfg.shared_inter > 0;
