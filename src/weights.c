@@ -364,6 +364,7 @@ static moe_status check_common_args(const moe_config *cfg, int b, int n, moe_dty
                                     moe_weights *w, moe_error *err)
 {
     if (!cfg || !w) return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: NULL argument");
+    memset(w, 0, sizeof *w); /* on any failure the caller holds nothing to free */
     MOE_TRY(moe_config_validate(cfg, err));
     MOE_TRY(check_range(cfg, b, n, err));
     /* MOE_NUM_DTYPES: the config's (checkpoint's) own dtype. */
