@@ -88,10 +88,34 @@ static void convert_contig(moe_dtype sdt, const uint8_t *src, moe_dtype ddt, voi
  * row-major (dtype ddt): dst[c*rows + r] = src[r*cols + c]. Tiled so both sides stay in cache;
  * parallel over tiles (each dst element is written by exactly one thread). */
 #define TILE 32
+
+/* Same-dtype transpose: a pure bit copy of `es`-byte elements (Scout's 1.3G-element bf16
+ * gate_up_proj per layer is the common case; no conversion per element). */
+#define TRANSPOSE_BITS(T)                                                                       \
+    do {                                                                                        \
+        T *d = dst;                                                                             \
+        _Pragma("omp parallel for schedule(static)")                                            \
+        for (int64_t t = 0; t < tr * tc; t++) {                                                 \
+            int64_t r0 = (t / tc) * TILE, c0 = (t % tc) * TILE;                                 \
+            int64_t r1 = MOE_MIN(rows, r0 + TILE), c1 = MOE_MIN(cols, c0 + TILE);               \
+            for (int64_t c = c0; c < c1; c++)                                                   \
+                for (int64_t r = r0; r < r1; r++)                                               \
+                    memcpy(&d[c * rows + r], src + (size_t)(r * cols + c) * sizeof(T), sizeof(T)); \
+        }                                                                                       \
+    } while (0)
+
 static void transpose_convert(moe_dtype sdt, const uint8_t *src, int64_t rows, int64_t cols,
                               moe_dtype ddt, void *dst)
 {
     const int64_t tr = (rows + TILE - 1) / TILE, tc = (cols + TILE - 1) / TILE;
+    if (sdt == ddt) {
+        switch (moe_dtype_size(sdt)) {
+        case 2: TRANSPOSE_BITS(uint16_t); return;
+        case 4: TRANSPOSE_BITS(uint32_t); return;
+        case 8: TRANSPOSE_BITS(uint64_t); return;
+        default: break;
+        }
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tr * tc; t++) {
         int64_t r0 = (t / tc) * TILE, c0 = (t % tc) * TILE;
