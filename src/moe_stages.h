@@ -39,6 +39,8 @@ typedef struct moe_grouped_gemm_args {
     int num_experts;               /* groups (local experts) */
     const int32_t *expert_offsets; /* [num_experts + 1], expert_offsets[0] == 0 */
     int N, K;
+    int max_rows; /* host-known upper bound of expert_offsets[num_experts] (T*k): the CUDA
+                     launch is sized by it so no device->host copy of the counts is needed */
     int topk;
     const int32_t *gather_idx; /* [M]; required by permute_x/permute_y/scales */
     const void *A;
@@ -63,6 +65,7 @@ typedef struct moe_grouped_gemm_dw_args {
     int num_experts;
     const int32_t *expert_offsets;
     int N, K;
+    int max_rows; /* as in moe_grouped_gemm_args */
     int topk;
     const int32_t *gather_idx;
     const void *dY;
