@@ -7,7 +7,9 @@
  *  - a naive per-token re-implementation written here (bf16 rounding points and the ascending
  *    expert order of the sum), bf16 representability, expert/route stage functions against the
  *    block, expert-parallel slices summing to the whole, thread-count independence (bitwise),
- *    NULL gradient entries, argument errors.
+ *    per-token batch independence (bitwise), NULL gradient entries, argument errors;
+ *  - one full-size Qwen3-30B-A3B forward + backward at T = 64, timed (about 1.5 s on 2 cores;
+ *    MOE_TEST_SKIP_FULL=1 skips it).
  * Weights are built here (moe_tensor_alloc + moe_rng), not through weights.c. */
 #include <math.h>
 #include <omp.h>
