@@ -127,7 +127,7 @@ static void fwd_alloc(fwd_bufs *b, const moe_config *c, int T)
     b->ids = malloc(((size_t)T * c->top_k + 1) * sizeof(int32_t));
     assert_non_null(b->ids);
     for (int i = 0; i < T * c->top_k; i++) b->ids[i] = -7;
-    b->f = (moe_ref_fwd){b->logits, b->ids, b->topk_w, b->out};
+    b->f = (moe_ref_fwd){b->logits, b->ids, b->topk_w, b->out, NULL};
 }
 
 static void fwd_free(fwd_bufs *b)

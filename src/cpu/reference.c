@@ -395,15 +395,19 @@ static double key_logit(const void *ctx, int e) { return ((const double *)ctx)[e
  * backward needs: pre [k] (Qwen3: the selected fp32 probabilities p; Llama-4: the fp32 sigmoid
  * before rounding to rd, which is what HF's autograd differentiates) and *S_out (Qwen3 with
  * norm_topk_prob: fr(sum of the selected p); else 1). */
-static void route_one(const moe_config *cfg, moe_dtype rd, const double *lrow, int32_t *ids,
-                      double *wts, double *pre, double *S_out)
+static void route_one(const moe_config *cfg, moe_dtype rd, const double *lrow,
+                      const int32_t *forced, int32_t *ids, double *wts, double *pre,
+                      double *S_out)
 {
     int E = cfg->num_experts, k = cfg->top_k;
     moe_dtype fr = fp32_semantics(rd);
     if (cfg->arch == MOE_ARCH_QWEN3) {
         softmax_row sm;
         softmax_init(&sm, lrow, E, fr);
-        topk_select(E, k, key_softmax, &sm, ids, pre);
+        if (forced) /* the caller's choice of experts, with this token's own probabilities */
+            for (int j = 0; j < k; j++) { ids[j] = forced[j]; pre[j] = softmax_p(&sm, forced[j]); }
+        else
+            topk_select(E, k, key_softmax, &sm, ids, pre);
         double S = 1.0;
         if (cfg->norm_topk_prob) {
             double sum = 0;
@@ -417,7 +421,10 @@ static void route_one(const moe_config *cfg, moe_dtype rd, const double *lrow, i
         if (S_out) *S_out = S;
     } else {
         double *top = wts; /* the top values, overwritten by the scores below */
-        topk_select(E, k, key_logit, lrow, ids, top);
+        if (forced)
+            for (int j = 0; j < k; j++) { ids[j] = forced[j]; top[j] = lrow[forced[j]]; }
+        else
+            topk_select(E, k, key_logit, lrow, ids, top);
         for (int j = 0; j < k; j++) {
             pre[j] = moe_round_to(fr, sigmoid(top[j]));
             wts[j] = moe_round_to(rd, pre[j]);
@@ -437,7 +444,7 @@ void ref_route_row(const moe_config *cfg, moe_dtype rd, const double *logits_row
         for (int j = 0; j < cfg->top_k; j++) { ids[j] = -1; wts[j] = NAN; }
         return;
     }
-    route_one(cfg, rd, logits_row, ids, wts, pre, NULL);
+    route_one(cfg, rd, logits_row, NULL, ids, wts, pre, NULL);
     if (pre != pre_small) free(pre);
 }
 
@@ -594,6 +601,26 @@ static moe_status check_weights(const moe_weights *w, moe_dtype rd, moe_error *e
     return MOE_OK;
 }
 
+/* Forced routing must name k distinct experts in [0, E) per token. */
+static moe_status check_forced(const moe_weights *w, int T, const int32_t *forced, moe_error *err)
+{
+    if (!forced || !w) return MOE_OK; /* NULL weights are reported by check_weights */
+    const moe_config *c = &w->cfg;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < c->top_k; j++) {
+            int32_t e = forced[(size_t)t * c->top_k + j];
+            if (e < 0 || e >= c->num_experts)
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "reference: forced expert id %d of token %d outside [0, %d)", e, t,
+                                c->num_experts);
+            for (int q = 0; q < j; q++)
+                if (forced[(size_t)t * c->top_k + q] == e)
+                    return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                    "reference: token %d is forced to expert %d twice", t, e);
+        }
+    return MOE_OK;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* The block                                                                                   */
 
@@ -603,6 +630,7 @@ typedef struct run {
     int T, H, I, E, El, k, Is, begin;
     bool llama;
     const double *x;
+    const int32_t *forced; /* [T,k] expert ids to use instead of the top-k (NULL: route) */
     /* routing, [T,E] / [T,k] */
     double *logits;
     int32_t *ids;
@@ -676,7 +704,8 @@ static void run_route(run *r)
     const moe_weights *w = r->w;
     proj_fwd(&w->router, 0, r->E, r->H, r->T, r->x, r->logits, r->rd, &r->sc);
     for (int t = 0; t < r->T; t++)
-        route_one(&w->cfg, r->rd, r->logits + (size_t)t * r->E, r->ids + (size_t)t * r->k,
+        route_one(&w->cfg, r->rd, r->logits + (size_t)t * r->E,
+                  r->forced ? r->forced + (size_t)t * r->k : NULL, r->ids + (size_t)t * r->k,
                   r->wts + (size_t)t * r->k, r->pre + (size_t)t * r->k, &r->S[t]);
     /* Bucket the flat indices f = t*k+j by local expert, ascending f within each expert. */
     for (int e = 0; e <= r->El; e++) r->off[e] = 0;
@@ -736,10 +765,11 @@ static void run_expert_chunk(run *r, int le, int p0, int n, double *acc)
             const double *yi = b->Y + (size_t)i * H;
             double *o = acc + (size_t)t * H;
             double wt = r->wts[rows[i]];
-            for (int c = 0; c < H; c++) {
-                double v = r->llama ? yi[c] : moe_round_to(r->rd, yi[c] * wt);
-                o[c] = moe_round_to(r->rd, o[c] + v);
-            }
+            if (r->llama) /* HF: routed_out.sum(dim=0): accumulated, rounded once later */
+                for (int c = 0; c < H; c++) o[c] += yi[c];
+            else
+                for (int c = 0; c < H; c++)
+                    o[c] = moe_round_to(r->rd, o[c] + moe_round_to(r->rd, yi[c] * wt));
         }
     }
     if (!r->dout || !grads_want_expert(r, le)) return;
@@ -798,7 +828,9 @@ static void run_shared_chunk(run *r, int t0, int n, double *routed)
             double *o = r->out + (size_t)(t0 + i) * H;
             const double *s = b->Y + (size_t)i * H;
             const double *ro = routed + (size_t)(t0 + i) * H;
-            for (int c = 0; c < H; c++) o[c] = moe_round_to(r->rd, s[c] + ro[c]);
+            /* out = rd(shared + rd(sum of the routed outputs)) */
+            for (int c = 0; c < H; c++)
+                o[c] = moe_round_to(r->rd, s[c] + moe_round_to(r->rd, ro[c]));
         }
     }
     if (!r->dout) return;
@@ -876,7 +908,7 @@ static moe_status run_block(run *r, moe_error *err)
             for (int t0 = 0; t0 < r->T; t0 += ROW_CHUNK)
                 run_shared_chunk(r, t0, MOE_MIN(ROW_CHUNK, r->T - t0), routed);
         } else if (r->out) {
-            memcpy(r->out, routed, TH * sizeof(double)); /* rd(0 + routed) == routed */
+            for (size_t i = 0; i < TH; i++) r->out[i] = moe_round_to(r->rd, routed[i]);
         }
         free(routed);
     }
@@ -913,6 +945,8 @@ moe_status ref_forward(const moe_weights *w, moe_dtype rd, int T, const double *
     r.rd = rd;
     r.T = T;
     r.x = x;
+    r.forced = out->forced_ids;
+    MOE_TRY(check_forced(w, T, r.forced, err));
     r.out = out->out;
     double *tmp_out = NULL;
     if (!r.out) {
@@ -949,6 +983,8 @@ moe_status ref_backward(const moe_weights *w, moe_dtype rd, int T, const double 
     r.rd = rd;
     r.T = T;
     r.x = x;
+    r.forced = g ? g->forced_ids : NULL;
+    MOE_TRY(check_forced(w, T, r.forced, err));
     r.dout = dout ? dout : &no_tokens;
     r.g = g;
     moe_status st = run_block(&r, err);
