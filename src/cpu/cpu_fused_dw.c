@@ -115,7 +115,8 @@ moe_status cpu_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a, moe_error *err
     int64_t per_e = (int64_t)nnb * nkb;
     int64_t ntask = per_e * a->num_experts;
     int failed = 0;
-#pragma omp parallel
+    int64_t work = (M + a->num_experts) * (int64_t)a->N * a->K;
+#pragma omp parallel if (ntask > 1 && cf_par(work))
     {
         float *ws = cf_scratch(WSW_FLOATS);
         if (!ws) {

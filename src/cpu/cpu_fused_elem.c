@@ -12,7 +12,7 @@
 void cpu_sum_topk(moe_dtype dt, int T, int k, int N, const void *rows, const void *row_scale,
                   const void *add, void *out)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cf_par((int64_t)T * N * (k + 1)))
     for (int t = 0; t < T; t++) {
         size_t o = (size_t)t * N;
         for (int n = 0; n < N; n++) {
@@ -31,7 +31,7 @@ void cpu_sum_topk(moe_dtype dt, int T, int k, int N, const void *rows, const voi
 void cpu_silu_mul_backward(moe_dtype dt, int M, int I, const void *gu, const void *dact,
                            void *dgu)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cf_par((int64_t)M * I * 8))
     for (int r = 0; r < M; r++) {
         size_t g0 = (size_t)r * 2 * I, a0 = (size_t)r * I;
         for (int i = 0; i < I; i++) {
@@ -51,7 +51,7 @@ void cpu_topk_weight_backward(moe_dtype dt, int M, int I, const int32_t *gather_
                               const void *act, const void *dA0, const void *topk_w, float *dw,
                               void *dact)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cf_par((int64_t)M * I * 2))
     for (int r = 0; r < M; r++) {
         size_t a0 = (size_t)r * I;
         int32_t f = gather_idx[r];
@@ -70,7 +70,7 @@ void cpu_scale_input_backward(moe_dtype dt, int T, int k, int H, const void *x, 
                               float *ds)
 {
     int64_t flat = (int64_t)T * k;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (cf_par(flat * H))
     for (int64_t f = 0; f < flat; f++) {
         size_t xr = (size_t)(f / k) * H, dr = (size_t)f * H;
         float dot = 0.0f;

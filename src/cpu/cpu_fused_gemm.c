@@ -177,7 +177,8 @@ static moe_status run_job(const gemm_job *g, moe_error *err)
     int nnb = (g->nout + NB - 1) / NB;
     int64_t ntask = nrb * nnb;
     int failed = 0;
-#pragma omp parallel
+    int64_t work = (int64_t)a->expert_offsets[E] * g->nout * a->K;
+#pragma omp parallel if (ntask > 1 && cf_par(work))
     {
         float *ws = cf_scratch(WS_FLOATS);
         if (!ws) {

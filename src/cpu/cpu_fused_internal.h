@@ -108,6 +108,12 @@ static inline void cf_store(moe_dtype dt, void *base, size_t i, float v)
     }
 }
 
+/* Below this much work (multiply-adds or elements touched) a stage runs on the calling thread:
+ * a parallel region costs more than it saves, and idle OpenMP workers spinning on a shared
+ * machine slow everyone down. Results do not depend on it (each output has one fixed order). */
+#define CF_PAR_MIN_WORK ((int64_t)1 << 17)
+static inline bool cf_par(int64_t work) { return work >= CF_PAR_MIN_WORK; }
+
 /* dst[0..n) = base[i0 .. i0+n) widened / src rounded into base[i0 ..). */
 void cf_load_span(moe_dtype dt, const void *base, size_t i0, int n, float *dst);
 void cf_store_span(moe_dtype dt, void *base, size_t i0, int n, const float *src);

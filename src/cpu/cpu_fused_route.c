@@ -77,7 +77,7 @@ moe_status cpu_route_topk(const moe_config *cfg, moe_dtype dt, int T, const void
     MOE_TRY(check_route_cfg(who, cfg, dt, T, err));
     int E = cfg->num_experts, k = cfg->top_k;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (cf_par((int64_t)T * E * 8))
     {
         float *v = cf_scratch((size_t)E);
         if (!v) {
@@ -144,7 +144,7 @@ moe_status cpu_route_backward(const moe_config *cfg, moe_dtype dt, int T, const 
     MOE_TRY(check_route_cfg(who, cfg, dt, T, err));
     int E = cfg->num_experts, k = cfg->top_k;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (cf_par((int64_t)T * E * 8))
     {
         float *buf = cf_scratch((size_t)2 * E);
         if (!buf) {

@@ -10,11 +10,13 @@ void cf_load_span(moe_dtype dt, const void *base, size_t i0, int n, float *dst)
     switch (dt) {
     case MOE_DTYPE_BF16: {
         const uint16_t *s = (const uint16_t *)base + i0;
+#pragma omp simd
         for (int i = 0; i < n; i++) dst[i] = cf_bf16_to_f32(s[i]);
         break;
     }
     case MOE_DTYPE_F16: {
         const uint16_t *s = (const uint16_t *)base + i0;
+#pragma omp simd
         for (int i = 0; i < n; i++) dst[i] = cf_f16_to_f32(s[i]);
         break;
     }
@@ -29,11 +31,13 @@ void cf_store_span(moe_dtype dt, void *base, size_t i0, int n, const float *src)
     switch (dt) {
     case MOE_DTYPE_BF16: {
         uint16_t *d = (uint16_t *)base + i0;
+#pragma omp simd
         for (int i = 0; i < n; i++) d[i] = cf_f32_to_bf16(src[i]);
         break;
     }
     case MOE_DTYPE_F16: {
         uint16_t *d = (uint16_t *)base + i0;
+#pragma omp simd
         for (int i = 0; i < n; i++) d[i] = cf_f32_to_f16(src[i]);
         break;
     }
