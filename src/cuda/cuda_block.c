@@ -518,7 +518,9 @@ static moe_status check_call(const char *who, cuda_block *b, const void *x, int 
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: T = %d outside [0, max_T = %d] of the block",
                         who, T, b->max_T);
     if (T > 0 && !x) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: x is NULL", who);
-    CUDA_TRY(cudaSetDevice(b->device), who);
+    int cur = -1;
+    CUDA_TRY(cudaGetDevice(&cur), who);
+    if (cur != b->device) CUDA_TRY(cudaSetDevice(b->device), who);
     return MOE_OK;
 }
 
