@@ -147,7 +147,7 @@ moe_status moe_layer_forward(moe_ctx *ctx, moe_layer *l, const moe_tensor_view *
         l->engine_T = T;
     }
     moe_fwd_state st;
-    moe_status s = moe_fwd_state_alloc(&st, &l->cfg, E, T, l->dt, false, err);
+    moe_status s = moe_fwd_state_alloc(&l->cfg, l->dt, T, false, &st, err);
     if (s != MOE_OK) return s;
     s = moe_engine_forward(l->eng, T, hidden->data, &st, err);
     if (s == MOE_OK) {

@@ -311,25 +311,45 @@ moe_status moe_check_forward(const moe_weights *w, moe_dtype dt, int T, const vo
             goto done;
         }
         size_t need = (size_t)nrow * (size_t)MOE_MAX(2 * I, H);
-        double *got2 = malloc(need * sizeof(double) + 8), *ref2 = malloc(need * sizeof(double) + 8);
+        double *got2 = calloc(need + 1, sizeof(double)), *ref2 = calloc(need + 1, sizeof(double));
         if (!got2 || !ref2) {
             free(rows); free(xs); free(got2); free(ref2);
             st_ret = moe_fail(err, MOE_ERR_NOMEM, "check: row buffers");
             goto done;
         }
-        /* GEMM1 */
+        /* GEMM1: the sampled rows are sorted, so each expert's rows are contiguous and the
+         * reference runs once per expert over all of them */
         if (st->gemm1_out) {
-            for (int i = 0; i < nrow; i++) {
-                int r = rows[i], f = st->gather_idx[r], t = f / k;
-                int e = eb + expert_of_row(st->expert_offsets, El, r);
-                for (int h = 0; h < H; h++)
-                    xs[h] = llama ? moe_round_to(dt, xd[(size_t)t * H + h] * tw[f]) : xd[(size_t)t * H + h];
-                ref_expert_row(w, dt, e, xs, g, u, a, y);
-                for (int j = 0; j < 2 * I; j++)
-                    got2[(size_t)i * 2 * I + j] = moe_load_elem(dt, st->gemm1_out, (size_t)r * 2 * I + j);
-                memcpy(ref2 + (size_t)i * 2 * I, g, I * sizeof(double));
-                memcpy(ref2 + (size_t)i * 2 * I + I, u, I * sizeof(double));
+            double *xrows = malloc(sizeof(double) * (size_t)MOE_MAX(nrow, 1) * H);
+            double *gr = malloc(sizeof(double) * (size_t)MOE_MAX(nrow, 1) * I);
+            double *ur = malloc(sizeof(double) * (size_t)MOE_MAX(nrow, 1) * I);
+            if (!xrows || !gr || !ur) {
+                free(xrows); free(gr); free(ur); free(rows); free(xs); free(got2); free(ref2);
+                st_ret = moe_fail(err, MOE_ERR_NOMEM, "check: row buffers");
+                goto done;
             }
+            for (int i0 = 0; i0 < nrow;) {
+                int el = expert_of_row(st->expert_offsets, El, rows[i0]);
+                int i1 = i0;
+                while (i1 < nrow && expert_of_row(st->expert_offsets, El, rows[i1]) == el) {
+                    int f = st->gather_idx[rows[i1]], t = f / k;
+                    double *xr = xrows + (size_t)(i1 - i0) * H;
+                    for (int h = 0; h < H; h++)
+                        xr[h] = llama ? moe_round_to(dt, xd[(size_t)t * H + h] * tw[f])
+                                      : xd[(size_t)t * H + h];
+                    i1++;
+                }
+                ref_expert_rows(w, dt, eb + el, i1 - i0, xrows, gr, ur, NULL, NULL);
+                for (int i = i0; i < i1; i++) {
+                    memcpy(ref2 + (size_t)i * 2 * I, gr + (size_t)(i - i0) * I, I * sizeof(double));
+                    memcpy(ref2 + (size_t)i * 2 * I + I, ur + (size_t)(i - i0) * I, I * sizeof(double));
+                    for (int j = 0; j < 2 * I; j++)
+                        got2[(size_t)i * 2 * I + j] =
+                            moe_load_elem(dt, st->gemm1_out, (size_t)rows[i] * 2 * I + j);
+                }
+                i0 = i1;
+            }
+            free(xrows); free(gr); free(ur);
             describe(what, sizeof what, nrow, M, "rows", 2 * I);
             moe_check_compare(rep, "gemm1_out (gate|up)", what, got2, ref2, nrow, 2 * I, tol);
             /* activation from the fused GEMM1 output, HF's rounding points */

@@ -27,4 +27,25 @@ moe_status moe_engine_forward(moe_engine *e, int T, const void *x, moe_fwd_state
 moe_status moe_engine_backward(moe_engine *e, int T, const void *x, const moe_fwd_state *st,
                                const void *dout, void *dx, moe_weights *grads, moe_error *err);
 
+/* Timing for the benchmark: `iters` timed repetitions (after `warmup`) of the given mode on
+ * device-/host-resident copies of the inputs (no transfers inside the timed region), rotating
+ * over `rotate` input sets so repeated runs do not measure a warm cache. Per repetition times in
+ * ms into times_ms [iters]; per-phase medians into phase_ms [MOE_PHASE_COUNT] when non-NULL. */
+/* Phases of the benchmark's breakdown. With SiLU-and-mul fused into GEMM1 the act phase is 0. */
+typedef enum {
+    MOE_PHASE_ROUTE = 0, /* router GEMM + top-k */
+    MOE_PHASE_PERMUTE,   /* histogram, counting sort, offsets */
+    MOE_PHASE_GEMM1,
+    MOE_PHASE_ACT,
+    MOE_PHASE_GEMM2,
+    MOE_PHASE_COMBINE,   /* sum over k (+ shared expert) */
+    MOE_PHASE_COUNT
+} moe_phase;
+extern const char *const moe_phase_names[MOE_PHASE_COUNT];
+
+typedef enum { MOE_BENCH_FWD = 0, MOE_BENCH_BWD = 1, MOE_BENCH_FWDBWD = 2 } moe_bench_mode;
+moe_status moe_engine_time(moe_engine *e, moe_bench_mode mode, int T, const void *const *xs,
+                           const void *dout, int rotate, int warmup, int iters, double *times_ms,
+                           double *phase_ms, moe_error *err);
+
 #endif

@@ -8,6 +8,7 @@
 int cli_check(int argc, char **argv);
 int cli_forward(int argc, char **argv);
 int cli_backward(int argc, char **argv);
+int cli_bench(int argc, char **argv);
 int cli_serve(int argc, char **argv);       /* cli_serve.c */
 int cli_client(int argc, char **argv);      /* cli_client.c */
 int cli_bench_serve(int argc, char **argv); /* cli_client.c */

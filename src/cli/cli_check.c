@@ -87,8 +87,8 @@ int cli_check(int argc, char **argv)
     if (!x) goto fail;
     moe_fill_normal(dt, x, (size_t)T * H, seed, "hidden_states", 0, 1.0);
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
-    if (moe_fwd_state_alloc(&st, &cfg, cfg.num_experts, T, dt, true, &err) != MOE_OK) goto fail;
-    moe_fwd_state_poison(&st, &cfg, cfg.num_experts, T, dt);
+    if (moe_fwd_state_alloc(&cfg, dt, T, true, &st, &err) != MOE_OK) goto fail;
+    moe_fwd_state_poison(&cfg, dt, &st);
     printf("moe-ep check: backend %s; weights generated in %.1f s\n", moe_engine_describe(eng), moe_now() - t0);
     fflush(stdout);
 

@@ -17,9 +17,10 @@ void cli_print_help(const char *cmd, const char *synopsis, const char *descripti
 {
     printf("usage: moe-ep %s %s\n\n%s\n\noptions:\n", cmd, synopsis, description);
     for (const cli_opt *o = opts; o->name; o++) {
-        char left[64];
-        if (o->kind == OPT_FLAG) snprintf(left, sizeof left, "--%s", o->name);
-        else snprintf(left, sizeof left, "--%s %s", o->name, o->metavar ? o->metavar : "X");
+        char left[64], al[8] = "";
+        if (o->alias) snprintf(al, sizeof al, "-%c, ", o->alias);
+        if (o->kind == OPT_FLAG) snprintf(left, sizeof left, "%s--%s", al, o->name);
+        else snprintf(left, sizeof left, "%s--%s %s", al, o->name, o->metavar ? o->metavar : "X");
         printf("  %-28s %s\n", left, o->help);
     }
     printf("  %-28s %s\n", "--help", "show this help and exit");
@@ -41,14 +42,26 @@ int cli_parse(const char *cmd, const char *synopsis, const char *description, cl
             cli_print_help(cmd, synopsis, description, opts);
             return 1;
         }
-        if (strncmp(a, "--", 2) != 0) {
+        cli_opt *o = NULL;
+        const char *eq = NULL;
+        size_t len = 0;
+        if (a[0] == '-' && a[1] && a[1] != '-' && a[2] == '\0') {
+            for (cli_opt *q = opts; q->name; q++)
+                if (q->alias == a[1]) o = q;
+            len = 0;
+            if (!o) {
+                fprintf(stderr, "moe-ep %s: unknown option '%s' (see 'moe-ep %s --help')\n", cmd, a, cmd);
+                return 2;
+            }
+        } else if (strncmp(a, "--", 2) != 0) {
             fprintf(stderr, "moe-ep %s: unexpected argument '%s' (options start with --; see --help)\n", cmd, a);
             return 2;
+        } else {
+            const char *name = a + 2;
+            eq = strchr(name, '=');
+            len = eq ? (size_t)(eq - name) : strlen(name);
+            o = find(opts, name, len);
         }
-        const char *name = a + 2;
-        const char *eq = strchr(name, '=');
-        size_t len = eq ? (size_t)(eq - name) : strlen(name);
-        cli_opt *o = find(opts, name, len);
         if (!o) {
             fprintf(stderr, "moe-ep %s: unknown option '%.*s' (see 'moe-ep %s --help')\n", cmd,
                     (int)(len + 2), a, cmd);

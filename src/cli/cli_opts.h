@@ -18,6 +18,7 @@ typedef struct cli_opt {
     cli_opt_kind kind;
     const char *metavar;/* "T", "PATH" */
     const char *help;   /* one line; say the default */
+    char alias;         /* optional one-letter form "-x" (nccl-tests style), 0 = none */
     /* where the value goes */
     bool *flag;
     const char **str;

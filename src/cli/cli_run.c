@@ -126,7 +126,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         }
     }
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
-    if (moe_fwd_state_alloc(&st, &cfg, E, T, dt, backward, &err) != MOE_OK) goto fail;
+    if (moe_fwd_state_alloc(&cfg, dt, T, backward, &st, &err) != MOE_OK) goto fail;
     if (moe_engine_forward(eng, T, x, &st, &err) != MOE_OK) goto fail;
 
     moe_st_writer wr;
