@@ -34,6 +34,26 @@ grep -q "draining (finishing 1 queued request(s))" "$SERVER_LOG" || fail "drain 
 SERVER_PID=""
 ok "SIGTERM with a queued request: answered correctly, mpirun exited 0"
 
+# ---- admission limits: requests waiting per connection, bytes in flight ----
+# A 1-row fp32 request reserves 148 (payload) + 48 + 148 (reply) = 344 bytes; a 5 s batching
+# budget keeps admitted requests queued while the limits are probed.
+start_server limits 2 --listen "unix:$TMP/lim.sock" --config "$QCFG" --weights "$QW" \
+    --max-wait-us 5000000 --max-pending 2 --max-inflight-bytes 1100
+# A: 1st and 2nd admitted (688 bytes), 3rd over --max-pending 2.
+"$MOE_EP" client --connect "$ADDR" --malformed no-read --rows 1 --count 3 --hold-ms 100 || fail "no-read A"
+# B: 1st admitted (1032 bytes), 2nd over --max-inflight-bytes 1100.
+"$MOE_EP" client --connect "$ADDR" --malformed no-read --rows 1 --count 2 --hold-ms 100 || fail "no-read B"
+stats=$("$MOE_EP" client --connect "$ADDR" --stats)
+val() { echo "$stats" | awk -v k="$1" '$1 == k {print $2}'; }
+grep -q "requests of this connection are already waiting (limit 2" "$SERVER_LOG" || fail "no --max-pending refusal"
+grep -q "bytes in flight + 344 for this request exceed the limit of 1100" "$SERVER_LOG" || fail "no --max-inflight-bytes refusal"
+[ "$(val errors.5)" = 2 ] || fail "expected 2 'busy' errors, got $(val errors.5)"
+[ "$(val queue_depth)" = 3 ] || fail "expected 3 queued requests, got $(val queue_depth)"
+[ "$(val bytes_in_flight)" = 1032 ] || fail "expected 1032 bytes in flight, got $(val bytes_in_flight)"
+stop_server TERM   # the drain runs the 3 queued requests; their clients are gone: dropped
+grep -q "draining (finishing 3 queued request(s))" "$SERVER_LOG" || fail "drain of the queued requests"
+ok "limits: --max-pending and --max-inflight-bytes refuse with status 5; drain with orphaned requests"
+
 # ---- startup failures ----
 # shellcheck disable=SC2086
 $MPIEXEC $MPIRUN_FLAGS -np 2 "$MOE_EP" serve --listen "unix:$TMP/x.sock" --config "$QCFG" \

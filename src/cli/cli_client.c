@@ -453,7 +453,7 @@ static void probe(int fd, const char *label)
 }
 
 static int malformed(const char *addr, const char *which, const moe_client_info *in, int count,
-                     int hold_ms, int wait_ms)
+                     int hold_ms, int wait_ms, int rows)
 {
     moe_proto_addr a;
     char m[256];
@@ -569,13 +569,13 @@ static int malformed(const char *addr, const char *which, const moe_client_info 
         probe(fd, label);
         goto out;
     } else if (strcmp(which, "disconnect") == 0) {
-        h.T = (uint32_t)in->max_tokens;
+        h.T = (uint32_t)(rows > 0 ? MOE_MIN(rows, in->max_tokens) : in->max_tokens);
         h.payload_len = (uint64_t)h.T * H * esz;
         send_raw(fd, &h, pl, (size_t)h.payload_len);
         printf("%s: sent a %u-row request and closed without reading\n", label, (unsigned)h.T);
         goto out;
     } else if (strcmp(which, "no-read") == 0) {
-        h.T = (uint32_t)in->max_tokens;
+        h.T = (uint32_t)(rows > 0 ? MOE_MIN(rows, in->max_tokens) : in->max_tokens);
         h.payload_len = (uint64_t)h.T * H * esz;
         int sent = 0;
         for (int i = 0; i < count; i++) {
@@ -615,7 +615,7 @@ int cli_client(int argc, char **argv)
     const char *addr = NULL, *input = NULL, *output = NULL, *bad = NULL, *vconfig = NULL, *vweights = NULL;
     const char *tol_s = NULL;
     int layer = -1, timeout_ms = 60000, clients = 8, requests = 50, max_T = 64, pool = 512;
-    int count = 4, hold_ms = 0, wait_ms = 0, vlayer = -1;
+    int count = 4, hold_ms = 0, wait_ms = 0, vlayer = -1, rows = 0;
     uint64_t seed = 0;
     bool info = false, stats = false, shut = false, logits = false, load = false;
     cli_opt opts[] = {
@@ -642,6 +642,7 @@ int cli_client(int argc, char **argv)
         {"count", OPT_INT, "N", "malformed: requests (no-read) or connections (too-many-connections) (default 4)", .i = &count, .min = 1},
         {"hold-ms", OPT_INT, "MS", "malformed: keep the connection(s) open this long before closing (default 0)", .i = &hold_ms, .min = 0},
         {"wait-ms", OPT_INT, "MS", "malformed: extra time to wait for the reply (default 0)", .i = &wait_ms, .min = 0},
+        {"rows", OPT_INT, "T", "malformed: rows per request of no-read / disconnect (default: the server's limit)", .i = &rows, .min = 1},
         {0},
     };
     const char *syn = "--connect ADDR (--input X --output Y [--layer L] [--logits] | --info | --stats | --shutdown | --load ... | --malformed CASE)";
@@ -705,7 +706,7 @@ int cli_client(int argc, char **argv)
             rc = forward_file(c, &in, input, output, layer, logits);
         } else if (bad) {
             moe_client_disconnect(c);
-            rc = malformed(addr, bad, &in, count, hold_ms, wait_ms);
+            rc = malformed(addr, bad, &in, count, hold_ms, wait_ms, rows);
         } else {
             if (!opt_seen(opts, "seed")) seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
             printf("moe-ep client: load seed %" PRIu64 "\n", seed);

@@ -240,8 +240,10 @@ static void start_drain(net *n, const char *why)
 {
     if (n->draining) return;
     n->draining = true;
-    moe_warn("serve: %s: draining (finishing %llu queued request(s)), then exiting", why,
-             (unsigned long long)n->sh->q_len);
+    pthread_mutex_lock(&n->sh->mu);
+    unsigned long long queued = n->sh->q_len;
+    pthread_mutex_unlock(&n->sh->mu);
+    moe_warn("serve: %s: draining (finishing %llu queued request(s)), then exiting", why, queued);
     if (n->listen_fd >= 0) {
         close(n->listen_fd);
         n->listen_fd = -1;
