@@ -58,6 +58,7 @@ case $listen in
 esac
 
 echo "# $(date -u +%FT%TZ) $(uname -n), $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "# load average: $(cut -d" " -f1-3 /proc/loadavg)"
 echo "# commit $(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo '?'); $np rank(s) x $threads thread(s); $config; $weights"
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=$threads $MPIEXEC $MPIRUN_FLAGS -np "$np" "$MOE_EP" serve --listen "$addr" \

@@ -96,8 +96,31 @@ static moe_status exchange(moe_client *c, moe_proto_header *req, const void *pay
     moe_status st;
     if ((st = moe_net_write_all(c->fd, hb, sizeof hb, *deadline, &c->err)) != MOE_OK ||
         (req->payload_len &&
-         (st = moe_net_write_all(c->fd, payload, (size_t)req->payload_len, *deadline, &c->err)) != MOE_OK) ||
-        (st = moe_net_read_all(c->fd, hb, sizeof hb, *deadline, &c->err)) != MOE_OK) {
+         (st = moe_net_write_all(c->fd, payload, (size_t)req->payload_len, *deadline, &c->err)) != MOE_OK)) {
+        /* The server may have refused the frame and closed before taking the whole payload
+         * (e.g. T over its limit): its error reply, if it sent one, says more than EPIPE. */
+        moe_error saved = c->err;
+        if (st == MOE_ERR_IO &&
+            moe_net_read_all(c->fd, hb, sizeof hb, moe_now() + 1.0, &c->err) == MOE_OK) {
+            moe_proto_decode_header(hb, reply);
+            char m[256];
+            if (reply->status != MOE_OK &&
+                moe_proto_check_reply(reply, req->op, req->request_id, 0, m, sizeof m) == MOE_OK) {
+                char msg[MOE_PROTO_MAX_MESSAGE + 1];
+                size_t n = (size_t)reply->payload_len;
+                if (moe_net_read_all(c->fd, msg, n, moe_now() + 1.0, &c->err) == MOE_OK) {
+                    msg[n] = 0;
+                    moe_status code = (moe_status)reply->status;
+                    moe_fail(&c->err, code, "server: %s: %s", moe_strerror(code), msg);
+                    return broken(c, code);
+                }
+            }
+        }
+        c->err = saved;
+        moe_error_prefix(&c->err, "%s request", moe_proto_op_name(req->op));
+        return broken(c, st);
+    }
+    if ((st = moe_net_read_all(c->fd, hb, sizeof hb, *deadline, &c->err)) != MOE_OK) {
         moe_error_prefix(&c->err, "%s request", moe_proto_op_name(req->op));
         return broken(c, st);
     }
