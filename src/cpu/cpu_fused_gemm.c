@@ -68,35 +68,35 @@ static void micro(int nr, int nbb, int kcp, const float *Ab, const float *Bb, fl
         const float *a0 = Ab + (size_t)i * KC, *a1 = a0 + KC, *a2 = a1 + KC, *a3 = a2 + KC;
         for (int j = 0; j < nbb; j++) {
             const float *b = Bb + (size_t)j * KC;
-            cf_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, bv, av;
+            cf_v4 s0l = {0}, s0h = {0}, s1l = {0}, s1h = {0}, s2l = {0}, s2h = {0}, s3l = {0},
+                  s3h = {0};
             for (int k = 0; k < kcp; k += 8) {
-                CF_LD8(bv, b + k);
-                CF_LD8(av, a0 + k);
-                s0 += av * bv;
-                CF_LD8(av, a1 + k);
-                s1 += av * bv;
-                CF_LD8(av, a2 + k);
-                s2 += av * bv;
-                CF_LD8(av, a3 + k);
-                s3 += av * bv;
+                cf_v4 bl = CF_LD4(b + k), bh = CF_LD4(b + k + 4);
+                s0l += CF_LD4(a0 + k) * bl;
+                s0h += CF_LD4(a0 + k + 4) * bh;
+                s1l += CF_LD4(a1 + k) * bl;
+                s1h += CF_LD4(a1 + k + 4) * bh;
+                s2l += CF_LD4(a2 + k) * bl;
+                s2h += CF_LD4(a2 + k + 4) * bh;
+                s3l += CF_LD4(a3 + k) * bl;
+                s3h += CF_LD4(a3 + k + 4) * bh;
             }
-            acc[(size_t)(i + 0) * LDACC + j] += cf_hsum8(&s0);
-            acc[(size_t)(i + 1) * LDACC + j] += cf_hsum8(&s1);
-            acc[(size_t)(i + 2) * LDACC + j] += cf_hsum8(&s2);
-            acc[(size_t)(i + 3) * LDACC + j] += cf_hsum8(&s3);
+            acc[(size_t)(i + 0) * LDACC + j] += cf_hsum8(s0l, s0h);
+            acc[(size_t)(i + 1) * LDACC + j] += cf_hsum8(s1l, s1h);
+            acc[(size_t)(i + 2) * LDACC + j] += cf_hsum8(s2l, s2h);
+            acc[(size_t)(i + 3) * LDACC + j] += cf_hsum8(s3l, s3h);
         }
     }
     for (; i < nr; i++) {
         const float *a0 = Ab + (size_t)i * KC;
         for (int j = 0; j < nbb; j++) {
             const float *b = Bb + (size_t)j * KC;
-            cf_v8 s0 = {0}, bv, av;
+            cf_v4 s0l = {0}, s0h = {0};
             for (int k = 0; k < kcp; k += 8) {
-                CF_LD8(bv, b + k);
-                CF_LD8(av, a0 + k);
-                s0 += av * bv;
+                s0l += CF_LD4(a0 + k) * CF_LD4(b + k);
+                s0h += CF_LD4(a0 + k + 4) * CF_LD4(b + k + 4);
             }
-            acc[(size_t)i * LDACC + j] += cf_hsum8(&s0);
+            acc[(size_t)i * LDACC + j] += cf_hsum8(s0l, s0h);
         }
     }
 }
