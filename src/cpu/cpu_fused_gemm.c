@@ -19,7 +19,7 @@
 #define NB 64  /* output columns per tile (with SiLU-and-mul: NB gate + NB up accumulators) */
 #define KC 256 /* K per chunk, a multiple of 8 */
 #define LDACC (2 * NB)
-#define WS_FLOATS ((size_t)RB * KC + (size_t)2 * NB * KC + (size_t)RB * LDACC)
+#define WS_FLOATS ((size_t)RB * KC + (size_t)3 * NB * KC + (size_t)RB * LDACC)
 
 typedef struct gemm_job {
     const moe_grouped_gemm_args *a;
@@ -36,7 +36,7 @@ typedef struct rowblock {
 
 /* Bb[j][0..kcp) = column col0+j of op(B_e) over k in [k0, k0+kc), zero-padded to kcp. */
 static void load_b(const moe_grouped_gemm_args *a, int e, int col0, int nb, int k0, int kc,
-                   int kcp, float *Bb)
+                   int kcp, float *Bb, float *tmp)
 {
     size_t be = (size_t)e * (size_t)a->N * (size_t)a->K;
     if (!a->b_kn) {
@@ -47,14 +47,15 @@ static void load_b(const moe_grouped_gemm_args *a, int e, int col0, int nb, int 
             for (int kk = kc; kk < kcp; kk++) dst[kk] = 0.0f;
         }
     } else {
-        /* B_e [K, N]: read row k's nb contiguous columns, scatter them transposed. */
-        float tmp[NB];
-        for (int kk = 0; kk < kc; kk++) {
-            cf_load_span(a->dtype, a->B, be + (size_t)(k0 + kk) * a->N + col0, nb, tmp);
-            for (int j = 0; j < nb; j++) Bb[(size_t)j * KC + kk] = tmp[j];
-        }
+        /* B_e [K, N]: convert the [kc, nb] block row by row into tmp (contiguous), then
+         * transpose 4 x 4 sub-blocks in registers into Bb. */
+        for (int kk = 0; kk < kc; kk++)
+            cf_load_span(a->dtype, a->B, be + (size_t)(k0 + kk) * a->N + col0, nb,
+                         tmp + (size_t)kk * NB);
+        for (int kk = kc; kk < kcp; kk++)
+            for (int j = 0; j < nb; j++) tmp[(size_t)kk * NB + j] = 0.0f;
         for (int j = 0; j < nb; j++)
-            for (int kk = kc; kk < kcp; kk++) Bb[(size_t)j * KC + kk] = 0.0f;
+            for (int kk = 0; kk < kcp; kk++) Bb[(size_t)j * KC + kk] = tmp[(size_t)kk * NB + j];
     }
 }
 
@@ -141,6 +142,7 @@ static void run_tile(const gemm_job *g, const rowblock *rb, int col0, int nb, fl
     float *Ab = ws;
     float *Bb = Ab + (size_t)RB * KC;
     float *acc = Bb + (size_t)2 * NB * KC;
+    float *tmp = acc + (size_t)RB * LDACC; /* [KC][NB], b_kn transposition */
     int nr = rb->r1 - rb->r0;
     int nbb = g->silu ? 2 * nb : nb;
     memset(acc, 0, sizeof(float) * (size_t)RB * LDACC);
@@ -152,8 +154,8 @@ static void run_tile(const gemm_job *g, const rowblock *rb, int col0, int nb, fl
             cf_load_row(&g->arow, (int64_t)rb->r0 + i, k0, kc, dst);
             for (int kk = kc; kk < kcp; kk++) dst[kk] = 0.0f;
         }
-        load_b(a, rb->e, col0, nb, k0, kc, kcp, Bb);
-        if (g->silu) load_b(a, rb->e, g->nout + col0, nb, k0, kc, kcp, Bb + (size_t)nb * KC);
+        load_b(a, rb->e, col0, nb, k0, kc, kcp, Bb, tmp);
+        if (g->silu) load_b(a, rb->e, g->nout + col0, nb, k0, kc, kcp, Bb + (size_t)nb * KC, tmp);
         micro(nr, nbb, kcp, Ab, Bb, acc);
     }
     epilogue(g, rb, col0, nb, acc);
