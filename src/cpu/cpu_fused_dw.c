@@ -93,13 +93,13 @@ moe_status cpu_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a, moe_error *err
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: N = %d, K = %d, expected >= 1", who,
                         a->N, a->K);
     int64_t M;
-    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, &M, err));
+    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, a->max_rows, &M, err));
     if (!a->dY || !a->X || !a->dW)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who,
                         !a->dY ? "dY" : !a->X ? "X" : "dW");
     bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
     if (need_gather)
-        MOE_TRY(cf_check_gather(who, M, a->num_tokens, a->topk, a->gather_idx, false, err));
+        MOE_TRY(cf_check_gather(who, M, a->max_rows, a->topk, a->gather_idx, false, err));
     dw_job g = {
         .a = a,
         .dy = {a->dtype, a->dY, a->N, a->permute_dy, a->scale_dy_rows, a->gather_idx, a->topk},

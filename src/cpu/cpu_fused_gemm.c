@@ -122,8 +122,6 @@ static void epilogue(const gemm_job *g, const rowblock *rb, int col0, int nb, co
             }
             /* act = silu(gate) * up from the fp32 accumulators, rounded once. */
             for (int j = 0; j < nb; j++) vals[j] = silu_f(ar[j]) * ar[nb + j];
-            if (a->scale_c_rows)
-                for (int j = 0; j < nb; j++) vals[j] *= sc;
         } else {
             for (int j = 0; j < nb; j++) vals[j] = ar[j];
             if (a->scale_c_rows)
@@ -221,17 +219,20 @@ moe_status cpu_grouped_gemm(const moe_grouped_gemm_args *a, moe_error *err)
     if (a->epilogue == MOE_EPI_SILU_MUL && a->N % 2 != 0)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: SiLU-and-mul needs N = 2I even, got "
                         "N = %d", who, a->N);
+    if (a->epilogue == MOE_EPI_SILU_MUL && a->scale_c_rows)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: scale_c_rows with the SiLU-and-mul "
+                        "epilogue is not defined (the top-k weight belongs to GEMM2)", who);
     if (a->epilogue != MOE_EPI_SILU_MUL && a->C_preact)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: C_preact is only written with the "
                         "SiLU-and-mul epilogue", who);
     int64_t M;
-    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, &M, err));
+    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, a->max_rows, &M, err));
     if (!a->A || !a->B || !a->C)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who,
                         !a->A ? "A" : !a->B ? "B" : "C");
     bool need_gather = a->permute_x || a->permute_y || a->scale_a_rows || a->scale_c_rows;
     if (need_gather)
-        MOE_TRY(cf_check_gather(who, M, a->num_tokens, a->topk, a->gather_idx, a->permute_y,
+        MOE_TRY(cf_check_gather(who, M, a->max_rows, a->topk, a->gather_idx, a->permute_y,
                                 err));
     gemm_job g = {
         .a = a,
@@ -260,7 +261,8 @@ moe_status cpu_gemm(moe_dtype dt, int M, int N, int K, const void *A, const void
     }
     int32_t offsets[2] = {0, M};
     moe_grouped_gemm_args a = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = offsets, .N = N, .K = K, .topk = 1,
+        .dtype = dt, .num_experts = 1, .expert_offsets = offsets, .N = N, .K = K,
+        .max_rows = M, .topk = 1,
         .A = A, .B = B, .b_kn = b_kn, .C = C, .epilogue = MOE_EPI_NONE,
     };
     gemm_job g = {

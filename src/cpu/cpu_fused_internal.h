@@ -132,12 +132,12 @@ void cf_load_row(const cf_rows *s, int64_t r, int64_t c0, int n, float *dst);
 
 /* Shared argument checks. dt must be bf16/fp16/fp32. */
 moe_status cf_check_dtype(const char *who, moe_dtype dt, moe_error *err);
-/* offsets [E+1]: offsets[0] == 0, non-decreasing; *M = offsets[E]. */
-moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int64_t *M,
-                            moe_error *err);
-/* gather [M]: every entry in [0, T*k); with unique, no entry twice. */
-moe_status cf_check_gather(const char *who, int64_t M, int T, int topk, const int32_t *gather,
-                           bool unique, moe_error *err);
+/* offsets [E+1]: offsets[0] == 0, non-decreasing, offsets[E] <= max_rows; *M = offsets[E]. */
+moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int max_rows,
+                            int64_t *M, moe_error *err);
+/* gather [M]: every entry a flat index in [0, max_rows); with unique, no entry twice. */
+moe_status cf_check_gather(const char *who, int64_t M, int max_rows, int topk,
+                           const int32_t *gather, bool unique, moe_error *err);
 
 /* Aligned per-thread scratch (64-byte aligned, n floats); NULL on failure. */
 float *cf_scratch(size_t n);
