@@ -430,15 +430,16 @@ static void to_double(moe_dtype dt, const void *p, size_t n, double *out)
     for (size_t i = 0; i < n; i++) out[i] = tl_ld(dt, p, i);
 }
 
-static void check_backward_fd(const moe_config *cfg, int T, uint64_t tag)
+/* begin, El: the slice of experts held (the gradient of that slice's forward). */
+static void check_backward_fd(const moe_config *cfg, int T, uint64_t tag, int begin, int El)
 {
     moe_dtype dt = MOE_DTYPE_F32;
     int H = cfg->hidden, E = cfg->num_experts;
     moe_weights w, g;
     /* Router scale: wide logit gaps (few routing switches under the FD steps) but, for
      * Llama-4, sigmoids away from saturation (a tiny router gradient drowns in FD noise). */
-    make_weights(cfg, dt, 0, E, true, tag, cfg->arch == MOE_ARCH_LLAMA4 ? 1.5 : 3.0, &w);
-    make_weights(cfg, dt, 0, E, false, tag, 0, &g);
+    make_weights(cfg, dt, begin, El, true, tag, cfg->arch == MOE_ARCH_LLAMA4 ? 1.5 : 3.0, &w);
+    make_weights(cfg, dt, begin, El, false, tag, 0, &g);
     poison_weights(&g);
     fd_ctx c = {.w = &w, .T = T};
     c.x = tl_normal(dt, (size_t)T * H, "x", tag, 1.0);
@@ -478,8 +479,8 @@ static void check_backward_fd(const moe_config *cfg, int T, uint64_t tag)
     struct fd_target { const char *name; float *p; const void *grad; size_t rows, cols; } t[7] = {
         {"dx", c.x, dx, (size_t)T, (size_t)H},
         {"d router", w.router.data, g.router.data, (size_t)E, (size_t)H},
-        {"d w13", w.w13.data, g.w13.data, (size_t)E * 2 * cfg->inter, (size_t)H},
-        {"d w2", w.w2.data, g.w2.data, (size_t)E * H, (size_t)cfg->inter},
+        {"d w13", w.w13.data, g.w13.data, (size_t)El * 2 * cfg->inter, (size_t)H},
+        {"d w2", w.w2.data, g.w2.data, (size_t)El * H, (size_t)cfg->inter},
     };
     int nt = 4;
     if (has_shared(cfg)) {
@@ -488,7 +489,9 @@ static void check_backward_fd(const moe_config *cfg, int T, uint64_t tag)
         t[nt++] = (struct fd_target){"d shared_up", w.shared_up.data, g.shared_up.data, (size_t)Is, (size_t)H};
         t[nt++] = (struct fd_target){"d shared_down", w.shared_down.data, g.shared_down.data, (size_t)H, (size_t)Is};
     }
-    const char *an = cfg->arch == MOE_ARCH_QWEN3 ? (cfg->norm_topk_prob ? "qwen3-norm" : "qwen3") : "llama4";
+    const char *an0 = cfg->arch == MOE_ARCH_QWEN3 ? (cfg->norm_topk_prob ? "qwen3-norm" : "qwen3") : "llama4";
+    char an[64];
+    snprintf(an, sizeof an, "%s%s", an0, El < E ? " slice" : "");
     for (int i = 0; i < nt; i++) {
         size_t n = t[i].rows * t[i].cols;
         double *fd = tl_alloc(n, 8), *an_g = tl_alloc(n, 8);
@@ -511,23 +514,26 @@ static void test_backward_fd_qwen3_norm(void **state)
 {
     (void)state;
     moe_config c = qwen_cfg(12, 6, 6, 3, true);
-    check_backward_fd(&c, 5, 11);
+    check_backward_fd(&c, 5, 11, 0, 6);
+    check_backward_fd(&c, 5, 15, 2, 3); /* a slice of the experts */
 }
 
 static void test_backward_fd_qwen3_nonorm(void **state)
 {
     (void)state;
     moe_config c = qwen_cfg(12, 6, 6, 3, false);
-    check_backward_fd(&c, 5, 12);
+    check_backward_fd(&c, 5, 12, 0, 6);
+    check_backward_fd(&c, 5, 16, 4, 2);
 }
 
 static void test_backward_fd_llama4(void **state)
 {
     (void)state;
     moe_config c = llama_cfg(12, 6, 4, 2, 8);
-    check_backward_fd(&c, 5, 13);
+    check_backward_fd(&c, 5, 13, 0, 4);
+    check_backward_fd(&c, 5, 17, 1, 2);
     moe_config c1 = llama_cfg(10, 5, 3, 1, 6);
-    check_backward_fd(&c1, 4, 14);
+    check_backward_fd(&c1, 4, 14, 0, 3);
 }
 
 /* ---- backward in bf16 / fp16 against fp32 on the same inputs ---- */
@@ -798,13 +804,13 @@ static void test_errors_and_empty(void **state)
     moe_fwd_state_free(&st);
     assert_null(st.out);
 
-    /* a slice of the experts: forward fine, backward unsupported */
+    /* a slice of the experts needs gradients of the slice's shape */
     moe_weights ws;
     make_weights(&c, dt, 1, 2, true, 51, 1.0, &ws);
     assert_int_equal(moe_fwd_state_alloc(&c, dt, T, true, &st, &err), MOE_OK);
     assert_int_equal(cpu_block_forward(&ws, dt, T, x, &st, &err), MOE_OK);
-    assert_int_equal(cpu_block_backward(&ws, dt, T, x, &st, dout, dx, &g, &err), MOE_ERR_UNSUPPORTED);
-    assert_non_null(strstr(err.msg, "every expert"));
+    assert_int_equal(cpu_block_backward(&ws, dt, T, x, &st, dout, dx, &g, &err), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "grads.w13"));
     /* grads of the wrong shape */
     g.w13.shape[0] = 3;
     assert_int_equal(cpu_block_forward(&w, dt, T, x, &st, &err), MOE_OK);

@@ -73,8 +73,10 @@ moe_status cpu_block_forward(const moe_weights *w, moe_dtype dt, int T, const vo
                              moe_fwd_state *st, moe_error *err);
 /* Backward of sum(out * dout) from dout [T,H]: dx [T,H] and weight gradients (canonical
  * layout, dt, shapes of w; every tensor of grads is overwritten, not accumulated) into grads.
- * Needs st from the forward with gemm1_out kept, and w holding all E experts (the router's
- * gradient needs every expert's contribution). */
+ * Needs st from the forward with gemm1_out kept. With a slice of the experts in w, it is the
+ * exact gradient of that slice's forward: dx and grads->router hold the slice's share (the
+ * router backward is linear in the top-k weight gradients, so shares add up), plus the shared
+ * expert's terms. */
 moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const void *x,
                               const moe_fwd_state *st, const void *dout, void *dx,
                               moe_weights *grads, moe_error *err);

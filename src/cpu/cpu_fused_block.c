@@ -263,10 +263,6 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     MOE_TRY(check_block(who, w, dt, T, x, err));
     const moe_config *c = &w->cfg;
     int H = c->hidden, I = c->inter, E = c->num_experts, k = c->top_k;
-    if (w->expert_begin != 0 || w->expert_count != E)
-        return moe_fail(err, MOE_ERR_UNSUPPORTED, "%s: weights hold experts [%d, %d) of %d: "
-                        "the router's gradient needs every expert on one call", who,
-                        w->expert_begin, w->expert_begin + w->expert_count, E);
     if (!st) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state is NULL", who);
     if (st->T != T)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state is for T = %d, called with T = %d",
@@ -281,7 +277,8 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     if (T > 0 && (!dout || !dx))
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who, !dout ? "dout" : "dx");
     if (!grads) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: grads is NULL", who);
-    MOE_TRY(check_weight_set(who, "grads", grads, c, E, dt, err));
+    int El = w->expert_count;
+    MOE_TRY(check_weight_set(who, "grads", grads, c, El, dt, err));
     bool llama = c->arch == MOE_ARCH_LLAMA4;
 
     if (T == 0) {
@@ -297,11 +294,8 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     }
     int64_t M64;
     size_t flat = (size_t)T * k, es = moe_dtype_size(dt);
-    MOE_TRY(cf_check_offsets(who, E, st->expert_offsets, (int)flat, &M64, err));
+    MOE_TRY(cf_check_offsets(who, El, st->expert_offsets, (int)flat, &M64, err));
     size_t M = (size_t)M64;
-    if (M != flat)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state has %zu expert-order rows, "
-                        "expected T*k = %zu", who, M, flat);
 
     bwd_bufs b = {0};
     moe_status res = MOE_OK;
@@ -314,10 +308,15 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
         res = MOE_ERR_NOMEM;
         goto done;
     }
+    /* With a slice of the experts, the flat rows of the others carry no gradient: zero d topk
+     * weights and zero dXs rows (the router backward is linear in them, so the shares of the
+     * slices add up to the whole). */
+    memset(b.dtop, 0, flat * sizeof(float));
+    if (M < flat) memset(b.dxs, 0, flat * H * es);
 
     /* dA0 [M,I] = dout[token of r] @ W2_e (W2_e [H,I] read as [K,N]). */
     moe_grouped_gemm_args gA = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = I, .K = H,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = I, .K = H,
         .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = dout,
         .B = w->w2.data, .b_kn = true, .C = b.dA0, .permute_x = true, .epilogue = MOE_EPI_NONE,
     };
@@ -331,7 +330,7 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     }
     /* dW2_e [H,I] = sum_r (w_f dout_t)^T act_r. */
     moe_grouped_gemm_dw_args dW2 = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = H, .K = I,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = H, .K = I,
         .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .dY = dout,
         .permute_dy = true, .scale_dy_rows = llama ? NULL : st->topk_w, .X = st->act,
         .dW = grads->w2.data,
@@ -340,7 +339,7 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     cpu_silu_mul_backward(dt, (int)M, I, st->gemm1_out, dact, b.dgu);
     /* dXs [T*k,H] flat = dGU_r @ W13_e (W13_e [2I,H] read as [K,N]), stored at gather[r]. */
     moe_grouped_gemm_args gX = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = H,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = H,
         .K = 2 * I, .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = b.dgu,
         .B = w->w13.data, .b_kn = true, .C = b.dxs, .permute_y = true,
         .epilogue = MOE_EPI_NONE,
@@ -348,7 +347,7 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     MOE_TRY_GOTO(cpu_grouped_gemm(&gX, err), res, done);
     /* dW13_e [2I,H] = sum_r dGU_r^T x_r (Llama-4: the scaled, rounded x_t * s_f). */
     moe_grouped_gemm_dw_args dW13 = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = 2 * I,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = 2 * I,
         .K = H, .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .dY = b.dgu,
         .X = x, .permute_x = true, .scale_x_rows = llama ? st->topk_w : NULL,
         .dW = grads->w13.data,
