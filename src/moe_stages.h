@@ -90,7 +90,8 @@ typedef struct moe_grouped_gemm_dw_args {
  * activation dtype unless stated. */
 typedef struct moe_fwd_state {
     int T;
-    int M;                    /* rows in expert order = expert_offsets[El] (set by forward) */
+    int M;                    /* rows in expert order = expert_offsets[El]: set by the CPU
+                                 forward (the CUDA forward keeps M on the device) */
     void *router_logits;      /* [T, E] rounded to dtype */
     int32_t *topk_ids;        /* [T, k] global expert ids, in top-k order (ties: lower id) */
     void *topk_w;             /* [T, k] Qwen3: routing weights; Llama-4: sigmoid scores */

@@ -24,7 +24,8 @@ moe_status cpu_router_logits(moe_dtype dt, int T, int H, int E, const void *x,
 moe_status cpu_route_topk(const moe_config *cfg, moe_dtype dt, int T, const void *logits,
                           int32_t *topk_ids, void *topk_w, moe_error *err);
 /* Histogram of ids in [expert_begin, expert_begin+El) (others ignored), a stable counting sort
- * of flat indices by expert, offsets [El+1]. Returns M = number of rows kept. */
+ * of flat indices by expert, offsets [El+1]; gather_idx [T*k] entries [M, T*k) are set to -1.
+ * Returns M = number of rows kept. */
 int cpu_sort_by_expert(int T, int k, const int32_t *topk_ids, int expert_begin, int El,
                        int32_t *token_counts, int32_t *expert_offsets, int32_t *gather_idx);
 /* See moe_grouped_gemm_args / moe_grouped_gemm_dw_args (moe_stages.h). The arguments are
