@@ -24,6 +24,7 @@
 #include <string.h>
 
 #ifdef MOE_HAVE_CUDA
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1362,6 +1363,180 @@ static void test_autotune(void **state)
     rmdir(dir);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T tokens, every configuration, the      */
+/* autotuner's pick, and cuBLAS on one dense GEMM of the same FLOPs as a ceiling.             */
+
+static float time_ms(moe_status (*run)(const void *, const moe_kernel_config *), const void *a,
+                     const moe_kernel_config *cfg, int reps)
+{
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 2; i++) assert_int_equal(run(a, cfg), MOE_OK);
+    float t[32];
+    if (reps > 32) reps = 32;
+    for (int i = 0; i < reps; i++) {
+        CK(cudaEventRecord(e0, 0));
+        assert_int_equal(run(a, cfg), MOE_OK);
+        CK(cudaEventRecord(e1, 0));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&t[i], e0, e1));
+    }
+    for (int i = 1; i < reps; i++) /* insertion sort, then the median */
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) {
+            float x = t[j];
+            t[j] = t[j - 1];
+            t[j - 1] = x;
+        }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return t[reps / 2];
+}
+
+static moe_status run_gg(const void *a, const moe_kernel_config *cfg)
+{
+    moe_error err;
+    moe_error_clear(&err);
+    moe_status st = moe_cuda_grouped_gemm((const moe_grouped_gemm_args *)a, cfg, 0, NULL, &err);
+    if (st != MOE_OK) fprintf(stderr, "bench: %s\n", err.msg);
+    return st;
+}
+
+typedef struct dense_gemm {
+    cublasHandle_t h;
+    int M, N, K;
+    const void *A, *B;
+    void *C;
+} dense_gemm;
+
+static moe_status run_cublas(const void *p, const moe_kernel_config *cfg)
+{
+    (void)cfg;
+    const dense_gemm *g = p;
+    const float one = 1.f, zero = 0.f;
+    /* row-major C[M,N] = A[M,K] B[N,K]^T  ==  column-major C^T = B^T(op T of [K,N]) A^T */
+    cublasStatus_t st = cublasGemmEx(g->h, CUBLAS_OP_T, CUBLAS_OP_N, g->N, g->M, g->K, &one, g->B,
+                                     CUDA_R_16BF, g->K, g->A, CUDA_R_16BF, g->K, &zero, g->C,
+                                     CUDA_R_16BF, g->N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return st == CUBLAS_STATUS_SUCCESS ? MOE_OK : MOE_ERR_CUDA;
+}
+
+static void bench_model(const model_dims *m, int T)
+{
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    route rt;
+    make_route(&rt, T, m->k, m->E, R_RANDOM);
+    const int M = rt.M, H = m->H, I = m->I;
+    tt x, w13, w2, sc, act, pre, y;
+    tt_pooled(&x, dt, (size_t)T * H, 0);
+    tt_pooled(&w13, dt, (size_t)m->E * 2 * I * H, 0);
+    tt_pooled(&w2, dt, (size_t)m->E * H * I, 0);
+    tt_uniform(&sc, dt, (size_t)T * m->k, 0.05, 1.0);
+    tt_out(&act, dt, (size_t)M * I);
+    tt_out(&pre, dt, (size_t)M * 2 * I);
+    tt_out(&y, dt, (size_t)T * m->k * H);
+
+    moe_grouped_gemm_args g1, g2;
+    memset(&g1, 0, sizeof g1);
+    g1.dtype = dt;
+    g1.num_experts = m->E;
+    g1.expert_offsets = rt.d_offsets;
+    g1.max_rows = rt.max_rows;
+    g1.topk = m->k;
+    g1.gather_idx = rt.d_gather;
+    g2 = g1;
+    g1.N = 2 * I;
+    g1.K = H;
+    g1.A = x.dev;
+    g1.B = w13.dev;
+    g1.C = act.dev;
+    g1.C_preact = pre.dev;
+    g1.permute_x = true;
+    g1.scale_a_rows = m->llama ? sc.dev : NULL;
+    g1.epilogue = MOE_EPI_SILU_MUL;
+    g2.N = H;
+    g2.K = I;
+    g2.A = act.dev;
+    g2.B = w2.dev;
+    g2.C = y.dev;
+    g2.permute_y = true;
+    g2.scale_c_rows = m->llama ? NULL : sc.dev;
+
+    const double f1 = 2.0 * M * (2.0 * I) * H, f2 = 2.0 * M * (double)H * I;
+    fprintf(stderr, "BENCH %s T=%d bf16: M=%d  GEMM1 %dx%dx%d (%.1f GFLOP)  GEMM2 %dx%dx%d (%.1f GFLOP)\n",
+            m->name, T, M, M, 2 * I, H, f1 * 1e-9, M, H, I, f2 * 1e-9);
+    const moe_kernel_config *list;
+    int n = moe_kernel_configs(dt, &list);
+    float best1 = 1e30f, best2 = 1e30f, bestsum = 1e30f;
+    int b1 = 0, b2 = 0, bs = 0;
+    for (int i = 0; i < n; i++) {
+        char cs[64];
+        float t1 = time_ms(run_gg, &g1, &list[i], 10), t2 = time_ms(run_gg, &g2, &list[i], 10);
+        fprintf(stderr, "BENCH   %-18s GEMM1 %8.3f ms %6.1f TF/s   GEMM2 %8.3f ms %6.1f TF/s   sum %8.3f ms\n",
+                moe_kernel_config_str(&list[i], cs, sizeof cs), t1, f1 / t1 * 1e-9, t2,
+                f2 / t2 * 1e-9, t1 + t2);
+        if (t1 < best1) { best1 = t1; b1 = i; }
+        if (t2 < best2) { best2 = t2; b2 = i; }
+        if (t1 + t2 < bestsum) { bestsum = t1 + t2; bs = i; }
+    }
+    char c1[64], c2[64], c3[64];
+    fprintf(stderr, "BENCH %s T=%d best: GEMM1 %s %.3f ms (%.1f TF/s), GEMM2 %s %.3f ms (%.1f TF/s); "
+                    "GEMM1+GEMM2 %.3f ms = %.1f TF/s; best single config %s %.3f ms\n",
+            m->name, T, moe_kernel_config_str(&list[b1], c1, sizeof c1), best1, f1 / best1 * 1e-9,
+            moe_kernel_config_str(&list[b2], c2, sizeof c2), best2, f2 / best2 * 1e-9, best1 + best2,
+            (f1 + f2) / (best1 + best2) * 1e-9, moe_kernel_config_str(&list[bs], c3, sizeof c3), bestsum);
+
+    /* the autotuner on the same problems (fresh cache) */
+    char path[128];
+    snprintf(path, sizeof path, "/tmp/moe-gg-bench-%d.json", (int)getpid());
+    remove(path);
+    moe_kernel_config p1, p2;
+    moe_error err;
+    moe_error_clear(&err);
+    assert_int_equal(moe_autotune_pick(path, &g1, 0, &p1, &err), MOE_OK);
+    assert_int_equal(moe_autotune_pick(path, &g2, 0, &p2, &err), MOE_OK);
+    float a1 = time_ms(run_gg, &g1, &p1, 10), a2 = time_ms(run_gg, &g2, &p2, 10);
+    fprintf(stderr, "BENCH %s T=%d autotuned: GEMM1 %s %.3f ms, GEMM2 %s %.3f ms, sum %.3f ms = %.1f TF/s\n",
+            m->name, T, moe_kernel_config_str(&p1, c1, sizeof c1), a1,
+            moe_kernel_config_str(&p2, c2, sizeof c2), a2, a1 + a2, (f1 + f2) / (a1 + a2) * 1e-9);
+    remove(path);
+
+    /* cuBLAS, one dense GEMM per shape (same FLOPs, no gather/scatter/experts): a ceiling */
+    dense_gemm d;
+    assert_int_equal(cublasCreate(&d.h), CUBLAS_STATUS_SUCCESS);
+    tt da, dc;
+    tt_pooled(&da, dt, (size_t)M * (H > I ? H : I), 0);
+    tt_out(&dc, dt, (size_t)M * (2 * I > H ? 2 * I : H));
+    d.M = M; d.N = 2 * I; d.K = H; d.A = da.dev; d.B = w13.dev; d.C = dc.dev;
+    float c1ms = time_ms(run_cublas, &d, NULL, 10);
+    d.N = H; d.K = I; d.B = w2.dev;
+    float c2ms = time_ms(run_cublas, &d, NULL, 10);
+    fprintf(stderr, "BENCH %s T=%d cuBLAS dense (one expert's weights, all rows): GEMM1-shape %.3f ms "
+                    "(%.1f TF/s), GEMM2-shape %.3f ms (%.1f TF/s)\n",
+            m->name, T, c1ms, f1 / c1ms * 1e-9, c2ms, f2 / c2ms * 1e-9);
+    cublasDestroy(d.h);
+    tt_free(&da);
+    tt_free(&dc);
+    tt_free(&x);
+    tt_free(&w13);
+    tt_free(&w2);
+    tt_free(&sc);
+    tt_free(&act);
+    tt_free(&pre);
+    tt_free(&y);
+    free_route(&rt);
+}
+
+static void test_bench(void **state)
+{
+    (void)state;
+    const char *b = getenv("MOE_GG_BENCH");
+    if (!b || strcmp(b, "1") != 0) skip();
+    bench_model(&k_qwen, 4096);
+    bench_model(&k_llama, 4096);
+}
+
 int main(void)
 {
     int gpu = moe_test_require_gpu();
@@ -1380,6 +1555,11 @@ int main(void)
         cmocka_unit_test(test_real_qwen3),
         cmocka_unit_test(test_real_llama4),
     };
+    const char *b = getenv("MOE_GG_BENCH");
+    if (b && strcmp(b, "1") == 0) { /* timing only */
+        const struct CMUnitTest bench[] = {cmocka_unit_test(test_bench)};
+        return cmocka_run_group_tests(bench, NULL, NULL);
+    }
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
 
