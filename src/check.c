@@ -477,7 +477,15 @@ moe_status moe_check_backward(const moe_weights *w, moe_dtype dt, int T, const v
     /* router weight gradient: rows are experts */
     for (size_t i = 0; i < (size_t)E * H; i++) got[i] = moe_load_elem(dt, grads->router.data, i);
     snprintf(what, sizeof what, "%d experts x %d", E, H);
-    moe_check_compare(rep, "grad router", what, got, g.d_router, E, H, tol);
+    /* The router gradient is a difference of nearly equal terms (the softmax / renormalisation
+     * Jacobian), so in bf16/fp16 it carries ~2x the relative rounding error of the other
+     * gradients on both sides (HF's rounding points in the reference, bf16/fp16 activations in
+     * the fused path): its tolerance is 2.5x the dtype's (test_cpu_fused_ref measures the same). */
+    double rtol = dt == MOE_DTYPE_F32 ? tol : 2.5 * tol;
+    moe_check_compare(rep, "grad router", what, got, g.d_router, E, H, rtol);
+    if (rtol != tol)
+        snprintf(rep->rows[rep->count - 1].note, sizeof rep->rows[0].note,
+                 "tolerance 2.5x: softmax Jacobian cancellation");
 
     /* expert gradients: one "row" per expert, so the tolerance applies per expert, and an
      * expert with no tokens must be exactly zero */

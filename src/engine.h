@@ -16,6 +16,18 @@ typedef struct moe_engine moe_engine;
 moe_status moe_engine_create(moe_backend backend, const moe_weights *w, moe_dtype dt, int max_T,
                              moe_engine **out, moe_error *err);
 void moe_engine_destroy(moe_engine *e);
+
+/* Options of the CUDA backend (ignored on the CPU, where a forced kernel config is an error). */
+typedef struct moe_engine_options {
+    const char *kernel_config;  /* "128x128x64,w8,s3": force every grouped GEMM to it; NULL/"auto" */
+    bool autotune;              /* pick each GEMM's config by timing candidates (cached on disk) */
+    const char *autotune_cache; /* NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json */
+} moe_engine_options;
+/* Validates and applies the options (an invalid kernel config is rejected with the reason). */
+moe_status moe_engine_configure(moe_engine *e, const moe_engine_options *opts, moe_error *err);
+moe_backend moe_engine_backend(const moe_engine *e);
+/* Which grouped-GEMM kernel and configuration each stage of the last run used ("" on the CPU). */
+void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len);
 const char *moe_engine_describe(const moe_engine *e); /* "cpu (2 threads)", "cuda: NVIDIA H100 ..." */
 
 /* Forward on x [T,H] (host, dt). st: host buffers from moe_fwd_state_alloc; intermediates whose

@@ -1,8 +1,8 @@
 /*
  * moe_stages.h — the fused path's stages, their arguments and their named intermediates.
- * Backend-neutral: the CPU backend (src/cpu/cpu_fused_{route,gemm,dw,elem,block}.c) and the
- * CUDA kernels (under kernels/) implement the SAME argument structs, so the CPU twin of every
- * kernel is checkable line by line.
+ * Backend-neutral: the CPU backend (src/cpu/cpu_fused_*.c) and the CUDA kernels (the .cu
+ * files in kernels/) implement the SAME argument structs, so the CPU twin of every kernel is
+ * checkable line by line.
  * Pointers are host pointers on the CPU backend and device pointers on the CUDA backend.
  *
  * Shapes: T tokens, H hidden, I expert width, E experts (El local), k top-k, M = T*k routed rows.
@@ -35,12 +35,13 @@ typedef enum moe_epilogue {
  *      and ROUNDED to dtype before the multiply (Llama-4's input scaling, as HF does).
  *   scale_c_rows [T*k] (dtype, optional): the fp32 accumulator of row r is multiplied by
  *      scale_c_rows[gather_idx[r]] before rounding (Qwen3's top-k weight, fused in GEMM2);
- *      with MOE_EPI_SILU_MUL it multiplies silu(gate)*up before rounding (C_preact unscaled).
+ *      not with MOE_EPI_SILU_MUL (rejected).
  *   C_preact (MOE_EPI_SILU_MUL only; rejected otherwise) is stored with the same row
  *      permutation as C.
- *   num_tokens: T, the rows of a token-order operand (A [T,K] with permute_x, C [T*k,N] with
- *      permute_y; scales are [T*k]). Required (>= 1) whenever gather_idx is; the CPU backend
- *      checks every gather_idx[r] is in [0, T*k) and, with permute_y, that no two rows collide.
+ *   max_rows: with gather_idx, its entries are flat indices in [0, max_rows), so max_rows is
+ *      T*k there. The CPU twin requires expert_offsets[num_experts] <= max_rows and rejects an
+ *      out-of-range gather index (and, with permute_y, a flat index stored twice); the CUDA
+ *      kernel, which cannot check on the host, skips such a row.
  * Rows of C (or flat rows with permute_y) that no expert row maps to are left untouched. */
 typedef struct moe_grouped_gemm_args {
     moe_dtype dtype;               /* of A, B, C, scales */
@@ -50,7 +51,6 @@ typedef struct moe_grouped_gemm_args {
     int max_rows; /* host-known upper bound of expert_offsets[num_experts] (T*k): the CUDA
                      launch is sized by it so no device->host copy of the counts is needed */
     int topk;
-    int num_tokens;            /* T (see above); 0 when gather_idx is not needed */
     const int32_t *gather_idx; /* [M]; required by permute_x/permute_y/scales */
     const void *A;
     const void *B;
@@ -76,7 +76,6 @@ typedef struct moe_grouped_gemm_dw_args {
     int N, K;
     int max_rows; /* as in moe_grouped_gemm_args */
     int topk;
-    int num_tokens; /* T, as in moe_grouped_gemm_args; >= 1 whenever gather_idx is needed */
     const int32_t *gather_idx;
     const void *dY;
     bool permute_dy;
@@ -91,7 +90,8 @@ typedef struct moe_grouped_gemm_dw_args {
  * activation dtype unless stated. */
 typedef struct moe_fwd_state {
     int T;
-    int M;                    /* rows in expert order = expert_offsets[El] (set by forward) */
+    int M;                    /* rows in expert order = expert_offsets[El]: set by the CPU
+                                 forward (the CUDA forward keeps M on the device) */
     void *router_logits;      /* [T, E] rounded to dtype */
     int32_t *topk_ids;        /* [T, k] global expert ids, in top-k order (ties: lower id) */
     void *topk_w;             /* [T, k] Qwen3: routing weights; Llama-4: sigmoid scores */

@@ -53,13 +53,6 @@ static inline void *tl_uniform(moe_dtype dt, size_t n, const char *name, uint64_
     return p;
 }
 
-static inline void tl_fill_normal(moe_tensor *t, const char *name, uint64_t tag, double scale)
-{
-    uint64_t s = tl_stream(name, tag);
-    size_t n = moe_tensor_numel(t);
-    for (size_t i = 0; i < n; i++) moe_store_elem(t->dtype, t->data, i, moe_rng_normal(s, i) * scale);
-}
-
 static inline double tl_ld(moe_dtype dt, const void *p, size_t i) { return moe_load_elem(dt, p, i); }
 
 /* NaN poison of n elements of dt. */

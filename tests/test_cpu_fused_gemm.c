@@ -138,7 +138,7 @@ static void run_gemm_case(const gdata *d, const gshape *s, const gflags *f)
 
     moe_grouped_gemm_args a = {
         .dtype = dt, .num_experts = s->El, .expert_offsets = rt->offsets, .N = N, .K = K,
-        .topk = s->k, .num_tokens = s->T, .gather_idx = rt->gather, .A = A, .B = B,
+        .topk = s->k, .max_rows = rt->flat, .gather_idx = rt->gather, .A = A, .B = B,
         .b_kn = f->bkn, .C = C, .C_preact = f->preact ? P : NULL, .permute_x = f->px,
         .permute_y = f->py, .scale_a_rows = f->sa ? sa : NULL,
         .scale_c_rows = f->sc ? sc : NULL,
@@ -146,9 +146,10 @@ static void run_gemm_case(const gdata *d, const gshape *s, const gflags *f)
     };
     moe_error err = {0};
     moe_status st = cpu_grouped_gemm(&a, &err);
-    if ((f->px && f->py) || (f->preact && !f->silu)) {
+    if ((f->px && f->py) || (f->preact && !f->silu) || (f->silu && f->sc)) {
         assert_int_equal(st, MOE_ERR_INVALID_ARG);
-        assert_non_null(strstr(err.msg, f->px && f->py ? "permute_x and permute_y" : "C_preact"));
+        assert_non_null(strstr(err.msg, f->px && f->py ? "permute_x and permute_y"
+                                        : f->silu ? "scale_c_rows" : "C_preact"));
         for (size_t i = 0; i < crows * nout; i++) assert_true(tl_is_poison(dt, C, i));
         goto out;
     }
@@ -182,8 +183,7 @@ static void run_gemm_case(const gdata *d, const gshape *s, const gflags *f)
             size_t crow = f->py ? (size_t)fl : (size_t)r;
             mapped[crow] = true;
             for (int n = 0; n < nout; n++) {
-                ref[(size_t)r * nout + n] =
-                    f->silu ? tl_silu(acc[n]) * acc[I + n] * scv : acc[n] * scv;
+                ref[(size_t)r * nout + n] = f->silu ? tl_silu(acc[n]) * acc[I + n] : acc[n] * scv;
                 got[(size_t)r * nout + n] = tl_ld(dt, C, crow * nout + n);
             }
             for (int n = 0; n < N; n++) {
@@ -261,7 +261,7 @@ static void test_grouped_gemm_rejects_bad_args(void **state)
     float A[4 * 3] = {0}, B[3 * 2 * 3] = {0}, C[4 * 2], P[4 * 2];
     moe_grouped_gemm_args good = {
         .dtype = dt, .num_experts = 3, .expert_offsets = off, .N = 2, .K = 3, .topk = 2,
-        .num_tokens = 2, .gather_idx = gather, .A = A, .B = B, .C = C,
+        .max_rows = 4, .gather_idx = gather, .A = A, .B = B, .C = C,
         .epilogue = MOE_EPI_NONE,
     };
     moe_error err = {0};
@@ -275,8 +275,10 @@ static void test_grouped_gemm_rejects_bad_args(void **state)
     bad[n].a.permute_x = true; bad[n].a.gather_idx = NULL; n++;
     bad[n].expect = "gather_idx is NULL"; bad[n].a = good;
     bad[n].a.scale_c_rows = C; bad[n].a.gather_idx = NULL; n++;
-    bad[n].expect = "num_tokens"; bad[n].a = good;
-    bad[n].a.permute_y = true; bad[n].a.num_tokens = 0; n++;
+    bad[n].expect = "exceed max_rows"; bad[n].a = good; bad[n].a.max_rows = 3; n++;
+    bad[n].expect = "topk"; bad[n].a = good; bad[n].a.permute_x = true; bad[n].a.topk = 0; n++;
+    bad[n].expect = "scale_c_rows with the SiLU"; bad[n].a = good;
+    bad[n].a.epilogue = MOE_EPI_SILU_MUL; bad[n].a.scale_c_rows = C; n++;
     bad[n].expect = "C_preact"; bad[n].a = good; bad[n].a.C_preact = P; n++;
     bad[n].expect = "N = 2I even"; bad[n].a = good;
     bad[n].a.epilogue = MOE_EPI_SILU_MUL; bad[n].a.N = 3; n++;
@@ -333,7 +335,7 @@ static void run_dw_case(moe_dtype dt, const gshape *s, int m, uint64_t tag)
     tl_poison(dt, dW, nw);
     moe_grouped_gemm_dw_args a = {
         .dtype = dt, .num_experts = s->El, .expert_offsets = rt.offsets, .N = N, .K = K,
-        .topk = s->k, .num_tokens = s->T, .gather_idx = rt.gather, .dY = dY,
+        .topk = s->k, .max_rows = rt.flat, .gather_idx = rt.gather, .dY = dY,
         .permute_dy = pdy, .scale_dy_rows = sdy ? sd : NULL, .X = X, .permute_x = px,
         .scale_x_rows = sx ? sxv : NULL, .dW = dW,
     };
@@ -391,7 +393,7 @@ static void test_grouped_dw_rejects_bad_args(void **state)
     float dY[2 * 2] = {0}, X[2 * 2] = {0}, dW[2 * 2 * 2];
     moe_grouped_gemm_dw_args a = {
         .dtype = MOE_DTYPE_F32, .num_experts = 2, .expert_offsets = off, .N = 2, .K = 2,
-        .topk = 1, .dY = dY, .X = X, .dW = dW,
+        .max_rows = 2, .topk = 1, .dY = dY, .X = X, .dW = dW,
     };
     moe_error err = {0};
     assert_int_equal(cpu_grouped_gemm_dw(&a, &err), MOE_OK);
@@ -464,12 +466,12 @@ static void test_gemm_thread_determinism(void **state)
         omp_set_num_threads(rep == 0 ? 1 : 3);
         moe_grouped_gemm_args a = {
             .dtype = dt, .num_experts = s.El, .expert_offsets = rt.offsets, .N = s.N,
-            .K = s.K, .topk = s.k, .num_tokens = s.T, .gather_idx = rt.gather, .A = A,
+            .K = s.K, .topk = s.k, .max_rows = rt.flat, .gather_idx = rt.gather, .A = A,
             .B = B, .C = rep ? C2 : C1, .permute_x = true, .epilogue = MOE_EPI_SILU_MUL,
         };
         moe_grouped_gemm_dw_args w = {
             .dtype = dt, .num_experts = s.El, .expert_offsets = rt.offsets, .N = s.N,
-            .K = s.K, .topk = s.k, .num_tokens = s.T, .gather_idx = rt.gather, .dY = dY,
+            .K = s.K, .topk = s.k, .max_rows = rt.flat, .gather_idx = rt.gather, .dY = dY,
             .X = A, .permute_x = true, .dW = rep ? W2 : W1,
         };
         moe_error err = {0};

@@ -997,6 +997,14 @@ static void run_case(const bcase *bc, uint64_t seed, int timing_T)
     assert_memory_equal(r->hs.out, out3, (size_t)T * H * es);
     free(out3);
 
+    /* state copies: upload the downloaded state into a poisoned one, download it again */
+    dev_state_poison(c, dt, T, r->El, &ds2);
+    OK(cuda_fwd_state_upload(b, &r->hs, &ds2, ERR));
+    host_state_free(&hs2);
+    host_state_alloc(c, dt, T, r->El, &hs2);
+    OK(cuda_fwd_state_download(b, &ds2, &hs2, ERR));
+    state_assert_equal(c, dt, T, r->El, &r->hs, &hs2, "state upload/download");
+
     /* backward (the block's last forward was on the same x; its state is ds) */
     cuda_block_grads g, g2;
     OK(cuda_block_grads_alloc(b, &g, ERR));

@@ -45,6 +45,8 @@ int cli_bench(int argc, char **argv)
     int tmin = 16, tmax = 256, factor = 2, warmup = 3, iters = 10, rotate = 0, threads = 0;
     uint64_t seed = 1;
     bool check = false;
+    const char *kcfg = NULL, *tcache = NULL;
+    bool autotune = false;
     cli_opt opts[] = {
         {"model", OPT_STRING, "PRESET|config.json", "model (default tiny-qwen3)", .str = &model},
         {"min-tokens", OPT_INT, "T", "smallest token count (default 16)", .alias = 'b', .i = &tmin, .min = 1},
@@ -63,6 +65,9 @@ int cli_bench(int argc, char **argv)
         {"peak-gbs", OPT_STRING, "X", "bandwidth ceiling in GB/s for the roofline (default: 3000 on cuda, none on cpu)", .str = &peak_bw_s},
         {"seed", OPT_U64, "S", "generator seed (default 1)", .u64 = &seed},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores)", .i = &threads, .min = 0},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
+        {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         {0},
     };
     const char *syn = "[--model M] [-b T] [-e T] [-f F] [-w N] [-n N] [--mode fwd|bwd|fwdbwd] [--check] [--json F] [--csv F]";
@@ -117,6 +122,10 @@ int cli_bench(int argc, char **argv)
 
     if (moe_weights_random(&cfg, seed, 0, E, dt, &w, &err) != MOE_OK) goto fail;
     if (moe_engine_create(backend, &w, dt, tmax, &eng, &err) != MOE_OK) goto fail;
+    {
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
+    }
     if (rotate <= 0) {
         size_t one = (size_t)tmax * H * esz;
         rotate = (int)MOE_MIN(16, MOE_MAX(1, (64u << 20) / (one ? one : 1)));

@@ -25,6 +25,8 @@ int cli_check(int argc, char **argv)
     int tokens = 64, sample = 0, threads = 0;
     uint64_t seed = 1;
     bool backward = false;
+    const char *kcfg = NULL, *tcache = NULL;
+    bool autotune = false;
     cli_opt opts[] = {
         {"model", OPT_STRING, "PRESET|config.json", "preset (qwen3-30b-a3b, llama4-scout, tiny-qwen3, tiny-llama4) or an HF config.json (required)", .str = &model},
         {"tokens", OPT_INT, "T", "number of tokens (default 64)", .i = &tokens, .min = 1},
@@ -34,6 +36,9 @@ int cli_check(int argc, char **argv)
         {"backward", OPT_FLAG, NULL, "also check the backward pass (dX, router and expert gradients)", .flag = &backward},
         {"sample", OPT_INT, "N", "verify N random tokens / rows / experts instead of all (default 0 = all)", .i = &sample, .min = 0},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &threads, .min = 0},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
+        {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         {0},
     };
     const char *syn = "--model PRESET|config.json [--tokens T] [--dtype D] [--backend B] [--seed S] [--backward] [--sample N]";
@@ -87,6 +92,10 @@ int cli_check(int argc, char **argv)
     if (!x) goto fail;
     moe_fill_normal(dt, x, (size_t)T * H, seed, "hidden_states", 0, 1.0);
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
+    {
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
+    }
     if (moe_fwd_state_alloc(&cfg, dt, T, true, &st, &err) != MOE_OK) goto fail;
     moe_fwd_state_poison(&cfg, dt, &st);
     printf("moe-ep check: backend %s; weights generated in %.1f s\n", moe_engine_describe(eng), moe_now() - t0);
@@ -110,6 +119,9 @@ int cli_check(int argc, char **argv)
         if (moe_engine_backward(eng, T, x, &st, dout, dx, &grads, &err) != MOE_OK) goto fail;
     }
     double t_bwd = backward ? moe_now() - t1 : 0;
+    char ks[1024];
+    moe_engine_kernel_summary(eng, ks, sizeof ks);
+    if (ks[0]) printf("moe-ep check: kernels: %s\n", ks);
     printf("moe-ep check: fused forward %.3f s%s", t_fwd, backward ? "" : "\n");
     if (backward) printf(", backward %.3f s\n", t_bwd);
     fflush(stdout);

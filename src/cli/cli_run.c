@@ -60,6 +60,8 @@ done:
 static int run(const char *cmd, int argc, char **argv, bool backward)
 {
     run_args a = {.backend_s = "auto", .layer = -1};
+    const char *kcfg = NULL, *tcache = NULL;
+    bool autotune = false;
     cli_opt opts[] = {
         {"config", OPT_STRING, "PRESET|config.json", "model preset or HF config.json (required)", .str = &a.config},
         {"weights", OPT_STRING, "W.safetensors", "weights: a .safetensors file or model.safetensors.index.json (required)", .str = &a.weights},
@@ -70,6 +72,9 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         {"dtype", OPT_STRING, "bf16|fp16|fp32", "compute dtype (default: the config's dtype)", .str = &a.dtype_s},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &a.threads, .min = 0},
         {backward ? "grad-output" : NULL, OPT_STRING, "G.safetensors", "file holding grad_output, shaped like the output (required)", .str = &a.grad_output},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
+        {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         {0},
     };
     const char *syn = backward
@@ -126,6 +131,10 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         }
     }
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
+    {
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
+    }
     if (moe_fwd_state_alloc(&cfg, dt, T, backward, &st, &err) != MOE_OK) goto fail;
     if (moe_engine_forward(eng, T, x, &st, &err) != MOE_OK) goto fail;
 

@@ -24,7 +24,8 @@ moe_status cpu_router_logits(moe_dtype dt, int T, int H, int E, const void *x,
 moe_status cpu_route_topk(const moe_config *cfg, moe_dtype dt, int T, const void *logits,
                           int32_t *topk_ids, void *topk_w, moe_error *err);
 /* Histogram of ids in [expert_begin, expert_begin+El) (others ignored), a stable counting sort
- * of flat indices by expert, offsets [El+1]. Returns M = number of rows kept. */
+ * of flat indices by expert, offsets [El+1]; gather_idx [T*k] entries [M, T*k) are set to -1.
+ * Returns M = number of rows kept. */
 int cpu_sort_by_expert(int T, int k, const int32_t *topk_ids, int expert_begin, int El,
                        int32_t *token_counts, int32_t *expert_offsets, int32_t *gather_idx);
 /* See moe_grouped_gemm_args / moe_grouped_gemm_dw_args (moe_stages.h). The arguments are
@@ -73,8 +74,10 @@ moe_status cpu_block_forward(const moe_weights *w, moe_dtype dt, int T, const vo
                              moe_fwd_state *st, moe_error *err);
 /* Backward of sum(out * dout) from dout [T,H]: dx [T,H] and weight gradients (canonical
  * layout, dt, shapes of w; every tensor of grads is overwritten, not accumulated) into grads.
- * Needs st from the forward with gemm1_out kept, and w holding all E experts (the router's
- * gradient needs every expert's contribution). */
+ * Needs st from the forward with gemm1_out kept. With a slice of the experts in w, it is the
+ * exact gradient of that slice's forward: dx and grads->router hold the slice's share (the
+ * router backward is linear in the top-k weight gradients, so shares add up), plus the shared
+ * expert's terms. */
 moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const void *x,
                               const moe_fwd_state *st, const void *dout, void *dx,
                               moe_weights *grads, moe_error *err);

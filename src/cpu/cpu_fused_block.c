@@ -110,13 +110,15 @@ static moe_status shared_forward(const moe_weights *w, moe_dtype dt, int T, cons
     int H = w->cfg.hidden, Is = w->cfg.shared_inter;
     int32_t off[2] = {0, T};
     moe_grouped_gemm_args g1 = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = 2 * Is, .K = H, .topk = 1,
-        .A = x, .B = wcat, .C = act, .C_preact = gu, .epilogue = MOE_EPI_SILU_MUL,
+        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = 2 * Is, .K = H,
+        .max_rows = T, .topk = 1, .A = x, .B = wcat, .C = act, .C_preact = gu,
+        .epilogue = MOE_EPI_SILU_MUL,
     };
     MOE_TRY(cpu_grouped_gemm(&g1, err));
     moe_grouped_gemm_args g2 = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = H, .K = Is, .topk = 1,
-        .A = act, .B = w->shared_down.data, .C = out, .epilogue = MOE_EPI_NONE,
+        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = H, .K = Is,
+        .max_rows = T, .topk = 1, .A = act, .B = w->shared_down.data, .C = out,
+        .epilogue = MOE_EPI_NONE,
     };
     return cpu_grouped_gemm(&g2, err);
 }
@@ -147,12 +149,13 @@ moe_status cpu_block_forward(const moe_weights *w, moe_dtype dt, int T, const vo
                                st->expert_offsets, st->gather_idx);
     st->M = M;
     bool llama = c->arch == MOE_ARCH_LLAMA4;
+    size_t flat = (size_t)T * k;
 
     /* GEMM1: x rows gathered in the prologue (Llama-4: scaled by the score and rounded),
      * [M,H] x [H,2I], SiLU-and-mul epilogue -> act [M,I] (and gemm1_out [M,2I]). */
     moe_grouped_gemm_args g1 = {
         .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = 2 * I,
-        .K = H, .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .A = x,
+        .K = H, .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = x,
         .B = w->w13.data, .b_kn = false, .C = st->act, .C_preact = st->gemm1_out,
         .permute_x = true, .scale_a_rows = llama ? st->topk_w : NULL,
         .epilogue = MOE_EPI_SILU_MUL,
@@ -161,11 +164,10 @@ moe_status cpu_block_forward(const moe_weights *w, moe_dtype dt, int T, const vo
 
     /* GEMM2: [M,I] x [I,H], rows stored at their flat index (Qwen3: times the weight). Flat
      * rows of experts not held here stay zero. */
-    size_t flat = (size_t)T * k;
     if ((size_t)M < flat) memset(st->gemm2_out, 0, flat * H * moe_dtype_size(dt));
     moe_grouped_gemm_args g2 = {
         .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = H, .K = I,
-        .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .A = st->act,
+        .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = st->act,
         .B = w->w2.data, .b_kn = false, .C = st->gemm2_out, .permute_y = true,
         .scale_c_rows = llama ? NULL : st->topk_w, .epilogue = MOE_EPI_NONE,
     };
@@ -231,14 +233,14 @@ static moe_status shared_backward(const moe_weights *w, moe_dtype dt, int T, con
     /* d act [T,Is] = dout [T,H] @ shared_down [H,Is]. */
     MOE_TRY(cpu_gemm(dt, T, Is, H, dout, w->shared_down.data, true, b->dsact, false, err));
     moe_grouped_gemm_dw_args dd = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = H, .K = Is, .topk = 1,
-        .dY = dout, .X = b->sact, .dW = grads->shared_down.data,
+        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = H, .K = Is,
+        .max_rows = T, .topk = 1, .dY = dout, .X = b->sact, .dW = grads->shared_down.data,
     };
     MOE_TRY(cpu_grouped_gemm_dw(&dd, err));
     cpu_silu_mul_backward(dt, T, Is, b->sgu, b->dsact, b->dsgu);
     moe_grouped_gemm_dw_args dgu = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = 2 * Is, .K = H, .topk = 1,
-        .dY = b->dsgu, .X = x, .dW = b->dwcat,
+        .dtype = dt, .num_experts = 1, .expert_offsets = off, .N = 2 * Is, .K = H,
+        .max_rows = T, .topk = 1, .dY = b->dsgu, .X = x, .dW = b->dwcat,
     };
     MOE_TRY(cpu_grouped_gemm_dw(&dgu, err));
     size_t half = (size_t)Is * H * es;
@@ -261,10 +263,6 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     MOE_TRY(check_block(who, w, dt, T, x, err));
     const moe_config *c = &w->cfg;
     int H = c->hidden, I = c->inter, E = c->num_experts, k = c->top_k;
-    if (w->expert_begin != 0 || w->expert_count != E)
-        return moe_fail(err, MOE_ERR_UNSUPPORTED, "%s: weights hold experts [%d, %d) of %d: "
-                        "the router's gradient needs every expert on one call", who,
-                        w->expert_begin, w->expert_begin + w->expert_count, E);
     if (!st) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state is NULL", who);
     if (st->T != T)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state is for T = %d, called with T = %d",
@@ -279,7 +277,8 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     if (T > 0 && (!dout || !dx))
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who, !dout ? "dout" : "dx");
     if (!grads) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: grads is NULL", who);
-    MOE_TRY(check_weight_set(who, "grads", grads, c, E, dt, err));
+    int El = w->expert_count;
+    MOE_TRY(check_weight_set(who, "grads", grads, c, El, dt, err));
     bool llama = c->arch == MOE_ARCH_LLAMA4;
 
     if (T == 0) {
@@ -294,11 +293,9 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
         return MOE_OK;
     }
     int64_t M64;
-    MOE_TRY(cf_check_offsets(who, E, st->expert_offsets, &M64, err));
-    size_t M = (size_t)M64, flat = (size_t)T * k, es = moe_dtype_size(dt);
-    if (M != flat)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: state has %zu expert-order rows, "
-                        "expected T*k = %zu", who, M, flat);
+    size_t flat = (size_t)T * k, es = moe_dtype_size(dt);
+    MOE_TRY(cf_check_offsets(who, El, st->expert_offsets, (int)flat, &M64, err));
+    size_t M = (size_t)M64;
 
     bwd_bufs b = {0};
     moe_status res = MOE_OK;
@@ -311,12 +308,17 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
         res = MOE_ERR_NOMEM;
         goto done;
     }
+    /* With a slice of the experts, the flat rows of the others carry no gradient: zero d topk
+     * weights and zero dXs rows (the router backward is linear in them, so the shares of the
+     * slices add up to the whole). */
+    memset(b.dtop, 0, flat * sizeof(float));
+    if (M < flat) memset(b.dxs, 0, flat * H * es);
 
     /* dA0 [M,I] = dout[token of r] @ W2_e (W2_e [H,I] read as [K,N]). */
     moe_grouped_gemm_args gA = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = I, .K = H,
-        .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .A = dout, .B = w->w2.data,
-        .b_kn = true, .C = b.dA0, .permute_x = true, .epilogue = MOE_EPI_NONE,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = I, .K = H,
+        .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = dout,
+        .B = w->w2.data, .b_kn = true, .C = b.dA0, .permute_x = true, .epilogue = MOE_EPI_NONE,
     };
     MOE_TRY_GOTO(cpu_grouped_gemm(&gA, err), res, done);
     /* Qwen3: GEMM2's epilogue multiplied by w: d w and d act = w * dA0. */
@@ -328,8 +330,8 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     }
     /* dW2_e [H,I] = sum_r (w_f dout_t)^T act_r. */
     moe_grouped_gemm_dw_args dW2 = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = H, .K = I,
-        .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .dY = dout,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = H, .K = I,
+        .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .dY = dout,
         .permute_dy = true, .scale_dy_rows = llama ? NULL : st->topk_w, .X = st->act,
         .dW = grads->w2.data,
     };
@@ -337,16 +339,16 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     cpu_silu_mul_backward(dt, (int)M, I, st->gemm1_out, dact, b.dgu);
     /* dXs [T*k,H] flat = dGU_r @ W13_e (W13_e [2I,H] read as [K,N]), stored at gather[r]. */
     moe_grouped_gemm_args gX = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = H,
-        .K = 2 * I, .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .A = b.dgu,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = H,
+        .K = 2 * I, .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .A = b.dgu,
         .B = w->w13.data, .b_kn = true, .C = b.dxs, .permute_y = true,
         .epilogue = MOE_EPI_NONE,
     };
     MOE_TRY_GOTO(cpu_grouped_gemm(&gX, err), res, done);
     /* dW13_e [2I,H] = sum_r dGU_r^T x_r (Llama-4: the scaled, rounded x_t * s_f). */
     moe_grouped_gemm_dw_args dW13 = {
-        .dtype = dt, .num_experts = E, .expert_offsets = st->expert_offsets, .N = 2 * I,
-        .K = H, .topk = k, .num_tokens = T, .gather_idx = st->gather_idx, .dY = b.dgu,
+        .dtype = dt, .num_experts = El, .expert_offsets = st->expert_offsets, .N = 2 * I,
+        .K = H, .topk = k, .max_rows = (int)flat, .gather_idx = st->gather_idx, .dY = b.dgu,
         .X = x, .permute_x = true, .scale_x_rows = llama ? st->topk_w : NULL,
         .dW = grads->w13.data,
     };
@@ -358,8 +360,8 @@ moe_status cpu_block_backward(const moe_weights *w, moe_dtype dt, int T, const v
     /* d_router [E,H] = dlogits^T x: a one-group weight gradient over the T tokens. */
     int32_t off_t[2] = {0, T};
     moe_grouped_gemm_dw_args dR = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = off_t, .N = E, .K = H, .topk = 1,
-        .dY = b.dlogits, .X = x, .dW = grads->router.data,
+        .dtype = dt, .num_experts = 1, .expert_offsets = off_t, .N = E, .K = H,
+        .max_rows = T, .topk = 1, .dY = b.dlogits, .X = x, .dW = grads->router.data,
     };
     MOE_TRY_GOTO(cpu_grouped_gemm_dw(&dR, err), res, done);
     /* dx = dlogits @ router (+ shared expert) + sum_j (s_f) dXs[t*k+j]. */

@@ -29,36 +29,30 @@ static void micro_dw(int rc, int nbw, int kbp, const float *dyb, const float *xb
     int n = 0;
     for (; n + 4 <= nbw; n += 4) {
         float *c0 = acc + (size_t)n * KBW, *c1 = c0 + KBW, *c2 = c1 + KBW, *c3 = c2 + KBW;
-        for (int k = 0; k < kbp; k += 8) {
-            cf_v8 s0, s1, s2, s3, xv;
-            CF_LD8(s0, c0 + k);
-            CF_LD8(s1, c1 + k);
-            CF_LD8(s2, c2 + k);
-            CF_LD8(s3, c3 + k);
+        for (int k = 0; k < kbp; k += 4) {
+            cf_v4 s0 = CF_LD4(c0 + k), s1 = CF_LD4(c1 + k), s2 = CF_LD4(c2 + k),
+                  s3 = CF_LD4(c3 + k);
             for (int rr = 0; rr < rc; rr++) {
-                CF_LD8(xv, xb + (size_t)rr * KBW + k);
+                cf_v4 xv = CF_LD4(xb + (size_t)rr * KBW + k);
                 const float *d = dyb + (size_t)rr * NBW + n;
                 s0 += d[0] * xv;
                 s1 += d[1] * xv;
                 s2 += d[2] * xv;
                 s3 += d[3] * xv;
             }
-            CF_ST8(c0 + k, s0);
-            CF_ST8(c1 + k, s1);
-            CF_ST8(c2 + k, s2);
-            CF_ST8(c3 + k, s3);
+            CF_ST4(c0 + k, s0);
+            CF_ST4(c1 + k, s1);
+            CF_ST4(c2 + k, s2);
+            CF_ST4(c3 + k, s3);
         }
     }
     for (; n < nbw; n++) {
         float *c0 = acc + (size_t)n * KBW;
-        for (int k = 0; k < kbp; k += 8) {
-            cf_v8 s0, xv;
-            CF_LD8(s0, c0 + k);
-            for (int rr = 0; rr < rc; rr++) {
-                CF_LD8(xv, xb + (size_t)rr * KBW + k);
-                s0 += dyb[(size_t)rr * NBW + n] * xv;
-            }
-            CF_ST8(c0 + k, s0);
+        for (int k = 0; k < kbp; k += 4) {
+            cf_v4 s0 = CF_LD4(c0 + k);
+            for (int rr = 0; rr < rc; rr++)
+                s0 += dyb[(size_t)rr * NBW + n] * CF_LD4(xb + (size_t)rr * KBW + k);
+            CF_ST4(c0 + k, s0);
         }
     }
 }
@@ -99,13 +93,13 @@ moe_status cpu_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a, moe_error *err
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: N = %d, K = %d, expected >= 1", who,
                         a->N, a->K);
     int64_t M;
-    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, &M, err));
+    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, a->max_rows, &M, err));
     if (!a->dY || !a->X || !a->dW)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who,
                         !a->dY ? "dY" : !a->X ? "X" : "dW");
     bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
     if (need_gather)
-        MOE_TRY(cf_check_gather(who, M, a->num_tokens, a->topk, a->gather_idx, false, err));
+        MOE_TRY(cf_check_gather(who, M, a->max_rows, a->topk, a->gather_idx, false, err));
     dw_job g = {
         .a = a,
         .dy = {a->dtype, a->dY, a->N, a->permute_dy, a->scale_dy_rows, a->gather_idx, a->topk},

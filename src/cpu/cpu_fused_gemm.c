@@ -3,11 +3,14 @@
  * plain GEMM, as the CPU twin of the CUDA grouped-GEMM kernel.
  *
  * Work is cut into tiles (expert e, up to RB expert-order rows, up to NB output columns); each
- * tile converts its A rows (through permute_x / scale_a) and its B columns to fp32 in K chunks
- * of KC, accumulates C_tile += A_chunk B_chunk^T with 8-lane partial sums (element k of a chunk
- * goes to lane k % 8, lanes combined pairwise, chunks added in ascending order), then runs the
- * epilogue (row scale, SiLU-and-mul, rounding, permute_y store). Each output element is made
- * by exactly one tile in this fixed order, so any thread count gives the same bits.
+ * tile converts its A rows (through permute_x / scale_a) and its B block to fp32 in K chunks of
+ * KC, accumulates the chunk's products, adds them to the tile's fp32 accumulators (chunks in
+ * ascending order), then runs the epilogue (row scale, SiLU-and-mul, rounding, permute_y
+ * store). Within a chunk, B_e [N,K] (b_kn false) uses dot products with 8-lane partial sums
+ * (element k goes to lane k % 8, lanes combined pairwise); B_e [K,N] (b_kn true) uses outer
+ * products, each element summed sequentially in k, so B is never transposed. Each output
+ * element is made by exactly one tile in this fixed order: any thread count gives the same
+ * bits.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -34,27 +37,84 @@ typedef struct rowblock {
     int32_t r0, r1;
 } rowblock;
 
-/* Bb[j][0..kcp) = column col0+j of op(B_e) over k in [k0, k0+kc), zero-padded to kcp. */
-static void load_b(const moe_grouped_gemm_args *a, int e, int col0, int nb, int k0, int kc,
-                   int kcp, float *Bb)
+/* b_kn false, B_e [N, K]: Bb[j][0..kcp) = row col0+j of B_e over k in [k0, k0+kc) (a column
+ * of op(B), contiguous), zero-padded to kcp. */
+static void load_b_nk(const moe_grouped_gemm_args *a, int e, int col0, int nb, int k0, int kc,
+                      int kcp, float *Bb)
 {
     size_t be = (size_t)e * (size_t)a->N * (size_t)a->K;
-    if (!a->b_kn) {
-        /* B_e [N, K]: a column of op(B) is a contiguous row of B. */
-        for (int j = 0; j < nb; j++) {
-            float *dst = Bb + (size_t)j * KC;
-            cf_load_span(a->dtype, a->B, be + (size_t)(col0 + j) * a->K + k0, kc, dst);
-            for (int kk = kc; kk < kcp; kk++) dst[kk] = 0.0f;
+    for (int j = 0; j < nb; j++) {
+        float *dst = Bb + (size_t)j * KC;
+        cf_load_span(a->dtype, a->B, be + (size_t)(col0 + j) * a->K + k0, kc, dst);
+        for (int kk = kc; kk < kcp; kk++) dst[kk] = 0.0f;
+    }
+}
+
+/* b_kn true, B_e [K, N]: Bt[kk][0..nbp) = row k0+kk of B_e over columns [col0, col0+nb), in
+ * its natural layout (no transposition), zero-padded to nbp (a multiple of 16). */
+static void load_b_kn(const moe_grouped_gemm_args *a, int e, int col0, int nb, int nbp, int k0,
+                      int kc, float *Bt)
+{
+    size_t be = (size_t)e * (size_t)a->N * (size_t)a->K;
+    for (int kk = 0; kk < kc; kk++) {
+        float *dst = Bt + (size_t)kk * NB;
+        cf_load_span(a->dtype, a->B, be + (size_t)(k0 + kk) * a->N + col0, nb, dst);
+        for (int j = nb; j < nbp; j++) dst[j] = 0.0f;
+    }
+}
+
+/* b_kn: acc[i][off + j] += sum over kk < kc, ascending, of Ab[i][kk] * Bt[kk][j] for i < nr,
+ * j < nb: the outer-product form, vectorised over 16 output columns, so B needs no
+ * transposition. Each element's sum is sequential in k; pairs of rows share the B loads and
+ * the 1-row tail does the same per-element arithmetic. */
+static void micro_kn(int nr, int nb, int nbp, int kc, const float *Ab, const float *Bt,
+                     float *acc, int off)
+{
+    for (int n0 = 0; n0 < nbp; n0 += 16) {
+        int w = MOE_MIN(16, nb - n0);
+        int i = 0;
+        for (; i + 2 <= nr; i += 2) {
+            const float *a0 = Ab + (size_t)i * KC, *a1 = a0 + KC;
+            cf_v4 s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0};
+            cf_v4 s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
+            for (int kk = 0; kk < kc; kk++) {
+                const float *b = Bt + (size_t)kk * NB + n0;
+                cf_v4 b0 = CF_LD4(b), b1 = CF_LD4(b + 4), b2 = CF_LD4(b + 8), b3 = CF_LD4(b + 12);
+                float x0 = a0[kk], x1 = a1[kk];
+                s00 += x0 * b0;
+                s01 += x0 * b1;
+                s02 += x0 * b2;
+                s03 += x0 * b3;
+                s10 += x1 * b0;
+                s11 += x1 * b1;
+                s12 += x1 * b2;
+                s13 += x1 * b3;
+            }
+            float r0[16], r1[16];
+            CF_ST4(r0, s00); CF_ST4(r0 + 4, s01); CF_ST4(r0 + 8, s02); CF_ST4(r0 + 12, s03);
+            CF_ST4(r1, s10); CF_ST4(r1 + 4, s11); CF_ST4(r1 + 8, s12); CF_ST4(r1 + 12, s13);
+            float *c0 = acc + (size_t)i * LDACC + off + n0, *c1 = c0 + LDACC;
+            for (int q = 0; q < w; q++) {
+                c0[q] += r0[q];
+                c1[q] += r1[q];
+            }
         }
-    } else {
-        /* B_e [K, N]: read row k's nb contiguous columns, scatter them transposed. */
-        float tmp[NB];
-        for (int kk = 0; kk < kc; kk++) {
-            cf_load_span(a->dtype, a->B, be + (size_t)(k0 + kk) * a->N + col0, nb, tmp);
-            for (int j = 0; j < nb; j++) Bb[(size_t)j * KC + kk] = tmp[j];
+        for (; i < nr; i++) {
+            const float *a0 = Ab + (size_t)i * KC;
+            cf_v4 s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0};
+            for (int kk = 0; kk < kc; kk++) {
+                const float *b = Bt + (size_t)kk * NB + n0;
+                float x0 = a0[kk];
+                s00 += x0 * CF_LD4(b);
+                s01 += x0 * CF_LD4(b + 4);
+                s02 += x0 * CF_LD4(b + 8);
+                s03 += x0 * CF_LD4(b + 12);
+            }
+            float r0[16];
+            CF_ST4(r0, s00); CF_ST4(r0 + 4, s01); CF_ST4(r0 + 8, s02); CF_ST4(r0 + 12, s03);
+            float *c0 = acc + (size_t)i * LDACC + off + n0;
+            for (int q = 0; q < w; q++) c0[q] += r0[q];
         }
-        for (int j = 0; j < nb; j++)
-            for (int kk = kc; kk < kcp; kk++) Bb[(size_t)j * KC + kk] = 0.0f;
     }
 }
 
@@ -68,35 +128,35 @@ static void micro(int nr, int nbb, int kcp, const float *Ab, const float *Bb, fl
         const float *a0 = Ab + (size_t)i * KC, *a1 = a0 + KC, *a2 = a1 + KC, *a3 = a2 + KC;
         for (int j = 0; j < nbb; j++) {
             const float *b = Bb + (size_t)j * KC;
-            cf_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, bv, av;
+            cf_v4 s0l = {0}, s0h = {0}, s1l = {0}, s1h = {0}, s2l = {0}, s2h = {0}, s3l = {0},
+                  s3h = {0};
             for (int k = 0; k < kcp; k += 8) {
-                CF_LD8(bv, b + k);
-                CF_LD8(av, a0 + k);
-                s0 += av * bv;
-                CF_LD8(av, a1 + k);
-                s1 += av * bv;
-                CF_LD8(av, a2 + k);
-                s2 += av * bv;
-                CF_LD8(av, a3 + k);
-                s3 += av * bv;
+                cf_v4 bl = CF_LD4(b + k), bh = CF_LD4(b + k + 4);
+                s0l += CF_LD4(a0 + k) * bl;
+                s0h += CF_LD4(a0 + k + 4) * bh;
+                s1l += CF_LD4(a1 + k) * bl;
+                s1h += CF_LD4(a1 + k + 4) * bh;
+                s2l += CF_LD4(a2 + k) * bl;
+                s2h += CF_LD4(a2 + k + 4) * bh;
+                s3l += CF_LD4(a3 + k) * bl;
+                s3h += CF_LD4(a3 + k + 4) * bh;
             }
-            acc[(size_t)(i + 0) * LDACC + j] += cf_hsum8(&s0);
-            acc[(size_t)(i + 1) * LDACC + j] += cf_hsum8(&s1);
-            acc[(size_t)(i + 2) * LDACC + j] += cf_hsum8(&s2);
-            acc[(size_t)(i + 3) * LDACC + j] += cf_hsum8(&s3);
+            acc[(size_t)(i + 0) * LDACC + j] += cf_hsum8(s0l, s0h);
+            acc[(size_t)(i + 1) * LDACC + j] += cf_hsum8(s1l, s1h);
+            acc[(size_t)(i + 2) * LDACC + j] += cf_hsum8(s2l, s2h);
+            acc[(size_t)(i + 3) * LDACC + j] += cf_hsum8(s3l, s3h);
         }
     }
     for (; i < nr; i++) {
         const float *a0 = Ab + (size_t)i * KC;
         for (int j = 0; j < nbb; j++) {
             const float *b = Bb + (size_t)j * KC;
-            cf_v8 s0 = {0}, bv, av;
+            cf_v4 s0l = {0}, s0h = {0};
             for (int k = 0; k < kcp; k += 8) {
-                CF_LD8(bv, b + k);
-                CF_LD8(av, a0 + k);
-                s0 += av * bv;
+                s0l += CF_LD4(a0 + k) * CF_LD4(b + k);
+                s0h += CF_LD4(a0 + k + 4) * CF_LD4(b + k + 4);
             }
-            acc[(size_t)i * LDACC + j] += cf_hsum8(&s0);
+            acc[(size_t)i * LDACC + j] += cf_hsum8(s0l, s0h);
         }
     }
 }
@@ -121,8 +181,6 @@ static void epilogue(const gemm_job *g, const rowblock *rb, int col0, int nb, co
             }
             /* act = silu(gate) * up from the fp32 accumulators, rounded once. */
             for (int j = 0; j < nb; j++) vals[j] = silu_f(ar[j]) * ar[nb + j];
-            if (a->scale_c_rows)
-                for (int j = 0; j < nb; j++) vals[j] *= sc;
         } else {
             for (int j = 0; j < nb; j++) vals[j] = ar[j];
             if (a->scale_c_rows)
@@ -139,10 +197,10 @@ static void run_tile(const gemm_job *g, const rowblock *rb, int col0, int nb, fl
 {
     const moe_grouped_gemm_args *a = g->a;
     float *Ab = ws;
-    float *Bb = Ab + (size_t)RB * KC;
+    float *Bb = Ab + (size_t)RB * KC; /* b_kn false: [2 NB][KC]; true: two [KC][NB] blocks */
     float *acc = Bb + (size_t)2 * NB * KC;
     int nr = rb->r1 - rb->r0;
-    int nbb = g->silu ? 2 * nb : nb;
+    int nbp = (nb + 15) & ~15;
     memset(acc, 0, sizeof(float) * (size_t)RB * LDACC);
     for (int k0 = 0; k0 < a->K; k0 += KC) {
         int kc = MOE_MIN(KC, a->K - k0);
@@ -152,9 +210,19 @@ static void run_tile(const gemm_job *g, const rowblock *rb, int col0, int nb, fl
             cf_load_row(&g->arow, (int64_t)rb->r0 + i, k0, kc, dst);
             for (int kk = kc; kk < kcp; kk++) dst[kk] = 0.0f;
         }
-        load_b(a, rb->e, col0, nb, k0, kc, kcp, Bb);
-        if (g->silu) load_b(a, rb->e, g->nout + col0, nb, k0, kc, kcp, Bb + (size_t)nb * KC);
-        micro(nr, nbb, kcp, Ab, Bb, acc);
+        if (!a->b_kn) {
+            load_b_nk(a, rb->e, col0, nb, k0, kc, kcp, Bb);
+            if (g->silu) load_b_nk(a, rb->e, g->nout + col0, nb, k0, kc, kcp, Bb + (size_t)nb * KC);
+            micro(nr, g->silu ? 2 * nb : nb, kcp, Ab, Bb, acc);
+        } else {
+            load_b_kn(a, rb->e, col0, nb, nbp, k0, kc, Bb);
+            micro_kn(nr, nb, nbp, kc, Ab, Bb, acc, 0);
+            if (g->silu) {
+                float *Bu = Bb + (size_t)NB * KC;
+                load_b_kn(a, rb->e, g->nout + col0, nb, nbp, k0, kc, Bu);
+                micro_kn(nr, nb, nbp, kc, Ab, Bu, acc, nb);
+            }
+        }
     }
     epilogue(g, rb, col0, nb, acc);
 }
@@ -219,17 +287,20 @@ moe_status cpu_grouped_gemm(const moe_grouped_gemm_args *a, moe_error *err)
     if (a->epilogue == MOE_EPI_SILU_MUL && a->N % 2 != 0)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: SiLU-and-mul needs N = 2I even, got "
                         "N = %d", who, a->N);
+    if (a->epilogue == MOE_EPI_SILU_MUL && a->scale_c_rows)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: scale_c_rows with the SiLU-and-mul "
+                        "epilogue is not defined (the top-k weight belongs to GEMM2)", who);
     if (a->epilogue != MOE_EPI_SILU_MUL && a->C_preact)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: C_preact is only written with the "
                         "SiLU-and-mul epilogue", who);
     int64_t M;
-    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, &M, err));
+    MOE_TRY(cf_check_offsets(who, a->num_experts, a->expert_offsets, a->max_rows, &M, err));
     if (!a->A || !a->B || !a->C)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", who,
                         !a->A ? "A" : !a->B ? "B" : "C");
     bool need_gather = a->permute_x || a->permute_y || a->scale_a_rows || a->scale_c_rows;
     if (need_gather)
-        MOE_TRY(cf_check_gather(who, M, a->num_tokens, a->topk, a->gather_idx, a->permute_y,
+        MOE_TRY(cf_check_gather(who, M, a->max_rows, a->topk, a->gather_idx, a->permute_y,
                                 err));
     gemm_job g = {
         .a = a,
@@ -258,7 +329,8 @@ moe_status cpu_gemm(moe_dtype dt, int M, int N, int K, const void *A, const void
     }
     int32_t offsets[2] = {0, M};
     moe_grouped_gemm_args a = {
-        .dtype = dt, .num_experts = 1, .expert_offsets = offsets, .N = N, .K = K, .topk = 1,
+        .dtype = dt, .num_experts = 1, .expert_offsets = offsets, .N = N, .K = K,
+        .max_rows = M, .topk = 1,
         .A = A, .B = B, .b_kn = b_kn, .C = C, .epilogue = MOE_EPI_NONE,
     };
     gemm_job g = {

@@ -17,19 +17,17 @@
 #include "../common.h"
 #include "../dtype.h"
 
-/* 8 fp32 lanes. GCC/Clang vector extension: the lane structure (and so the summation order)
- * is fixed by the source, whatever SIMD width the compiler targets. */
-typedef float cf_v8 __attribute__((vector_size(32)));
-
-/* Loads / stores of 8 floats at any alignment. Macros, not functions: a 32-byte vector passed
- * by value would change the ABI between SSE and AVX builds. */
-#define CF_LD8(v, p) memcpy(&(v), (p), sizeof(cf_v8))
-#define CF_ST8(p, v) memcpy((p), &(v), sizeof(cf_v8))
-/* Lanes combined pairwise, a fixed order. */
-static inline float cf_hsum8(const cf_v8 *v)
+/* 8 fp32 lanes, held as two 4-lane halves (lanes 0-3, 4-7): the lane structure (and so the
+ * summation order) is fixed by the source, and 16-byte vectors map onto SSE registers, where
+ * 32-byte GCC vectors would be lowered through the stack. GCC/Clang vector extension. */
+typedef float cf_v4 __attribute__((vector_size(16)));
+typedef float cf_v4u __attribute__((vector_size(16), aligned(4), may_alias));
+#define CF_LD4(p) (*(const cf_v4u *)(const void *)(p))
+#define CF_ST4(p, v) (*(cf_v4u *)(void *)(p) = (v))
+/* The 8 lanes (lo = 0-3, hi = 4-7) combined pairwise, a fixed order. */
+static inline float cf_hsum8(cf_v4 lo, cf_v4 hi)
 {
-    return (((*v)[0] + (*v)[1]) + ((*v)[2] + (*v)[3])) +
-           (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
+    return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3]));
 }
 
 static inline float cf_bits_f32(uint32_t u)
@@ -134,12 +132,12 @@ void cf_load_row(const cf_rows *s, int64_t r, int64_t c0, int n, float *dst);
 
 /* Shared argument checks. dt must be bf16/fp16/fp32. */
 moe_status cf_check_dtype(const char *who, moe_dtype dt, moe_error *err);
-/* offsets [E+1]: offsets[0] == 0, non-decreasing; *M = offsets[E]. */
-moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int64_t *M,
-                            moe_error *err);
-/* gather [M]: every entry in [0, T*k); with unique, no entry twice. */
-moe_status cf_check_gather(const char *who, int64_t M, int T, int topk, const int32_t *gather,
-                           bool unique, moe_error *err);
+/* offsets [E+1]: offsets[0] == 0, non-decreasing, offsets[E] <= max_rows; *M = offsets[E]. */
+moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int max_rows,
+                            int64_t *M, moe_error *err);
+/* gather [M]: every entry a flat index in [0, max_rows); with unique, no entry twice. */
+moe_status cf_check_gather(const char *who, int64_t M, int max_rows, int topk,
+                           const int32_t *gather, bool unique, moe_error *err);
 
 /* Aligned per-thread scratch (64-byte aligned, n floats); NULL on failure. */
 float *cf_scratch(size_t n);

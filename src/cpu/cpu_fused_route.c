@@ -133,6 +133,8 @@ int cpu_sort_by_expert(int T, int k, const int32_t *topk_ids, int expert_begin, 
         int64_t le = (int64_t)topk_ids[f] - expert_begin;
         if (le >= 0 && le < El) gather_idx[expert_offsets[le] + token_counts[le]++] = (int32_t)f;
     }
+    /* Entries past M name no row (as the CUDA sort leaves them). */
+    for (int64_t r = expert_offsets[El]; r < flat; r++) gather_idx[r] = -1;
     return expert_offsets[El];
 }
 

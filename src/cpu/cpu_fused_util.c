@@ -66,8 +66,8 @@ moe_status cf_check_dtype(const char *who, moe_dtype dt, moe_error *err)
                     "bf16, fp16 or fp32", who, name ? name : "(invalid)");
 }
 
-moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int64_t *M,
-                            moe_error *err)
+moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int max_rows,
+                            int64_t *M, moe_error *err)
 {
     if (E < 1) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: num_experts = %d, expected >= 1",
                                who, E);
@@ -81,27 +81,28 @@ moe_status cf_check_offsets(const char *who, int E, const int32_t *offsets, int6
                             "offsets[%d] = %d < offsets[%d] = %d", who, e + 1, offsets[e + 1], e,
                             offsets[e]);
     }
+    if (offsets[E] > max_rows)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: expert_offsets[%d] = %d rows exceed "
+                        "max_rows = %d", who, E, offsets[E], max_rows);
     *M = offsets[E];
     return MOE_OK;
 }
 
-moe_status cf_check_gather(const char *who, int64_t M, int T, int topk, const int32_t *gather,
-                           bool unique, moe_error *err)
+moe_status cf_check_gather(const char *who, int64_t M, int max_rows, int topk,
+                           const int32_t *gather, bool unique, moe_error *err)
 {
     if (!gather)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: gather_idx is NULL but a flag "
                         "(permute or row scale) needs it", who);
-    if (T < 1 || topk < 1)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: num_tokens = %d, topk = %d: both must "
-                        "be >= 1 when gather_idx is used", who, T, topk);
-    int64_t flat = (int64_t)T * topk;
-    if (M > flat)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %lld expert-order rows but only T*k = "
-                        "%lld flat indices", who, (long long)M, (long long)flat);
+    if (topk < 1)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: topk = %d, expected >= 1 with "
+                        "gather_idx", who, topk);
+    int64_t flat = max_rows;
     for (int64_t r = 0; r < M; r++) {
         if (gather[r] < 0 || gather[r] >= flat)
-            return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: gather_idx[%lld] = %d, expected in "
-                            "[0, %lld)", who, (long long)r, gather[r], (long long)flat);
+            return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: gather_idx[%lld] = %d, expected a "
+                            "flat index in [0, max_rows = %lld)", who, (long long)r, gather[r],
+                            (long long)flat);
     }
     if (unique) {
         unsigned char *seen = calloc((size_t)flat, 1);

@@ -15,6 +15,7 @@
  * (the grouped GEMMs are sized by max_rows = T*k and read expert_offsets themselves).
  */
 #include "cuda_block.h"
+#include "autotune.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -65,6 +66,14 @@ struct cuda_block {
 
     moe_kernel_config gemm_cfg[CUDA_GEMM_NUM_STAGES];
     moe_kernel_report gemm_report[CUDA_GEMM_NUM_STAGES];
+    /* autotuning (cuda_block_set_autotune): stages whose config is not forced take the tuned
+     * choice; the last choice per stage is memoised by max_rows so a repeated shape costs no
+     * cache-file read */
+    bool forced[CUDA_GEMM_NUM_STAGES];
+    bool autotune;
+    char autotune_cache[512];
+    int tuned_rows[CUDA_GEMM_NUM_STAGES];
+    moe_kernel_config tuned_cfg[CUDA_GEMM_NUM_STAGES];
 
     void *allocs[MAX_ALLOCS];
     int nallocs;
@@ -374,6 +383,36 @@ void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_
         b->gemm_cfg[stage] = *cfg;
     else
         memset(&b->gemm_cfg[stage], 0, sizeof b->gemm_cfg[stage]);
+    b->forced[stage] = cfg != NULL;
+}
+
+void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path)
+{
+    if (!b) return;
+    b->autotune = on;
+    snprintf(b->autotune_cache, sizeof b->autotune_cache, "%s", cache_path ? cache_path : "");
+    for (int i = 0; i < CUDA_GEMM_NUM_STAGES; i++) b->tuned_rows[i] = -1;
+}
+
+/* The configuration a stage runs with: forced, tuned (autotune on), or zeros = the default. */
+static moe_status stage_config(cuda_block *b, cuda_gemm_stage stage,
+                               const moe_grouped_gemm_args *a,
+                               const moe_grouped_gemm_dw_args *dw, moe_error *err)
+{
+    if (b->forced[stage] || !b->autotune) return MOE_OK;
+    int rows = a ? a->max_rows : dw->max_rows;
+    if (b->tuned_rows[stage] == rows) {
+        b->gemm_cfg[stage] = b->tuned_cfg[stage];
+        return MOE_OK;
+    }
+    const char *cache = b->autotune_cache[0] ? b->autotune_cache : NULL;
+    moe_kernel_config cfg;
+    moe_status st = a ? moe_autotune_pick(cache, a, b->s0, &cfg, err)
+                      : moe_autotune_pick_dw(cache, dw, b->s0, &cfg, err);
+    if (st != MOE_OK) return st;
+    b->tuned_cfg[stage] = b->gemm_cfg[stage] = cfg;
+    b->tuned_rows[stage] = rows;
+    return MOE_OK;
 }
 
 const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_stage stage)
@@ -460,15 +499,14 @@ void cuda_fwd_state_free(moe_fwd_state *st)
     memset(st, 0, sizeof *st);
 }
 
-moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
-                                   moe_error *err)
+/* Copy the buffers non-NULL in both states, sized for T tokens, in direction `kind`. */
+static moe_status state_copy(cuda_block *b, moe_fwd_state *dev, moe_fwd_state *host, int T,
+                             enum cudaMemcpyKind kind, const char *who, moe_error *err)
 {
-    if (!b || !dev || !host)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: NULL argument");
-    const size_t es = esz(b), t = (size_t)dev->T, M = t * b->k;
+    const size_t es = esz(b), t = (size_t)T, M = t * b->k;
     struct {
         void *h;
-        const void *d;
+        void *d;
         size_t bytes;
     } c[] = {
         {host->router_logits, dev->router_logits, t * b->E * es},
@@ -483,13 +521,41 @@ moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_
         {host->shared_out, dev->shared_out, t * b->H * es},
         {host->out, dev->out, t * b->H * es},
     };
-    CUDA_TRY(cudaStreamSynchronize(b->s0), "cuda_fwd_state_download (waiting for the block)");
+    CUDA_TRY(cudaStreamSynchronize(b->s0), who);
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
         if (!c[i].h || !c[i].d || c[i].bytes == 0) continue;
-        CUDA_TRY(cudaMemcpy(c[i].h, c[i].d, c[i].bytes, cudaMemcpyDeviceToHost),
-                 "cuda_fwd_state_download");
+        if (kind == cudaMemcpyDeviceToHost)
+            CUDA_TRY(cudaMemcpyAsync(c[i].h, c[i].d, c[i].bytes, kind, b->s0), who);
+        else
+            CUDA_TRY(cudaMemcpyAsync(c[i].d, c[i].h, c[i].bytes, kind, b->s0), who);
     }
+    CUDA_TRY(cudaStreamSynchronize(b->s0), who);
+    return MOE_OK;
+}
+
+moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
+                                   moe_error *err)
+{
+    if (!b || !dev || !host)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: NULL argument");
+    if (dev->T < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: T = %d", dev->T);
+    MOE_TRY(state_copy(b, (moe_fwd_state *)dev, host, dev->T, cudaMemcpyDeviceToHost,
+                       "cuda_fwd_state_download", err));
     host->T = dev->T;
+    return MOE_OK;
+}
+
+moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_fwd_state *dev,
+                                 moe_error *err)
+{
+    if (!b || !dev || !host)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_upload: NULL argument");
+    if (host->T < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_upload: T = %d", host->T);
+    MOE_TRY(state_copy(b, dev, (moe_fwd_state *)host, host->T, cudaMemcpyHostToDevice,
+                       "cuda_fwd_state_upload", err));
+    dev->T = host->T;
     return MOE_OK;
 }
 
@@ -498,7 +564,9 @@ moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_
 static moe_status run_gemm(cuda_block *b, cuda_gemm_stage stage, const moe_grouped_gemm_args *a,
                            moe_error *err)
 {
-    moe_status st = moe_cuda_grouped_gemm(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+    moe_status st = stage_config(b, stage, a, NULL, err);
+    if (st == MOE_OK)
+        st = moe_cuda_grouped_gemm(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped GEMM stage %d", (int)stage);
     return st;
 }
@@ -506,7 +574,9 @@ static moe_status run_gemm(cuda_block *b, cuda_gemm_stage stage, const moe_group
 static moe_status run_gemm_dw(cuda_block *b, cuda_gemm_stage stage,
                               const moe_grouped_gemm_dw_args *a, moe_error *err)
 {
-    moe_status st = moe_cuda_grouped_gemm_dw(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+    moe_status st = stage_config(b, stage, NULL, a, err);
+    if (st == MOE_OK)
+        st = moe_cuda_grouped_gemm_dw(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped dW stage %d", (int)stage);
     return st;
 }

@@ -73,6 +73,11 @@ typedef enum cuda_gemm_stage {
 void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_kernel_config *cfg);
 /* What the last launch of that stage reported (kernel NULL before the first launch). */
 const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_stage stage);
+/* Autotuning: with on, every stage whose configuration was not forced runs the configuration
+ * the autotuner picks for its real problem (src/cuda/autotune.h), persisted in cache_path
+ * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream
+ * the first time a shape is seen: run one eager forward/backward before capturing a graph. */
+void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path);
 
 /* ---- forward state on the device ---- */
 
@@ -91,6 +96,11 @@ void cuda_fwd_state_free(moe_fwd_state *st);
  * host->T = dev->T. Synchronises the main stream first. Synchronous. */
 moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
                                    moe_error *err);
+/* The reverse: copy every buffer non-NULL in both from `host` to `dev`, for host->T tokens
+ * (same sizes as the download), e.g. to feed a GPU stage the CPU's upstream values.
+ * dev->T = host->T. Synchronous (waits for the main stream before and after). */
+moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_fwd_state *dev,
+                                 moe_error *err);
 
 /* ---- the block ---- */
 
