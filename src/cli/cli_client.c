@@ -477,11 +477,16 @@ static int malformed(const char *addr, const char *which, const moe_client_info 
 
     if (strcmp(which, "too-many-connections") == 0) {
         int *fds = malloc((size_t)count * sizeof *fds), refused = 0, accepted = 0;
+        for (int i = 0; fds && i < count; i++)
+            if (moe_net_connect(&a, 5000, &fds[i], &e) != MOE_OK) { fds[i] = -1; refused++; }
+        /* A refused connection gets an error frame right after accept; an accepted one gets
+         * nothing. Allow a second for a busy server to get to every connection. */
+        double until = moe_now() + 1.0;
         for (int i = 0; fds && i < count; i++) {
-            if (moe_net_connect(&a, 5000, &fds[i], &e) != MOE_OK) { fds[i] = -1; refused++; continue; }
-            /* A refused connection gets an error frame at once; an accepted one gets nothing. */
+            if (fds[i] < 0) continue;
             struct pollfd p = {.fd = fds[i], .events = POLLIN};
-            if (poll(&p, 1, 300) > 0) {
+            int ms = (int)((until - moe_now()) * 1000);
+            if (poll(&p, 1, ms > 0 ? ms : 0) > 0) {
                 char lab[64];
                 snprintf(lab, sizeof lab, "%s #%d", label, i);
                 read_reply(fds[i], 2, lab);
@@ -614,6 +619,7 @@ int cli_client(int argc, char **argv)
     const char *cmd = "client";
     const char *addr = NULL, *input = NULL, *output = NULL, *bad = NULL, *vconfig = NULL, *vweights = NULL;
     const char *tol_s = NULL;
+    int rate = 0;
     int layer = -1, timeout_ms = 60000, clients = 8, requests = 50, max_T = 64, pool = 512;
     int count = 4, hold_ms = 0, wait_ms = 0, vlayer = -1, rows = 0;
     uint64_t seed = 0;
@@ -638,6 +644,7 @@ int cli_client(int argc, char **argv)
         {"verify-weights", OPT_STRING, "W", "load: weights for the expected results (required with --load)", .str = &vweights},
         {"verify-layer", OPT_INT, "N", "load: decoder layer of a full checkpoint (default: the block's own names)", .i = &vlayer, .min = 0},
         {"tol", OPT_STRING, "X", "load: relative error allowed per row (default 0: bit-for-bit)", .str = &tol_s},
+        {"rate", OPT_INT, "R", "load: pace the clients to R requests/s in all (default 0: back to back)", .i = &rate, .min = 0},
         {"malformed", OPT_STRING, "CASE", "testing: send one malformed frame and print the server's reply (bad-magic, wrong-h, trunc-stall, no-read, ...)", .str = &bad},
         {"count", OPT_INT, "N", "malformed: requests (no-read) or connections (too-many-connections) (default 4)", .i = &count, .min = 1},
         {"hold-ms", OPT_INT, "MS", "malformed: keep the connection(s) open this long before closing (default 0)", .i = &hold_ms, .min = 0},
@@ -722,7 +729,8 @@ int cli_client(int argc, char **argv)
                 rc = 1;
             } else {
                 load_opts lo = {.addr = addr, .layer = layer, .clients = clients, .requests = requests,
-                                .max_T = max_T, .pool = pool, .seed = seed, .tol = tol};
+                                .max_T = max_T, .pool = pool, .seed = seed, .tol = tol,
+                                .rate = rate};
                 load_result r;
                 run_load(&lo, &in, px, pout, plog, &r);
                 printf("moe-ep client: load: %d clients x %d requests: %" PRIu64 " verified, %" PRIu64
