@@ -57,7 +57,9 @@ done <<<"$cases"
 # A client that sends a request and disconnects before the reply.
 "$MOE_EP" client --connect "$ADDR" --malformed disconnect || fail "disconnect case"
 # A client that never reads: its replies pile up, the write stalls past the io timeout.
-"$MOE_EP" client --connect "$ADDR" --malformed no-read --count 24 --hold-ms 2500 || fail "no-read case"
+out=$("$MOE_EP" client --connect "$ADDR" --malformed no-read --count 24 --hold-ms 30000) || fail "no-read case"
+echo "$out"
+echo "$out" | grep -q "closed by the server after" || fail "no-read: the server did not close the connection"
 grep -q "replies unread for 1000 ms" "$SERVER_LOG" || fail "no-read: connection not timed out"
 ok "no-read: timed out and closed"
 # SHUTDOWN without --allow-remote-shutdown.

@@ -592,10 +592,20 @@ static int malformed(const char *addr, const char *which, const moe_client_info 
                 break;
             sent++;
         }
-        printf("%s: sent %d %u-row request(s); reading none for %d ms\n", label, sent,
+        printf("%s: sent %d %u-row request(s); reading none for up to %d ms\n", label, sent,
                (unsigned)h.T, hold_ms);
         fflush(stdout);
-        if (hold_ms > 0) usleep((useconds_t)hold_ms * 1000);
+        /* Hold without reading until the server gives up on us (it closes: the peer-closed
+         * flag shows without reading a byte) or hold_ms passes. */
+        double t0 = moe_now(), end = t0 + hold_ms / 1000.0;
+        bool closed = false;
+        while (!closed && moe_now() < end) {
+            struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+            int ms = (int)((end - moe_now()) * 1000) + 1;
+            if (poll(&p, 1, ms) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) closed = true;
+        }
+        if (closed) printf("%s: closed by the server after %.0f ms\n", label, (moe_now() - t0) * 1e3);
+        else printf("%s: still open after %d ms\n", label, hold_ms);
         goto out;
     } else {
         fprintf(stderr, "moe-ep client: unknown --malformed case '%s'; one of:", which);
