@@ -12,6 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 #include "block_state.h"
 #include "engine.h"
 #include "svc_internal.h"
@@ -31,12 +35,23 @@ moe_status moe_serve_load_weights(const moe_config *cfg, const char *spec, int l
     return moe_weights_load(cfg, spec, layer, 0, cfg->num_experts, dt, w, err);
 }
 
-moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int rank,
+moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int local_rank,
                           moe_error *err)
 {
-    (void)rank;
     memset(m, 0, sizeof *m);
     MOE_TRY(moe_config_resolve(o->config, &m->cfg, err));
+    if (o->backend == MOE_BACKEND_CUDA) {
+#ifdef MOE_HAVE_CUDA
+        /* One GPU per rank: the node-local rank picks it (the engine uses the current device). */
+        int ndev = 0;
+        if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1)
+            return moe_fail(err, MOE_ERR_NO_DEVICE, "serve: --backend cuda but no usable GPU");
+        if (cudaSetDevice(local_rank % ndev) != cudaSuccess)
+            return moe_fail(err, MOE_ERR_CUDA, "serve: cudaSetDevice(%d) failed", local_rank % ndev);
+#else
+        (void)local_rank;
+#endif
+    }
     m->dt = o->dtype == MOE_NUM_DTYPES ? m->cfg.dtype : o->dtype;
     m->backend = o->backend;
     m->max_local_T = (o->max_batch_tokens + nranks - 1) / nranks;

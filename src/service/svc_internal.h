@@ -31,8 +31,9 @@ typedef struct svc_model {
     int max_local_T;         /* rows one rank runs at most (ceil(max_batch / nranks)) */
 } svc_model;
 
-/* Load every served layer on this rank (not collective). */
-moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int rank,
+/* Load every served layer on this rank (not collective). local_rank (the rank within its
+ * node) picks the GPU on the CUDA backend. */
+moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int local_rank,
                           moe_error *err);
 void svc_model_free(svc_model *m);
 /* THE call that runs a layer: x [T,H] -> out [T,H], logits [T,E] (optional). Every rank calls

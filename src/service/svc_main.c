@@ -135,7 +135,13 @@ moe_status moe_serve_run(MPI_Comm user_comm, const moe_serve_options *o, moe_err
     svc_model model;
     memset(&model, 0, sizeof model);
     moe_status st = check_options(o, err);
-    if (st == MOE_OK) st = svc_model_load(&model, o, nranks, rank, err);
+    int local_rank = rank;
+    MPI_Comm node;
+    if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+        MPI_Comm_rank(node, &local_rank);
+        MPI_Comm_free(&node);
+    }
+    if (st == MOE_OK) st = svc_model_load(&model, o, nranks, local_rank, err);
     if (st == MOE_OK) {
         size_t esz = moe_dtype_size(model.dt), rowb = (size_t)model.cfg.hidden * esz;
         size_t rowe = (size_t)model.cfg.num_experts * esz;
