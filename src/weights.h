@@ -50,7 +50,8 @@ typedef struct moe_weights {
  * block's own state-dict names; layer >= 0: full checkpoint names under model.layers.N.mlp.,
  * model.layers.N.feed_forward. or language_model.model.layers.N.feed_forward.
  * Only experts [expert_begin, expert_begin+expert_count) are read. Tensors are converted to
- * dtype. A missing or mis-shaped tensor is an error naming it. */
+ * dtype (MOE_NUM_DTYPES = cfg->dtype, here and in moe_weights_random). A missing or mis-shaped
+ * tensor is an error naming it. bytes_read counts the routed experts' bytes only. */
 moe_status moe_weights_load(const moe_config *cfg, const char *path, int layer, int expert_begin,
                             int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err);
 /* Generate (see the header comment). */
@@ -62,7 +63,10 @@ moe_status moe_weights_zeros_like(const moe_weights *like, moe_dtype dtype, moe_
 void moe_weights_free(moe_weights *w);
 
 /* Write gradients under the names the weights were loaded with ("grad." + name, in the loaded
- * shapes), plus grad.hidden_states = dx. grads has the canonical layout of `like`. */
+ * shapes), plus grad.hidden_states = dx. grads has the canonical layout of `like`.
+ * Per-expert names use global expert ids. A fused [E,...] tensor (Qwen3 fused, Llama-4) loaded
+ * for a local slice is written as that slice only, [El,...], under the fused name. dx may be
+ * NULL (no grad.hidden_states). Tensors are written in grads' dtype. */
 moe_status moe_weights_write_grads(const moe_weights *like, const moe_weights *grads,
                                    const moe_tensor *dx, const char *path, moe_error *err);
 
