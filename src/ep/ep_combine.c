@@ -24,7 +24,8 @@ moe_status ep_combine_start(moe_ep_ctx *ctx, const ep_plan *p, int c, int v, boo
     }
     int64_t rb = ep_round_recv_base(p, c, v), sb = ep_round_send_base(p, c, v);
     const ep_workspace *ws = &ctx->ws;
-    size_t xrow = (size_t)ctx->H * ctx->dsz, wrow = (size_t)ctx->k * ctx->dsz;
+    /* d-weights travel as fp32: the router's backward takes them unrounded, as on one rank. */
+    size_t xrow = (size_t)ctx->H * ctx->dsz, wrow = (size_t)ctx->k * sizeof(float);
     ep_xfer x;
     memset(&x, 0, sizeof x);
     x.nbufs = backward ? 2 : 1;
@@ -72,23 +73,33 @@ void ep_combine_reduce(const moe_ep_ctx *ctx, const ep_plan *p, int c, const voi
     }
 }
 
-void ep_combine_backward(const moe_ep_ctx *ctx, const ep_plan *p, const int32_t *ids,
-                         float *acc, float *dw)
+void ep_combine_dweights(const moe_ep_ctx *ctx, const ep_plan *p, const int32_t *ids,
+                         float *dw)
 {
-    moe_dtype dt = ctx->dt;
-    int H = ctx->H, k = ctx->k;
-    const void *back = ctx->ws.p[EPB_BACK], *bdw = ctx->ws.p[EPB_BACK_DW];
+    int k = ctx->k;
+    const float *bdw = ctx->ws.p[EPB_BACK_DW];
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < p->T; t++) {
-        for (int32_t a = p->dest_off[t]; a < p->dest_off[t + 1]; a++) {
-            size_t r = (size_t)p->row[a];
-            for (int h = 0; h < H; h++)
-                acc[(size_t)t * H + h] += moe_load_elem_f(dt, back, r * H + h);
+    for (int t = 0; t < p->T; t++)
+        for (int32_t a = p->dest_off[t]; a < p->dest_off[t + 1]; a++)
             for (int j = 0; j < k; j++) {
                 int e = ids[(size_t)t * k + j];
                 if (e >= 0 && ep_owner(p, e) == p->dest[a])
-                    dw[(size_t)t * k + j] = moe_load_elem_f(dt, bdw, r * k + j);
+                    dw[(size_t)t * k + j] = bdw[(size_t)p->row[a] * k + j];
             }
+}
+
+void ep_combine_dx(const moe_ep_ctx *ctx, const ep_plan *p, const void *add, void *dx)
+{
+    moe_dtype dt = ctx->dt;
+    int H = ctx->H;
+    const void *back = ctx->ws.p[EPB_BACK];
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < p->T; t++)
+        for (int h = 0; h < H; h++) {
+            size_t o = (size_t)t * H + h;
+            float acc = add ? moe_load_elem_f(dt, add, o) : 0.0f;
+            for (int32_t a = p->dest_off[t]; a < p->dest_off[t + 1]; a++)
+                acc += moe_load_elem_f(dt, back, (size_t)p->row[a] * H + h);
+            moe_store_elem_f(dt, dx, o, acc);
         }
-    }
 }

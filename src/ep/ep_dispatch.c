@@ -105,7 +105,7 @@ void ep_count_round(moe_ep_ctx *ctx, const ep_plan *p, int c, int v, bool backwa
     size_t back_row = xrow;                                                /* partial */
     if (backward) {
         out_row += xrow;                      /* dout */
-        back_row += (size_t)ctx->k * ctx->dsz; /* d-weights */
+        back_row += (size_t)ctx->k * sizeof(float); /* d-weights (fp32) */
     }
     size_t base = ((size_t)c * p->V + v) * p->nranks;
     for (int q = 0; q < p->nranks; q++) {

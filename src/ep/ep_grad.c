@@ -1,73 +1,14 @@
-/* ep_grad.c — the source-side pieces of EP backward: the router's gradient, fp32 weight
- * gradients of the replicated weights (router, shared expert), and their sum over ranks in a
- * fixed order. */
+/* ep_grad.c — the source-side pieces of EP backward that the fused path has no twin of: fp32
+ * weight gradients of the replicated weights (router, shared expert) and their sum over ranks
+ * in a fixed order. */
 #include "ep_internal.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../dtype.h"
 
-void ep_router_backward(const moe_config *cfg, moe_dtype dt, int T, const void *logits,
-                        const int32_t *ids, const float *dw, float *dlogits)
-{
-    int E = cfg->num_experts, k = cfg->top_k;
-#pragma omp parallel
-    {
-        float *p = malloc((size_t)E * 2 * sizeof(float));
-#pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            float *dl = dlogits + (size_t)t * E;
-            const int32_t *id = ids + (size_t)t * k;
-            const float *g = dw + (size_t)t * k;
-            memset(dl, 0, (size_t)E * sizeof(float));
-            if (!p) {
-                /* No scratch: a NaN row fails loudly rather than a silently wrong gradient. */
-                for (int e = 0; e < E; e++) dl[e] = NAN;
-                continue;
-            }
-            if (cfg->arch == MOE_ARCH_LLAMA4) {
-                /* s = sigmoid(l): ds/dl = s (1 - s); only the selected logits. */
-                for (int j = 0; j < k; j++) {
-                    float l = moe_load_elem_f(dt, logits, (size_t)t * E + id[j]);
-                    float s = 1.0f / (1.0f + expf(-l));
-                    dl[id[j]] = moe_round_to_f(dt, g[j] * s * (1.0f - s));
-                }
-                continue;
-            }
-            /* Qwen3: p = softmax(l) in fp32; w_j = p_{e_j} (/ S with S = sum_j p_{e_j}). */
-            float *dp = p + E;
-            float mx = -INFINITY, sum = 0;
-            for (int e = 0; e < E; e++) {
-                p[e] = moe_load_elem_f(dt, logits, (size_t)t * E + e);
-                if (p[e] > mx) mx = p[e];
-                dp[e] = 0;
-            }
-            for (int e = 0; e < E; e++) {
-                p[e] = expf(p[e] - mx);
-                sum += p[e];
-            }
-            for (int e = 0; e < E; e++) p[e] /= sum;
-            if (cfg->norm_topk_prob) {
-                float S = 0, gw = 0;
-                for (int j = 0; j < k; j++) S += p[id[j]];
-                for (int j = 0; j < k; j++) gw += g[j] * (p[id[j]] / S);
-                for (int j = 0; j < k; j++) dp[id[j]] = (g[j] - gw) / S;
-            } else {
-                for (int j = 0; j < k; j++) dp[id[j]] = g[j];
-            }
-            /* softmax backward: dl_e = p_e (dp_e - sum_i dp_i p_i). */
-            float inner = 0;
-            for (int j = 0; j < k; j++) inner += dp[id[j]] * p[id[j]];
-            for (int e = 0; e < E; e++) dl[e] = moe_round_to_f(dt, p[e] * (dp[e] - inner));
-        }
-        free(p);
-    }
-}
-
-void ep_accum_tn(moe_dtype dt, int T, int N, int K, const void *A, bool a_f32, const void *B,
-                 float *C)
+void ep_accum_tn(moe_dtype dt, int T, int N, int K, const void *A, const void *B, float *C)
 {
     if (T <= 0) return;
     /* Widen B once ([T,K] floats), then each output row n accumulates over t ascending: the
@@ -80,8 +21,7 @@ void ep_accum_tn(moe_dtype dt, int T, int N, int K, const void *A, bool a_f32, c
     for (int n = 0; n < N; n++) {
         float *c = C + (size_t)n * K;
         for (int t = 0; t < T; t++) {
-            float a = a_f32 ? ((const float *)A)[(size_t)t * N + n]
-                            : moe_load_elem_f(dt, A, (size_t)t * N + n);
+            float a = moe_load_elem_f(dt, A, (size_t)t * N + n);
             if (a == 0) continue;
             if (Bf) {
                 const float *b = Bf + (size_t)t * K;

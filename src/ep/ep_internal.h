@@ -69,12 +69,13 @@ void ep_split_even(int T, int C, int32_t *b);
 
 typedef enum ep_buf_id {
     /* source side, T rows */
-    EPB_LOGITS, EPB_IDS, EPB_W, EPB_SHARED_GU, EPB_SHARED_H, EPB_SHARED_OUT, EPB_DW_TOK,
+    EPB_LOGITS, EPB_IDS, EPB_W, EPB_SHARED_GU, EPB_SHARED_H, EPB_SHARED_OUT,
     /* dispatch / combine, S (send) or R (receive) rows */
     EPB_SEND_X, EPB_SEND_DOUT, EPB_SEND_IDS, EPB_SEND_W, EPB_BACK, EPB_BACK_DW,
     EPB_RECV_X, EPB_RECV_DOUT, EPB_RECV_IDS, EPB_RECV_W, EPB_PART, EPB_PART_DW,
     /* receiver scratch, Rmax*k rows */
-    EPB_GATHER, EPB_COUNTS, EPB_OFFSETS, EPB_GU, EPB_ACT, EPB_ROWS, EPB_DGU, EPB_DACT,
+    EPB_GATHER, EPB_COUNTS, EPB_OFFSETS, EPB_GU, EPB_ACT, EPB_ROWS, EPB_DGU, EPB_DACT, EPB_DA0,
+    EPB_DTOP,
     EPB_COUNT_
 } ep_buf_id;
 
@@ -126,10 +127,12 @@ moe_status ep_combine_start(moe_ep_ctx *ctx, const ep_plan *p, int c, int v, boo
  * for the tokens of chunk c, in fp32. add may be NULL. */
 void ep_combine_reduce(const moe_ep_ctx *ctx, const ep_plan *p, int c, const void *add,
                        void *out);
-/* Backward: acc[t] += sum of the returned partial dx rows (fp32, ascending destinations) and
- * dw[t,j] (float) = the d-weight of slot j from the rank owning ids[t,j]. */
-void ep_combine_backward(const moe_ep_ctx *ctx, const ep_plan *p, const int32_t *ids,
-                         float *acc, float *dw);
+/* Backward: dw[t,j] (fp32) = the d-weight of slot j returned by the rank owning ids[t,j]. */
+void ep_combine_dweights(const moe_ep_ctx *ctx, const ep_plan *p, const int32_t *ids,
+                         float *dw);
+/* Backward: dx[t] = round(add[t] + the returned partial dx rows, fp32, ascending
+ * destinations); add may be NULL or alias dx. */
+void ep_combine_dx(const moe_ep_ctx *ctx, const ep_plan *p, const void *add, void *dx);
 /* Counters of round (c, v) (both directions) into ctx->call. */
 void ep_count_round(moe_ep_ctx *ctx, const ep_plan *p, int c, int v, bool backward);
 
@@ -140,15 +143,9 @@ moe_status ep_fatal(moe_ep_ctx *ctx, moe_status st, moe_error *err);
 
 /* ---------------------------------------------------------------- gradients (ep_grad.c) ---- */
 
-/* d logits [T,E] (rounded to dt, returned as float) from the d-weights dw [T,k] of the slots
- * ids [T,k] given the rounded logits [T,E]: Qwen3 softmax (-> top-k) (-> renormalise), Llama-4
- * sigmoid of the selected logits. */
-void ep_router_backward(const moe_config *cfg, moe_dtype dt, int T, const void *logits,
-                        const int32_t *ids, const float *dw, float *dlogits);
-/* C[N,K] += A[T,N]^T B[T,K] in fp32 (t ascending: deterministic). A, B in dt, or A float when
- * a_f32. */
-void ep_accum_tn(moe_dtype dt, int T, int N, int K, const void *A, bool a_f32, const void *B,
-                 float *C);
+/* C[N,K] += A[T,N]^T B[T,K] in fp32 (t ascending: deterministic); A, B in dt. The fp32
+ * partial of a replicated weight's gradient, before the sum over ranks. */
+void ep_accum_tn(moe_dtype dt, int T, int N, int K, const void *A, const void *B, float *C);
 /* Sum buf[n] over the communicator's ranks in ascending rank order, result on every rank. */
 moe_status ep_allreduce_ordered(MPI_Comm comm, int rank, int nranks, float *buf, size_t n,
                                 moe_error *err);

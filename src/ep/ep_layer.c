@@ -39,19 +39,24 @@ moe_status ep_ws_reserve(ep_workspace *ws, const moe_ep_ctx *ctx, int64_t T, int
         size_t bytes;
         bool bwd_only;
     } need[] = {
-        {EPB_LOGITS, t * E * d, false},      {EPB_IDS, t * k * 4, false},
-        {EPB_W, t * k * d, false},           {EPB_SHARED_GU, t * 2 * Is * d, false},
-        {EPB_SHARED_H, t * Is * d, false},   {EPB_SHARED_OUT, t * H * d, false},
-        {EPB_SEND_X, s * H * d, false},      {EPB_SEND_IDS, s * k * 4, false},
-        {EPB_SEND_W, s * k * d, false},      {EPB_BACK, s * H * d, false},
-        {EPB_RECV_X, r * H * d, false},      {EPB_RECV_IDS, r * k * 4, false},
-        {EPB_RECV_W, r * k * d, false},      {EPB_PART, r * H * d, false},
-        {EPB_GATHER, rk * 4, false},         {EPB_COUNTS, E * 4, false},
-        {EPB_OFFSETS, (E + 1) * 4, false},   {EPB_ACT, rk * I * d, false},
-        {EPB_ROWS, rk * H * d, false},       {EPB_SEND_DOUT, s * H * d, true},
-        {EPB_BACK_DW, s * k * d, true},      {EPB_RECV_DOUT, r * H * d, true},
-        {EPB_PART_DW, r * k * d, true},      {EPB_GU, rk * 2 * I * d, true},
-        {EPB_DGU, rk * 2 * I * d, true},     {EPB_DACT, rk * I * d, true},
+        /* source side: T tokens */
+        {EPB_LOGITS, t * E * d, false},     {EPB_IDS, t * k * 4, false},
+        {EPB_W, t * k * d, false},          {EPB_SHARED_GU, t * 2 * Is * d, false},
+        {EPB_SHARED_H, t * Is * d, false},  {EPB_SHARED_OUT, t * H * d, false},
+        /* dispatch out / combine back: S rows */
+        {EPB_SEND_X, s * H * d, false},     {EPB_SEND_IDS, s * k * 4, false},
+        {EPB_SEND_W, s * k * d, false},     {EPB_BACK, s * H * d, false},
+        {EPB_SEND_DOUT, s * H * d, true},   {EPB_BACK_DW, s * k * 4, true},
+        /* dispatch in / combine out: R rows */
+        {EPB_RECV_X, r * H * d, false},     {EPB_RECV_IDS, r * k * 4, false},
+        {EPB_RECV_W, r * k * d, false},     {EPB_PART, r * H * d, false},
+        {EPB_RECV_DOUT, r * H * d, true},   {EPB_PART_DW, r * k * 4, true},
+        /* the receiver's expert-order scratch: Rmax*k rows of one round */
+        {EPB_GATHER, rk * 4, false},        {EPB_COUNTS, E * 4, false},
+        {EPB_OFFSETS, (E + 1) * 4, false},  {EPB_ACT, rk * I * d, false},
+        {EPB_ROWS, rk * H * d, false},      {EPB_GU, rk * 2 * I * d, true},
+        {EPB_DGU, rk * 2 * I * d, true},    {EPB_DACT, rk * I * d, true},
+        {EPB_DA0, rk * I * d, true},        {EPB_DTOP, rk * 4, true},
     };
     for (size_t i = 0; i < sizeof need / sizeof need[0]; i++) {
         if (need[i].bwd_only && !backward) continue;
@@ -399,10 +404,37 @@ static const char *w2_of(const moe_ep_ctx *ctx, int e0)
            (size_t)(e0 - ctx->w->expert_begin) * ctx->H * ctx->I * ctx->dsz;
 }
 
+/* Grouped-GEMM arguments over the slice's experts for R tokens with k slots. */
+static moe_grouped_gemm_args gg(const moe_ep_ctx *ctx, int ne, int R)
+{
+    moe_grouped_gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.dtype = ctx->dt;
+    g.num_experts = ne;
+    g.expert_offsets = ctx->ws.p[EPB_OFFSETS];
+    g.topk = ctx->k;
+    g.num_tokens = R;
+    g.gather_idx = ctx->ws.p[EPB_GATHER];
+    g.epilogue = MOE_EPI_NONE;
+    return g;
+}
+static moe_grouped_gemm_dw_args gdw(const moe_ep_ctx *ctx, int ne, int R)
+{
+    moe_grouped_gemm_dw_args g;
+    memset(&g, 0, sizeof g);
+    g.dtype = ctx->dt;
+    g.num_experts = ne;
+    g.expert_offsets = ctx->ws.p[EPB_OFFSETS];
+    g.topk = ctx->k;
+    g.num_tokens = R;
+    g.gather_idx = ctx->ws.p[EPB_GATHER];
+    return g;
+}
+
 /* The experts [e0, e0+ne) on R tokens x [R,H] with k id slots each (ids outside the slice
  * ignored) and weights w [R,k]: partial[i] = round(add[i] + sum over slots j of the slot's
- * expert output), in slot order. Qwen3: the weight multiplies GEMM2's accumulator;
- * Llama-4: the score scales the input of GEMM1. */
+ * expert output), in slot order — the fused path's stages on what arrived. Qwen3: the weight
+ * multiplies GEMM2's accumulator; Llama-4: the score scales the input of GEMM1. */
 static moe_status experts_forward(moe_ep_ctx *ctx, int e0, int ne, int R, const void *x,
                                   const int32_t *ids, const void *w, const void *add,
                                   void *partial, moe_error *err)
@@ -411,23 +443,17 @@ static moe_status experts_forward(moe_ep_ctx *ctx, int e0, int ne, int R, const 
     ep_workspace *ws = &ctx->ws;
     int k = ctx->k, H = ctx->H, I = ctx->I;
     bool llama = ctx->cfg.arch == MOE_ARCH_LLAMA4;
-    int32_t *gather = ws->p[EPB_GATHER], *offs = ws->p[EPB_OFFSETS];
-    int M = cpu_sort_by_expert(R, k, ids, e0, ne, ws->p[EPB_COUNTS], offs, gather);
+    int M = cpu_sort_by_expert(R, k, ids, e0, ne, ws->p[EPB_COUNTS], ws->p[EPB_OFFSETS],
+                               ws->p[EPB_GATHER]);
     ctx->call.tokens_computed += (uint64_t)R;
     ctx->call.expert_rows += (uint64_t)M;
     void *rows = ws->p[EPB_ROWS];
     /* Slots owned elsewhere are never written by GEMM2: they must read as zeros. */
     memset(rows, 0, (size_t)R * k * H * ctx->dsz);
     if (M > 0) {
-        moe_grouped_gemm_args g1 = {0};
-        g1.dtype = ctx->dt;
-        g1.num_experts = ne;
-        g1.expert_offsets = offs;
+        moe_grouped_gemm_args g1 = gg(ctx, ne, R);
         g1.N = 2 * I;
         g1.K = H;
-        g1.max_rows = R * k;
-        g1.topk = k;
-        g1.gather_idx = gather;
         g1.A = x;
         g1.B = w13_of(ctx, e0);
         g1.C = ws->p[EPB_ACT];
@@ -435,41 +461,28 @@ static moe_status experts_forward(moe_ep_ctx *ctx, int e0, int ne, int R, const 
         g1.scale_a_rows = llama ? w : NULL;
         g1.epilogue = MOE_EPI_SILU_MUL;
         MOE_TRY(cpu_grouped_gemm(&g1, err));
-        moe_grouped_gemm_args g2 = {0};
-        g2.dtype = ctx->dt;
-        g2.num_experts = ne;
-        g2.expert_offsets = offs;
+        moe_grouped_gemm_args g2 = gg(ctx, ne, R);
         g2.N = H;
         g2.K = I;
-        g2.max_rows = R * k;
-        g2.topk = k;
-        g2.gather_idx = gather;
         g2.A = ws->p[EPB_ACT];
         g2.B = w2_of(ctx, e0);
         g2.C = rows;
         g2.permute_y = true;
         g2.scale_c_rows = llama ? NULL : w;
-        g2.epilogue = MOE_EPI_NONE;
         MOE_TRY(cpu_grouped_gemm(&g2, err));
     }
     cpu_sum_topk(ctx->dt, R, k, H, rows, NULL, add, partial);
     return MOE_OK;
 }
 
-static float dot_f(moe_dtype dt, const void *a, size_t ai, const void *b, size_t bi, int n)
-{
-    float s = 0;
-    for (int i = 0; i < n; i++) s += moe_load_elem_f(dt, a, ai + i) * moe_load_elem_f(dt, b, bi + i);
-    return s;
-}
-
-/* Backward of experts_forward for the loss sum(partial * dout): the slice's weight gradients
- * dW13 [ne,2I,H] and dW2 [ne,H,I] (overwritten; exact zeros for experts with no rows), the
- * partial input gradient dxp [R,H] (summed over the slots, Llama-4's score applied) and the
- * d-weights dwp [R,k] (0 for slots owned elsewhere). */
+/* Backward of experts_forward for the loss sum(partial * dout), with the fused path's own
+ * backward stages: the slice's weight gradients dW13 [ne,2I,H] and dW2 [ne,H,I] (overwritten;
+ * exact zeros for experts with no rows), the partial input gradient dxp [R,H] (summed over the
+ * slots, Llama-4's score applied) and the fp32 d-weights dwp [R,k] (0 for slots owned
+ * elsewhere). */
 static moe_status experts_backward(moe_ep_ctx *ctx, int e0, int ne, int R, const void *x,
                                    const void *dout, const int32_t *ids, const void *w,
-                                   void *dW13, void *dW2, void *dxp, void *dwp, moe_error *err)
+                                   void *dW13, void *dW2, void *dxp, float *dwp, moe_error *err)
 {
     ep_workspace *ws = &ctx->ws;
     moe_dtype dt = ctx->dt;
@@ -482,28 +495,24 @@ static moe_status experts_backward(moe_ep_ctx *ctx, int e0, int ne, int R, const
         memset(dW2, 0, w2_bytes);
         return MOE_OK;
     }
-    int32_t *gather = ws->p[EPB_GATHER], *offs = ws->p[EPB_OFFSETS];
-    int M = cpu_sort_by_expert(R, k, ids, e0, ne, ws->p[EPB_COUNTS], offs, gather);
+    int32_t *gather = ws->p[EPB_GATHER];
+    int M = cpu_sort_by_expert(R, k, ids, e0, ne, ws->p[EPB_COUNTS], ws->p[EPB_OFFSETS], gather);
     ctx->call.tokens_computed += (uint64_t)R;
     ctx->call.expert_rows += (uint64_t)M;
-    memset(dwp, 0, (size_t)R * k * dsz);
+    float *dtop = ws->p[EPB_DTOP];
+    memset(dtop, 0, (size_t)R * k * sizeof(float));
     if (M == 0) {
         memset(dW13, 0, w13_bytes);
         memset(dW2, 0, w2_bytes);
         memset(dxp, 0, (size_t)R * H * dsz);
+        memcpy(dwp, dtop, (size_t)R * k * sizeof(float));
         return MOE_OK;
     }
     void *gu = ws->p[EPB_GU], *act = ws->p[EPB_ACT], *rows = ws->p[EPB_ROWS];
-    void *dact = ws->p[EPB_DACT], *dgu = ws->p[EPB_DGU];
+    void *dA0 = ws->p[EPB_DA0], *dact = ws->p[EPB_DACT], *dgu = ws->p[EPB_DGU];
 
-    /* Forward again, keeping GEMM1's output (SiLU-and-mul backward needs it). */
-    moe_grouped_gemm_args g = {0};
-    g.dtype = dt;
-    g.num_experts = ne;
-    g.expert_offsets = offs;
-    g.max_rows = R * k;
-    g.topk = k;
-    g.gather_idx = gather;
+    /* Forward again, keeping GEMM1's output (the SiLU-and-mul backward needs it). */
+    moe_grouped_gemm_args g = gg(ctx, ne, R);
     g.N = 2 * I;
     g.K = H;
     g.A = x;
@@ -515,78 +524,38 @@ static moe_status experts_backward(moe_ep_ctx *ctx, int e0, int ne, int R, const
     g.epilogue = MOE_EPI_SILU_MUL;
     MOE_TRY(cpu_grouped_gemm(&g, err));
 
-    if (!llama) {
-        /* Qwen3: out = sum_j w_j y_j, so d w_j = <dout, y_j> with y_j the unweighted expert
-         * output (expert order here, [M,H]). */
-        moe_grouped_gemm_args y = {0};
-        y.dtype = dt;
-        y.num_experts = ne;
-        y.expert_offsets = offs;
-        y.max_rows = R * k;
-        y.topk = k;
-        y.gather_idx = gather;
-        y.N = H;
-        y.K = I;
-        y.A = act;
-        y.B = w2_of(ctx, e0);
-        y.C = rows;
-        y.epilogue = MOE_EPI_NONE;
-        MOE_TRY(cpu_grouped_gemm(&y, err));
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < M; r++) {
-            int f = gather[r];
-            float s = dot_f(dt, dout, (size_t)(f / k) * H, rows, (size_t)r * H, H);
-            moe_store_elem_f(dt, dwp, (size_t)f, s);
-        }
-    }
-
-    /* dW2_e = sum_r (w_r dout_r)^T act_r (Qwen3) or dout_r^T act_r (Llama-4). */
-    moe_grouped_gemm_dw_args d2 = {0};
-    d2.dtype = dt;
-    d2.num_experts = ne;
-    d2.expert_offsets = offs;
-    d2.N = H;
-    d2.K = I;
-    d2.max_rows = R * k;
-    d2.topk = k;
-    d2.gather_idx = gather;
-    d2.dY = dout;
-    d2.permute_dy = true;
-    d2.scale_dy_rows = llama ? NULL : w;
-    d2.X = act;
-    d2.dW = dW2;
-    MOE_TRY(cpu_grouped_gemm_dw(&d2, err));
-
-    /* d act [M,I] = (w dout) @ W2_e  (W2_e is [H,I] = [K,N]). */
-    g = (moe_grouped_gemm_args){0};
-    g.dtype = dt;
-    g.num_experts = ne;
-    g.expert_offsets = offs;
-    g.max_rows = R * k;
-    g.topk = k;
-    g.gather_idx = gather;
+    /* dA0 [M,I] = dout[token of r] @ W2_e (W2_e [H,I] read as [K,N]). */
+    g = gg(ctx, ne, R);
     g.N = I;
     g.K = H;
     g.A = dout;
     g.permute_x = true;
-    g.scale_a_rows = llama ? NULL : w;
     g.B = w2_of(ctx, e0);
     g.b_kn = true;
-    g.C = dact;
-    g.epilogue = MOE_EPI_NONE;
+    g.C = dA0;
     MOE_TRY(cpu_grouped_gemm(&g, err));
+    /* Qwen3: the weight multiplied GEMM2's output: d w = <act, dA0>, d act = w dA0. */
+    const void *dact_in = dA0;
+    if (!llama) {
+        cpu_topk_weight_backward(dt, M, I, gather, act, dA0, w, dtop, dact);
+        dact_in = dact;
+    }
+    /* dW2_e [H,I] = sum_r (w dout)^T act_r. */
+    moe_grouped_gemm_dw_args d = gdw(ctx, ne, R);
+    d.N = H;
+    d.K = I;
+    d.dY = dout;
+    d.permute_dy = true;
+    d.scale_dy_rows = llama ? NULL : w;
+    d.X = act;
+    d.dW = dW2;
+    MOE_TRY(cpu_grouped_gemm_dw(&d, err));
 
-    cpu_silu_mul_backward(dt, M, I, gu, dact, dgu);
+    cpu_silu_mul_backward(dt, M, I, gu, dact_in, dgu);
 
-    /* d xs [T*k, H] flat order = dgu @ W13_e (W13_e is [2I,H] = [K,N]); unowned slots 0. */
+    /* d xs [R*k, H] flat = dgu @ W13_e (W13_e [2I,H] read as [K,N]); unowned slots stay 0. */
     memset(rows, 0, (size_t)R * k * H * dsz);
-    g = (moe_grouped_gemm_args){0};
-    g.dtype = dt;
-    g.num_experts = ne;
-    g.expert_offsets = offs;
-    g.max_rows = R * k;
-    g.topk = k;
-    g.gather_idx = gather;
+    g = gg(ctx, ne, R);
     g.N = H;
     g.K = 2 * I;
     g.A = dgu;
@@ -594,62 +563,59 @@ static moe_status experts_backward(moe_ep_ctx *ctx, int e0, int ne, int R, const
     g.b_kn = true;
     g.C = rows;
     g.permute_y = true;
-    g.epilogue = MOE_EPI_NONE;
     MOE_TRY(cpu_grouped_gemm(&g, err));
 
-    /* dW13_e = sum_r dgu_r^T xs_r (xs = x, scaled by the score for Llama-4). */
-    moe_grouped_gemm_dw_args d1 = {0};
-    d1.dtype = dt;
-    d1.num_experts = ne;
-    d1.expert_offsets = offs;
-    d1.N = 2 * I;
-    d1.K = H;
-    d1.max_rows = R * k;
-    d1.topk = k;
-    d1.gather_idx = gather;
-    d1.dY = dgu;
-    d1.X = x;
-    d1.permute_x = true;
-    d1.scale_x_rows = llama ? w : NULL;
-    d1.dW = dW13;
-    MOE_TRY(cpu_grouped_gemm_dw(&d1, err));
+    /* dW13_e [2I,H] = sum_r dgu_r^T xs_r (Llama-4: the scaled, rounded x * s). */
+    d = gdw(ctx, ne, R);
+    d.N = 2 * I;
+    d.K = H;
+    d.dY = dgu;
+    d.X = x;
+    d.permute_x = true;
+    d.scale_x_rows = llama ? w : NULL;
+    d.dW = dW13;
+    MOE_TRY(cpu_grouped_gemm_dw(&d, err));
 
-    if (llama) {
-        /* xs = round(x * s): d s = <d xs, x>, and x gets s * d xs. */
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < M; r++) {
-            int f = gather[r];
-            float s = dot_f(dt, rows, (size_t)f * H, x, (size_t)(f / k) * H, H);
-            moe_store_elem_f(dt, dwp, (size_t)f, s);
-        }
-    }
+    /* Llama-4: d score = <d xs, x> (zero rows give zero for slots owned elsewhere). */
+    if (llama) cpu_scale_input_backward(dt, R, k, H, x, rows, dtop);
+    memcpy(dwp, dtop, (size_t)R * k * sizeof(float));
     cpu_sum_topk(dt, R, k, H, rows, llama ? w : NULL, NULL, dxp);
     return MOE_OK;
 }
 
-/* Llama-4's shared expert on this rank's own tokens: gu [T,2Is] (rounded GEMM output), h [T,Is]
- * and out [T,H]. */
-static moe_status shared_forward(moe_ep_ctx *ctx, int T, const void *x, void *gu, void *h,
+/* Llama-4's shared expert on this rank's own tokens, as the fused path runs it (one-group
+ * GEMMs, gate|up stacked): gu [T,2Is] (rounded GEMM output), act [T,Is] and out [T,H]. */
+static moe_status shared_forward(moe_ep_ctx *ctx, int T, const void *x, void *gu, void *act,
                                  void *out, moe_error *err)
 {
     if (T == 0 || ctx->Is == 0) return MOE_OK;
     int32_t offs[2] = {0, T};
-    moe_grouped_gemm_args g = {0};
+    moe_grouped_gemm_args g;
+    memset(&g, 0, sizeof g);
     g.dtype = ctx->dt;
     g.num_experts = 1;
     g.expert_offsets = offs;
     g.N = 2 * ctx->Is;
     g.K = ctx->H;
-    g.max_rows = T;
     g.topk = 1;
     g.A = x;
     g.B = ctx->shared_w13;
-    g.C = h;
+    g.C = act;
     g.C_preact = gu;
     g.epilogue = MOE_EPI_SILU_MUL;
     MOE_TRY(cpu_grouped_gemm(&g, err));
-    cpu_gemm(ctx->dt, T, ctx->H, ctx->Is, h, ctx->w->shared_down.data, false, out, false);
-    return MOE_OK;
+    memset(&g, 0, sizeof g);
+    g.dtype = ctx->dt;
+    g.num_experts = 1;
+    g.expert_offsets = offs;
+    g.N = ctx->H;
+    g.K = ctx->Is;
+    g.topk = 1;
+    g.A = act;
+    g.B = ctx->w->shared_down.data;
+    g.C = out;
+    g.epilogue = MOE_EPI_NONE;
+    return cpu_grouped_gemm(&g, err);
 }
 
 /* ------------------------------------------------------------------ routing ---- */
@@ -658,11 +624,8 @@ static moe_status route_tokens(moe_ep_ctx *ctx, int T, const void *x, int64_t g0
                                int32_t *ids, void *w, moe_error *err)
 {
     if (T == 0) return MOE_OK;
-    cpu_router_logits(ctx->dt, T, ctx->H, ctx->E, x, ctx->w->router.data, logits);
-    if (!forced(ctx)) {
-        cpu_route_topk(&ctx->cfg, ctx->dt, T, logits, ids, w);
-        return MOE_OK;
-    }
+    MOE_TRY(cpu_router_logits(ctx->dt, T, ctx->H, ctx->E, x, ctx->w->router.data, logits, err));
+    if (!forced(ctx)) return cpu_route_topk(&ctx->cfg, ctx->dt, T, logits, ids, w, err);
     MOE_TRY(moe_ep_route_ids(&ctx->opts.route, ctx->E, ctx->k, ctx->G, g0, T, ids, err));
     ep_route_weights(&ctx->cfg, ctx->dt, ctx->opts.route.weights, T, logits, ids, w);
     return MOE_OK;
@@ -929,6 +892,18 @@ static void store_rounded(moe_dtype dt, const float *acc, void *dst, size_t n)
     for (size_t i = 0; i < n; i++) moe_store_elem_f(dt, dst, i, acc[i]);
 }
 
+static void zero_grads(moe_weights *g, bool shared)
+{
+    memset(g->router.data, 0, g->router.nbytes);
+    memset(g->w13.data, 0, g->w13.nbytes);
+    memset(g->w2.data, 0, g->w2.nbytes);
+    if (shared) {
+        memset(g->shared_gate.data, 0, g->shared_gate.nbytes);
+        memset(g->shared_up.data, 0, g->shared_up.nbytes);
+        memset(g->shared_down.data, 0, g->shared_down.nbytes);
+    }
+}
+
 moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *dout, void *dx,
                            moe_weights *grads, moe_ep_stats *stats, moe_error *err)
 {
@@ -945,75 +920,65 @@ moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *do
     ctx->call.tokens_local = (uint64_t)T;
 
     if (ctx->plain) {
-        fwd_bufs b;
+        /* N = 1, V = 1, router's own routing: the fused path's forward and backward. */
         if (T == 0) {
-            /* No tokens: every gradient is an exact zero. */
-            memset(grads->router.data, 0, grads->router.nbytes);
-            memset(grads->w13.data, 0, grads->w13.nbytes);
-            memset(grads->w2.data, 0, grads->w2.nbytes);
-            if (ctx->Is > 0) {
-                memset(grads->shared_gate.data, 0, grads->shared_gate.nbytes);
-                memset(grads->shared_up.data, 0, grads->shared_up.nbytes);
-                memset(grads->shared_down.data, 0, grads->shared_down.nbytes);
-            }
-            call_end(ctx, stats, t0);
-            return MOE_OK;
+            zero_grads(grads, ctx->Is > 0);
+        } else {
+            fwd_bufs b;
+            MOE_TRY(fb_make(ctx, T, true, NULL, NULL, NULL, &b, err));
+            st = cpu_block_forward(ctx->w, ctx->dt, T, x, &b.st, err);
+            if (st == MOE_OK)
+                st = cpu_block_backward(ctx->w, ctx->dt, T, x, &b.st, dout, dx, grads, err);
+            ctx->call.expert_rows = (uint64_t)T * ctx->k;
+            ctx->call.tokens_computed = (uint64_t)T;
+            fb_free(&b);
         }
-        MOE_TRY(fb_make(ctx, T, true, NULL, NULL, NULL, &b, err));
-        st = cpu_block_forward(ctx->w, ctx->dt, T, x, &b.st, err);
-        if (st == MOE_OK)
-            st = cpu_block_backward(ctx->w, ctx->dt, T, x, &b.st, dout, dx, grads, err);
-        ctx->call.expert_rows = (uint64_t)T * ctx->k;
-        ctx->call.tokens_computed = (uint64_t)T;
-        fb_free(&b);
         call_end(ctx, stats, t0);
         return st;
     }
 
     moe_dtype dt = ctx->dt;
     int H = ctx->H, E = ctx->E, k = ctx->k, Is = ctx->Is, V = ctx->V;
-    size_t t = (size_t)T;
+    size_t t = (size_t)T, dsz = ctx->dsz;
     int64_t g0 = 0;
     if (forced(ctx)) FATAL_TRY(global_offset(ctx, T, &g0, err));
     ep_plan plan;
     memset(&plan, 0, sizeof plan);
-    /* fp32 accumulators: dx [T,H], d-weights [T,k], d logits [T,E], and the replicated
-     * weights' gradients (router [E,H], shared gate|up [2Is,H], shared down [H,Is]). */
-    size_t n_rep = (size_t)E * H + 3 * (size_t)Is * H;
-    float *acc = moe_calloc(t * H + 1, sizeof(float), "dx accumulator", err);
-    float *dw = moe_calloc(t * k + 1, sizeof(float), "d-weights", err);
-    float *dlog = moe_calloc(t * E + 1, sizeof(float), "d logits", err);
-    float *grep = moe_calloc(n_rep, sizeof(float), "replicated gradients", err);
-    void *sh_dh = Is ? moe_malloc(t * Is * ctx->dsz + 1, "shared d h", err) : NULL;
-    void *sh_dgu = Is ? moe_malloc(t * 2 * Is * ctx->dsz + 1, "shared d gate|up", err) : NULL;
-    st = (acc && dw && dlog && grep && (!Is || (sh_dh && sh_dgu))) ? MOE_OK : MOE_ERR_NOMEM;
-    if (st == MOE_OK) st = ep_ws_reserve(&ctx->ws, ctx, T, 0, 0, 0, true, err);
-    void *logits = ctx->ws.p[EPB_LOGITS], *w = ctx->ws.p[EPB_W];
-    int32_t *ids = ctx->ws.p[EPB_IDS];
-    if (st == MOE_OK) st = route_tokens(ctx, T, x, g0, logits, ids, w, err);
-    if (st == MOE_OK)
-        st = ep_plan_build(&plan, ctx->nranks, ctx->rank, V, 1, E, k, T, ids, err);
-    st = ep_agree(ctx->comm, st, err);
     ep_request *reqs = NULL;
+    /* d-weights [T,k] (fp32), d logits [T,E], the shared expert's d act [T,Is] and d gate|up
+     * [T,2Is], and the replicated weights' fp32 gradients: router [E,H], shared gate|up
+     * [2Is,H], shared down [H,Is]. */
+    size_t n_rep = (size_t)E * H + 3 * (size_t)Is * H;
+    float *dtop = moe_calloc(t * k + 1, sizeof(float), "d-weights", err);
+    void *dlog = moe_calloc(t * E + 1, dsz, "d logits", err);
+    float *grep = moe_calloc(n_rep, sizeof(float), "replicated gradients", err);
+    void *sh_dact = Is ? moe_malloc(t * Is * dsz + 1, "shared d act", err) : NULL;
+    void *sh_dgu = Is ? moe_malloc(t * 2 * Is * dsz + 1, "shared d gate|up", err) : NULL;
+    st = (dtop && dlog && grep && (!Is || (sh_dact && sh_dgu))) ? MOE_OK : MOE_ERR_NOMEM;
+    if (st == MOE_OK) st = ep_ws_reserve(&ctx->ws, ctx, T, 0, 0, 0, true, err);
+    if (st == MOE_OK)
+        st = route_tokens(ctx, T, x, g0, ctx->ws.p[EPB_LOGITS], ctx->ws.p[EPB_IDS],
+                          ctx->ws.p[EPB_W], err);
+    if (st == MOE_OK)
+        st = ep_plan_build(&plan, ctx->nranks, ctx->rank, V, 1, E, k, T, ctx->ws.p[EPB_IDS], err);
+    st = ep_agree(ctx->comm, st, err);
+    if (st != MOE_OK) goto out;
+    st = ep_plan_exchange(&plan, ctx->tp, err);
+    if (st != MOE_OK) goto fatal;
+    /* Backward buffers grow as needed (only forward is sized in advance). */
+    st = ep_ws_reserve(&ctx->ws, ctx, T, plan.send_total, plan.recv_total, plan.recv_max_round,
+                       true, err);
     if (st == MOE_OK) {
-        st = ep_plan_exchange(&plan, ctx->tp, err);
-        if (st != MOE_OK) goto fatal;
-        /* Backward buffers grow as needed (only forward is sized in advance). */
-        st = ep_ws_reserve(&ctx->ws, ctx, T, plan.send_total, plan.recv_total,
-                           plan.recv_max_round, true, err);
-        if (st == MOE_OK) {
-            reqs = moe_calloc(2 * (size_t)V, sizeof *reqs, "EP requests", err);
-            if (!reqs) st = MOE_ERR_NOMEM;
-        }
-        st = ep_agree(ctx->comm, st, err);
+        reqs = moe_calloc(2 * (size_t)V, sizeof *reqs, "EP requests", err);
+        if (!reqs) st = MOE_ERR_NOMEM;
     }
+    st = ep_agree(ctx->comm, st, err);
     if (st != MOE_OK) goto out;
     {
         ep_workspace *ws = &ctx->ws;
-        logits = ws->p[EPB_LOGITS];
-        w = ws->p[EPB_W];
-        ids = ws->p[EPB_IDS];
-        size_t xrow = (size_t)H * ctx->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * ctx->dsz;
+        const void *logits = ws->p[EPB_LOGITS], *w = ws->p[EPB_W];
+        const int32_t *ids = ws->p[EPB_IDS];
+        size_t xrow = (size_t)H * dsz, idrow = (size_t)k * 4, wrow = (size_t)k * dsz;
         ep_request *disp = reqs, *comb = reqs + V;
         moe_ep_chunk_times *tl = ctx->call.timeline;
         memset(tl, 0, sizeof *tl);
@@ -1027,20 +992,18 @@ moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *do
                 goto fatal;
         tl[0].dispatch_post = moe_now() - t0;
 
-        /* Meanwhile: Llama-4's shared expert, forward and backward, on local tokens. */
+        /* Meanwhile, Llama-4's shared expert on the local tokens: forward again, then d act =
+         * dout @ down, the SiLU-and-mul backward, and fp32 partial weight gradients. */
         if (Is > 0 && T > 0) {
-            void *gu = ws->p[EPB_SHARED_GU], *h = ws->p[EPB_SHARED_H];
-            void *dxs = ws->p[EPB_SHARED_OUT];
-            if ((st = shared_forward(ctx, T, x, gu, h, dxs, err)) != MOE_OK) goto fatal;
-            /* dh [T,Is] = dout @ Wd (Wd [H,Is] = [K,N]); dgu; dx_shared = dgu @ [Wg;Wu]. */
-            cpu_gemm(dt, T, Is, H, dout, ctx->w->shared_down.data, true, sh_dh, false);
-            cpu_silu_mul_backward(dt, T, Is, gu, sh_dh, sh_dgu);
-            cpu_gemm(dt, T, H, 2 * Is, sh_dgu, ctx->shared_w13, true, dxs, false);
-            for (size_t i = 0; i < t * H; i++) acc[i] = moe_load_elem_f(dt, dxs, i);
-            float *g_router = grep, *g_gu = grep + (size_t)E * H, *g_down = g_gu + 2 * (size_t)Is * H;
-            (void)g_router;
-            ep_accum_tn(dt, T, 2 * Is, H, sh_dgu, false, x, g_gu);
-            ep_accum_tn(dt, T, H, Is, dout, false, h, g_down);
+            void *gu = ws->p[EPB_SHARED_GU], *act = ws->p[EPB_SHARED_H];
+            if ((st = shared_forward(ctx, T, x, gu, act, ws->p[EPB_SHARED_OUT], err)) != MOE_OK)
+                goto fatal;
+            st = cpu_gemm(dt, T, Is, H, dout, ctx->w->shared_down.data, true, sh_dact, false, err);
+            if (st != MOE_OK) goto fatal;
+            cpu_silu_mul_backward(dt, T, Is, gu, sh_dact, sh_dgu);
+            float *g_gu = grep + (size_t)E * H, *g_down = g_gu + 2 * (size_t)Is * H;
+            ep_accum_tn(dt, T, 2 * Is, H, sh_dgu, x, g_gu);
+            ep_accum_tn(dt, T, H, Is, dout, act, g_down);
         }
 
         tl[0].compute_begin = moe_now() - t0;
@@ -1049,15 +1012,15 @@ moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *do
             if (v == 0) tl[0].dispatch_done = moe_now() - t0;
             int64_t R = ep_round_recv_rows(&plan, 0, v), rb = ep_round_recv_base(&plan, 0, v);
             int e0 = (ctx->rank * V + v) * ctx->epv;
-            size_t off13 = (size_t)v * ctx->epv * 2 * ctx->I * H * ctx->dsz;
-            size_t off2 = (size_t)v * ctx->epv * H * ctx->I * ctx->dsz;
+            size_t off13 = (size_t)v * ctx->epv * 2 * ctx->I * H * dsz;
+            size_t off2 = (size_t)v * ctx->epv * H * ctx->I * dsz;
             st = experts_backward(ctx, e0, ctx->epv, (int)R, (char *)ws->p[EPB_RECV_X] + rb * xrow,
                                   (char *)ws->p[EPB_RECV_DOUT] + rb * xrow,
                                   (const int32_t *)((char *)ws->p[EPB_RECV_IDS] + rb * idrow),
                                   (char *)ws->p[EPB_RECV_W] + rb * wrow,
                                   (char *)grads->w13.data + off13, (char *)grads->w2.data + off2,
                                   (char *)ws->p[EPB_PART] + rb * xrow,
-                                  (char *)ws->p[EPB_PART_DW] + rb * wrow, err);
+                                  (float *)ws->p[EPB_PART_DW] + rb * k, err);
             if (st != MOE_OK) goto fatal;
             if ((st = ep_combine_start(ctx, &plan, 0, v, true, &comb[v], err)) != MOE_OK)
                 goto fatal;
@@ -1070,24 +1033,28 @@ moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *do
             if ((st = ctx->tp->wait(ctx->tp, &comb[v], err)) != MOE_OK) goto fatal;
         tl[0].combine_done = moe_now() - t0;
 
-        /* The gradient of dispatch is a combine: partial dx rows add up in rank order. */
-        ep_combine_backward(ctx, &plan, ids, acc, dw);
-        if (T > 0 && !(forced(ctx) && ctx->opts.route.weights == MOE_EP_ROUTE_W_UNIFORM)) {
-            ep_router_backward(&ctx->cfg, dt, T, logits, ids, dw, dlog);
-            /* dx += dlogits @ router [E,H]; d router += dlogits^T x. */
-            const void *router = ctx->w->router.data;
-#pragma omp parallel for schedule(static)
-            for (int tt = 0; tt < T; tt++)
-                for (int e = 0; e < E; e++) {
-                    float g = dlog[(size_t)tt * E + e];
-                    if (g == 0) continue;
-                    for (int h = 0; h < H; h++)
-                        acc[(size_t)tt * H + h] += g * moe_load_elem_f(dt, router, (size_t)e * H + h);
-                }
-            ep_accum_tn(dt, T, E, H, dlog, true, x, grep);
+        /* The gradient of dispatch is a combine: d-weights from each slot's owner, then the
+         * router's backward, then dx = dlogits @ router (+ shared) + partial dx rows, added in
+         * ascending rank order — the fused path's order with the k-sum split by owner. */
+        if (T > 0) {
+            ep_combine_dweights(ctx, &plan, ids, dtop);
+            bool router_grad =
+                !(forced(ctx) && ctx->opts.route.weights == MOE_EP_ROUTE_W_UNIFORM);
+            if (router_grad)
+                st = cpu_route_backward(&ctx->cfg, dt, T, logits, ids, dtop, dlog, err);
+            if (st == MOE_OK)
+                st = cpu_gemm(dt, T, H, E, dlog, ctx->w->router.data, true, dx, false, err);
+            if (st == MOE_OK && Is > 0)
+                st = cpu_gemm(dt, T, H, 2 * Is, sh_dgu, ctx->shared_w13, true, dx, true, err);
+            if (st == MOE_OK) {
+                ep_combine_dx(ctx, &plan, dx, dx);
+                if (router_grad) ep_accum_tn(dt, T, E, H, dlog, x, grep);
+            }
         }
-        store_rounded(dt, acc, dx, t * H);
     }
+    /* Every rank reaches this point: a local failure above is agreed on, not left hanging. */
+    st = ep_agree(ctx->comm, st, err);
+    if (st != MOE_OK) goto out;
     /* Router and shared expert are replicated: their gradients sum over every rank's tokens. */
     st = ep_allreduce_ordered(ctx->comm, ctx->rank, ctx->nranks, grep, n_rep, err);
     if (st != MOE_OK) goto fatal;
@@ -1102,11 +1069,10 @@ moe_status moe_ep_backward(moe_ep_ctx *ctx, int T, const void *x, const void *do
 out:
     free(reqs);
     ep_plan_free(&plan);
-    free(acc);
-    free(dw);
+    free(dtop);
     free(dlog);
     free(grep);
-    free(sh_dh);
+    free(sh_dact);
     free(sh_dgu);
     return st;
 fatal:

@@ -259,12 +259,12 @@ moe_status moe_ep_buffer_sizes_for(int64_t max_tokens_per_rank, int64_t max_recv
     out->send_rows = max_tokens_per_rank * (k < G ? k : G);
     out->recv_rows = max_recv_tokens > 0 ? max_recv_tokens : (int64_t)G * max_tokens_per_rank;
     /* A dispatched row: x [H] + k ids + k weights (+ dout [H]); a returned row: the partial
-     * sum [H] (+ k d-weights). Both directions use the same buffers' rows. */
+     * sum [H] (+ k fp32 d-weights). Both directions use the same buffers' rows. */
     size_t fwd_row = (size_t)cfg->hidden * dsz + (size_t)k * (sizeof(int32_t) + dsz);
     size_t back_row = (size_t)cfg->hidden * dsz;
     if (backward) {
         fwd_row += (size_t)cfg->hidden * dsz;
-        back_row += (size_t)k * dsz;
+        back_row += (size_t)k * sizeof(float);
     }
     out->send_bytes = (size_t)out->send_rows * (fwd_row + back_row);
     out->recv_bytes = (size_t)out->recv_rows * (fwd_row + back_row);

@@ -3,6 +3,7 @@
 #include "ep_transport.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 

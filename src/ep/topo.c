@@ -296,11 +296,11 @@ moe_status moe_topo_report(MPI_Comm comm, const moe_topo *t, bool bind, FILE *f,
         moe_error be;
         moe_error_clear(&be);
         if (moe_topo_bind(t, &mine.b, &be) != MOE_OK)
-            snprintf(mine.note, sizeof mine.note, "not bound: %s", be.msg);
+            snprintf(mine.note, sizeof mine.note, "not bound: %.140s", be.msg);
         else
             snprintf(mine.note, sizeof mine.note, "bound");
     }
-    if (st != MOE_OK) snprintf(mine.note, sizeof mine.note, "placement failed: %s", err ? err->msg : "");
+    if (st != MOE_OK) snprintf(mine.note, sizeof mine.note, "placement failed: %.130s", err ? err->msg : "");
     gethostname(mine.host, sizeof mine.host - 1);
     struct rec *all = NULL;
     moe_status ast = MOE_OK;

@@ -4,7 +4,7 @@
  * is bound to the cores of the NUMA node nearest that GPU, and is told the nearest NIC (fewest
  * PCI hops from its GPU) for NCCL_IB_HCA-style pinning.
  *
- * The topology is this machine's or an hwloc XML export (tests/fixtures/topo/*.xml), so the
+ * The topology is this machine's or an hwloc XML export (the XML files under tests/fixtures/topo), so the
  * placement logic is testable without the hardware. Binding applies only to this machine.
  *
  * Rules:
