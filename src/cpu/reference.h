@@ -23,6 +23,11 @@ typedef struct moe_ref_fwd {
     int32_t *topk_ids; /* [T, k] */
     double *topk_w;    /* [T, k] weights (Qwen3) / scores (Llama-4), rounded to rd */
     double *out;       /* [T, H] */
+    /* [in, optional] [T, k] expert ids to route to instead of the top-k (each token's weights
+     * are still its own probabilities / scores of those ids): the correctness mode routes the
+     * reference like the fused path, so a near-tie that rounds differently cannot fail the
+     * output or gradient comparisons. Ids must be distinct and in [0, E). */
+    const int32_t *forced_ids;
 } moe_ref_fwd;
 
 /* x [T,H] in double. All outputs caller-allocated. Experts outside w's local slice are skipped
@@ -40,6 +45,7 @@ typedef struct moe_ref_grads {
     double **d_w13; /* array of El pointers (entries may be NULL) */
     double **d_w2;
     double *d_shared_gate, *d_shared_up, *d_shared_down;
+    const int32_t *forced_ids; /* [in, optional] as in moe_ref_fwd */
 } moe_ref_grads;
 
 moe_status ref_backward(const moe_weights *w, moe_dtype rd, int T, const double *x,
