@@ -332,3 +332,27 @@ moe_status moe_topo_report(MPI_Comm comm, const moe_topo *t, bool bind, FILE *f,
     }
     return st;
 }
+
+moe_status moe_topo_bind_from_env(MPI_Comm comm, moe_topo_binding *out, bool *bound,
+                                  moe_error *err)
+{
+    *bound = false;
+    const char *e = getenv("MOE_BIND");
+    if (!e || strcmp(e, "1") != 0) return MOE_OK;
+    int lr = 0, ls = 1;
+    /* The node-local split is collective; everything after it is local to this rank. */
+    MOE_TRY(moe_topo_local_rank(comm, &lr, &ls, err));
+    moe_topo *t = NULL;
+    MOE_TRY(moe_topo_load(NULL, &t, err));
+    moe_topo_binding b;
+    moe_status st = moe_topo_pick(t, lr, ls, &b, err);
+    if (st == MOE_OK) st = moe_topo_bind(t, &b, err);
+    if (st == MOE_OK) {
+        *bound = true;
+        if (out) *out = b;
+        moe_info("local rank %d/%d bound to cpus %s (NUMA %d), GPU %d, NIC %s", lr, ls, b.cpuset,
+                 b.numa, b.gpu, b.nic[0] ? b.nic : "-");
+    }
+    moe_topo_destroy(t);
+    return st;
+}

@@ -63,4 +63,11 @@ moe_status moe_topo_local_rank(MPI_Comm comm, int *local_rank, int *local_size, 
 moe_status moe_topo_report(MPI_Comm comm, const moe_topo *t, bool bind, FILE *f,
                            moe_error *err);
 
+/* For programs started by `moe-mpirun --bind program` (which exports MOE_BIND=1): when MOE_BIND
+ * is 1, load this machine's topology, pick this rank's place among the node-local ranks of
+ * comm and bind to it; *bound tells whether it did. out (may be NULL) receives the placement
+ * (its gpu is the CUDA device to use, with CUDA_DEVICE_ORDER=PCI_BUS_ID). Collective. */
+moe_status moe_topo_bind_from_env(MPI_Comm comm, moe_topo_binding *out, bool *bound,
+                                  moe_error *err);
+
 #endif /* MOE_TOPO_H */
