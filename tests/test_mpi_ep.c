@@ -682,6 +682,25 @@ static void test_virtual_ranks(void **state)
     assert_true(all_true(ok));
 }
 
+/* Virtual ranks on top of real ones: every process plays 2 ranks (E=8 splits over 2, 4, 8). */
+static void test_virtual_over_world(void **state)
+{
+    (void)state;
+    bool ok = true;
+    moe_config q = make_cfg(MOE_ARCH_QWEN3, 8, 3), l = make_cfg(MOE_ARCH_LLAMA4, 8, 2);
+    moe_config *cfgs[2] = {&q, &l};
+    for (int i = 0; i < 2; i++) {
+        setup s;
+        ok &= setup_make(&s, MPI_COMM_WORLD, *cfgs[i], MOE_DTYPE_F32, 29, SPLIT_SKEW, 2);
+        run_opts ro = ro_default();
+        ro.ep.virtual_ranks = 2;
+        ro.ep.chunks = 3;
+        ok &= run_ep(MPI_COMM_WORLD, &s, &ro, NULL);
+        setup_free(&s);
+    }
+    assert_true(all_true(ok));
+}
+
 /* Sync-free sizing that is large enough changes nothing. */
 static void test_sized_in_advance(void **state)
 {
@@ -762,7 +781,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_forced_uniform),      cmocka_unit_test(test_forced_skewed),
         cmocka_unit_test(test_forced_all_to_one),   cmocka_unit_test(test_forced_file),
         cmocka_unit_test(test_skew_shape),          cmocka_unit_test(test_virtual_ranks),
-        cmocka_unit_test(test_sized_in_advance),    cmocka_unit_test(test_once_per_rank),
+        cmocka_unit_test(test_virtual_over_world),  cmocka_unit_test(test_sized_in_advance),
+        cmocka_unit_test(test_once_per_rank),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     MPI_Finalize();

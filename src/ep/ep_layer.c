@@ -413,7 +413,7 @@ static moe_grouped_gemm_args gg(const moe_ep_ctx *ctx, int ne, int R)
     g.num_experts = ne;
     g.expert_offsets = ctx->ws.p[EPB_OFFSETS];
     g.topk = ctx->k;
-    g.num_tokens = R;
+    g.max_rows = R * ctx->k; /* gather_idx holds flat indices below R*k */
     g.gather_idx = ctx->ws.p[EPB_GATHER];
     g.epilogue = MOE_EPI_NONE;
     return g;
@@ -426,7 +426,7 @@ static moe_grouped_gemm_dw_args gdw(const moe_ep_ctx *ctx, int ne, int R)
     g.num_experts = ne;
     g.expert_offsets = ctx->ws.p[EPB_OFFSETS];
     g.topk = ctx->k;
-    g.num_tokens = R;
+    g.max_rows = R * ctx->k; /* gather_idx holds flat indices below R*k */
     g.gather_idx = ctx->ws.p[EPB_GATHER];
     return g;
 }
@@ -597,6 +597,7 @@ static moe_status shared_forward(moe_ep_ctx *ctx, int T, const void *x, void *gu
     g.expert_offsets = offs;
     g.N = 2 * ctx->Is;
     g.K = ctx->H;
+    g.max_rows = T;
     g.topk = 1;
     g.A = x;
     g.B = ctx->shared_w13;
@@ -610,6 +611,7 @@ static moe_status shared_forward(moe_ep_ctx *ctx, int T, const void *x, void *gu
     g.expert_offsets = offs;
     g.N = ctx->H;
     g.K = ctx->Is;
+    g.max_rows = T;
     g.topk = 1;
     g.A = act;
     g.B = ctx->w->shared_down.data;
