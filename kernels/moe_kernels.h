@@ -1,5 +1,5 @@
 /*
- * moe_kernels.h — extern "C" launchers of the CUDA kernels (kernels/*.cu). Host C code in
+ * moe_kernels.h — extern "C" launchers of the CUDA kernels (the .cu files in kernels/). Host C code in
  * src/cuda/ calls these; every pointer in the argument structs is a DEVICE pointer.
  * Every launcher validates its arguments, launches on `stream` without synchronising, checks
  * cudaGetLastError() and returns a moe_status (reason in err).

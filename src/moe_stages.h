@@ -1,6 +1,6 @@
 /*
  * moe_stages.h — the fused path's stages, their arguments and their named intermediates.
- * Backend-neutral: the CPU backend (src/cpu/fused_*.c) and the CUDA kernels (kernels/*.cu)
+ * Backend-neutral: the CPU backend (src/cpu/fused_*.c) and the CUDA kernels (the .cu files in kernels/)
  * implement the SAME argument structs, so the CPU twin of every kernel is checkable line by line.
  * Pointers are host pointers on the CPU backend and device pointers on the CUDA backend.
  *

@@ -992,43 +992,52 @@ moe_status ref_backward(const moe_weights *w, moe_dtype rd, int T, const double 
     return st;
 }
 
-void ref_expert_row(const moe_weights *w, moe_dtype rd, int e, const double *x, double *g,
-                    double *u, double *act, double *y)
+void ref_expert_rows(const moe_weights *w, moe_dtype rd, int e, int n, const double *x,
+                     double *g, double *u, double *act, double *y)
 {
     int I = w ? w->cfg.inter : 0, H = w ? w->cfg.hidden : 0;
     moe_error err;
-    bool ok = x && check_weights(w, rd, &err) == MOE_OK && e >= w->expert_begin &&
+    bool ok = x && n >= 0 && check_weights(w, rd, &err) == MOE_OK && e >= w->expert_begin &&
               e < w->expert_begin + w->expert_count;
     double *G = NULL, *U = NULL, *A = NULL, *Hh = NULL, *Y = NULL;
     scratch sc = {NULL, 1, 0};
+    size_t nI = (size_t)MOE_MAX(n, 1) * (size_t)I, nH = (size_t)MOE_MAX(n, 1) * (size_t)H;
     if (ok) {
         sc.nthr = MOE_MAX(omp_get_max_threads(), 1);
         sc.stride = scratch_need((size_t)MOE_MAX(H, I));
-        G = malloc((size_t)I * sizeof(double));
-        U = malloc((size_t)I * sizeof(double));
-        A = malloc((size_t)I * sizeof(double));
-        Hh = malloc((size_t)I * sizeof(double));
-        Y = malloc((size_t)H * sizeof(double));
+        G = malloc(nI * sizeof(double));
+        U = malloc(nI * sizeof(double));
+        A = malloc(nI * sizeof(double));
+        Hh = malloc(nI * sizeof(double));
+        Y = malloc(nH * sizeof(double));
         sc.buf = malloc((size_t)sc.nthr * sc.stride * sizeof(double));
         ok = G && U && A && Hh && Y && sc.buf;
     }
+    nI = (size_t)n * I;
+    nH = (size_t)n * H;
     if (ok) {
         int le = e - w->expert_begin;
         size_t eoff13 = (size_t)le * 2 * (size_t)I * H, eoff2 = (size_t)le * H * (size_t)I;
         mlp m = {&w->w13, &w->w13, &w->w2, eoff13, eoff13 + (size_t)I * H, eoff2, I};
-        mlp_forward(&m, H, rd, 1, x, G, U, A, Hh, Y, &sc);
-        if (g) memcpy(g, G, (size_t)I * sizeof(double));
-        if (u) memcpy(u, U, (size_t)I * sizeof(double));
-        if (act) memcpy(act, Hh, (size_t)I * sizeof(double));
-        if (y) memcpy(y, Y, (size_t)H * sizeof(double));
-    } else {
+        mlp_forward(&m, H, rd, n, x, G, U, A, Hh, Y, &sc);
+        if (g) memcpy(g, G, nI * sizeof(double));
+        if (u) memcpy(u, U, nI * sizeof(double));
+        if (act) memcpy(act, Hh, nI * sizeof(double));
+        if (y) memcpy(y, Y, nH * sizeof(double));
+    } else if (n > 0) {
         /* Cannot report: leave NaN so any comparison against these values fails loudly. */
-        for (int i = 0; i < I; i++) {
+        for (size_t i = 0; i < nI; i++) {
             if (g) g[i] = NAN;
             if (u) u[i] = NAN;
             if (act) act[i] = NAN;
         }
-        for (int i = 0; y && i < H; i++) y[i] = NAN;
+        for (size_t i = 0; y && i < nH; i++) y[i] = NAN;
     }
     free(G); free(U); free(A); free(Hh); free(Y); free(sc.buf);
+}
+
+void ref_expert_row(const moe_weights *w, moe_dtype rd, int e, const double *x, double *g,
+                    double *u, double *act, double *y)
+{
+    ref_expert_rows(w, rd, e, 1, x, g, u, act, y);
 }

@@ -59,5 +59,9 @@ void ref_route_row(const moe_config *cfg, moe_dtype rd, const double *logits_row
  * producing g,u [I] each (may be NULL), act [I] and y [H] (before any weight multiply). */
 void ref_expert_row(const moe_weights *w, moe_dtype rd, int e, const double *x, double *g,
                     double *u, double *act, double *y);
+/* The same for n rows of one expert at once (x [n,H] -> g,u,act [n,I], y [n,H]): converts the
+ * expert's weights once instead of once per row. */
+void ref_expert_rows(const moe_weights *w, moe_dtype rd, int e, int n, const double *x,
+                     double *g, double *u, double *act, double *y);
 
 #endif /* MOE_REFERENCE_H */

@@ -460,15 +460,14 @@ void cuda_fwd_state_free(moe_fwd_state *st)
     memset(st, 0, sizeof *st);
 }
 
-moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
-                                   moe_error *err)
+/* Copy the buffers non-NULL in both states, sized for T tokens, in direction `kind`. */
+static moe_status state_copy(cuda_block *b, moe_fwd_state *dev, moe_fwd_state *host, int T,
+                             enum cudaMemcpyKind kind, const char *who, moe_error *err)
 {
-    if (!b || !dev || !host)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: NULL argument");
-    const size_t es = esz(b), t = (size_t)dev->T, M = t * b->k;
+    const size_t es = esz(b), t = (size_t)T, M = t * b->k;
     struct {
         void *h;
-        const void *d;
+        void *d;
         size_t bytes;
     } c[] = {
         {host->router_logits, dev->router_logits, t * b->E * es},
@@ -483,13 +482,41 @@ moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_
         {host->shared_out, dev->shared_out, t * b->H * es},
         {host->out, dev->out, t * b->H * es},
     };
-    CUDA_TRY(cudaStreamSynchronize(b->s0), "cuda_fwd_state_download (waiting for the block)");
+    CUDA_TRY(cudaStreamSynchronize(b->s0), who);
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
         if (!c[i].h || !c[i].d || c[i].bytes == 0) continue;
-        CUDA_TRY(cudaMemcpy(c[i].h, c[i].d, c[i].bytes, cudaMemcpyDeviceToHost),
-                 "cuda_fwd_state_download");
+        if (kind == cudaMemcpyDeviceToHost)
+            CUDA_TRY(cudaMemcpyAsync(c[i].h, c[i].d, c[i].bytes, kind, b->s0), who);
+        else
+            CUDA_TRY(cudaMemcpyAsync(c[i].d, c[i].h, c[i].bytes, kind, b->s0), who);
     }
+    CUDA_TRY(cudaStreamSynchronize(b->s0), who);
+    return MOE_OK;
+}
+
+moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
+                                   moe_error *err)
+{
+    if (!b || !dev || !host)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: NULL argument");
+    if (dev->T < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_download: T = %d", dev->T);
+    MOE_TRY(state_copy(b, (moe_fwd_state *)dev, host, dev->T, cudaMemcpyDeviceToHost,
+                       "cuda_fwd_state_download", err));
     host->T = dev->T;
+    return MOE_OK;
+}
+
+moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_fwd_state *dev,
+                                 moe_error *err)
+{
+    if (!b || !dev || !host)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_upload: NULL argument");
+    if (host->T < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "cuda_fwd_state_upload: T = %d", host->T);
+    MOE_TRY(state_copy(b, dev, (moe_fwd_state *)host, host->T, cudaMemcpyHostToDevice,
+                       "cuda_fwd_state_upload", err));
+    dev->T = host->T;
     return MOE_OK;
 }
 
@@ -518,7 +545,9 @@ static moe_status check_call(const char *who, cuda_block *b, const void *x, int 
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: T = %d outside [0, max_T = %d] of the block",
                         who, T, b->max_T);
     if (T > 0 && !x) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: x is NULL", who);
-    CUDA_TRY(cudaSetDevice(b->device), who);
+    int cur = -1;
+    CUDA_TRY(cudaGetDevice(&cur), who);
+    if (cur != b->device) CUDA_TRY(cudaSetDevice(b->device), who);
     return MOE_OK;
 }
 

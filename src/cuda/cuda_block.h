@@ -91,6 +91,11 @@ void cuda_fwd_state_free(moe_fwd_state *st);
  * host->T = dev->T. Synchronises the main stream first. Synchronous. */
 moe_status cuda_fwd_state_download(cuda_block *b, const moe_fwd_state *dev, moe_fwd_state *host,
                                    moe_error *err);
+/* The reverse: copy every buffer non-NULL in both from `host` to `dev`, for host->T tokens
+ * (same sizes as the download), e.g. to feed a GPU stage the CPU's upstream values.
+ * dev->T = host->T. Synchronous (waits for the main stream before and after). */
+moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_fwd_state *dev,
+                                 moe_error *err);
 
 /* ---- the block ---- */
 

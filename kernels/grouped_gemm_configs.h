@@ -1,0 +1,36 @@
+/*
+ * grouped_gemm_configs.h — the one list of grouped-GEMM kernel configurations that are compiled
+ * (template instantiations in grouped_gemm.cu / grouped_gemm_dw.cu) and therefore the only ones
+ * moe_kernel_config_validate accepts and the autotuner tries. Plain C preprocessor, included by
+ * the CUDA files and by src/cuda/kernel_config.c, so the list cannot drift between them.
+ *
+ * Tensor-core path (bf16, fp16), X(BM, BN, BK, WARPS_M, WARPS_N, STAGES):
+ *   BM x BN output tile per CTA (forward: rows x output columns; dW: N x K of dW_e), BK the
+ *   reduction step per pipeline stage, WARPS_M x WARPS_N warps, STAGES cp.async stages.
+ * The narrow (unaligned rows) fallback runs one fixed configuration, MOE_GG_NARROW_CONFIG.
+ * fp32 runs the FFMA kernels, X(BM, BN): 256 threads, BK 16, one shared-memory stage.
+ */
+#ifndef MOE_GROUPED_GEMM_CONFIGS_H
+#define MOE_GROUPED_GEMM_CONFIGS_H
+
+#define MOE_GG_MMA_CONFIGS(X)    \
+    X(128, 128, 32, 2, 4, 3)     \
+    X(128, 128, 32, 2, 4, 4)     \
+    X(128, 128, 64, 2, 4, 3)     \
+    X(128, 256, 32, 2, 4, 3)     \
+    X(256, 128, 32, 4, 2, 3)     \
+    X(128, 64, 32, 2, 2, 4)      \
+    X(64, 128, 32, 2, 2, 4)      \
+    X(64, 64, 32, 2, 2, 3)       \
+    X(64, 64, 32, 2, 2, 2)
+
+#define MOE_GG_NARROW_CONFIG(X) X(64, 64, 32, 2, 2, 2)
+
+#define MOE_GG_FFMA_CONFIGS(X) \
+    X(64, 64)                  \
+    X(128, 128)
+
+#define MOE_GG_FFMA_BK 16
+#define MOE_GG_FFMA_THREADS 256
+
+#endif /* MOE_GROUPED_GEMM_CONFIGS_H */

@@ -1,0 +1,201 @@
+/*
+ * kernel_config.c — grouped-GEMM kernel configurations: parsing "128x128x32,w8,s3[,tma]",
+ * validation against the compiled list (kernels/grouped_gemm_configs.h), defaults.
+ * Host C only; nothing here touches the GPU.
+ */
+#include "kernel_config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "grouped_gemm_configs.h"
+
+#define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0},
+static const moe_kernel_config k_mma_configs[] = {MOE_GG_MMA_CONFIGS(MOE_CFG_MMA)};
+#undef MOE_CFG_MMA
+
+#define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0},
+static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_FFMA)};
+#undef MOE_CFG_FFMA
+
+#define K_COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
+{
+    switch (dtype) {
+    case MOE_DTYPE_BF16:
+    case MOE_DTYPE_F16:
+        *list = k_mma_configs;
+        return K_COUNT(k_mma_configs);
+    case MOE_DTYPE_F32:
+        *list = k_ffma_configs;
+        return K_COUNT(k_ffma_configs);
+    default:
+        *list = NULL;
+        return 0;
+    }
+}
+
+moe_kernel_config moe_kernel_config_narrow(void)
+{
+#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0}
+    moe_kernel_config c = MOE_GG_NARROW_CONFIG(MOE_CFG_N);
+#undef MOE_CFG_N
+    return c;
+}
+
+const char *moe_kernel_config_str(const moe_kernel_config *c, char *buf, size_t len)
+{
+    if (!c) {
+        snprintf(buf, len, "(none)");
+        return buf;
+    }
+    if (!c->tile_m && !c->tile_n && !c->tile_k && !c->warps && !c->stages && !c->use_tma) {
+        snprintf(buf, len, "auto");
+        return buf;
+    }
+    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s", c->tile_m, c->tile_n, c->tile_k, c->warps, c->stages,
+             c->use_tma ? ",tma" : "");
+    return buf;
+}
+
+/* A strictly positive decimal int at *p (advancing *p); false if none or out of range. */
+static bool parse_pos_int(const char **p, int *out)
+{
+    if (!isdigit((unsigned char)**p)) return false;
+    errno = 0;
+    char *end;
+    long v = strtol(*p, &end, 10);
+    if (errno || v <= 0 || v > 4096) return false;
+    *p = end;
+    *out = (int)v;
+    return true;
+}
+
+#define CFG_SYNTAX "expected TMxTNxTK[,wWARPS][,sSTAGES][,tma], e.g. \"128x128x32,w8,s3\", or \"auto\""
+
+moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe_error *err)
+{
+    if (!cfg) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_kernel_config_parse: cfg is NULL");
+    memset(cfg, 0, sizeof *cfg);
+    if (!text) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_kernel_config_parse: text is NULL");
+    if (*text == '\0' || strcmp(text, "auto") == 0) return MOE_OK;
+
+    moe_kernel_config c = {0, 0, 0, 0, 0, 0};
+    const char *p = text;
+    if (!parse_pos_int(&p, &c.tile_m) || *p++ != 'x' || !parse_pos_int(&p, &c.tile_n) ||
+        *p++ != 'x' || !parse_pos_int(&p, &c.tile_k))
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "kernel config \"%s\": bad tile sizes; " CFG_SYNTAX, text);
+    while (*p == ',') {
+        p++;
+        if (*p == 'w') {
+            p++;
+            if (c.warps || !parse_pos_int(&p, &c.warps))
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "kernel config \"%s\": bad or repeated warp count; " CFG_SYNTAX,
+                                text);
+        } else if (*p == 's') {
+            p++;
+            if (c.stages || !parse_pos_int(&p, &c.stages))
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "kernel config \"%s\": bad or repeated stage count; " CFG_SYNTAX,
+                                text);
+        } else if (strncmp(p, "tma", 3) == 0 && (p[3] == ',' || p[3] == '\0')) {
+            c.use_tma = 1;
+            p += 3;
+        } else if (strncmp(p, "notma", 5) == 0 && (p[5] == ',' || p[5] == '\0')) {
+            c.use_tma = 0;
+            p += 5;
+        } else {
+            return moe_fail(err, MOE_ERR_INVALID_ARG,
+                            "kernel config \"%s\": unknown option at \"%s\"; " CFG_SYNTAX, text,
+                            p);
+        }
+    }
+    if (*p != '\0')
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "kernel config \"%s\": trailing text \"%s\"; " CFG_SYNTAX, text, p);
+    *cfg = c;
+    return MOE_OK;
+}
+
+static bool is_auto(const moe_kernel_config *c)
+{
+    return !c || (!c->tile_m && !c->tile_n && !c->tile_k && !c->warps && !c->stages &&
+                  !c->use_tma);
+}
+
+static bool matches(const moe_kernel_config *req, const moe_kernel_config *c)
+{
+    return (!req->tile_m || req->tile_m == c->tile_m) && (!req->tile_n || req->tile_n == c->tile_n) &&
+           (!req->tile_k || req->tile_k == c->tile_k) && (!req->warps || req->warps == c->warps) &&
+           (!req->stages || req->stages == c->stages);
+}
+
+static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_error *err)
+{
+    const moe_kernel_config *list;
+    int n = moe_kernel_configs(dtype, &list);
+    char want[64], valid[900] = "", one[64];
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        int w = snprintf(valid + used, sizeof valid - used, "%s%s", i ? " | " : "",
+                         moe_kernel_config_str(&list[i], one, sizeof one));
+        if (w < 0 || (size_t)w >= sizeof valid - used) break;
+        used += (size_t)w;
+    }
+    return moe_fail(err, MOE_ERR_INVALID_ARG,
+                    "kernel config %s is not compiled for %s grouped GEMMs; valid: %s",
+                    moe_kernel_config_str(req, want, sizeof want), moe_dtype_name(dtype), valid);
+}
+
+moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
+                                     moe_kernel_config *out, moe_error *err)
+{
+    const moe_kernel_config *list;
+    int n = moe_kernel_configs(dtype, &list);
+    if (n == 0)
+        return moe_fail(err, MOE_ERR_UNSUPPORTED,
+                        "grouped GEMM: dtype %s has no kernels (bf16, fp16, fp32 only)",
+                        moe_dtype_name(dtype) ? moe_dtype_name(dtype) : "?");
+    if (req && req->use_tma)
+        return moe_fail(err, MOE_ERR_UNSUPPORTED,
+                        "kernel config: the TMA/wgmma path is not implemented yet (mma.sync + "
+                        "cp.async only); drop \",tma\"");
+    if (is_auto(req)) {
+        /* Defaults (docs/KERNELS.md): big tiles when experts hold enough rows to fill them,
+         * else narrower row tiles so fewer padded rows are computed. */
+        moe_kernel_config want = {0, 0, 0, 0, 0, 0};
+        if (dtype == MOE_DTYPE_F32) {
+            want.tile_m = avg_rows >= 128 ? 128 : 64;
+        } else if (avg_rows >= 96) {
+            want = (moe_kernel_config){128, 128, 32, 8, 4, 0};
+        } else {
+            want = (moe_kernel_config){64, 128, 32, 4, 4, 0};
+        }
+        for (int i = 0; i < n; i++)
+            if (matches(&want, &list[i])) {
+                *out = list[i];
+                return MOE_OK;
+            }
+        *out = list[0];
+        return MOE_OK;
+    }
+    for (int i = 0; i < n; i++)
+        if (matches(req, &list[i])) {
+            *out = list[i];
+            return MOE_OK;
+        }
+    return no_match(req, dtype, err);
+}
+
+moe_status moe_kernel_config_validate(const moe_kernel_config *cfg, moe_dtype dtype,
+                                      moe_error *err)
+{
+    moe_kernel_config out;
+    return moe_kernel_config_resolve(cfg, dtype, 0, &out, err);
+}

@@ -1,0 +1,37 @@
+/*
+ * kernel_config.h — the grouped-GEMM configuration list and its helpers (kernel_config.c),
+ * beside moe_kernel_config_parse / moe_kernel_config_validate of kernels/moe_kernels.h.
+ * Used by the launchers (kernels/grouped_gemm*.cu) to turn a request into a compiled
+ * configuration, and by the autotuner (autotune.c) to enumerate its candidates.
+ */
+#ifndef MOE_CUDA_KERNEL_CONFIG_H
+#define MOE_CUDA_KERNEL_CONFIG_H
+
+#include <stddef.h>
+
+#include "moe_kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The configurations compiled for dtype (bf16/fp16: tensor-core list; fp32: FFMA list), in a
+ * fixed order. Returns the count (0 for a dtype with no kernels); *list points to static data. */
+int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list);
+/* The fixed configuration the narrow (rows not 16-byte aligned) fallback runs. */
+moe_kernel_config moe_kernel_config_narrow(void);
+/* "128x128x32,w8,s3" (",tma" appended when set) into buf; returns buf. */
+const char *moe_kernel_config_str(const moe_kernel_config *cfg, char *buf, size_t len);
+/* Turn a request into one compiled configuration:
+ *   req NULL or all zeros -> the default for dtype given avg_rows (rows per expert, a hint);
+ *   some fields zero      -> the first listed configuration matching the non-zero fields;
+ *   all fields set        -> that configuration, if compiled.
+ * MOE_ERR_INVALID_ARG (listing the valid ones) when nothing matches, MOE_ERR_UNSUPPORTED for
+ * use_tma (the TMA/wgmma path is a later issue) or a dtype without kernels. */
+moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
+                                     moe_kernel_config *out, moe_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_CUDA_KERNEL_CONFIG_H */

@@ -1,0 +1,1573 @@
+/*
+ * test_gpu_grouped_gemm.c — the CUDA grouped GEMM kernels (forward / dX: moe_cuda_grouped_gemm,
+ * dW: moe_cuda_grouped_gemm_dw) against a double-precision loop written here, on random data
+ * from a fresh seed, for bf16, fp16 and fp32:
+ *   - every flag combination (permute_x / permute_y / b_kn / scale_a / scale_c / SiLU-and-mul
+ *     with and without C_preact; dW: permute_dy / permute_x / scale_dy / scale_x) on odd shapes:
+ *     N=13, K=37 (rows not 16-byte multiples: the narrow path), partial tiles in every dimension,
+ *     experts with no rows, one expert taking every row, fewer routed rows than max_rows;
+ *   - every compiled configuration; a misaligned base pointer;
+ *   - the tiny presets' shapes (H=37,I=23,E=7,k=3 and H=41,I=19,E=5,k=1) and the real ones at
+ *     T=1024 (Qwen3-30B-A3B, Llama-4-Scout): all six GEMMs of forward + backward, checked on a
+ *     sample of experts/rows (weights too large for a full double loop);
+ *   - outputs poisoned with NaN first, rows nobody should write must stay poisoned;
+ *   - determinism (two runs bitwise equal), argument rejections, config parse/validate, and the
+ *     autotuner's cache (second pick does no tuning, caller outputs untouched).
+ * MOE_GG_TEST_SMALL=1 keeps only the small cases (for compute-sanitizer runs).
+ * Without a GPU: skipped (77), or failed with MOE_REQUIRE_GPU=1.
+ */
+#include "test_util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef MOE_HAVE_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cuda/autotune.h"
+#include "cuda/kernel_config.h"
+#include "dtype.h"
+#include "moe_kernels.h"
+#include "rng.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers                                                                                    */
+
+#define CK(call)                                                                           \
+    do {                                                                                   \
+        cudaError_t ck_e_ = (call);                                                        \
+        if (ck_e_ != cudaSuccess) {                                                        \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                  \
+                    cudaGetErrorString(ck_e_));                                            \
+            fail();                                                                        \
+        }                                                                                  \
+    } while (0)
+
+static bool small_only(void)
+{
+    const char *s = getenv("MOE_GG_TEST_SMALL");
+    return s && *s && strcmp(s, "0") != 0;
+}
+
+static const moe_dtype k_dtypes[3] = {MOE_DTYPE_BF16, MOE_DTYPE_F16, MOE_DTYPE_F32};
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    assert_non_null(p);
+    return p;
+}
+
+static uint64_t g_ctr; /* distinct rng streams for every tensor of the run */
+static uint64_t next_stream(const char *what)
+{
+    char name[96];
+    snprintf(name, sizeof name, "gg-%s-%llu", what, (unsigned long long)g_ctr++);
+    return moe_rng_stream(moe_test_seed(), name);
+}
+
+/* A pool of P random values per dtype (host bits, host doubles, device copy). A "pooled" tensor
+ * has element i = pool[(i + salt) % P]: any size (the 2.7 GB Llama-4 expert weights) is filled
+ * on the device by copies from the pool, and the reference reads the same values. P is prime,
+ * so no row of a weight repeats another at the same offset. */
+#define POOL_P 1048573u
+typedef struct pool {
+    bool ready;
+    double *d;
+    void *dev;
+} pool;
+static pool g_pool[3];
+
+static int dt_index(moe_dtype dt) { return dt == MOE_DTYPE_BF16 ? 0 : dt == MOE_DTYPE_F16 ? 1 : 2; }
+
+static pool *get_pool(moe_dtype dt)
+{
+    pool *p = &g_pool[dt_index(dt)];
+    if (p->ready) return p;
+    size_t es = moe_dtype_size(dt);
+    void *bits = xmalloc(POOL_P * es);
+    p->d = xmalloc(POOL_P * sizeof(double));
+    uint64_t s = next_stream("pool");
+    for (size_t i = 0; i < POOL_P; i++) {
+        moe_store_elem(dt, bits, i, moe_rng_normal(s, i));
+        p->d[i] = moe_load_elem(dt, bits, i);
+    }
+    CK(cudaMalloc(&p->dev, POOL_P * es));
+    CK(cudaMemcpy(p->dev, bits, POOL_P * es, cudaMemcpyHostToDevice));
+    free(bits);
+    p->ready = true;
+    return p;
+}
+
+/* A device tensor with its reference values: pooled (hd NULL) or explicit (hd[n]). */
+typedef struct tt {
+    moe_dtype dt;
+    size_t n;
+    void *dev;  /* what the kernel sees (may be offset into alloc) */
+    void *alloc;
+    double *hd;
+    size_t salt;
+} tt;
+
+static void tt_pooled(tt *t, moe_dtype dt, size_t n, size_t offset_elems)
+{
+    memset(t, 0, sizeof *t);
+    t->dt = dt;
+    t->n = n;
+    pool *p = get_pool(dt);
+    size_t es = moe_dtype_size(dt);
+    t->salt = moe_rng_u64(next_stream("salt"), 0) % POOL_P;
+    CK(cudaMalloc(&t->alloc, (n + offset_elems) * es + 16));
+    t->dev = (char *)t->alloc + offset_elems * es;
+    for (size_t i = 0; i < n;) {
+        size_t pi = (i + t->salt) % POOL_P, len = POOL_P - pi;
+        if (len > n - i) len = n - i;
+        CK(cudaMemcpy((char *)t->dev + i * es, (char *)p->dev + pi * es, len * es,
+                      cudaMemcpyDeviceToDevice));
+        i += len;
+    }
+}
+
+/* Explicit values in [lo, hi) (row scales: positive, like routing weights). */
+static void tt_uniform(tt *t, moe_dtype dt, size_t n, double lo, double hi)
+{
+    memset(t, 0, sizeof *t);
+    t->dt = dt;
+    t->n = n;
+    size_t es = moe_dtype_size(dt);
+    void *bits = xmalloc(n * es);
+    t->hd = xmalloc(n * sizeof(double));
+    uint64_t s = next_stream("uniform");
+    for (size_t i = 0; i < n; i++) {
+        moe_store_elem(dt, bits, i, lo + (hi - lo) * moe_rng_uniform(s, i));
+        t->hd[i] = moe_load_elem(dt, bits, i);
+    }
+    CK(cudaMalloc(&t->alloc, n * es + 16));
+    t->dev = t->alloc;
+    CK(cudaMemcpy(t->dev, bits, n * es, cudaMemcpyHostToDevice));
+    free(bits);
+}
+
+/* An output, poisoned: all-ones bits are NaN in bf16, fp16 and fp32. */
+static void tt_out(tt *t, moe_dtype dt, size_t n)
+{
+    memset(t, 0, sizeof *t);
+    t->dt = dt;
+    t->n = n;
+    CK(cudaMalloc(&t->alloc, n * moe_dtype_size(dt) + 16));
+    t->dev = t->alloc;
+    CK(cudaMemset(t->dev, 0xFF, n * moe_dtype_size(dt)));
+}
+
+static void tt_free(tt *t)
+{
+    if (t->alloc) cudaFree(t->alloc);
+    free(t->hd);
+    memset(t, 0, sizeof *t);
+}
+
+static double tt_at(const tt *t, size_t i)
+{
+    return t->hd ? t->hd[i] : get_pool(t->dt)->d[(i + t->salt) % POOL_P];
+}
+
+/* Elements [start, start+len) as doubles. */
+static void tt_run(const tt *t, size_t start, size_t len, double *out)
+{
+    if (t->hd) {
+        memcpy(out, t->hd + start, len * sizeof(double));
+        return;
+    }
+    const double *d = get_pool(t->dt)->d;
+    for (size_t i = 0; i < len;) {
+        size_t pi = (start + i + t->salt) % POOL_P, l = POOL_P - pi;
+        if (l > len - i) l = len - i;
+        memcpy(out + i, d + pi, l * sizeof(double));
+        i += l;
+    }
+}
+
+/* Device elements [start, start+len) of an output as doubles. */
+static void dev_read(const tt *t, size_t start, size_t len, double *out)
+{
+    size_t es = moe_dtype_size(t->dt);
+    void *buf = xmalloc(len * es);
+    CK(cudaMemcpy(buf, (const char *)t->dev + start * es, len * es, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < len; i++) out[i] = moe_load_elem(t->dt, buf, i);
+    free(buf);
+}
+
+static double rnd(double v, moe_dtype dt) { return moe_round_to(dt, v); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* routing                                                                                    */
+
+enum { R_RANDOM, R_SKEWED, R_ONE, R_DROP };
+
+typedef struct route {
+    int T, k, E, max_rows, M;
+    int32_t *offsets, *gather, *row_e;
+    int32_t *d_offsets, *d_gather;
+} route;
+
+/* Token t picks k distinct experts: R_RANDOM from [0,E); R_SKEWED only experts e % 3 != 1 (so
+ * some get no rows); R_ONE (k=1) all tokens to expert E/2; R_DROP from [0, 2E), keeping only
+ * those < E (a rank's local experts: fewer rows than max_rows = T*k). Rows sorted by expert,
+ * stable in the flat index t*k+j. */
+static void make_route(route *rt, int T, int k, int E, int mode)
+{
+    memset(rt, 0, sizeof *rt);
+    rt->T = T;
+    rt->k = k;
+    rt->E = E;
+    rt->max_rows = T * k;
+    int32_t *ids = xmalloc(sizeof(int32_t) * (size_t)T * k);
+    uint64_t s = next_stream("route");
+    uint64_t ctr = 0;
+    int range = mode == R_DROP ? 2 * E : E;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            int e;
+            bool ok;
+            do {
+                if (mode == R_ONE) {
+                    e = E / 2;
+                } else {
+                    e = (int)(moe_rng_u64(s, ctr++) % (uint64_t)range);
+                }
+                ok = !(mode == R_SKEWED && e % 3 == 1);
+                for (int q = 0; q < j && ok; q++) ok = ids[t * k + q] != e;
+            } while (!ok && mode != R_ONE);
+            ids[t * k + j] = e;
+        }
+    rt->offsets = xmalloc(sizeof(int32_t) * (E + 1));
+    memset(rt->offsets, 0, sizeof(int32_t) * (E + 1));
+    for (int f = 0; f < T * k; f++)
+        if (ids[f] < E) rt->offsets[ids[f] + 1]++;
+    for (int e = 0; e < E; e++) rt->offsets[e + 1] += rt->offsets[e];
+    rt->M = rt->offsets[E];
+    rt->gather = xmalloc(sizeof(int32_t) * (rt->M + 1));
+    rt->row_e = xmalloc(sizeof(int32_t) * (rt->M + 1));
+    int32_t *fill = xmalloc(sizeof(int32_t) * E);
+    memcpy(fill, rt->offsets, sizeof(int32_t) * E);
+    for (int f = 0; f < T * k; f++)
+        if (ids[f] < E) {
+            int r = fill[ids[f]]++;
+            rt->gather[r] = f;
+            rt->row_e[r] = ids[f];
+        }
+    free(fill);
+    free(ids);
+    CK(cudaMalloc((void **)&rt->d_offsets, sizeof(int32_t) * (E + 1)));
+    CK(cudaMemcpy(rt->d_offsets, rt->offsets, sizeof(int32_t) * (E + 1), cudaMemcpyHostToDevice));
+    CK(cudaMalloc((void **)&rt->d_gather, sizeof(int32_t) * (rt->M + 1)));
+    CK(cudaMemcpy(rt->d_gather, rt->gather, sizeof(int32_t) * (rt->M + 1), cudaMemcpyHostToDevice));
+}
+
+static void free_route(route *rt)
+{
+    cudaFree(rt->d_offsets);
+    cudaFree(rt->d_gather);
+    free(rt->offsets);
+    free(rt->gather);
+    free(rt->row_e);
+    memset(rt, 0, sizeof *rt);
+}
+
+static int rows_of(const route *rt, int e) { return rt->offsets[e + 1] - rt->offsets[e]; }
+
+/* Which experts to check: all (sample 0) or `sample` of them: the biggest, any empty one, and
+ * random others. Returns the count written to out (size E). */
+static int pick_experts(const route *rt, int sample, int *out)
+{
+    if (sample <= 0 || sample >= rt->E) {
+        for (int e = 0; e < rt->E; e++) out[e] = e;
+        return rt->E;
+    }
+    int n = 0, big = 0;
+    for (int e = 1; e < rt->E; e++)
+        if (rows_of(rt, e) > rows_of(rt, big)) big = e;
+    out[n++] = big;
+    for (int e = 0; e < rt->E && n < sample; e++)
+        if (rows_of(rt, e) == 0) {
+            out[n++] = e;
+            break;
+        }
+    uint64_t s = next_stream("pick-e");
+    for (uint64_t c = 0; n < sample && c < 1000; c++) {
+        int e = (int)(moe_rng_u64(s, c) % (uint64_t)rt->E);
+        bool dup = false;
+        for (int q = 0; q < n; q++) dup |= out[q] == e;
+        if (!dup) out[n++] = e;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* forward / dX                                                                               */
+
+typedef struct fwd_case {
+    const char *name;
+    moe_dtype dt;
+    const route *rt;
+    int N, K;
+    bool px, py, bkn, sa, sc, silu, pre;
+    const moe_kernel_config *cfg; /* NULL: auto */
+    int sample_experts;           /* 0: check every row; else this many experts ... */
+    int sample_rows;              /* ... and up to this many rows of each */
+    bool grad;                    /* tolerance of a gradient (dX GEMMs) */
+    const char *expect_kernel;    /* substring the report must contain, or NULL */
+    size_t a_offset;              /* elements: misalign A's base pointer */
+} fwd_case;
+
+typedef struct fwd_bufs {
+    tt A, B, sa, sc, C, P;
+} fwd_bufs;
+
+static void fwd_alloc(const fwd_case *c, fwd_bufs *b)
+{
+    const route *rt = c->rt;
+    size_t a_rows = c->px ? (size_t)rt->T : (size_t)rt->max_rows;
+    size_t n_out = c->silu ? (size_t)c->N / 2 : (size_t)c->N;
+    memset(b, 0, sizeof *b);
+    tt_pooled(&b->A, c->dt, a_rows * c->K, c->a_offset);
+    tt_pooled(&b->B, c->dt, (size_t)rt->E * c->N * c->K, 0);
+    if (c->sa) tt_uniform(&b->sa, c->dt, rt->max_rows, 0.05, 1.0);
+    if (c->sc) tt_uniform(&b->sc, c->dt, rt->max_rows, 0.05, 1.0);
+    tt_out(&b->C, c->dt, (size_t)rt->max_rows * n_out);
+    if (c->pre) tt_out(&b->P, c->dt, (size_t)rt->max_rows * c->N);
+}
+
+static void fwd_free(fwd_bufs *b)
+{
+    tt_free(&b->A);
+    tt_free(&b->B);
+    tt_free(&b->sa);
+    tt_free(&b->sc);
+    tt_free(&b->C);
+    tt_free(&b->P);
+}
+
+static moe_grouped_gemm_args fwd_args(const fwd_case *c, const fwd_bufs *b)
+{
+    moe_grouped_gemm_args a;
+    memset(&a, 0, sizeof a);
+    a.dtype = c->dt;
+    a.num_experts = c->rt->E;
+    a.expert_offsets = c->rt->d_offsets;
+    a.N = c->N;
+    a.K = c->K;
+    a.max_rows = c->rt->max_rows;
+    a.topk = c->rt->k;
+    a.gather_idx = c->rt->d_gather;
+    a.A = b->A.dev;
+    a.B = b->B.dev;
+    a.b_kn = c->bkn;
+    a.C = b->C.dev;
+    a.C_preact = c->pre ? b->P.dev : NULL;
+    a.permute_x = c->px;
+    a.permute_y = c->py;
+    a.scale_a_rows = c->sa ? b->sa.dev : NULL;
+    a.scale_c_rows = c->sc ? b->sc.dev : NULL;
+    a.epilogue = c->silu ? MOE_EPI_SILU_MUL : MOE_EPI_NONE;
+    return a;
+}
+
+/* The double loop for the given rows (all of one expert e): out [nr, n_out], pre [nr, N]. */
+static void fwd_ref_rows(const fwd_case *c, const fwd_bufs *b, int e, const int *rows, int nr,
+                         double *out, double *pre)
+{
+    const route *rt = c->rt;
+    const int N = c->N, K = c->K;
+    double *a = xmalloc(sizeof(double) * (size_t)nr * K);
+    double *acc = xmalloc(sizeof(double) * (size_t)nr * N);
+    double *brow = xmalloc(sizeof(double) * (size_t)(N > K ? N : K));
+    memset(acc, 0, sizeof(double) * (size_t)nr * N);
+    for (int i = 0; i < nr; i++) {
+        int r = rows[i], g = rt->gather[r];
+        int src = c->px ? g / rt->k : r;
+        tt_run(&b->A, (size_t)src * K, K, a + (size_t)i * K);
+        if (c->sa)
+            for (int k = 0; k < K; k++)
+                a[(size_t)i * K + k] = rnd(a[(size_t)i * K + k] * tt_at(&b->sa, g), c->dt);
+    }
+    if (!c->bkn) {
+        for (int n = 0; n < N; n++) {
+            tt_run(&b->B, ((size_t)e * N + n) * K, K, brow);
+            for (int i = 0; i < nr; i++) {
+                const double *ai = a + (size_t)i * K;
+                double s = 0;
+                for (int k = 0; k < K; k++) s += ai[k] * brow[k];
+                acc[(size_t)i * N + n] = s;
+            }
+        }
+    } else {
+        for (int k = 0; k < K; k++) {
+            tt_run(&b->B, ((size_t)e * K + k) * N, N, brow);
+            for (int i = 0; i < nr; i++) {
+                double av = a[(size_t)i * K + k];
+                double *ac = acc + (size_t)i * N;
+                for (int n = 0; n < N; n++) ac[n] += av * brow[n];
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        const double *ac = acc + (size_t)i * N;
+        int g = rt->gather[rows[i]];
+        if (c->silu) {
+            int I = N / 2;
+            for (int j = 0; j < I; j++) {
+                double gv = ac[j], uv = ac[I + j];
+                out[(size_t)i * I + j] = rnd(gv / (1.0 + exp(-gv)) * uv, c->dt);
+            }
+            if (pre)
+                for (int n = 0; n < N; n++) pre[(size_t)i * N + n] = rnd(ac[n], c->dt);
+        } else {
+            double s = c->sc ? tt_at(&b->sc, g) : 1.0;
+            for (int n = 0; n < N; n++) out[(size_t)i * N + n] = rnd(ac[n] * s, c->dt);
+        }
+    }
+    free(a);
+    free(acc);
+    free(brow);
+}
+
+/* Check the outputs of a finished launch. full: every row of C/C_preact is read back and rows
+ * no routed row targets must still be NaN. Returns true when everything is within tolerance. */
+static bool fwd_check(const fwd_case *c, const fwd_bufs *b)
+{
+    const route *rt = c->rt;
+    const int N = c->N, n_out = c->silu ? N / 2 : N;
+    const double tol = moe_test_tol(c->dt, c->grad);
+    int *experts = xmalloc(sizeof(int) * rt->E);
+    int ne = pick_experts(rt, c->sample_experts, experts);
+    /* Gather the rows to check. */
+    int cap = 0;
+    for (int q = 0; q < ne; q++) cap += rows_of(rt, experts[q]);
+    int *rows = xmalloc(sizeof(int) * (cap + 1));
+    int *row_start = xmalloc(sizeof(int) * (ne + 1));
+    int nrows = 0;
+    uint64_t s = next_stream("pick-r");
+    for (int q = 0; q < ne; q++) {
+        int e = experts[q], lo = rt->offsets[e], n = rows_of(rt, e);
+        row_start[q] = nrows;
+        if (c->sample_experts <= 0 || n <= c->sample_rows) {
+            for (int r = lo; r < lo + n; r++) rows[nrows++] = r;
+        } else { /* first, last and random rows (ascending, distinct) */
+            bool *take = xmalloc(sizeof(bool) * n);
+            memset(take, 0, sizeof(bool) * n);
+            take[0] = take[n - 1] = true;
+            int have = 2;
+            for (uint64_t t = 0; have < c->sample_rows && t < 10000; t++) {
+                int i = (int)(moe_rng_u64(s, (uint64_t)q * 100000u + t) % (uint64_t)n);
+                if (!take[i]) {
+                    take[i] = true;
+                    have++;
+                }
+            }
+            for (int i = 0; i < n; i++)
+                if (take[i]) rows[nrows++] = lo + i;
+            free(take);
+        }
+    }
+    row_start[ne] = nrows;
+
+    double *got = xmalloc(sizeof(double) * ((size_t)nrows * n_out + 1));
+    double *ref = xmalloc(sizeof(double) * ((size_t)nrows * n_out + 1));
+    double *gotp = c->pre ? xmalloc(sizeof(double) * ((size_t)nrows * N + 1)) : NULL;
+    double *refp = c->pre ? xmalloc(sizeof(double) * ((size_t)nrows * N + 1)) : NULL;
+    for (int q = 0; q < ne; q++) {
+        int nr = row_start[q + 1] - row_start[q];
+        if (nr == 0) continue;
+        int off = row_start[q];
+        fwd_ref_rows(c, b, experts[q], rows + off, nr, ref + (size_t)off * n_out,
+                     refp ? refp + (size_t)off * N : NULL);
+        for (int i = 0; i < nr; i++) {
+            int r = rows[off + i], dst = c->py ? rt->gather[r] : r;
+            dev_read(&b->C, (size_t)dst * n_out, n_out, got + (size_t)(off + i) * n_out);
+            if (c->pre) dev_read(&b->P, (size_t)dst * N, N, gotp + (size_t)(off + i) * N);
+        }
+    }
+    char what[160];
+    snprintf(what, sizeof what, "%s C", c->name);
+    bool ok = moe_test_close(what, got, ref, nrows, n_out, tol);
+    if (c->pre) {
+        snprintf(what, sizeof what, "%s C_preact", c->name);
+        ok = moe_test_close(what, gotp, refp, nrows, N, tol) && ok;
+    }
+    /* Full check: rows that no routed row targets are untouched (still NaN). */
+    if (c->sample_experts <= 0) {
+        bool *target = xmalloc(sizeof(bool) * rt->max_rows);
+        memset(target, 0, sizeof(bool) * rt->max_rows);
+        for (int r = 0; r < rt->M; r++) target[c->py ? rt->gather[r] : r] = true;
+        double *all = xmalloc(sizeof(double) * (size_t)rt->max_rows * n_out);
+        dev_read(&b->C, 0, (size_t)rt->max_rows * n_out, all);
+        int bad = 0;
+        for (int r = 0; r < rt->max_rows; r++)
+            if (!target[r])
+                for (int j = 0; j < n_out; j++) bad += !isnan(all[(size_t)r * n_out + j]);
+        if (bad) {
+            fprintf(stderr, "%s: %d elements written in rows no routed row targets\n", c->name, bad);
+            ok = false;
+        }
+        free(all);
+        free(target);
+    }
+    free(got);
+    free(ref);
+    free(gotp);
+    free(refp);
+    free(rows);
+    free(row_start);
+    free(experts);
+    return ok;
+}
+
+/* The report names the expected kind of kernel ("mma" means the aligned tensor-core one). */
+static bool kernel_is(const moe_kernel_report *rep, const char *want, const char *name)
+{
+    if (!want) return true;
+    bool ok = rep->kernel && strstr(rep->kernel, want) &&
+              (strcmp(want, "mma") != 0 || !strstr(rep->kernel, "narrow"));
+    if (!ok)
+        fprintf(stderr, "%s: ran %s, expected a %s kernel\n", name, rep->kernel ? rep->kernel : "?",
+                want);
+    return ok;
+}
+
+/* Allocate, launch, check, free. */
+static bool run_fwd_case(const fwd_case *c)
+{
+    fwd_bufs b;
+    fwd_alloc(c, &b);
+    moe_grouped_gemm_args a = fwd_args(c, &b);
+    moe_kernel_report rep;
+    memset(&rep, 0, sizeof rep);
+    moe_error err;
+    moe_error_clear(&err);
+    moe_status st = moe_cuda_grouped_gemm(&a, c->cfg, 0, &rep, &err);
+    if (st != MOE_OK) {
+        fprintf(stderr, "%s: moe_cuda_grouped_gemm failed: %s\n", c->name, err.msg);
+        fwd_free(&b);
+        return false;
+    }
+    CK(cudaDeviceSynchronize());
+    bool ok = kernel_is(&rep, c->expect_kernel, c->name);
+    ok = fwd_check(c, &b) && ok;
+    fwd_free(&b);
+    return ok;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* dW                                                                                         */
+
+typedef struct dw_case {
+    const char *name;
+    moe_dtype dt;
+    const route *rt;
+    int N, K;
+    bool pdy, px, sdy, sx;
+    const moe_kernel_config *cfg;
+    int sample_experts; /* 0: all */
+    int sample_n;       /* rows n of each dW_e checked when sampling */
+    const char *expect_kernel;
+} dw_case;
+
+typedef struct dw_bufs {
+    tt dY, X, sdy, sx, W;
+} dw_bufs;
+
+static void dw_alloc(const dw_case *c, dw_bufs *b)
+{
+    const route *rt = c->rt;
+    memset(b, 0, sizeof *b);
+    tt_pooled(&b->dY, c->dt, (size_t)(c->pdy ? rt->T : rt->max_rows) * c->N, 0);
+    tt_pooled(&b->X, c->dt, (size_t)(c->px ? rt->T : rt->max_rows) * c->K, 0);
+    if (c->sdy) tt_uniform(&b->sdy, c->dt, rt->max_rows, 0.05, 1.0);
+    if (c->sx) tt_uniform(&b->sx, c->dt, rt->max_rows, 0.05, 1.0);
+    tt_out(&b->W, c->dt, (size_t)rt->E * c->N * c->K);
+}
+
+static void dw_free(dw_bufs *b)
+{
+    tt_free(&b->dY);
+    tt_free(&b->X);
+    tt_free(&b->sdy);
+    tt_free(&b->sx);
+    tt_free(&b->W);
+}
+
+static moe_grouped_gemm_dw_args dw_args(const dw_case *c, const dw_bufs *b)
+{
+    moe_grouped_gemm_dw_args a;
+    memset(&a, 0, sizeof a);
+    a.dtype = c->dt;
+    a.num_experts = c->rt->E;
+    a.expert_offsets = c->rt->d_offsets;
+    a.N = c->N;
+    a.K = c->K;
+    a.max_rows = c->rt->max_rows;
+    a.topk = c->rt->k;
+    a.gather_idx = c->rt->d_gather;
+    a.dY = b->dY.dev;
+    a.permute_dy = c->pdy;
+    a.scale_dy_rows = c->sdy ? b->sdy.dev : NULL;
+    a.X = b->X.dev;
+    a.permute_x = c->px;
+    a.scale_x_rows = c->sx ? b->sx.dev : NULL;
+    a.dW = b->W.dev;
+    return a;
+}
+
+static bool dw_check(const dw_case *c, const dw_bufs *b)
+{
+    const route *rt = c->rt;
+    const int N = c->N, K = c->K;
+    int *experts = xmalloc(sizeof(int) * rt->E);
+    int ne = pick_experts(rt, c->sample_experts, experts);
+    int per = (c->sample_experts > 0 && c->sample_n < N) ? c->sample_n : N;
+    size_t nrow = (size_t)ne * per;
+    double *got = xmalloc(sizeof(double) * nrow * K);
+    double *ref = xmalloc(sizeof(double) * nrow * K);
+    uint64_t s = next_stream("pick-n");
+    size_t q = 0;
+    for (int ie = 0; ie < ne; ie++) {
+        int e = experts[ie], lo = rt->offsets[e], nr = rows_of(rt, e);
+        /* X rows of the expert, scaled and rounded as the kernel's operand. */
+        double *xr = xmalloc(sizeof(double) * ((size_t)nr * K + 1));
+        for (int i = 0; i < nr; i++) {
+            int r = lo + i, g = rt->gather[r], src = c->px ? g / rt->k : r;
+            tt_run(&b->X, (size_t)src * K, K, xr + (size_t)i * K);
+            if (c->sx)
+                for (int k = 0; k < K; k++)
+                    xr[(size_t)i * K + k] = rnd(xr[(size_t)i * K + k] * tt_at(&b->sx, g), c->dt);
+        }
+        for (int j = 0; j < per; j++, q++) {
+            int n = per == N ? j
+                  : j == 0 ? 0
+                  : j == 1 ? N - 1
+                           : (int)(moe_rng_u64(s, q) % (uint64_t)N);
+            double *out = ref + q * K;
+            memset(out, 0, sizeof(double) * K);
+            for (int i = 0; i < nr; i++) {
+                int r = lo + i, g = rt->gather[r], src = c->pdy ? g / rt->k : r;
+                double dy = tt_at(&b->dY, (size_t)src * N + n);
+                if (c->sdy) dy = rnd(dy * tt_at(&b->sdy, g), c->dt);
+                const double *x = xr + (size_t)i * K;
+                for (int k = 0; k < K; k++) out[k] += dy * x[k];
+            }
+            for (int k = 0; k < K; k++) out[k] = rnd(out[k], c->dt);
+            dev_read(&b->W, ((size_t)e * N + n) * K, K, got + q * K);
+        }
+        free(xr);
+    }
+    bool ok = moe_test_close(c->name, got, ref, nrow, K, moe_test_tol(c->dt, true));
+    free(got);
+    free(ref);
+    free(experts);
+    return ok;
+}
+
+static bool run_dw_case(const dw_case *c)
+{
+    dw_bufs b;
+    dw_alloc(c, &b);
+    moe_grouped_gemm_dw_args a = dw_args(c, &b);
+    moe_kernel_report rep;
+    memset(&rep, 0, sizeof rep);
+    moe_error err;
+    moe_error_clear(&err);
+    moe_status st = moe_cuda_grouped_gemm_dw(&a, c->cfg, 0, &rep, &err);
+    if (st != MOE_OK) {
+        fprintf(stderr, "%s: moe_cuda_grouped_gemm_dw failed: %s\n", c->name, err.msg);
+        dw_free(&b);
+        return false;
+    }
+    CK(cudaDeviceSynchronize());
+    bool ok = kernel_is(&rep, c->expect_kernel, c->name);
+    ok = dw_check(c, &b) && ok;
+    dw_free(&b);
+    return ok;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* small shapes, every flag                                                                   */
+
+typedef struct shape {
+    const char *name;
+    int T, k, E, mode;
+    int N, K; /* N of non-SiLU GEMMs; SiLU uses 2*ceil(N/2)... see below */
+    bool narrow;
+} shape;
+
+static const shape k_small[] = {
+    /* rows not 16-byte multiples in bf16/fp16 (K=37, N=13): the narrow path; empty experts */
+    {"odd", 29, 3, 5, R_SKEWED, 13, 37, true},
+    /* partial tiles in M, N, K; fewer routed rows than max_rows; multi-tile experts */
+    {"partial", 150, 2, 3, R_DROP, 200, 136, false},
+    /* one expert takes every row */
+    {"one-expert", 300, 1, 4, R_ONE, 72, 64, false},
+};
+
+static void test_fwd_flags(void **state)
+{
+    (void)state;
+    int failures = 0, runs = 0;
+    for (int d = 0; d < 3; d++) {
+        moe_dtype dt = k_dtypes[d];
+        for (size_t si = 0; si < sizeof k_small / sizeof k_small[0]; si++) {
+            const shape *sh = &k_small[si];
+            route rt;
+            make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+            for (int perm = 0; perm < 3; perm++)
+                for (int bkn = 0; bkn < 2; bkn++)
+                    for (int sa = 0; sa < 2; sa++)
+                        for (int epi = 0; epi < 4; epi++) {
+                            bool silu = epi >= 2;
+                            char name[160];
+                            snprintf(name, sizeof name, "%s %s px%d py%d bkn%d sa%d %s",
+                                     moe_dtype_name(dt), sh->name, perm == 1, perm == 2, bkn, sa,
+                                     epi == 0   ? "plain"
+                                     : epi == 1 ? "scale_c"
+                                     : epi == 2 ? "silu"
+                                                : "silu+preact");
+                            fwd_case c = {0};
+                            c.name = name;
+                            c.dt = dt;
+                            c.rt = &rt;
+                            /* SiLU: N = 2I with I = the shape's N (odd I = 13 included) */
+                            c.N = silu ? 2 * sh->N : sh->N;
+                            c.K = sh->K;
+                            c.px = perm == 1;
+                            c.py = perm == 2;
+                            c.bkn = bkn;
+                            c.sa = sa;
+                            c.sc = epi == 1;
+                            c.silu = silu;
+                            c.pre = epi == 3;
+                            c.expect_kernel = dt == MOE_DTYPE_F32 ? "ffma"
+                                              : sh->narrow        ? "narrow"
+                                                                  : "mma";
+                            runs++;
+                            if (!run_fwd_case(&c)) failures++;
+                        }
+            free_route(&rt);
+        }
+    }
+    fprintf(stderr, "forward/dX flag combinations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+static void test_dw_flags(void **state)
+{
+    (void)state;
+    int failures = 0, runs = 0;
+    for (int d = 0; d < 3; d++) {
+        moe_dtype dt = k_dtypes[d];
+        for (size_t si = 0; si < sizeof k_small / sizeof k_small[0]; si++) {
+            const shape *sh = &k_small[si];
+            route rt;
+            make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+            for (int f = 0; f < 16; f++) {
+                char name[160];
+                dw_case c = {0};
+                c.dt = dt;
+                c.rt = &rt;
+                c.N = sh->N;
+                c.K = sh->K;
+                c.pdy = f & 1;
+                c.px = (f >> 1) & 1;
+                c.sdy = (f >> 2) & 1;
+                c.sx = (f >> 3) & 1;
+                snprintf(name, sizeof name, "%s %s dW pdy%d px%d sdy%d sx%d", moe_dtype_name(dt),
+                         sh->name, c.pdy, c.px, c.sdy, c.sx);
+                c.name = name;
+                c.expect_kernel = dt == MOE_DTYPE_F32 ? "ffma" : sh->narrow ? "narrow" : "mma";
+                runs++;
+                if (!run_dw_case(&c)) failures++;
+            }
+            free_route(&rt);
+        }
+    }
+    fprintf(stderr, "dW flag combinations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+/* Every compiled configuration on the partial-tile shape, forward (two flag sets) and dW. */
+static void test_all_configs(void **state)
+{
+    (void)state;
+    int failures = 0, runs = 0;
+    for (int d = 0; d < 3; d++) {
+        moe_dtype dt = k_dtypes[d];
+        const moe_kernel_config *list;
+        int n = moe_kernel_configs(dt, &list);
+        assert_true(n > 0);
+        route rt;
+        make_route(&rt, 150, 2, 3, R_DROP);
+        for (int i = 0; i < n; i++) {
+            char cs[64], name[160];
+            moe_kernel_config_str(&list[i], cs, sizeof cs);
+            for (int v = 0; v < 2; v++) {
+                fwd_case c = {0};
+                snprintf(name, sizeof name, "%s cfg %s %s", moe_dtype_name(dt), cs,
+                         v ? "px+sa+silu+preact" : "py+bkn+sc");
+                c.name = name;
+                c.dt = dt;
+                c.rt = &rt;
+                c.N = v ? 400 : 200;
+                c.K = 136;
+                c.px = v;
+                c.sa = v;
+                c.silu = v;
+                c.pre = v;
+                c.py = !v;
+                c.bkn = !v;
+                c.sc = !v;
+                c.cfg = &list[i];
+                runs++;
+                if (!run_fwd_case(&c)) failures++;
+            }
+            dw_case w = {0};
+            snprintf(name, sizeof name, "%s cfg %s dW pdy+sdy+px", moe_dtype_name(dt), cs);
+            w.name = name;
+            w.dt = dt;
+            w.rt = &rt;
+            w.N = 200;
+            w.K = 136;
+            w.pdy = w.sdy = w.px = true;
+            w.cfg = &list[i];
+            runs++;
+            if (!run_dw_case(&w)) failures++;
+        }
+        free_route(&rt);
+    }
+    fprintf(stderr, "configurations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+/* 16-byte-multiple rows but a base pointer 2 bytes off: must take the narrow path, still right. */
+static void test_misaligned_base(void **state)
+{
+    (void)state;
+    route rt;
+    make_route(&rt, 40, 2, 4, R_RANDOM);
+    for (int d = 0; d < 2; d++) {
+        fwd_case c = {0};
+        c.name = d ? "fp16 misaligned A base" : "bf16 misaligned A base";
+        c.dt = k_dtypes[d];
+        c.rt = &rt;
+        c.N = 48;
+        c.K = 64;
+        c.px = true;
+        c.a_offset = 1;
+        c.expect_kernel = "narrow";
+        assert_true(run_fwd_case(&c));
+    }
+    free_route(&rt);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* a whole layer's six GEMMs at given model dims                                              */
+
+typedef struct model_dims {
+    const char *name;
+    int H, I, E, k;
+    bool llama; /* Llama-4 style scaling: input scaled (GEMM1), dx scaled; Qwen3: output scaled */
+} model_dims;
+
+static bool run_layer(const model_dims *m, int T, moe_dtype dt, int sample_experts,
+                      int sample_rows)
+{
+    route rt;
+    make_route(&rt, T, m->k, m->E, R_RANDOM);
+    bool ok = true;
+    char name[160];
+    fwd_case c = {0};
+    c.dt = dt;
+    c.rt = &rt;
+    c.sample_experts = sample_experts;
+    c.sample_rows = sample_rows;
+
+    /* GEMM1: x [T,H] (gathered) x w13 [E,2I,H]^T -> act [M,I], gemm1_out [M,2I] */
+    snprintf(name, sizeof name, "%s %s T=%d GEMM1", moe_dtype_name(dt), m->name, T);
+    c.name = name;
+    c.N = 2 * m->I;
+    c.K = m->H;
+    c.px = true;
+    c.sa = m->llama;
+    c.silu = c.pre = true;
+    ok = run_fwd_case(&c) && ok;
+
+    /* GEMM2: act [M,I] x w2 [E,H,I]^T -> [T*k,H] scattered, Qwen3 weights in the epilogue */
+    fwd_case c2 = {0};
+    c2.dt = dt;
+    c2.rt = &rt;
+    c2.sample_experts = sample_experts;
+    c2.sample_rows = sample_rows;
+    snprintf(name, sizeof name, "%s %s T=%d GEMM2", moe_dtype_name(dt), m->name, T);
+    c2.name = name;
+    c2.N = m->H;
+    c2.K = m->I;
+    c2.py = true;
+    c2.sc = !m->llama;
+    ok = run_fwd_case(&c2) && ok;
+
+    /* dX of GEMM2: dout [T,H] (gathered, Qwen3: times the weight) x w2 [E,H,I] -> dact [M,I] */
+    fwd_case c3 = c2;
+    snprintf(name, sizeof name, "%s %s T=%d dX GEMM2 (b_kn)", moe_dtype_name(dt), m->name, T);
+    c3.name = name;
+    c3.N = m->I;
+    c3.K = m->H;
+    c3.py = false;
+    c3.sc = false;
+    c3.px = true;
+    c3.sa = !m->llama;
+    c3.bkn = true;
+    c3.grad = true;
+    ok = run_fwd_case(&c3) && ok;
+
+    /* dX of GEMM1: dgu [M,2I] x w13 [E,2I,H] -> dx rows [T*k,H] scattered (Llama-4: x score) */
+    fwd_case c4 = c2;
+    snprintf(name, sizeof name, "%s %s T=%d dX GEMM1 (b_kn)", moe_dtype_name(dt), m->name, T);
+    c4.name = name;
+    c4.N = m->H;
+    c4.K = 2 * m->I;
+    c4.py = true;
+    c4.sc = m->llama;
+    c4.bkn = true;
+    c4.grad = true;
+    ok = run_fwd_case(&c4) && ok;
+
+    /* dW2 [E,H,I] = sum dY^T act: dY = dout gathered (Qwen3: times the weight) */
+    dw_case w = {0};
+    w.dt = dt;
+    w.rt = &rt;
+    w.sample_experts = sample_experts;
+    w.sample_n = sample_rows;
+    snprintf(name, sizeof name, "%s %s T=%d dW2", moe_dtype_name(dt), m->name, T);
+    w.name = name;
+    w.N = m->H;
+    w.K = m->I;
+    w.pdy = true;
+    w.sdy = !m->llama;
+    ok = run_dw_case(&w) && ok;
+
+    /* dW13 [E,2I,H] = sum dgu^T x: x gathered (Llama-4: times the score) */
+    dw_case w2 = w;
+    snprintf(name, sizeof name, "%s %s T=%d dW13", moe_dtype_name(dt), m->name, T);
+    w2.name = name;
+    w2.N = 2 * m->I;
+    w2.K = m->H;
+    w2.pdy = false;
+    w2.sdy = false;
+    w2.px = true;
+    w2.sx = m->llama;
+    ok = run_dw_case(&w2) && ok;
+
+    free_route(&rt);
+    return ok;
+}
+
+static const model_dims k_tiny_qwen = {"tiny-qwen3 (H=37,I=23,E=7,k=3)", 37, 23, 7, 3, false};
+static const model_dims k_tiny_llama = {"tiny-llama4 (H=41,I=19,E=5,k=1)", 41, 19, 5, 1, true};
+static const model_dims k_qwen = {"Qwen3-30B-A3B", 2048, 768, 128, 8, false};
+static const model_dims k_llama = {"Llama-4-Scout", 5120, 8192, 16, 1, true};
+
+static void test_tiny_presets(void **state)
+{
+    (void)state;
+    int failures = 0;
+    for (int d = 0; d < 3; d++) {
+        failures += !run_layer(&k_tiny_qwen, 64, k_dtypes[d], 0, 0);
+        failures += !run_layer(&k_tiny_llama, 64, k_dtypes[d], 0, 0);
+    }
+    assert_int_equal(failures, 0);
+}
+
+static void test_real_qwen3(void **state)
+{
+    (void)state;
+    if (small_only()) skip();
+    int failures = 0;
+    for (int d = 0; d < 3; d++) failures += !run_layer(&k_qwen, 1024, k_dtypes[d], 6, 8);
+    assert_int_equal(failures, 0);
+}
+
+static void test_real_llama4(void **state)
+{
+    (void)state;
+    if (small_only()) skip();
+    int failures = 0;
+    for (int d = 0; d < 3; d++) failures += !run_layer(&k_llama, 1024, k_dtypes[d], 3, 3);
+    assert_int_equal(failures, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* determinism                                                                                */
+
+static bool dev_equal(const tt *a, const tt *b)
+{
+    size_t n = a->n * moe_dtype_size(a->dt);
+    unsigned char *x = xmalloc(n), *y = xmalloc(n);
+    CK(cudaMemcpy(x, a->dev, n, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y, b->dev, n, cudaMemcpyDeviceToHost));
+    bool eq = memcmp(x, y, n) == 0;
+    free(x);
+    free(y);
+    return eq;
+}
+
+static void test_determinism(void **state)
+{
+    (void)state;
+    const bool big = !small_only();
+    route rt;
+    if (big)
+        make_route(&rt, 1024, 8, 128, R_RANDOM); /* Qwen3 routing at T=1024 */
+    else
+        make_route(&rt, 150, 2, 3, R_DROP);
+    for (int d = 0; d < 3; d++) {
+        moe_dtype dt = k_dtypes[d];
+        fwd_case c = {0};
+        c.name = "determinism";
+        c.dt = dt;
+        c.rt = &rt;
+        c.N = big ? 1536 : 400;
+        c.K = big ? 2048 : 136;
+        c.px = c.silu = c.pre = true;
+        fwd_bufs b;
+        fwd_alloc(&c, &b);
+        moe_grouped_gemm_args a = fwd_args(&c, &b);
+        tt C2, P2;
+        tt_out(&C2, dt, b.C.n);
+        tt_out(&P2, dt, b.P.n);
+        moe_error err;
+        moe_error_clear(&err);
+        assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_OK);
+        a.C = C2.dev;
+        a.C_preact = P2.dev;
+        assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_OK);
+        CK(cudaDeviceSynchronize());
+        assert_true(dev_equal(&b.C, &C2));
+        assert_true(dev_equal(&b.P, &P2));
+        tt_free(&C2);
+        tt_free(&P2);
+        fwd_free(&b);
+
+        dw_case w = {0};
+        w.dt = dt;
+        w.rt = &rt;
+        w.N = big ? 1536 : 200;
+        w.K = big ? 2048 : 136;
+        w.px = w.pdy = w.sdy = true;
+        dw_bufs db;
+        dw_alloc(&w, &db);
+        moe_grouped_gemm_dw_args wa = dw_args(&w, &db);
+        tt W2;
+        tt_out(&W2, dt, db.W.n);
+        assert_int_equal(moe_cuda_grouped_gemm_dw(&wa, NULL, 0, NULL, &err), MOE_OK);
+        wa.dW = W2.dev;
+        assert_int_equal(moe_cuda_grouped_gemm_dw(&wa, NULL, 0, NULL, &err), MOE_OK);
+        CK(cudaDeviceSynchronize());
+        assert_true(dev_equal(&db.W, &W2));
+        tt_free(&W2);
+        dw_free(&db);
+        fprintf(stderr, "%s: two runs bitwise equal (forward SiLU+preact, dW)\n", moe_dtype_name(dt));
+    }
+    free_route(&rt);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* argument checks, configuration strings                                                     */
+
+static void test_rejections(void **state)
+{
+    (void)state;
+    route rt;
+    make_route(&rt, 16, 2, 3, R_RANDOM);
+    fwd_case c = {0};
+    c.dt = MOE_DTYPE_BF16;
+    c.rt = &rt;
+    c.N = 32;
+    c.K = 32;
+    fwd_bufs b;
+    fwd_alloc(&c, &b);
+    moe_grouped_gemm_args a0 = fwd_args(&c, &b), a;
+    moe_error err;
+
+    a = a0;
+    a.permute_x = a.permute_y = true;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+    fprintf(stderr, "rejected: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "permute_x and permute_y"));
+
+    a = a0;
+    a.epilogue = MOE_EPI_SILU_MUL;
+    a.N = 31;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "even N"));
+
+    a = a0;
+    a.epilogue = MOE_EPI_SILU_MUL;
+    a.scale_c_rows = b.A.dev;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+
+    a = a0;
+    a.C_preact = b.C.dev;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+
+    a = a0;
+    a.permute_x = true;
+    a.gather_idx = NULL;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+
+    a = a0;
+    a.dtype = MOE_DTYPE_F64;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_UNSUPPORTED);
+
+    a = a0;
+    a.C = NULL;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_cuda_grouped_gemm(NULL, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+
+    moe_kernel_config bad = {96, 96, 32, 8, 3, 0};
+    a = a0;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, &bad, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+    fprintf(stderr, "rejected: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "valid:"));
+    assert_non_null(strstr(err.msg, "128x128x32,w8,s3"));
+
+    moe_grouped_gemm_dw_args w;
+    memset(&w, 0, sizeof w);
+    w.dtype = MOE_DTYPE_BF16;
+    w.num_experts = 3;
+    w.expert_offsets = rt.d_offsets;
+    w.N = 32;
+    w.K = 32;
+    w.max_rows = rt.max_rows;
+    w.topk = 2;
+    w.dY = b.A.dev;
+    w.X = b.A.dev;
+    w.dW = b.C.dev;
+    w.permute_x = true; /* gather_idx NULL */
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm_dw(&w, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+    w.gather_idx = rt.d_gather;
+    w.dW = NULL;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm_dw(&w, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
+
+    /* Nothing was launched by any rejected call: C is still all NaN. */
+    CK(cudaDeviceSynchronize());
+    double *all = xmalloc(sizeof(double) * b.C.n);
+    dev_read(&b.C, 0, b.C.n, all);
+    for (size_t i = 0; i < b.C.n; i++) assert_true(isnan(all[i]));
+    free(all);
+    fwd_free(&b);
+    free_route(&rt);
+}
+
+static void test_config_strings(void **state)
+{
+    (void)state;
+    moe_kernel_config c;
+    moe_error err;
+    char buf[64];
+    moe_error_clear(&err);
+    assert_int_equal(moe_kernel_config_parse("128x128x32,w8,s3", &c, &err), MOE_OK);
+    assert_int_equal(c.tile_m, 128);
+    assert_int_equal(c.tile_n, 128);
+    assert_int_equal(c.tile_k, 32);
+    assert_int_equal(c.warps, 8);
+    assert_int_equal(c.stages, 3);
+    assert_int_equal(c.use_tma, 0);
+    assert_string_equal(moe_kernel_config_str(&c, buf, sizeof buf), "128x128x32,w8,s3");
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_OK);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F16, &err), MOE_OK);
+    /* fp32 runs the FFMA kernels: the tensor-core tiles are not valid there */
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F32, &err), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "64x64x16"));
+
+    assert_int_equal(moe_kernel_config_parse("128x128x64,w8,s3,tma", &c, &err), MOE_OK);
+    assert_int_equal(c.use_tma, 1);
+    moe_error_clear(&err);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_ERR_UNSUPPORTED);
+
+    assert_int_equal(moe_kernel_config_parse("auto", &c, &err), MOE_OK);
+    assert_int_equal(c.tile_m, 0);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F32, &err), MOE_OK);
+    /* partial: the first compiled match */
+    assert_int_equal(moe_kernel_config_parse("64x64x32", &c, &err), MOE_OK);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_OK);
+
+    const char *bad[] = {"128x128", "128x128x32,w", "128x128x32,q3", "x128x32", "128x128x32,w8,w8",
+                         "128x128x32 ", "-1x128x32", "128x128x32,s0"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        moe_error_clear(&err);
+        assert_int_equal(moe_kernel_config_parse(bad[i], &c, &err), MOE_ERR_INVALID_ARG);
+        assert_non_null(strstr(err.msg, "e.g."));
+    }
+    assert_int_equal(moe_kernel_config_parse("96x128x32,w8,s3", &c, &err), MOE_OK);
+    moe_error_clear(&err);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_ERR_INVALID_ARG);
+    fprintf(stderr, "validate: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "valid:"));
+
+    /* every listed configuration round-trips through its string */
+    for (int d = 0; d < 3; d++) {
+        const moe_kernel_config *list;
+        int n = moe_kernel_configs(k_dtypes[d], &list);
+        for (int i = 0; i < n; i++) {
+            moe_kernel_config r;
+            assert_int_equal(moe_kernel_config_parse(moe_kernel_config_str(&list[i], buf, sizeof buf),
+                                                     &r, &err), MOE_OK);
+            assert_memory_equal(&r, &list[i], sizeof r);
+            assert_int_equal(moe_kernel_config_validate(&r, k_dtypes[d], &err), MOE_OK);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* autotune                                                                                   */
+
+static char *read_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *s = xmalloc((size_t)n + 1);
+    size_t got = fread(s, 1, (size_t)n, f);
+    s[got] = '\0';
+    fclose(f);
+    return s;
+}
+
+static void test_autotune(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/moe-gg-autotune-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[256];
+    snprintf(path, sizeof path, "%s/sub/autotune.json", dir); /* parent created by the tuner */
+
+    route rt;
+    make_route(&rt, 150, 2, 3, R_DROP);
+    fwd_case c = {0};
+    c.name = "autotune";
+    c.dt = MOE_DTYPE_BF16;
+    c.rt = &rt;
+    c.N = 400;
+    c.K = 136;
+    c.px = c.silu = c.pre = true;
+    fwd_bufs b;
+    fwd_alloc(&c, &b);
+    moe_grouped_gemm_args a = fwd_args(&c, &b);
+    moe_error err;
+    moe_error_clear(&err);
+    moe_kernel_config got, again;
+    bool found = true;
+    assert_int_equal(moe_autotune_lookup(path, &a, &got, &found, &err), MOE_OK);
+    assert_false(found);
+    assert_int_equal(moe_autotune_pick(path, &a, 0, &got, &err), MOE_OK);
+    assert_int_equal(moe_kernel_config_validate(&got, MOE_DTYPE_BF16, &err), MOE_OK);
+    char *first = read_file(path);
+    assert_non_null(first);
+    char key[1024], cs[64];
+    assert_int_equal(moe_autotune_key(&a, key, sizeof key, &err), MOE_OK);
+    fprintf(stderr, "autotune: key %s -> %s\n", key, moe_kernel_config_str(&got, cs, sizeof cs));
+    assert_non_null(strstr(first, "silu_mul"));
+    assert_non_null(strstr(first, cs));
+    /* tuning wrote only scratch buffers: the caller's outputs are still all NaN */
+    double *all = xmalloc(sizeof(double) * b.C.n);
+    dev_read(&b.C, 0, b.C.n, all);
+    for (size_t i = 0; i < b.C.n; i++) assert_true(isnan(all[i]));
+    free(all);
+    /* second time: from the cache, no tuning, file unchanged */
+    assert_int_equal(moe_autotune_lookup(path, &a, &again, &found, &err), MOE_OK);
+    assert_true(found);
+    assert_memory_equal(&again, &got, sizeof got);
+    assert_int_equal(moe_autotune_pick(path, &a, 0, &again, &err), MOE_OK);
+    assert_memory_equal(&again, &got, sizeof got);
+    char *second = read_file(path);
+    assert_string_equal(first, second);
+    /* a different problem (dW) adds an entry and keeps the first */
+    dw_case w = {0};
+    w.dt = MOE_DTYPE_BF16;
+    w.rt = &rt;
+    w.N = 200;
+    w.K = 136;
+    w.pdy = true;
+    dw_bufs db;
+    dw_alloc(&w, &db);
+    moe_grouped_gemm_dw_args wa = dw_args(&w, &db);
+    assert_int_equal(moe_autotune_pick_dw(path, &wa, 0, &again, &err), MOE_OK);
+    char *third = read_file(path);
+    assert_non_null(strstr(third, "grouped_gemm_dw"));
+    assert_int_equal(moe_autotune_lookup(path, &a, &again, &found, &err), MOE_OK);
+    assert_true(found);
+    /* the picked configuration runs and is right */
+    c.cfg = &got;
+    assert_true(run_fwd_case(&c));
+    /* a corrupt cache is ignored (warned), then rewritten */
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fputs("{not json", f);
+    fclose(f);
+    assert_int_equal(moe_autotune_lookup(path, &a, &again, &found, &err), MOE_OK);
+    assert_false(found);
+    setenv("MOE_AUTOTUNE_QUIET", "1", 1);
+    assert_int_equal(moe_autotune_pick(path, &a, 0, &again, &err), MOE_OK);
+    unsetenv("MOE_AUTOTUNE_QUIET");
+    assert_int_equal(moe_autotune_lookup(path, &a, &again, &found, &err), MOE_OK);
+    assert_true(found);
+    /* default path: $MOE_AUTOTUNE_CACHE */
+    setenv("MOE_AUTOTUNE_CACHE", "/some/where.json", 1);
+    char p2[512];
+    assert_int_equal(moe_autotune_cache_path(NULL, p2, sizeof p2, &err), MOE_OK);
+    assert_string_equal(p2, "/some/where.json");
+    unsetenv("MOE_AUTOTUNE_CACHE");
+    const char *home = getenv("HOME");
+    char *old_home = home ? strdup(home) : NULL;
+    setenv("HOME", "/home/x", 1);
+    assert_int_equal(moe_autotune_cache_path("", p2, sizeof p2, &err), MOE_OK);
+    assert_string_equal(p2, "/home/x/.cache/moe-ep/autotune.json");
+    if (old_home) setenv("HOME", old_home, 1); else unsetenv("HOME");
+    free(old_home);
+
+    free(first);
+    free(second);
+    free(third);
+    dw_free(&db);
+    fwd_free(&b);
+    free_route(&rt);
+    remove(path);
+    char sub[300];
+    snprintf(sub, sizeof sub, "%s/sub", dir);
+    rmdir(sub);
+    rmdir(dir);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T tokens, every configuration, the      */
+/* autotuner's pick, and cuBLAS on one dense GEMM of the same FLOPs as a ceiling.             */
+
+static float time_ms(moe_status (*run)(const void *, const moe_kernel_config *), const void *a,
+                     const moe_kernel_config *cfg, int reps)
+{
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 2; i++) assert_int_equal(run(a, cfg), MOE_OK);
+    float t[32];
+    if (reps > 32) reps = 32;
+    for (int i = 0; i < reps; i++) {
+        CK(cudaEventRecord(e0, 0));
+        assert_int_equal(run(a, cfg), MOE_OK);
+        CK(cudaEventRecord(e1, 0));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&t[i], e0, e1));
+    }
+    for (int i = 1; i < reps; i++) /* insertion sort, then the median */
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) {
+            float x = t[j];
+            t[j] = t[j - 1];
+            t[j - 1] = x;
+        }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return t[reps / 2];
+}
+
+static moe_status run_gg(const void *a, const moe_kernel_config *cfg)
+{
+    moe_error err;
+    moe_error_clear(&err);
+    moe_status st = moe_cuda_grouped_gemm((const moe_grouped_gemm_args *)a, cfg, 0, NULL, &err);
+    if (st != MOE_OK) fprintf(stderr, "bench: %s\n", err.msg);
+    return st;
+}
+
+typedef struct dense_gemm {
+    cublasHandle_t h;
+    int M, N, K;
+    const void *A, *B;
+    void *C;
+} dense_gemm;
+
+static moe_status run_cublas(const void *p, const moe_kernel_config *cfg)
+{
+    (void)cfg;
+    const dense_gemm *g = p;
+    const float one = 1.f, zero = 0.f;
+    /* row-major C[M,N] = A[M,K] B[N,K]^T  ==  column-major C^T = B^T(op T of [K,N]) A^T */
+    cublasStatus_t st = cublasGemmEx(g->h, CUBLAS_OP_T, CUBLAS_OP_N, g->N, g->M, g->K, &one, g->B,
+                                     CUDA_R_16BF, g->K, g->A, CUDA_R_16BF, g->K, &zero, g->C,
+                                     CUDA_R_16BF, g->N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    return st == CUBLAS_STATUS_SUCCESS ? MOE_OK : MOE_ERR_CUDA;
+}
+
+static void bench_model(const model_dims *m, int T)
+{
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    route rt;
+    make_route(&rt, T, m->k, m->E, R_RANDOM);
+    const int M = rt.M, H = m->H, I = m->I;
+    tt x, w13, w2, sc, act, pre, y;
+    tt_pooled(&x, dt, (size_t)T * H, 0);
+    tt_pooled(&w13, dt, (size_t)m->E * 2 * I * H, 0);
+    tt_pooled(&w2, dt, (size_t)m->E * H * I, 0);
+    tt_uniform(&sc, dt, (size_t)T * m->k, 0.05, 1.0);
+    tt_out(&act, dt, (size_t)M * I);
+    tt_out(&pre, dt, (size_t)M * 2 * I);
+    tt_out(&y, dt, (size_t)T * m->k * H);
+
+    moe_grouped_gemm_args g1, g2;
+    memset(&g1, 0, sizeof g1);
+    g1.dtype = dt;
+    g1.num_experts = m->E;
+    g1.expert_offsets = rt.d_offsets;
+    g1.max_rows = rt.max_rows;
+    g1.topk = m->k;
+    g1.gather_idx = rt.d_gather;
+    g2 = g1;
+    g1.N = 2 * I;
+    g1.K = H;
+    g1.A = x.dev;
+    g1.B = w13.dev;
+    g1.C = act.dev;
+    g1.C_preact = pre.dev;
+    g1.permute_x = true;
+    g1.scale_a_rows = m->llama ? sc.dev : NULL;
+    g1.epilogue = MOE_EPI_SILU_MUL;
+    g2.N = H;
+    g2.K = I;
+    g2.A = act.dev;
+    g2.B = w2.dev;
+    g2.C = y.dev;
+    g2.permute_y = true;
+    g2.scale_c_rows = m->llama ? NULL : sc.dev;
+
+    const double f1 = 2.0 * M * (2.0 * I) * H, f2 = 2.0 * M * (double)H * I;
+    fprintf(stderr, "BENCH %s T=%d bf16: M=%d  GEMM1 %dx%dx%d (%.1f GFLOP)  GEMM2 %dx%dx%d (%.1f GFLOP)\n",
+            m->name, T, M, M, 2 * I, H, f1 * 1e-9, M, H, I, f2 * 1e-9);
+    const moe_kernel_config *list;
+    int n = moe_kernel_configs(dt, &list);
+    float best1 = 1e30f, best2 = 1e30f, bestsum = 1e30f;
+    int b1 = 0, b2 = 0, bs = 0;
+    for (int i = 0; i < n; i++) {
+        char cs[64];
+        float t1 = time_ms(run_gg, &g1, &list[i], 10), t2 = time_ms(run_gg, &g2, &list[i], 10);
+        fprintf(stderr, "BENCH   %-18s GEMM1 %8.3f ms %6.1f TF/s   GEMM2 %8.3f ms %6.1f TF/s   sum %8.3f ms\n",
+                moe_kernel_config_str(&list[i], cs, sizeof cs), t1, f1 / t1 * 1e-9, t2,
+                f2 / t2 * 1e-9, t1 + t2);
+        if (t1 < best1) { best1 = t1; b1 = i; }
+        if (t2 < best2) { best2 = t2; b2 = i; }
+        if (t1 + t2 < bestsum) { bestsum = t1 + t2; bs = i; }
+    }
+    char c1[64], c2[64], c3[64];
+    fprintf(stderr, "BENCH %s T=%d best: GEMM1 %s %.3f ms (%.1f TF/s), GEMM2 %s %.3f ms (%.1f TF/s); "
+                    "GEMM1+GEMM2 %.3f ms = %.1f TF/s; best single config %s %.3f ms\n",
+            m->name, T, moe_kernel_config_str(&list[b1], c1, sizeof c1), best1, f1 / best1 * 1e-9,
+            moe_kernel_config_str(&list[b2], c2, sizeof c2), best2, f2 / best2 * 1e-9, best1 + best2,
+            (f1 + f2) / (best1 + best2) * 1e-9, moe_kernel_config_str(&list[bs], c3, sizeof c3), bestsum);
+
+    /* the autotuner on the same problems (fresh cache) */
+    char path[128];
+    snprintf(path, sizeof path, "/tmp/moe-gg-bench-%d.json", (int)getpid());
+    remove(path);
+    moe_kernel_config p1, p2;
+    moe_error err;
+    moe_error_clear(&err);
+    assert_int_equal(moe_autotune_pick(path, &g1, 0, &p1, &err), MOE_OK);
+    assert_int_equal(moe_autotune_pick(path, &g2, 0, &p2, &err), MOE_OK);
+    float a1 = time_ms(run_gg, &g1, &p1, 10), a2 = time_ms(run_gg, &g2, &p2, 10);
+    fprintf(stderr, "BENCH %s T=%d autotuned: GEMM1 %s %.3f ms, GEMM2 %s %.3f ms, sum %.3f ms = %.1f TF/s\n",
+            m->name, T, moe_kernel_config_str(&p1, c1, sizeof c1), a1,
+            moe_kernel_config_str(&p2, c2, sizeof c2), a2, a1 + a2, (f1 + f2) / (a1 + a2) * 1e-9);
+    remove(path);
+
+    /* cuBLAS, one dense GEMM per shape (same FLOPs, no gather/scatter/experts): a ceiling */
+    dense_gemm d;
+    assert_int_equal(cublasCreate(&d.h), CUBLAS_STATUS_SUCCESS);
+    tt da, dc;
+    tt_pooled(&da, dt, (size_t)M * (H > I ? H : I), 0);
+    tt_out(&dc, dt, (size_t)M * (2 * I > H ? 2 * I : H));
+    d.M = M; d.N = 2 * I; d.K = H; d.A = da.dev; d.B = w13.dev; d.C = dc.dev;
+    float c1ms = time_ms(run_cublas, &d, NULL, 10);
+    d.N = H; d.K = I; d.B = w2.dev;
+    float c2ms = time_ms(run_cublas, &d, NULL, 10);
+    fprintf(stderr, "BENCH %s T=%d cuBLAS dense (one expert's weights, all rows): GEMM1-shape %.3f ms "
+                    "(%.1f TF/s), GEMM2-shape %.3f ms (%.1f TF/s)\n",
+            m->name, T, c1ms, f1 / c1ms * 1e-9, c2ms, f2 / c2ms * 1e-9);
+    cublasDestroy(d.h);
+    tt_free(&da);
+    tt_free(&dc);
+    tt_free(&x);
+    tt_free(&w13);
+    tt_free(&w2);
+    tt_free(&sc);
+    tt_free(&act);
+    tt_free(&pre);
+    tt_free(&y);
+    free_route(&rt);
+}
+
+static void test_bench(void **state)
+{
+    (void)state;
+    const char *b = getenv("MOE_GG_BENCH");
+    if (!b || strcmp(b, "1") != 0) skip();
+    bench_model(&k_qwen, 4096);
+    bench_model(&k_llama, 4096);
+}
+
+int main(void)
+{
+    int gpu = moe_test_require_gpu();
+    if (gpu) return gpu;
+    moe_test_seed();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_config_strings),
+        cmocka_unit_test(test_rejections),
+        cmocka_unit_test(test_fwd_flags),
+        cmocka_unit_test(test_dw_flags),
+        cmocka_unit_test(test_all_configs),
+        cmocka_unit_test(test_misaligned_base),
+        cmocka_unit_test(test_tiny_presets),
+        cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_autotune),
+        cmocka_unit_test(test_real_qwen3),
+        cmocka_unit_test(test_real_llama4),
+    };
+    const char *b = getenv("MOE_GG_BENCH");
+    if (b && strcmp(b, "1") == 0) { /* timing only */
+        const struct CMUnitTest bench[] = {cmocka_unit_test(test_bench)};
+        return cmocka_run_group_tests(bench, NULL, NULL);
+    }
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
+
+#else /* no CUDA in this build */
+
+int main(void)
+{
+    return moe_test_require_gpu();
+}
+
+#endif
