@@ -259,15 +259,10 @@ __global__ void __launch_bounds__(WM *WN * 32, (mma_min_blocks<BM, BN, WM * WN *
         }
     };
 
-    /* Row scales of the rows this thread's A fragments hold (rows g and g+8 of each m16). */
-    const int g = lane >> 2, t4 = lane & 3;
+    /* scale_a_rows: the thread scales the A chunks it loaded itself, in shared memory, between
+     * its cp.async wait and the stage's barrier (its own copies are visible to it then), so the
+     * MMA loop stays branch-free. */
     const bool has_sa = p.scale_a != nullptr;
-    float sa[MS][2];
-#pragma unroll
-    for (int ms = 0; ms < MS; ms++) {
-        sa[ms][0] = s_ascale[wm * WTM + ms * 16 + g];
-        sa[ms][1] = s_ascale[wm * WTM + ms * 16 + g + 8];
-    }
 
     float acc[MS][NS][4];
 #pragma unroll
@@ -286,7 +281,22 @@ __global__ void __launch_bounds__(WM *WN * 32, (mma_min_blocks<BM, BN, WM * WN *
 
     for (int kt = 0; kt < KT; kt++) {
         cp_async_wait<STAGES - 2>();
-        __syncthreads(); /* stage kt landed for everyone; stage kt-1 fully consumed */
+        if (has_sa) { /* multiply and round to T, before the MMA (moe_stages.h) */
+            T *a_st = sA + (kt % STAGES) * A_STAGE;
+#pragma unroll
+            for (int it = 0; it < A_IT; it++) {
+                const int row = a_row0 + it * A_ROWSTEP;
+                uint4 *q = reinterpret_cast<uint4 *>(a_st + row * LDA + a_kc);
+                const float sc = s_ascale[row];
+                uint4 v = *q;
+                v.x = scale2<T>(v.x, sc);
+                v.y = scale2<T>(v.y, sc);
+                v.z = scale2<T>(v.z, sc);
+                v.w = scale2<T>(v.w, sc);
+                *q = v;
+            }
+        }
+        __syncthreads(); /* stage kt landed (and scaled) for everyone; stage kt-1 consumed */
         {
             const int nk = kt + STAGES - 1;
             if (nk < KT) load_stage(nk % STAGES, nk);
@@ -301,12 +311,6 @@ __global__ void __launch_bounds__(WM *WN * 32, (mma_min_blocks<BM, BN, WM * WN *
             for (int ms = 0; ms < MS; ms++) {
                 ldmatrix_x4(af[ms], a_st + (wm * WTM + ms * 16 + (lane & 15)) * LDA + kk * 16 +
                                         (lane >> 4) * 8);
-                if (has_sa) {
-                    af[ms][0] = scale2<T>(af[ms][0], sa[ms][0]);
-                    af[ms][1] = scale2<T>(af[ms][1], sa[ms][1]);
-                    af[ms][2] = scale2<T>(af[ms][2], sa[ms][0]);
-                    af[ms][3] = scale2<T>(af[ms][3], sa[ms][1]);
-                }
             }
 #pragma unroll
             for (int n2 = 0; n2 < NS / 2; n2++) {
@@ -331,6 +335,7 @@ __global__ void __launch_bounds__(WM *WN * 32, (mma_min_blocks<BM, BN, WM * WN *
     cp_async_wait<0>();
 
     /* Epilogue straight from the accumulators: thread holds rows g, g+8 and column pairs 2t4. */
+    const int g = lane >> 2, t4 = lane & 3;
     T *C = static_cast<T *>(p.C);
 #pragma unroll
     for (int ms = 0; ms < MS; ms++) {

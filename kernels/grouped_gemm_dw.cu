@@ -13,7 +13,7 @@
  * Tensor-core kernel: the MMA's reduction dimension is the row index, so both operands come from
  * row-major [rows, .] tiles and are loaded with ldmatrix.trans: the dY tile [BK rows][BM n] gives
  * the A fragments (m = n index, k = row), the X tile [BK rows][BN k] the B fragments. Row scales
- * are applied to the fragments (each 32-bit register holds two different rows, so two scales).
+ * are applied in shared memory once a stage has landed (an extra barrier, only when given).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -201,49 +201,55 @@ __global__ void __launch_bounds__(WM *WN * 32, (dw_min_blocks<BM, BN, WM * WN * 
     for (int kt = 0; kt < steps; kt++) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
+        const int st = kt % STAGES;
+        if (has_sdy || has_sx) {
+            /* Row scales: multiply and round in shared memory (one extra barrier, only when
+             * scales are given), so the MMA loop below stays branch-free. The scales of this
+             * stage were stored before the barrier above. */
+            T *a_w = sA + st * A_STAGE;
+            T *b_w = sB + st * B_STAGE;
+            if (has_sdy)
+                for (int c = tid; c < BK * A_CPR; c += NT) {
+                    const int rr = c / A_CPR;
+                    uint4 *q = reinterpret_cast<uint4 *>(a_w + rr * LDA + (c % A_CPR) * 8);
+                    const float sc = s_sdy[st * BK + rr];
+                    uint4 v = *q;
+                    v.x = scale2<T>(v.x, sc); v.y = scale2<T>(v.y, sc);
+                    v.z = scale2<T>(v.z, sc); v.w = scale2<T>(v.w, sc);
+                    *q = v;
+                }
+            if (has_sx)
+                for (int c = tid; c < BK * B_CPR; c += NT) {
+                    const int rr = c / B_CPR;
+                    uint4 *q = reinterpret_cast<uint4 *>(b_w + rr * LDB + (c % B_CPR) * 8);
+                    const float sc = s_sx[st * BK + rr];
+                    uint4 v = *q;
+                    v.x = scale2<T>(v.x, sc); v.y = scale2<T>(v.y, sc);
+                    v.z = scale2<T>(v.z, sc); v.w = scale2<T>(v.w, sc);
+                    *q = v;
+                }
+            __syncthreads();
+        }
         {
             const int nk = kt + STAGES - 1;
             if (nk < steps) load_stage(nk % STAGES, nk);
             cp_async_commit();
         }
-        const int st = kt % STAGES;
         const T *a_st = sA + st * A_STAGE;
         const T *b_st = sB + st * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            /* Rows (reduction index) held by this thread: 2t4, 2t4+1 (regs 0,1) and +8 (2,3). */
-            float sd[4] = {1.f, 1.f, 1.f, 1.f}, sx[4] = {1.f, 1.f, 1.f, 1.f};
-            if (has_sdy) {
-                const float *q = s_sdy + st * BK + kk * 16 + 2 * t4;
-                sd[0] = q[0]; sd[1] = q[1]; sd[2] = q[8]; sd[3] = q[9];
-            }
-            if (has_sx) {
-                const float *q = s_sx + st * BK + kk * 16 + 2 * t4;
-                sx[0] = q[0]; sx[1] = q[1]; sx[2] = q[8]; sx[3] = q[9];
-            }
             uint32_t af[MS][4], bfr[NS][2];
 #pragma unroll
             for (int ms = 0; ms < MS; ms++) {
                 ldmatrix_x4_trans(af[ms], a_st + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LDA +
                                               wm * WTM + ms * 16 + ((lane >> 3) & 1) * 8);
-                if (has_sdy) {
-                    af[ms][0] = scale2<T>(af[ms][0], sd[0], sd[1]);
-                    af[ms][1] = scale2<T>(af[ms][1], sd[0], sd[1]);
-                    af[ms][2] = scale2<T>(af[ms][2], sd[2], sd[3]);
-                    af[ms][3] = scale2<T>(af[ms][3], sd[2], sd[3]);
-                }
             }
 #pragma unroll
             for (int n2 = 0; n2 < NS / 2; n2++) {
                 uint32_t r[4];
                 ldmatrix_x4_trans(r, b_st + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDB +
                                          wn * WTN + n2 * 16 + (lane >> 4) * 8);
-                if (has_sx) {
-                    r[0] = scale2<T>(r[0], sx[0], sx[1]);
-                    r[1] = scale2<T>(r[1], sx[2], sx[3]);
-                    r[2] = scale2<T>(r[2], sx[0], sx[1]);
-                    r[3] = scale2<T>(r[3], sx[2], sx[3]);
-                }
                 bfr[2 * n2][0] = r[0];
                 bfr[2 * n2][1] = r[1];
                 bfr[2 * n2 + 1][0] = r[2];

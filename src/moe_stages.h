@@ -1,7 +1,8 @@
 /*
  * moe_stages.h — the fused path's stages, their arguments and their named intermediates.
- * Backend-neutral: the CPU backend (src/cpu/fused_*.c) and the CUDA kernels (the .cu files in kernels/)
- * implement the SAME argument structs, so the CPU twin of every kernel is checkable line by line.
+ * Backend-neutral: the CPU backend (src/cpu/cpu_fused_*.c) and the CUDA kernels (the .cu
+ * files in kernels/) implement the SAME argument structs, so the CPU twin of every kernel is
+ * checkable line by line.
  * Pointers are host pointers on the CPU backend and device pointers on the CUDA backend.
  *
  * Shapes: T tokens, H hidden, I expert width, E experts (El local), k top-k, M = T*k routed rows.
@@ -33,7 +34,15 @@ typedef enum moe_epilogue {
  *   scale_a_rows [T*k] (dtype, optional): A row r is multiplied by scale_a_rows[gather_idx[r]]
  *      and ROUNDED to dtype before the multiply (Llama-4's input scaling, as HF does).
  *   scale_c_rows [T*k] (dtype, optional): the fp32 accumulator of row r is multiplied by
- *      scale_c_rows[gather_idx[r]] before rounding (Qwen3's top-k weight, fused in GEMM2). */
+ *      scale_c_rows[gather_idx[r]] before rounding (Qwen3's top-k weight, fused in GEMM2);
+ *      not with MOE_EPI_SILU_MUL (rejected).
+ *   C_preact (MOE_EPI_SILU_MUL only; rejected otherwise) is stored with the same row
+ *      permutation as C.
+ *   max_rows: with gather_idx, its entries are flat indices in [0, max_rows), so max_rows is
+ *      T*k there. The CPU twin requires expert_offsets[num_experts] <= max_rows and rejects an
+ *      out-of-range gather index (and, with permute_y, a flat index stored twice); the CUDA
+ *      kernel, which cannot check on the host, skips such a row.
+ * Rows of C (or flat rows with permute_y) that no expert row maps to are left untouched. */
 typedef struct moe_grouped_gemm_args {
     moe_dtype dtype;               /* of A, B, C, scales */
     int num_experts;               /* groups (local experts) */
@@ -81,15 +90,18 @@ typedef struct moe_grouped_gemm_dw_args {
  * activation dtype unless stated. */
 typedef struct moe_fwd_state {
     int T;
+    int M;                    /* rows in expert order = expert_offsets[El]: set by the CPU
+                                 forward (the CUDA forward keeps M on the device) */
     void *router_logits;      /* [T, E] rounded to dtype */
     int32_t *topk_ids;        /* [T, k] global expert ids, in top-k order (ties: lower id) */
     void *topk_w;             /* [T, k] Qwen3: routing weights; Llama-4: sigmoid scores */
-    int32_t *token_counts;    /* [E] */
-    int32_t *expert_offsets;  /* [E + 1] */
+    int32_t *token_counts;    /* [El] rows per local expert (buffers sized for E) */
+    int32_t *expert_offsets;  /* [El + 1] */
     int32_t *gather_idx;      /* [T*k] */
     void *gemm1_out;          /* [M, 2I] expert order (optional unless backward follows) */
     void *act;                /* [M, I]  expert order */
-    void *gemm2_out;          /* [T*k, H] flat order, after the Qwen3 weight multiply */
+    void *gemm2_out;          /* [T*k, H] flat order, after the Qwen3 weight multiply; rows
+                                 of non-local experts are zero */
     void *shared_out;         /* [T, H] Llama-4 shared expert output */
     void *out;                /* [T, H] */
 } moe_fwd_state;
