@@ -17,4 +17,10 @@ double moe_rng_normal(uint64_t stream, uint64_t index);
 /* A raw 64-bit value. */
 uint64_t moe_rng_u64(uint64_t stream, uint64_t index);
 
+#include "moe_ep.h"
+/* dst[i] = round_to(dtype, scale * normal(stream(seed, name), offset + i)) for i < n: the
+ * elements [offset, offset+n) of a global tensor, identical whichever rank makes them. */
+void moe_fill_normal(moe_dtype dtype, void *dst, size_t n, uint64_t seed, const char *name,
+                     uint64_t offset, double scale);
+
 #endif /* MOE_RNG_H */

@@ -8,5 +8,6 @@
 int cli_check(int argc, char **argv);
 int cli_forward(int argc, char **argv);
 int cli_backward(int argc, char **argv);
+int cli_bench(int argc, char **argv);
 
 #endif

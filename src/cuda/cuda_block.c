@@ -15,6 +15,7 @@
  * (the grouped GEMMs are sized by max_rows = T*k and read expert_offsets themselves).
  */
 #include "cuda_block.h"
+#include "autotune.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -65,6 +66,14 @@ struct cuda_block {
 
     moe_kernel_config gemm_cfg[CUDA_GEMM_NUM_STAGES];
     moe_kernel_report gemm_report[CUDA_GEMM_NUM_STAGES];
+    /* autotuning (cuda_block_set_autotune): stages whose config is not forced take the tuned
+     * choice; the last choice per stage is memoised by max_rows so a repeated shape costs no
+     * cache-file read */
+    bool forced[CUDA_GEMM_NUM_STAGES];
+    bool autotune;
+    char autotune_cache[512];
+    int tuned_rows[CUDA_GEMM_NUM_STAGES];
+    moe_kernel_config tuned_cfg[CUDA_GEMM_NUM_STAGES];
 
     void *allocs[MAX_ALLOCS];
     int nallocs;
@@ -374,6 +383,36 @@ void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_
         b->gemm_cfg[stage] = *cfg;
     else
         memset(&b->gemm_cfg[stage], 0, sizeof b->gemm_cfg[stage]);
+    b->forced[stage] = cfg != NULL;
+}
+
+void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path)
+{
+    if (!b) return;
+    b->autotune = on;
+    snprintf(b->autotune_cache, sizeof b->autotune_cache, "%s", cache_path ? cache_path : "");
+    for (int i = 0; i < CUDA_GEMM_NUM_STAGES; i++) b->tuned_rows[i] = -1;
+}
+
+/* The configuration a stage runs with: forced, tuned (autotune on), or zeros = the default. */
+static moe_status stage_config(cuda_block *b, cuda_gemm_stage stage,
+                               const moe_grouped_gemm_args *a,
+                               const moe_grouped_gemm_dw_args *dw, moe_error *err)
+{
+    if (b->forced[stage] || !b->autotune) return MOE_OK;
+    int rows = a ? a->max_rows : dw->max_rows;
+    if (b->tuned_rows[stage] == rows) {
+        b->gemm_cfg[stage] = b->tuned_cfg[stage];
+        return MOE_OK;
+    }
+    const char *cache = b->autotune_cache[0] ? b->autotune_cache : NULL;
+    moe_kernel_config cfg;
+    moe_status st = a ? moe_autotune_pick(cache, a, b->s0, &cfg, err)
+                      : moe_autotune_pick_dw(cache, dw, b->s0, &cfg, err);
+    if (st != MOE_OK) return st;
+    b->tuned_cfg[stage] = b->gemm_cfg[stage] = cfg;
+    b->tuned_rows[stage] = rows;
+    return MOE_OK;
 }
 
 const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_stage stage)
@@ -525,7 +564,9 @@ moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_f
 static moe_status run_gemm(cuda_block *b, cuda_gemm_stage stage, const moe_grouped_gemm_args *a,
                            moe_error *err)
 {
-    moe_status st = moe_cuda_grouped_gemm(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+    moe_status st = stage_config(b, stage, a, NULL, err);
+    if (st == MOE_OK)
+        st = moe_cuda_grouped_gemm(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped GEMM stage %d", (int)stage);
     return st;
 }
@@ -533,7 +574,9 @@ static moe_status run_gemm(cuda_block *b, cuda_gemm_stage stage, const moe_group
 static moe_status run_gemm_dw(cuda_block *b, cuda_gemm_stage stage,
                               const moe_grouped_gemm_dw_args *a, moe_error *err)
 {
-    moe_status st = moe_cuda_grouped_gemm_dw(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+    moe_status st = stage_config(b, stage, NULL, a, err);
+    if (st == MOE_OK)
+        st = moe_cuda_grouped_gemm_dw(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped dW stage %d", (int)stage);
     return st;
 }

@@ -73,6 +73,11 @@ typedef enum cuda_gemm_stage {
 void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_kernel_config *cfg);
 /* What the last launch of that stage reported (kernel NULL before the first launch). */
 const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_stage stage);
+/* Autotuning: with on, every stage whose configuration was not forced runs the configuration
+ * the autotuner picks for its real problem (src/cuda/autotune.h), persisted in cache_path
+ * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream
+ * the first time a shape is seen: run one eager forward/backward before capturing a graph. */
+void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path);
 
 /* ---- forward state on the device ---- */
 

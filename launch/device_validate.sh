@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# device_validate.sh — one call on the GPU machine: build for sm_90a, run every GPU test with
+# MOE_REQUIRE_GPU=1 (a skip is a failure), the correctness checks of the real layer shapes, and a
+# benchmark sweep; logs under $OUT (tarred), a short table last.
+#   ./launch/device_validate.sh [quick]
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-/tmp/moe-out}; mkdir -p "$out/logs"
+log=$out/logs
+cd "$here"
+{ git log -1 --format='commit %H %cd' 2>/dev/null || echo "commit unknown"; date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv; } > "$log/env.txt" 2>&1
+./launch/device_build.sh > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
+source launch/device_env.sh
+summary=()
+export MOE_REQUIRE_GPU=1 MOE_AUTOTUNE_CACHE=$out/logs/autotune.json
+(cd build-gpu && ctest -R "gpu|sass|hf" --output-on-failure -j1 --timeout 600) > "$log/gpu_tests.txt" 2>&1
+summary+=("gpu ctest: $(grep -E 'tests passed|tests failed' "$log/gpu_tests.txt" | tail -1)")
+ep=build-gpu/moe-ep
+for m in qwen3-30b-a3b llama4-scout; do
+  $ep check --backend cuda --model $m --tokens 4096 --dtype bf16 --backward --sample 32 > "$log/check_$m.txt" 2>&1
+  summary+=("check $m T=4096 bf16 --backward --sample 32: $(tail -1 "$log/check_$m.txt")")
+done
+for m in tiny-qwen3 tiny-llama4; do
+  for d in fp32 fp16 bf16; do
+    $ep check --backend cuda --model $m --dtype $d --tokens 300 --backward > "$log/check_${m}_$d.txt" 2>&1
+    summary+=("check $m $d: $(tail -1 "$log/check_${m}_$d.txt")")
+  done
+done
+if [ "${1:-}" != quick ]; then
+  $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 5 -n 20 --check --csv "$log/bench_qwen3.csv" > "$log/bench_qwen3.txt" 2>&1
+  $ep bench --backend cuda --model llama4-scout -b 1024 -e 16384 -f 4 -w 3 -n 10 --check --csv "$log/bench_llama4.csv" > "$log/bench_llama4.txt" 2>&1
+  $ep bench --backend cuda --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10 > "$log/bench_qwen3_fwdbwd.txt" 2>&1
+fi
+(cd "$out" && tar czf logs.tgz logs && rm -rf logs)
+printf '%s\n' "${summary[@]}"
+for f in bench_qwen3 bench_llama4 bench_qwen3_fwdbwd; do
+  [ -f "$out/logs.tgz" ] && tar xzf "$out/logs.tgz" -O "logs/$f.txt" 2>/dev/null | grep -vE '^#' | head -8
+done

@@ -1,0 +1,379 @@
+/* engine.c — backend dispatch for one MoE block (see engine.h).
+ *
+ * CPU: the fused CPU twin (src/cpu/cpu_fused.h) on the caller's host buffers.
+ * CUDA: src/cuda/cuda_block.h. Host inputs are uploaded, the block runs on the device, and
+ * outputs are downloaded. The backward re-runs the device forward with its intermediates kept
+ * (deterministic, so identical to the forward the caller saw) instead of uploading the host
+ * state, and the block is re-created with backward scratch on the first backward call. */
+#include "engine.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "block_state.h"
+#include "cpu/cpu_fused.h"
+
+#ifdef MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_block.h"
+#include "moe_kernels.h"
+#endif
+
+const char *const moe_phase_names[MOE_PHASE_COUNT] = {"route", "permute", "gemm1",
+                                                      "act",   "gemm2",   "combine"};
+
+struct moe_engine {
+    moe_backend backend;
+    const moe_weights *w;
+    moe_dtype dt;
+    int max_T;
+    char desc[400];
+    moe_engine_options opts;
+#ifdef MOE_HAVE_CUDA
+    cuda_block *blk;
+    bool blk_backward;
+    void *d_x, *d_dout, *d_dx; /* [max_T, H] */
+#endif
+};
+
+#ifdef MOE_HAVE_CUDA
+#define ENG_CUDA(call, what)                                                                  \
+    do {                                                                                      \
+        cudaError_t eng_e_ = (call);                                                          \
+        if (eng_e_ != cudaSuccess) {                                                          \
+            s = moe_fail(err, MOE_ERR_CUDA, "%s: %s", (what), cudaGetErrorString(eng_e_));    \
+            goto done;                                                                        \
+        }                                                                                     \
+    } while (0)
+
+static const cuda_gemm_stage fwd_stages[] = {CUDA_GEMM_FWD1, CUDA_GEMM_FWD2};
+
+/* (Re)create the device block: with backward scratch when asked. Applies the options. */
+static moe_status cuda_engine_block(moe_engine *e, bool backward, moe_error *err)
+{
+    if (e->blk && (e->blk_backward || !backward)) return MOE_OK;
+    if (e->blk) cuda_block_destroy(e->blk);
+    e->blk = NULL;
+    MOE_TRY(cuda_block_create(e->w, e->max_T, backward, &e->blk, err));
+    e->blk_backward = backward;
+    if (e->opts.kernel_config && *e->opts.kernel_config &&
+        strcmp(e->opts.kernel_config, "auto") != 0) {
+        moe_kernel_config cfg;
+        MOE_TRY(moe_kernel_config_parse(e->opts.kernel_config, &cfg, err));
+        MOE_TRY(moe_kernel_config_validate(&cfg, e->dt, err));
+        for (int st = 0; st < CUDA_GEMM_NUM_STAGES; st++)
+            cuda_block_set_gemm_config(e->blk, (cuda_gemm_stage)st, &cfg);
+    }
+    cuda_block_set_autotune(e->blk, e->opts.autotune, e->opts.autotune_cache);
+    (void)fwd_stages;
+    return MOE_OK;
+}
+
+static moe_status cuda_engine_create(moe_engine *e, moe_error *err)
+{
+    int n = 0;
+    cudaError_t ce = cudaGetDeviceCount(&n);
+    if (ce != cudaSuccess || n == 0)
+        return moe_fail(err, MOE_ERR_NO_DEVICE, "the CUDA backend was requested but no GPU is usable (%s); use --backend cpu",
+                        ce != cudaSuccess ? cudaGetErrorString(ce) : "0 devices");
+    struct cudaDeviceProp prop;
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess)
+        snprintf(e->desc, sizeof e->desc, "cuda: %s (device %d, sm_%d%d, %d SMs)", prop.name, dev,
+                 prop.major, prop.minor, prop.multiProcessorCount);
+    else
+        snprintf(e->desc, sizeof e->desc, "cuda (device %d)", dev);
+    size_t bytes = (size_t)(e->max_T > 0 ? e->max_T : 1) * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    MOE_TRY(cuda_dev_alloc(&e->d_x, bytes, "engine x", err));
+    MOE_TRY(cuda_dev_alloc(&e->d_dout, bytes, "engine dout", err));
+    MOE_TRY(cuda_dev_alloc(&e->d_dx, bytes, "engine dx", err));
+    return MOE_OK;
+}
+
+static moe_status cuda_engine_forward(moe_engine *e, int T, const void *x, moe_fwd_state *st,
+                                      moe_error *err)
+{
+    moe_status s = cuda_engine_block(e, false, err);
+    if (s != MOE_OK) return s;
+    moe_fwd_state dev;
+    memset(&dev, 0, sizeof dev);
+    bool keep = st->gemm1_out != NULL;
+    if ((s = cuda_fwd_state_alloc(e->blk, T, keep, &dev, err)) != MOE_OK) return s;
+    size_t bytes = (size_t)T * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    if ((s = cuda_block_upload(e->blk, e->d_x, x, bytes, err)) == MOE_OK &&
+        (s = cuda_block_forward(e->blk, e->d_x, T, &dev, keep, err)) == MOE_OK &&
+        (s = cuda_fwd_state_download(e->blk, &dev, st, err)) == MOE_OK)
+        st->M = T > 0 ? st->expert_offsets[e->w->expert_count] : 0;
+    cuda_fwd_state_free(&dev);
+    return s;
+}
+
+static moe_status cuda_engine_backward(moe_engine *e, int T, const void *x, const void *dout,
+                                       void *dx, moe_weights *grads, moe_error *err)
+{
+    moe_status s = cuda_engine_block(e, true, err);
+    if (s != MOE_OK) return s;
+    moe_fwd_state dev;
+    memset(&dev, 0, sizeof dev);
+    cuda_block_grads g;
+    memset(&g, 0, sizeof g);
+    if ((s = cuda_fwd_state_alloc(e->blk, T, true, &dev, err)) != MOE_OK) return s;
+    size_t bytes = (size_t)T * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    if ((s = cuda_block_grads_alloc(e->blk, &g, err)) == MOE_OK &&
+        (s = cuda_block_upload(e->blk, e->d_x, x, bytes, err)) == MOE_OK &&
+        (s = cuda_block_upload(e->blk, e->d_dout, dout, bytes, err)) == MOE_OK &&
+        (s = cuda_block_forward(e->blk, e->d_x, T, &dev, true, err)) == MOE_OK &&
+        (s = cuda_block_backward(e->blk, e->d_x, T, &dev, e->d_dout, e->d_dx, &g, err)) == MOE_OK &&
+        (s = cuda_block_download(e->blk, dx, e->d_dx, bytes, err)) == MOE_OK)
+        s = cuda_block_grads_download(e->blk, &g, grads, err);
+    cuda_block_grads_free(&g);
+    cuda_fwd_state_free(&dev);
+    return s;
+}
+
+/* Device-resident timing with CUDA events: inputs uploaded once (rotate sets), no transfers in
+ * the timed region. The route phase is timed by itself in separate launches. */
+static moe_status cuda_engine_time(moe_engine *e, moe_bench_mode mode, int T,
+                                   const void *const *xs, const void *dout, int rotate,
+                                   int warmup, int iters, double *times_ms, double *phase_ms,
+                                   moe_error *err)
+{
+    bool bwd = mode != MOE_BENCH_FWD;
+    moe_status s = cuda_engine_block(e, bwd, err);
+    if (s != MOE_OK) return s;
+    moe_fwd_state dev;
+    memset(&dev, 0, sizeof dev);
+    cuda_block_grads g;
+    memset(&g, 0, sizeof g);
+    void **dxs = calloc((size_t)rotate, sizeof *dxs);
+    cudaEvent_t ev0 = NULL, ev1 = NULL;
+    double *route_ms = calloc((size_t)iters, sizeof(double));
+    const size_t bytes = (size_t)T * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    cudaStream_t stream = cuda_block_stream(e->blk);
+    if (!dxs || !route_ms) { s = moe_fail(err, MOE_ERR_NOMEM, "bench buffers"); goto done; }
+    if ((s = cuda_fwd_state_alloc(e->blk, T, bwd, &dev, err)) != MOE_OK) goto done;
+    if (bwd && (s = cuda_block_grads_alloc(e->blk, &g, err)) != MOE_OK) goto done;
+    for (int i = 0; i < rotate; i++) {
+        if ((s = cuda_dev_alloc(&dxs[i], bytes, "bench input", err)) != MOE_OK) goto done;
+        if ((s = cuda_block_upload(e->blk, dxs[i], xs[i], bytes, err)) != MOE_OK) goto done;
+    }
+    if (bwd && (s = cuda_block_upload(e->blk, e->d_dout, dout, bytes, err)) != MOE_OK) goto done;
+    ENG_CUDA(cudaEventCreate(&ev0), "cudaEventCreate");
+    ENG_CUDA(cudaEventCreate(&ev1), "cudaEventCreate");
+    for (int i = 0; i < warmup + iters; i++) {
+        const void *x = dxs[i % rotate];
+        if (mode == MOE_BENCH_BWD &&
+            (s = cuda_block_forward(e->blk, x, T, &dev, true, err)) != MOE_OK)
+            goto done;
+        ENG_CUDA(cudaEventRecord(ev0, stream), "cudaEventRecord");
+        if (mode != MOE_BENCH_BWD &&
+            (s = cuda_block_forward(e->blk, x, T, &dev, bwd, err)) != MOE_OK)
+            goto done;
+        if (bwd && (s = cuda_block_backward(e->blk, x, T, &dev, e->d_dout, e->d_dx, &g, err)) != MOE_OK)
+            goto done;
+        ENG_CUDA(cudaEventRecord(ev1, stream), "cudaEventRecord");
+        ENG_CUDA(cudaEventSynchronize(ev1), "cudaEventSynchronize");
+        float ms = 0;
+        ENG_CUDA(cudaEventElapsedTime(&ms, ev0, ev1), "cudaEventElapsedTime");
+        if (i >= warmup) times_ms[i - warmup] = ms;
+    }
+    if (phase_ms) {
+        for (int p = 0; p < MOE_PHASE_COUNT; p++) phase_ms[p] = NAN;
+        for (int i = 0; i < iters; i++) {
+            ENG_CUDA(cudaEventRecord(ev0, stream), "cudaEventRecord");
+            if ((s = cuda_block_route(e->blk, dxs[i % rotate], T, &dev, err)) != MOE_OK) goto done;
+            ENG_CUDA(cudaEventRecord(ev1, stream), "cudaEventRecord");
+            ENG_CUDA(cudaEventSynchronize(ev1), "cudaEventSynchronize");
+            float ms = 0;
+            ENG_CUDA(cudaEventElapsedTime(&ms, ev0, ev1), "cudaEventElapsedTime");
+            route_ms[i] = ms;
+        }
+        /* median */
+        for (int i = 1; i < iters; i++)
+            for (int j = i; j > 0 && route_ms[j - 1] > route_ms[j]; j--) {
+                double t = route_ms[j]; route_ms[j] = route_ms[j - 1]; route_ms[j - 1] = t;
+            }
+        phase_ms[MOE_PHASE_ROUTE] = iters % 2 ? route_ms[iters / 2]
+                                              : 0.5 * (route_ms[iters / 2 - 1] + route_ms[iters / 2]);
+    }
+done:
+    if (ev0) cudaEventDestroy(ev0);
+    if (ev1) cudaEventDestroy(ev1);
+    for (int i = 0; dxs && i < rotate; i++) cuda_dev_free(dxs[i]);
+    free(dxs);
+    free(route_ms);
+    cuda_block_grads_free(&g);
+    cuda_fwd_state_free(&dev);
+    return s;
+}
+#endif /* MOE_HAVE_CUDA */
+
+moe_status moe_engine_create(moe_backend backend, const moe_weights *w, moe_dtype dt, int max_T,
+                             moe_engine **out, moe_error *err)
+{
+    *out = NULL;
+    if (!w) return moe_fail(err, MOE_ERR_INVALID_ARG, "engine: weights are NULL");
+    if (max_T < 0) return moe_fail(err, MOE_ERR_INVALID_ARG, "engine: max_T %d < 0", max_T);
+    if (dt != MOE_DTYPE_BF16 && dt != MOE_DTYPE_F16 && dt != MOE_DTYPE_F32)
+        return moe_fail(err, MOE_ERR_UNSUPPORTED, "engine: dtype %s is not computed (bf16, fp16, fp32)",
+                        moe_dtype_name(dt) ? moe_dtype_name(dt) : "?");
+#ifndef MOE_HAVE_CUDA
+    if (backend == MOE_BACKEND_CUDA)
+        return moe_fail(err, MOE_ERR_NO_DEVICE,
+                        "the CUDA backend was requested but this build has none (configured with "
+                        "MOE_ENABLE_CUDA=OFF or without a CUDA toolkit); use --backend cpu");
+#endif
+    moe_engine *e = moe_calloc(1, sizeof *e, "engine", err);
+    if (!e) return MOE_ERR_NOMEM;
+    e->backend = backend;
+    e->w = w;
+    e->dt = dt;
+    e->max_T = max_T;
+    snprintf(e->desc, sizeof e->desc, "cpu (%d threads)", omp_get_max_threads());
+#ifdef MOE_HAVE_CUDA
+    if (backend == MOE_BACKEND_CUDA) {
+        moe_status s = cuda_engine_create(e, err);
+        if (s != MOE_OK) {
+            moe_engine_destroy(e);
+            return s;
+        }
+    }
+#endif
+    *out = e;
+    return MOE_OK;
+}
+
+moe_status moe_engine_configure(moe_engine *e, const moe_engine_options *opts, moe_error *err)
+{
+    if (!e || !opts) return moe_fail(err, MOE_ERR_INVALID_ARG, "engine_configure: NULL argument");
+    if (e->backend != MOE_BACKEND_CUDA) {
+        if (opts->kernel_config && *opts->kernel_config && strcmp(opts->kernel_config, "auto") != 0)
+            return moe_fail(err, MOE_ERR_INVALID_ARG,
+                            "--kernel-config applies to the CUDA backend only (this run uses the CPU)");
+        e->opts = *opts;
+        return MOE_OK;
+    }
+    e->opts = *opts;
+#ifdef MOE_HAVE_CUDA
+    if (opts->kernel_config && *opts->kernel_config && strcmp(opts->kernel_config, "auto") != 0) {
+        moe_kernel_config cfg; /* validate now, so a bad one fails before any work */
+        MOE_TRY(moe_kernel_config_parse(opts->kernel_config, &cfg, err));
+        MOE_TRY(moe_kernel_config_validate(&cfg, e->dt, err));
+    }
+    if (e->blk) { /* re-apply on the next call */
+        cuda_block_destroy(e->blk);
+        e->blk = NULL;
+    }
+#endif
+    return MOE_OK;
+}
+
+void moe_engine_destroy(moe_engine *e)
+{
+    if (!e) return;
+#ifdef MOE_HAVE_CUDA
+    if (e->blk) cuda_block_destroy(e->blk);
+    cuda_dev_free(e->d_x);
+    cuda_dev_free(e->d_dout);
+    cuda_dev_free(e->d_dx);
+#endif
+    free(e);
+}
+
+const char *moe_engine_describe(const moe_engine *e) { return e->desc; }
+
+moe_backend moe_engine_backend(const moe_engine *e) { return e->backend; }
+
+moe_status moe_engine_forward(moe_engine *e, int T, const void *x, moe_fwd_state *st,
+                              moe_error *err)
+{
+    if (T < 0 || T > e->max_T)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "forward: T=%d outside 0..%d", T, e->max_T);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) return cuda_engine_forward(e, T, x, st, err);
+#endif
+    return cpu_block_forward(e->w, e->dt, T, x, st, err);
+}
+
+moe_status moe_engine_backward(moe_engine *e, int T, const void *x, const moe_fwd_state *st,
+                               const void *dout, void *dx, moe_weights *grads, moe_error *err)
+{
+    if (T < 0 || T > e->max_T)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "backward: T=%d outside 0..%d", T, e->max_T);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) return cuda_engine_backward(e, T, x, dout, dx, grads, err);
+#endif
+    return cpu_block_backward(e->w, e->dt, T, x, st, dout, dx, grads, err);
+}
+
+moe_status moe_engine_time(moe_engine *e, moe_bench_mode mode, int T, const void *const *xs,
+                           const void *dout, int rotate, int warmup, int iters, double *times_ms,
+                           double *phase_ms, moe_error *err)
+{
+    if (T < 1 || T > e->max_T)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "bench: T=%d outside 1..%d", T, e->max_T);
+    if (rotate < 1 || warmup < 0 || iters < 1)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "bench: rotate %d, warmup %d, iters %d", rotate,
+                        warmup, iters);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA)
+        return cuda_engine_time(e, mode, T, xs, dout, rotate, warmup, iters, times_ms, phase_ms, err);
+#endif
+    const moe_config *c = &e->w->cfg;
+    moe_fwd_state st;
+    moe_weights grads = {0};
+    void *dx = NULL;
+    moe_status s = moe_fwd_state_alloc(c, e->dt, T, mode != MOE_BENCH_FWD, &st, err);
+    if (s != MOE_OK) return s;
+    if (mode != MOE_BENCH_FWD) {
+        dx = moe_malloc((size_t)T * c->hidden * moe_dtype_size(e->dt), "bench dx", err);
+        if (!dx) { s = MOE_ERR_NOMEM; goto done; }
+        if ((s = moe_weights_zeros_like(e->w, e->dt, &grads, err)) != MOE_OK) goto done;
+    }
+    for (int i = 0; i < warmup + iters; i++) {
+        const void *x = xs[i % rotate];
+        double t0 = moe_now();
+        /* the backward-only mode times backward after an untimed forward of the same input */
+        if ((s = cpu_block_forward(e->w, e->dt, T, x, &st, err)) != MOE_OK) goto done;
+        if (mode == MOE_BENCH_BWD) t0 = moe_now();
+        if (mode != MOE_BENCH_FWD &&
+            (s = cpu_block_backward(e->w, e->dt, T, x, &st, dout, dx, &grads, err)) != MOE_OK)
+            goto done;
+        if (i >= warmup) times_ms[i - warmup] = 1e3 * (moe_now() - t0);
+    }
+    if (phase_ms)
+        for (int p = 0; p < MOE_PHASE_COUNT; p++) phase_ms[p] = NAN; /* not split on the CPU */
+done:
+    moe_fwd_state_free(&st);
+    moe_weights_free(&grads);
+    free(dx);
+    return s;
+}
+
+void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len)
+{
+    buf[0] = '\0';
+#ifdef MOE_HAVE_CUDA
+    static const char *const stage_names[CUDA_GEMM_NUM_STAGES] = {"gemm1", "gemm2", "bwd dA",
+                                                                  "bwd dX", "dW2", "dW13"};
+    if (e->backend != MOE_BACKEND_CUDA || !e->blk) return;
+    size_t used = 0;
+    for (int st = 0; st < CUDA_GEMM_NUM_STAGES && used < len; st++) {
+        const moe_kernel_report *r = cuda_block_gemm_report(e->blk, (cuda_gemm_stage)st);
+        if (!r || !r->kernel) continue;
+        const moe_kernel_config *c = &r->config;
+        used += (size_t)snprintf(buf + used, len - used, "%s%s: %s %dx%dx%d,w%d,s%d%s", used ? "; " : "",
+                                 stage_names[st], r->kernel, c->tile_m, c->tile_n, c->tile_k,
+                                 c->warps, c->stages, r->used_tma ? ",tma" : "");
+    }
+#else
+    (void)e;
+    (void)len;
+#endif
+}

@@ -1,0 +1,63 @@
+/*
+ * engine.h — runs the fused path of one MoE block on a backend (CPU twin or CUDA) behind one
+ * interface, with host-memory inputs and outputs. The CLI, the correctness mode, the benchmark
+ * and the service all go through it.
+ */
+#ifndef MOE_ENGINE_H
+#define MOE_ENGINE_H
+
+#include "moe_stages.h"
+#include "weights.h"
+
+typedef struct moe_engine moe_engine;
+
+/* w stays owned by the caller and must outlive the engine (the CUDA backend uploads it once).
+ * max_T bounds every later call's T. */
+moe_status moe_engine_create(moe_backend backend, const moe_weights *w, moe_dtype dt, int max_T,
+                             moe_engine **out, moe_error *err);
+void moe_engine_destroy(moe_engine *e);
+
+/* Options of the CUDA backend (ignored on the CPU, where a forced kernel config is an error). */
+typedef struct moe_engine_options {
+    const char *kernel_config;  /* "128x128x64,w8,s3": force every grouped GEMM to it; NULL/"auto" */
+    bool autotune;              /* pick each GEMM's config by timing candidates (cached on disk) */
+    const char *autotune_cache; /* NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json */
+} moe_engine_options;
+/* Validates and applies the options (an invalid kernel config is rejected with the reason). */
+moe_status moe_engine_configure(moe_engine *e, const moe_engine_options *opts, moe_error *err);
+moe_backend moe_engine_backend(const moe_engine *e);
+/* Which grouped-GEMM kernel and configuration each stage of the last run used ("" on the CPU). */
+void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len);
+const char *moe_engine_describe(const moe_engine *e); /* "cpu (2 threads)", "cuda: NVIDIA H100 ..." */
+
+/* Forward on x [T,H] (host, dt). st: host buffers from moe_fwd_state_alloc; intermediates whose
+ * pointer is NULL are not returned (the CUDA backend then skips writing them). */
+moe_status moe_engine_forward(moe_engine *e, int T, const void *x, moe_fwd_state *st,
+                              moe_error *err);
+/* Backward after a forward of the same x whose st kept gemm1_out and act. Writes dx [T,H] and
+ * grads (canonical layout, dt, as from moe_weights_zeros_like). */
+moe_status moe_engine_backward(moe_engine *e, int T, const void *x, const moe_fwd_state *st,
+                               const void *dout, void *dx, moe_weights *grads, moe_error *err);
+
+/* Timing for the benchmark: `iters` timed repetitions (after `warmup`) of the given mode on
+ * device-/host-resident copies of the inputs (no transfers inside the timed region), rotating
+ * over `rotate` input sets so repeated runs do not measure a warm cache. Per repetition times in
+ * ms into times_ms [iters]; per-phase medians into phase_ms [MOE_PHASE_COUNT] when non-NULL. */
+/* Phases of the benchmark's breakdown. With SiLU-and-mul fused into GEMM1 the act phase is 0. */
+typedef enum {
+    MOE_PHASE_ROUTE = 0, /* router GEMM + top-k */
+    MOE_PHASE_PERMUTE,   /* histogram, counting sort, offsets */
+    MOE_PHASE_GEMM1,
+    MOE_PHASE_ACT,
+    MOE_PHASE_GEMM2,
+    MOE_PHASE_COMBINE,   /* sum over k (+ shared expert) */
+    MOE_PHASE_COUNT
+} moe_phase;
+extern const char *const moe_phase_names[MOE_PHASE_COUNT];
+
+typedef enum { MOE_BENCH_FWD = 0, MOE_BENCH_BWD = 1, MOE_BENCH_FWDBWD = 2 } moe_bench_mode;
+moe_status moe_engine_time(moe_engine *e, moe_bench_mode mode, int T, const void *const *xs,
+                           const void *dout, int rotate, int warmup, int iters, double *times_ms,
+                           double *phase_ms, moe_error *err);
+
+#endif

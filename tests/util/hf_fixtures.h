@@ -1,0 +1,12 @@
+/* hf_fixtures.h — runs `moe-ep forward` / `moe-ep backward` on the HuggingFace-made fixtures in
+ * tests/fixtures/hf (see its README) and compares with what the real HF modules computed. Used by
+ * test_hf_fixtures (CPU backend) and test_gpu_hf_fixtures (CUDA backend). */
+#ifndef MOE_HF_FIXTURES_H
+#define MOE_HF_FIXTURES_H
+
+#include <stdbool.h>
+
+/* Every fixture through the program on `backend` ("cpu" or "cuda"); cmocka-asserts. */
+void moe_hf_fixtures_run_all(const char *backend);
+
+#endif
