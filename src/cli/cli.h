@@ -9,5 +9,12 @@ int cli_check(int argc, char **argv);
 int cli_forward(int argc, char **argv);
 int cli_backward(int argc, char **argv);
 int cli_bench(int argc, char **argv);
+int cli_compare(int argc, char **argv);
+
+#include "tensor.h"
+/* Read a [T,H] or [B,S,H] tensor `name` of a safetensors file, converted to dt: *out (malloc'ed),
+ * *T rows, and shape_of carrying the original shape (data NULL). */
+moe_status cli_read_rows(const char *path, const char *name, int H, moe_dtype dt, void **out,
+                         int *T, moe_tensor *shape_of, moe_error *err);
 
 #endif
