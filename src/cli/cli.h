@@ -10,6 +10,7 @@ int cli_forward(int argc, char **argv);
 int cli_backward(int argc, char **argv);
 int cli_bench(int argc, char **argv);
 int cli_compare(int argc, char **argv);
+int cli_info(int argc, char **argv);
 
 #include "tensor.h"
 /* Read a [T,H] or [B,S,H] tensor `name` of a safetensors file, converted to dt: *out (malloc'ed),
