@@ -35,4 +35,13 @@ expect 2 "no-such-model" -- "$ep" check --model no-such-model
 expect 2 "unknown command 'frobnicate'" -- "$ep" frobnicate
 expect 2 "missing required option --weights" -- "$ep" forward --config tiny-qwen3 --input x --output y
 expect 1 "nope.safetensors" -- "$ep" forward --config tiny-qwen3 --weights /nonexistent/nope.safetensors --input x --output y --backend cpu
+# moe-ep info places 8 ranks on the committed 8-GPU, 2-socket topology: GPU i, its NUMA node's cores
+expect 0 "rank 0 on .*GPU 0 0000:11:00.0, NUMA 0, cpus 0-7" -- "$ep" info --topology "$MOE_SOURCE_DIR/tests/fixtures/topo/dgx8-2socket.xml"
+expect 0 "usage: moe-ep info" -- "$ep" info --help
+expect 1 "no-such.xml" -- "$ep" info --topology /nonexistent/no-such.xml
+# compare: equal files pass, a wrong tolerance is a usage error
+f=$MOE_SOURCE_DIR/tests/fixtures/hf/qwen3_norm_fp32/io.safetensors
+expect 0 "PASS" -- "$ep" compare "$f" "$f" --tensor output
+expect 1 "FAIL" -- "$ep" compare "$f" "$f" --tensor output --ref-tensor grad_output --tol 1e-3
+expect 2 "tol expects a positive number" -- "$ep" compare "$f" "$f" --tol nope
 exit $fail

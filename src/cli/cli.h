@@ -13,5 +13,13 @@ int cli_serve(int argc, char **argv);       /* cli_serve.c */
 int cli_client(int argc, char **argv);      /* cli_client.c */
 int cli_bench_serve(int argc, char **argv); /* cli_client.c */
 int cli_gen_input(int argc, char **argv);   /* cli_client.c */
+int cli_compare(int argc, char **argv);
+int cli_info(int argc, char **argv);
+
+#include "tensor.h"
+/* Read a [T,H] or [B,S,H] tensor `name` of a safetensors file, converted to dt: *out (malloc'ed),
+ * *T rows, and shape_of carrying the original shape (data NULL). */
+moe_status cli_read_rows(const char *path, const char *name, int H, moe_dtype dt, void **out,
+                         int *T, moe_tensor *shape_of, moe_error *err);
 
 #endif

@@ -10,6 +10,7 @@
 #include "block_state.h"
 #include "check.h"
 #include "cli.h"
+#include "cli_ep.h"
 #include "cli_opts.h"
 #include "config.h"
 #include "dtype.h"
@@ -27,6 +28,8 @@ int cli_check(int argc, char **argv)
     bool backward = false;
     const char *kcfg = NULL, *tcache = NULL;
     bool autotune = false;
+    cli_ep_args ep;
+    cli_ep_args_init(&ep);
     cli_opt opts[] = {
         {"model", OPT_STRING, "PRESET|config.json", "preset (qwen3-30b-a3b, llama4-scout, tiny-qwen3, tiny-llama4) or an HF config.json (required)", .str = &model},
         {"tokens", OPT_INT, "T", "number of tokens (default 64)", .i = &tokens, .min = 1},
@@ -39,6 +42,7 @@ int cli_check(int argc, char **argv)
         {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        CLI_EP_OPTIONS(ep),
         {0},
     };
     const char *syn = "--model PRESET|config.json [--tokens T] [--dtype D] [--backend B] [--seed S] [--backward] [--sample N]";
@@ -46,10 +50,13 @@ int cli_check(int argc, char **argv)
         "Runs the fused path and the independent HuggingFace-order reference on the same generated\n"
         "weights and inputs and prints every named stage (router logits, routing, counts, gather\n"
         "indices, GEMM1, activation, GEMM2, output; with --backward the input, router and per-expert\n"
-        "gradients) with its relative error, worst row and tolerance. Exits 1 if any stage fails.";
+        "gradients) with its relative error, worst row and tolerance. Exits 1 if any stage fails.\n"
+        "Under mpirun with several ranks (or with an EP option) the layer runs expert-parallel and\n"
+        "each rank compares its tokens' output and gradients with the single-rank fused path.";
     int rc = cli_parse("check", syn, desc, opts, argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if ((rc = cli_require("check", opts, "model"))) return rc;
+    if (cli_ep_wanted(&ep)) return cli_ep_check(model, tokens, dtype_s, backend_s, seed, backward, &ep);
     if (threads > 0) omp_set_num_threads(threads);
 
     moe_error err = {0};

@@ -8,6 +8,7 @@
 
 #include "block_state.h"
 #include "cli.h"
+#include "cli_ep.h"
 #include "cli_opts.h"
 #include "config.h"
 #include "dtype.h"
@@ -22,7 +23,7 @@ typedef struct run_args {
 
 /* Read a [T,H] or [B,S,H] tensor `name` of file `path`, converted to dt: returns T and the
  * original shape (for writing outputs shaped like the input). */
-static moe_status read_rows(const char *path, const char *name, int H, moe_dtype dt,
+moe_status cli_read_rows(const char *path, const char *name, int H, moe_dtype dt,
                             void **out, int *T, moe_tensor *shape_of, moe_error *err)
 {
     moe_st_file f;
@@ -62,6 +63,8 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
     run_args a = {.backend_s = "auto", .layer = -1};
     const char *kcfg = NULL, *tcache = NULL;
     bool autotune = false;
+    cli_ep_args ep;
+    cli_ep_args_init(&ep);
     cli_opt opts[] = {
         {"config", OPT_STRING, "PRESET|config.json", "model preset or HF config.json (required)", .str = &a.config},
         {"weights", OPT_STRING, "W.safetensors", "weights: a .safetensors file or model.safetensors.index.json (required)", .str = &a.weights},
@@ -71,10 +74,12 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         {"backend", OPT_STRING, "cpu|cuda|auto", "where to run (default auto: cuda when a GPU is usable)", .str = &a.backend_s},
         {"dtype", OPT_STRING, "bf16|fp16|fp32", "compute dtype (default: the config's dtype)", .str = &a.dtype_s},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &a.threads, .min = 0},
-        {backward ? "grad-output" : NULL, OPT_STRING, "G.safetensors", "file holding grad_output, shaped like the output (required)", .str = &a.grad_output},
         {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        CLI_EP_OPTIONS(ep),
+        /* last: for `forward` its NULL name ends the table */
+        {backward ? "grad-output" : NULL, OPT_STRING, "G.safetensors", "file holding grad_output, shaped like the output (required)", .str = &a.grad_output},
         {0},
     };
     const char *syn = backward
@@ -92,6 +97,15 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
     for (size_t i = 0; i < sizeof req / sizeof req[0]; i++)
         if (req[i] && (rc = cli_require(cmd, opts, req[i]))) return rc;
     if (a.threads > 0) omp_set_num_threads(a.threads);
+    if (cli_ep_wanted(&ep)) {
+        if (backward) {
+            fprintf(stderr, "moe-ep backward: expert-parallel backward is available through the library "
+                            "(moe_ep_backward) and `moe-ep check --backward` under mpirun; the backward "
+                            "command itself runs on one rank\n");
+            return 2;
+        }
+        return cli_ep_forward(a.config, a.weights, a.layer, a.input, a.output, a.dtype_s, a.backend_s, &ep);
+    }
 
     moe_error err = {0};
     moe_config cfg;
@@ -121,9 +135,9 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
     const int H = cfg.hidden, E = cfg.num_experts;
 
     if (moe_weights_load(&cfg, a.weights, a.layer, 0, E, dt, &w, &err) != MOE_OK) goto fail;
-    if (read_rows(a.input, "hidden_states", H, dt, &x, &T, &xshape, &err) != MOE_OK) goto fail;
+    if (cli_read_rows(a.input, "hidden_states", H, dt, &x, &T, &xshape, &err) != MOE_OK) goto fail;
     if (backward) {
-        if (read_rows(a.grad_output, "grad_output", H, dt, &dout, &Tg, &gshape, &err) != MOE_OK) goto fail;
+        if (cli_read_rows(a.grad_output, "grad_output", H, dt, &dout, &Tg, &gshape, &err) != MOE_OK) goto fail;
         if (Tg != T) {
             moe_fail(&err, MOE_ERR_FORMAT, "%s: grad_output has %d rows but hidden_states has %d",
                      a.grad_output, Tg, T);

@@ -12,6 +12,8 @@ static const struct {
     {"check", cli_check, "run the fused path and the reference on generated inputs, compare every stage"},
     {"forward", cli_forward, "run one MoE block forward on a safetensors input"},
     {"backward", cli_backward, "run one MoE block backward (input and weight gradients)"},
+    {"info", cli_info, "print the build's backends, GPUs, topology and each rank's placement"},
+    {"compare", cli_compare, "compare one tensor of two safetensors files (e.g. against HuggingFace's)"},
     {"bench", cli_bench, "time the fused block over a sweep of token counts (nccl-tests style)"},
     {"serve", cli_serve, "serve MoE layers over a socket from an MPI job (run under mpirun)"},
     {"client", cli_client, "talk to a server: forward a file, --info, --stats, --shutdown, --load"},
