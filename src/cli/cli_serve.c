@@ -59,14 +59,14 @@ static bool parse_layers(const char *s, int **out, int *n)
     return true;
 }
 
-static void on_ready(void *user, const char *bound)
+static void on_ready(void *user, const char *bound, const char *placement)
 {
     const moe_serve_options *o = user;
     int n = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &n);
-    printf("moe-ep serve: serving %d layer(s) of %s on %s with %d rank(s)%s%s (pid %ld)\n",
-           o->layers ? o->nlayers : 1, o->config, bound, n, o->ready_file ? "; ready file " : "",
-           o->ready_file ? o->ready_file : "", (long)getpid());
+    printf("moe-ep serve: serving %d layer(s) of %s on %s with %d rank(s), %s%s%s (pid %ld)\n",
+           o->layers ? o->nlayers : 1, o->config, bound, n, placement,
+           o->ready_file ? "; ready file " : "", o->ready_file ? o->ready_file : "", (long)getpid());
     fflush(stdout);
 }
 
@@ -75,7 +75,7 @@ int cli_serve(int argc, char **argv)
     const char *cmd = "serve";
     moe_serve_options o;
     moe_serve_options_default(&o);
-    const char *layers_s = NULL, *backend_s = "cpu", *dtype_s = NULL;
+    const char *layers_s = NULL, *backend_s = "cpu", *dtype_s = NULL, *ep_s = "auto";
     int threads = 0;
     bool remote_shutdown = false;
     uint64_t inflight = o.max_inflight_bytes;
@@ -85,6 +85,7 @@ int cli_serve(int argc, char **argv)
         {"weights", OPT_STRING, "W", "a .safetensors file or model.safetensors.index.json (required)", .str = &o.weights},
         {"layers", OPT_STRING, "L1,L2,..", "serve decoder layers model.layers.N of a full checkpoint (default: the file holds one block under its own names, served as layer 0)", .str = &layers_s},
         {"backend", OPT_STRING, "cpu|cuda|auto", "where every rank runs its share (default cpu)", .str = &backend_s},
+        {"ep", OPT_STRING, "auto|on|off", "shard each layer's experts over the ranks (expert parallelism; auto: when the backend is cpu and E divides evenly) or replicate them on every rank (default auto)", .str = &ep_s},
         {"dtype", OPT_STRING, "bf16|fp16|fp32", "activation dtype requests must use (default: the config's)", .str = &dtype_s},
         {"ready-file", OPT_STRING, "F", "written by rank 0 once serving: its pid, then the bound address; removed at exit", .str = &o.ready_file},
         {"max-batch-tokens", OPT_INT, "N", "rows per batch and per request (default 4096)", .i = &o.max_batch_tokens, .min = 1},
@@ -102,8 +103,9 @@ int cli_serve(int argc, char **argv)
                       "[--backend cpu|cuda] [--ready-file F] [options]";
     const char *desc =
         "Serves MoE layers from an MPI job (run it under mpirun): rank 0 accepts connections,\n"
-        "batches FORWARD requests of one layer, spreads their rows over the ranks, gathers the\n"
-        "outputs and replies (docs/protocol.md, docs/SERVICE.md). SIGTERM or SIGINT to rank 0's\n"
+        "batches FORWARD requests of one layer, spreads their rows over the ranks, runs the layer\n"
+        "expert-parallel (--ep), gathers the outputs and replies (docs/protocol.md,\n"
+        "docs/SERVICE.md). SIGTERM or SIGINT to rank 0's\n"
         "pid (the ready file's first line), or a SHUTDOWN request with --allow-remote-shutdown,\n"
         "finishes the requests in flight and exits 0 on every rank.";
     int prc = cli_parse(cmd, syn, desc, opts, argc, argv);
@@ -122,6 +124,14 @@ int cli_serve(int argc, char **argv)
     o.layers = layers;
     if (!cli_parse_backend(backend_s, &o.backend)) {
         if (!quiet) fprintf(stderr, "moe-ep serve: --backend expects cpu, cuda or auto, got '%s'\n", backend_s);
+        free(layers);
+        return 2;
+    }
+    if (strcmp(ep_s, "auto") == 0) o.ep = MOE_SERVE_EP_AUTO;
+    else if (strcmp(ep_s, "on") == 0) o.ep = MOE_SERVE_EP_ON;
+    else if (strcmp(ep_s, "off") == 0) o.ep = MOE_SERVE_EP_OFF;
+    else {
+        if (!quiet) fprintf(stderr, "moe-ep serve: --ep expects auto, on or off, got '%s'\n", ep_s);
         free(layers);
         return 2;
     }

@@ -14,7 +14,8 @@
  * Only rank 0's worker thread calls MPI (MPI_THREAD_FUNNELED is enough).
  * The tokens of a batch are split over the ranks as if data-parallel (rank r gets a contiguous
  * block of rows); every rank runs the layer on its block (svc_compute.c is the one place that
- * runs it: the local engine today, moe_ep_forward once expert parallelism lands).
+ * runs it): expert-parallel (moe_ep_forward, each rank holding E/N experts) when the placement
+ * allows, else on the local engine with every expert on every rank.
  */
 #ifndef MOE_SVC_H
 #define MOE_SVC_H
@@ -25,6 +26,12 @@
 
 #include "common.h"
 
+typedef enum moe_serve_ep {
+    MOE_SERVE_EP_AUTO = 0, /* expert-parallel when possible (CPU backend, N > 1, E % N == 0) */
+    MOE_SERVE_EP_ON = 1,   /* expert-parallel, or a startup error saying why not */
+    MOE_SERVE_EP_OFF = 2,  /* every rank holds all experts and runs its rows locally */
+} moe_serve_ep;
+
 typedef struct moe_serve_options {
     const char *listen;           /* "unix:PATH" or "tcp:HOST:PORT" (PORT 0: any free port) */
     const char *config;           /* preset name or HF config.json */
@@ -32,6 +39,7 @@ typedef struct moe_serve_options {
     const int *layers;            /* decoder layers to serve (model.layers.N); NULL: the file */
     int nlayers;                  /*   uses the block's own names and is served as layer 0 */
     moe_backend backend;
+    moe_serve_ep ep;              /* how the experts are placed over the ranks */
     moe_dtype dtype;              /* activation dtype; MOE_NUM_DTYPES = the config's */
     const char *ready_file;       /* written by rank 0 once serving: "PID\nADDRESS\n" */
     int max_batch_tokens;         /* rows per batch, and per request (default 4096) */
@@ -43,7 +51,7 @@ typedef struct moe_serve_options {
     int idle_poll_us;             /* ranks > 0: longest sleep between polls when idle (1000) */
     bool allow_remote_shutdown;   /* honour the SHUTDOWN op */
     /* Called on rank 0 once serving (after the ready file is written), e.g. to print. */
-    void (*on_ready)(void *user, const char *bound_address);
+    void (*on_ready)(void *user, const char *bound_address, const char *placement);
     void *user;
 } moe_serve_options;
 

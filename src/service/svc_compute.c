@@ -1,13 +1,19 @@
-/* svc_compute.c — the served layers: loading them and THE one function that runs a layer on a
- * rank's share of a batch (svc_layer_forward).
+/* svc_compute.c — the served layers: choosing how they are spread over the ranks, loading
+ * them, and THE one function that runs a layer on a rank's share of a batch
+ * (svc_layer_forward).
  *
- * Today every rank holds all experts of every served layer and runs its block of rows on the
- * local engine: data-parallel over the ranks, no communication inside the layer. When
- * expert parallelism (src/ep/) lands, svc_model_load loads each rank's expert slice with
- * moe_ep_weights_load and creates a moe_ep_ctx per layer, and svc_layer_forward becomes
- *     moe_ep_forward(l->ep, T, x, out, logits, NULL, NULL, err)
- * which is collective: every rank already calls this function once per batch, T = 0
- * included, in the same order, so nothing else in the service changes. */
+ * Two placements (moe_serve_options.ep, decided identically on every rank):
+ *   expert-parallel  rank r holds experts [r*E/N, (r+1)*E/N) of every layer (plus the router
+ *                    and shared expert) and svc_layer_forward is moe_ep_forward: the rank's
+ *                    rows are routed, dispatched to the experts' owners, computed there and
+ *                    combined back (src/ep/). Collective: every rank calls it once per batch,
+ *                    in the same order, T = 0 included — which the worker loop already does.
+ *                    CPU backend, E divisible by N.
+ *   replicated       every rank holds all experts and runs its rows on the local engine
+ *                    (moe_engine_forward, CPU or CUDA): data-parallel, no communication inside
+ *                    the layer. Used with one rank, with the CUDA backend (the EP compute is
+ *                    host-side today), when E is not divisible by N, or when asked (--ep off).
+ */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,11 +41,29 @@ moe_status moe_serve_load_weights(const moe_config *cfg, const char *spec, int l
     return moe_weights_load(cfg, spec, layer, 0, cfg->num_experts, dt, w, err);
 }
 
-moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int local_rank,
-                          moe_error *err)
+moe_status svc_model_plan(svc_model *m, const moe_serve_options *o, int nranks, moe_error *err)
 {
     memset(m, 0, sizeof *m);
     MOE_TRY(moe_config_resolve(o->config, &m->cfg, err));
+    m->dt = o->dtype == MOE_NUM_DTYPES ? m->cfg.dtype : o->dtype;
+    m->backend = o->backend;
+    m->nranks = nranks;
+    m->max_local_T = (o->max_batch_tokens + nranks - 1) / nranks;
+    const int E = m->cfg.num_experts;
+    const char *why = NULL;
+    if (nranks == 1) why = "one rank";
+    else if (o->backend != MOE_BACKEND_CPU) why = "the expert-parallel path runs on the CPU backend only";
+    else if (E % nranks != 0) why = "the experts cannot be split evenly over the ranks";
+    if (o->ep == MOE_SERVE_EP_ON && why)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "serve: --ep on, but %s (E=%d experts, %d rank(s), "
+                        "backend %s)", why, E, nranks, o->backend == MOE_BACKEND_CPU ? "cpu" : "cuda");
+    m->ep = o->ep != MOE_SERVE_EP_OFF && !why;
+    return MOE_OK;
+}
+
+moe_status svc_model_load(svc_model *m, const moe_serve_options *o, MPI_Comm comm, int local_rank,
+                          moe_error *err)
+{
     if (o->backend == MOE_BACKEND_CUDA) {
 #ifdef MOE_HAVE_CUDA
         /* One GPU per rank: the node-local rank picks it (the engine uses the current device). */
@@ -48,13 +72,9 @@ moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, 
             return moe_fail(err, MOE_ERR_NO_DEVICE, "serve: --backend cuda but no usable GPU");
         if (cudaSetDevice(local_rank % ndev) != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "serve: cudaSetDevice(%d) failed", local_rank % ndev);
-#else
-        (void)local_rank;
 #endif
     }
-    m->dt = o->dtype == MOE_NUM_DTYPES ? m->cfg.dtype : o->dtype;
-    m->backend = o->backend;
-    m->max_local_T = (o->max_batch_tokens + nranks - 1) / nranks;
+    (void)local_rank;
     int n = o->layers ? o->nlayers : 1;
     m->layers = moe_calloc((size_t)n, sizeof *m->layers, "served layers", err);
     if (!m->layers) return MOE_ERR_NOMEM;
@@ -63,9 +83,35 @@ moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, 
         int file_layer = o->layers ? o->layers[i] : -1;
         l->number = o->layers ? o->layers[i] : 0;
         m->nlayers = i + 1;
-        moe_status st = moe_serve_load_weights(&m->cfg, o->weights, file_layer, m->dt, &l->w, err);
-        if (st == MOE_OK)
-            st = moe_engine_create(m->backend, &l->w, m->dt, m->max_local_T, &l->eng, err);
+        moe_status st;
+        if (m->ep) {
+            /* Collective, and every rank gets the same status (the EP layer agrees on it), so
+             * the ranks leave this loop together. */
+            if (strncmp(o->weights, "random:", 7) == 0) {
+                char *end;
+                unsigned long long seed = strtoull(o->weights + 7, &end, 0);
+                st = *end || end == o->weights + 7
+                         ? moe_fail(err, MOE_ERR_INVALID_ARG, "weights '%s': expected random:SEED", o->weights)
+                         : MOE_OK;
+                /* same seeds as moe_serve_load_weights, so clients can verify in process */
+                if (st == MOE_OK)
+                    st = moe_ep_weights_random(comm, &m->cfg, seed + (uint64_t)(file_layer < 0 ? 0 : file_layer),
+                                               1, m->dt, &l->w, err);
+            } else {
+                st = moe_ep_weights_load(comm, &m->cfg, o->weights, file_layer, 1, m->dt, &l->w, err);
+            }
+            if (st == MOE_OK) {
+                moe_ep_options eo = MOE_EP_OPTIONS_INIT;
+                eo.transport = MOE_EP_TRANSPORT_MPI;
+                /* Buffers sized once: a rank never gets more than max_local_T rows. */
+                eo.max_tokens_per_rank = m->max_local_T;
+                st = moe_ep_ctx_create(comm, &l->w, &eo, &l->ep, err);
+            }
+        } else {
+            st = moe_serve_load_weights(&m->cfg, o->weights, file_layer, m->dt, &l->w, err);
+            if (st == MOE_OK)
+                st = moe_engine_create(m->backend, &l->w, m->dt, m->max_local_T, &l->eng, err);
+        }
         if (st != MOE_OK) {
             if (o->layers) moe_error_prefix(err, "layer %d", file_layer);
             return st;
@@ -77,6 +123,7 @@ moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, 
 void svc_model_free(svc_model *m)
 {
     for (int i = 0; i < m->nlayers; i++) {
+        if (m->layers[i].ep) moe_ep_ctx_destroy(m->layers[i].ep);
         moe_engine_destroy(m->layers[i].eng);
         moe_weights_free(&m->layers[i].w);
     }
@@ -90,8 +137,9 @@ moe_status svc_layer_forward(svc_model *m, int layer_index, int T, const void *x
     if (layer_index < 0 || layer_index >= m->nlayers)
         return moe_fail(err, MOE_ERR_INTERNAL, "svc_layer_forward: layer index %d of %d",
                         layer_index, m->nlayers);
-    if (T == 0) return MOE_OK; /* a rank with no rows this batch (EP will still take part) */
     svc_layer *l = &m->layers[layer_index];
+    if (m->ep) return moe_ep_forward(l->ep, T, x, out, logits, NULL, NULL, err);
+    if (T == 0) return MOE_OK; /* a rank with no rows this batch */
     moe_fwd_state st;
     /* Allocated per call: the state's buffers are shaped by T. Small next to the GEMMs. */
     MOE_TRY(moe_fwd_state_alloc(&m->cfg, m->dt, T, false, &st, err));

@@ -11,6 +11,7 @@
 
 #include "../client/moe_proto.h"
 #include "config.h"
+#include "ep/ep.h"
 #include "svc.h"
 #include "weights.h"
 
@@ -18,26 +19,33 @@
 
 typedef struct svc_layer {
     int32_t number;          /* the layer number clients name (0 for a block's own file) */
-    moe_weights w;           /* this rank's weights (all experts until EP lands) */
-    struct moe_engine *eng;
+    moe_weights w;           /* this rank's weights: its expert slice (EP) or all experts */
+    moe_ep_ctx *ep;          /* expert-parallel placement */
+    struct moe_engine *eng;  /* replicated placement */
 } svc_layer;
 
 typedef struct svc_model {
     moe_config cfg;
     moe_dtype dt;
     moe_backend backend;
+    int nranks;
+    bool ep;                 /* experts sharded over the ranks (else replicated on each) */
     int nlayers;
     svc_layer *layers;
-    int max_local_T;         /* rows one rank runs at most (ceil(max_batch / nranks)) */
+    int max_local_T;         /* rows one rank brings at most (ceil(max_batch / nranks)) */
 } svc_model;
 
-/* Load every served layer on this rank (not collective). local_rank (the rank within its
- * node) picks the GPU on the CUDA backend. */
-moe_status svc_model_load(svc_model *m, const moe_serve_options *o, int nranks, int local_rank,
+/* Resolve the config and choose the placement (not collective; same answer on every rank
+ * given the same options). */
+moe_status svc_model_plan(svc_model *m, const moe_serve_options *o, int nranks, moe_error *err);
+/* Load every served layer on this rank: collective over comm when m->ep (every rank returns
+ * the same status then), local otherwise. local_rank (within the node) picks the GPU on the
+ * CUDA backend. */
+moe_status svc_model_load(svc_model *m, const moe_serve_options *o, MPI_Comm comm, int local_rank,
                           moe_error *err);
 void svc_model_free(svc_model *m);
 /* THE call that runs a layer: x [T,H] -> out [T,H], logits [T,E] (optional). Every rank calls
- * it once per batch, T = its share (0 included), so it may be collective. */
+ * it once per batch, T = its share (0 included); collective in the expert-parallel placement. */
 moe_status svc_layer_forward(svc_model *m, int layer_index, int T, const void *x, void *out,
                              void *logits, moe_error *err);
 

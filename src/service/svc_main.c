@@ -43,7 +43,9 @@ static moe_status agree(MPI_Comm comm, moe_status st, moe_error *err)
         (rc = MPI_Bcast(&code, 1, MPI_INT, first, comm)) != MPI_SUCCESS)
         svc_mpi_fatal(comm, rc, "MPI_Bcast (startup agreement)");
     msg[sizeof msg - 1] = 0;
-    if (n > 1) return moe_fail(err, (moe_status)code, "rank %d: %s", first, msg);
+    /* (the expert-parallel layer's own agreement already says "rank R: ...") */
+    if (n > 1 && strncmp(msg, "rank ", 5) != 0)
+        return moe_fail(err, (moe_status)code, "rank %d: %s", first, msg);
     return moe_fail(err, (moe_status)code, "%s", msg);
 }
 
@@ -141,7 +143,7 @@ moe_status moe_serve_run(MPI_Comm user_comm, const moe_serve_options *o, moe_err
         MPI_Comm_rank(node, &local_rank);
         MPI_Comm_free(&node);
     }
-    if (st == MOE_OK) st = svc_model_load(&model, o, nranks, local_rank, err);
+    if (st == MOE_OK) st = svc_model_plan(&model, o, nranks, err);
     if (st == MOE_OK) {
         size_t esz = moe_dtype_size(model.dt), rowb = (size_t)model.cfg.hidden * esz;
         size_t rowe = (size_t)model.cfg.num_experts * esz;
@@ -150,7 +152,13 @@ moe_status moe_serve_run(MPI_Comm user_comm, const moe_serve_options *o, moe_err
             st = moe_fail(err, MOE_ERR_INVALID_ARG, "serve: --max-batch-tokens %d rows of %zu "
                           "bytes overflow", o->max_batch_tokens, rowb);
     }
+    /* Agree before loading: the expert-parallel load is collective, so no rank may skip it
+     * because of a failure the others did not have. */
     st = agree(comm, st, err);
+    if (st == MOE_OK) {
+        st = svc_model_load(&model, o, comm, local_rank, err);
+        st = agree(comm, st, err);
+    }
     if (st != MOE_OK) {
         svc_model_free(&model);
         MPI_Comm_free(&comm);
@@ -214,7 +222,7 @@ moe_status moe_serve_run(MPI_Comm user_comm, const moe_serve_options *o, moe_err
             sh.draining = true;
             pthread_mutex_unlock(&sh.mu);
         } else if (o->on_ready) {
-            o->on_ready(o->user, bound);
+            o->on_ready(o->user, bound, model.ep ? "expert-parallel" : "experts replicated on every rank");
         }
         /* With draining already set, the worker only releases the other ranks. */
         svc_worker_root(comm, &sh, &model, o);

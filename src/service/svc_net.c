@@ -669,7 +669,8 @@ static bool setup(net *n, svc_net_args *a)
     in->max_T = (uint32_t)n->o->max_batch_tokens;
     in->max_wait_us = (uint32_t)n->o->max_wait_us;
     snprintf(in->model, sizeof in->model, "%s", m->cfg.name);
-    snprintf(in->backend, sizeof in->backend, "%s", m->backend == MOE_BACKEND_CUDA ? "cuda" : "cpu");
+    snprintf(in->backend, sizeof in->backend, "%s%s", m->backend == MOE_BACKEND_CUDA ? "cuda" : "cpu",
+             m->ep ? "+ep" : "");
     for (uint32_t i = 0; i < in->nlayers; i++) in->layers[i] = n->layer_numbers[i];
     return true;
 }
