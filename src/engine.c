@@ -20,6 +20,7 @@
 #ifdef MOE_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "cuda/cuda_baselines.h"
 #include "cuda/cuda_block.h"
 #include "moe_kernels.h"
 #endif
@@ -376,4 +377,27 @@ void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len)
     (void)e;
     (void)len;
 #endif
+}
+
+moe_status moe_engine_baselines(moe_engine *e, const int32_t *counts, int warmup, int iters,
+                                double *dense_ms, double *loop_ms, double *grouped_ms,
+                                moe_error *err)
+{
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) {
+        MOE_TRY(cuda_engine_block(e, false, err));
+        const void *w13, *w2;
+        cuda_block_expert_weights(e->blk, &w13, &w2);
+        moe_baseline_times bt;
+        MOE_TRY(moe_cuda_baselines(e->dt, e->w->expert_count, e->w->cfg.hidden, e->w->cfg.inter,
+                                   w13, w2, counts, warmup, iters, &bt, err));
+        *dense_ms = bt.dense_ms;
+        *loop_ms = bt.loop_ms;
+        *grouped_ms = bt.grouped_ms;
+        return MOE_OK;
+    }
+#endif
+    (void)e; (void)counts; (void)warmup; (void)iters;
+    *dense_ms = *loop_ms = *grouped_ms = NAN;
+    return moe_fail(err, MOE_ERR_UNSUPPORTED, "the cuBLAS baselines need the CUDA backend");
 }

@@ -28,6 +28,11 @@ moe_status moe_engine_configure(moe_engine *e, const moe_engine_options *opts, m
 moe_backend moe_engine_backend(const moe_engine *e);
 /* Which grouped-GEMM kernel and configuration each stage of the last run used ("" on the CPU). */
 void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len);
+/* CUDA only: the cuBLAS baselines (src/cuda/cuda_baselines.h) on the engine's own device
+ * weights for a batch whose routed rows per local expert are counts [El] (host). */
+moe_status moe_engine_baselines(moe_engine *e, const int32_t *counts, int warmup, int iters,
+                                double *dense_ms, double *loop_ms, double *grouped_ms,
+                                moe_error *err);
 const char *moe_engine_describe(const moe_engine *e); /* "cpu (2 threads)", "cuda: NVIDIA H100 ..." */
 
 /* Forward on x [T,H] (host, dt). st: host buffers from moe_fwd_state_alloc; intermediates whose

@@ -126,9 +126,9 @@ int cli_bench(int argc, char **argv)
         moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
         if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
     }
-    if (rotate <= 0) {
-        size_t one = (size_t)tmax * H * esz;
-        rotate = (int)MOE_MIN(16, MOE_MAX(1, (64u << 20) / (one ? one : 1)));
+    if (rotate <= 0) { /* enough sets that the smallest size's inputs exceed a 50 MB L2 twice */
+        size_t one = (size_t)tmin * H * esz;
+        rotate = (int)MOE_MIN(16, MOE_MAX(2, (128u << 20) / (one ? one : 1)));
     }
     xs = calloc((size_t)rotate, sizeof *xs);
     times = malloc(sizeof(double) * (size_t)iters);
@@ -148,11 +148,17 @@ int cli_bench(int argc, char **argv)
     printf("# moe-ep bench: %s (H=%d I=%d E=%d k=%d%s), %s, mode %s, backend %s\n", cfg.name, H,
            I, E, k, cfg.shared_inter ? ", shared expert" : "", moe_dtype_name(dt), mode_s,
            moe_engine_describe(eng));
+    if (backend == MOE_BACKEND_CUDA && mode == MOE_BENCH_FWD)
+        printf("# baselines (cuBLAS, same weights, GEMM pair only, rows pre-permuted): dense = M=T*k rows vs one\n"
+               "# expert's weights (ceiling), loop = one GEMM pair per expert, grouped = cublasGemmGroupedBatchedEx;\n"
+               "# 'x Y' = Y's time / ours (>1: we are faster). Our time is the whole layer, routing included.\n");
     printf("# warmup %d, iters %d (median), %d rotating input sets, seed %llu; FLOPs = %s x 6*T*k*H*I\n",
            warmup, iters, rotate, (unsigned long long)seed, mode == MOE_BENCH_FWD ? "1" : mode == MOE_BENCH_BWD ? "2" : "3");
     if (peak_tf > 0) printf("# roofline: %.0f TFLOP/s, %.0f GB/s\n", peak_tf, peak_bw);
     printf("%8s %8s %10s %10s %9s %7s", "T", "M", "time(ms)", "TFLOP/s", "GB/s", "%roof");
     for (int p = 0; p < MOE_PHASE_COUNT; p++) printf(" %8s", moe_phase_names[p]);
+    bool baselines = backend == MOE_BACKEND_CUDA && mode == MOE_BENCH_FWD;
+    if (baselines) printf(" %9s %9s %9s %7s %7s %7s", "dense", "loop", "grouped", "x dense", "x loop", "x grp");
     printf(" %7s\n", "#wrong");
     if (cf) {
         fprintf(cf, "model,dtype,mode,backend,T,M,time_ms,tflops,gbs,pct_roofline");
@@ -204,6 +210,18 @@ int cli_bench(int argc, char **argv)
         for (int p = 0; p < MOE_PHASE_COUNT; p++) {
             if (isnan(phases[p])) printf(" %8s", "-");
             else printf(" %8.4f", phases[p]);
+        }
+        double bd = NAN, bl = NAN, bg = NAN;
+        if (baselines) {
+            /* the routed rows per expert of this batch, for the per-expert and grouped baselines */
+            moe_fwd_state st;
+            if (moe_fwd_state_alloc(&cfg, dt, (int)T, false, &st, &err) != MOE_OK) goto fail;
+            moe_status s = moe_engine_forward(eng, (int)T, xs[0], &st, &err);
+            if (s == MOE_OK)
+                s = moe_engine_baselines(eng, st.token_counts, warmup, iters, &bd, &bl, &bg, &err);
+            moe_fwd_state_free(&st);
+            if (s != MOE_OK) goto fail;
+            printf(" %9.4f %9.4f %9.4f %7.3f %7.3f %7.3f", bd, bl, bg, bd / ms, bl / ms, bg / ms);
         }
         if (check) printf(" %7d\n", wrong);
         else printf(" %7s\n", "n/a");

@@ -386,6 +386,12 @@ void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_
     b->forced[stage] = cfg != NULL;
 }
 
+void cuda_block_expert_weights(const cuda_block *b, const void **w13, const void **w2)
+{
+    *w13 = b->w13;
+    *w2 = b->w2;
+}
+
 void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path)
 {
     if (!b) return;

@@ -78,6 +78,9 @@ const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_s
  * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream
  * the first time a shape is seen: run one eager forward/backward before capturing a graph. */
 void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path);
+/* The device copies of the local experts' weights (canonical layout): w13 [El,2I,H], w2 [El,H,I]
+ * (read-only; the benchmark's cuBLAS baselines run on the same bytes). */
+void cuda_block_expert_weights(const cuda_block *b, const void **w13, const void **w2);
 
 /* ---- forward state on the device ---- */
 
