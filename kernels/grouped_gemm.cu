@@ -15,6 +15,9 @@
  *                       STAGES-deep cp.async pipeline; ALIGNED=false is the narrow fallback for
  *                       rows that are not 16-byte multiples (element loads into the same tiles).
  *   moe_gg_ffma_kernel  fp32 in full fp32 (FFMA), shared-memory tiled.
+ *   The ",tma" configurations run the Hopper wgmma/TMA kernel of grouped_gemm_wgmma.cu when
+ *   the problem allows it (bf16/fp16, B [N,K], aligned rows, an sm_90 device), else the
+ *   mma.sync default (the report says which ran).
  * Grid: x = one slot per possible row tile (sized from max_rows on the host: at most
  * ceil(max_rows/BM) + E tiles), y = output-column tiles. Each CTA finds its expert on the device
  * from expert_offsets (gemm_common.cuh: find_tile_expert); slots past the last tile exit.
@@ -29,6 +32,7 @@ extern "C" {
 }
 #include "gemm_common.cuh"
 #include "grouped_gemm_configs.h"
+#include "grouped_gemm_wgmma.h"
 #include "cuda/kernel_config.h"
 #include "moe_kernels.h"
 
@@ -642,13 +646,27 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
     p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
     p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
 
+    /* A ",tma" configuration runs the wgmma kernel where it can, else the mma.sync default. */
+    const bool wg = c.use_tma && moe_gg_wgmma_applicable(a, &c);
+    if (c.use_tma && !wg) c = moe_kernel_config_default_mma(a->dtype, avg_rows);
     moe_kernel_config ran = aligned || a->dtype == MOE_DTYPE_F32 ? c : moe_kernel_config_narrow();
     if (report) {
-        report->kernel = kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32);
+        report->kernel = wg ? moe_gg_wgmma_kernel_name(a->dtype)
+                            : kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32);
         report->config = ran;
-        report->used_tma = 0;
+        report->used_tma = wg ? 1 : 0;
     }
     if (a->max_rows == 0) return MOE_OK; /* no rows can exist: nothing to compute or store */
+
+    char buf[64];
+    if (wg) {
+        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream);
+        if (we != cudaSuccess)
+            return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
+                            moe_gg_wgmma_kernel_name(a->dtype),
+                            moe_kernel_config_str(&c, buf, sizeof buf), cudaGetErrorString(we));
+        return MOE_OK;
+    }
 
     cudaError_t e = cudaSuccess;
     bool found = false;
@@ -666,7 +684,6 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
                     : dispatch_ffma<false>(p, c, stream, &found);
         break;
     }
-    char buf[64];
     if (!found)
         return moe_fail(err, MOE_ERR_INTERNAL, "%s: config %s is listed but not instantiated", fn,
                         moe_kernel_config_str(&c, buf, sizeof buf));

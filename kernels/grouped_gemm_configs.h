@@ -9,6 +9,12 @@
  *   reduction step per pipeline stage, WARPS_M x WARPS_N warps, STAGES cp.async stages.
  * The narrow (unaligned rows) fallback runs one fixed configuration, MOE_GG_NARROW_CONFIG.
  * fp32 runs the FFMA kernels, X(BM, BN): 256 threads, BK 16, one shared-memory stage.
+ *
+ * Hopper wgmma path (bf16, fp16 forward with B_e [N, K]; grouped_gemm_wgmma.cu), selected by
+ * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES): 128-row tiles, BK 64 (one 128-byte
+ * swizzle row), 12 warps = one producer warpgroup (TMA for B, cp.async gather for A) + two
+ * consumer warpgroups (wgmma m64nBNk16), STAGES mbarrier stages. Problems it cannot take (b_kn,
+ * unaligned rows, fp32, not an sm_90 device) run the mma.sync default instead.
  */
 #ifndef MOE_GROUPED_GEMM_CONFIGS_H
 #define MOE_GROUPED_GEMM_CONFIGS_H
@@ -26,6 +32,10 @@
     X(64, 128, 64, 2, 2, 3)      \
     X(64, 64, 32, 2, 2, 3)       \
     X(64, 64, 32, 2, 2, 2)
+
+#define MOE_GG_WGMMA_CONFIGS(X) \
+    X(128, 256, 64, 12, 4)      \
+    X(128, 128, 64, 12, 6)
 
 #define MOE_GG_NARROW_CONFIG(X) X(64, 64, 32, 2, 2, 2)
 

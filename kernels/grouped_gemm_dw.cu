@@ -459,6 +459,8 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     const int avg_rows = a->max_rows / a->num_experts;
     moe_status st = moe_kernel_config_resolve(cfg, a->dtype, avg_rows, &c, err);
     if (st != MOE_OK) return moe_error_prefix(err, "%s", fn);
+    /* The wgmma (",tma") kernels are forward-only: dW runs the mma.sync default then. */
+    if (c.use_tma) c = moe_kernel_config_default_mma(a->dtype, avg_rows);
 
     const size_t es = moe_dtype_size(a->dtype);
     const bool aligned = a->dtype != MOE_DTYPE_F32 && aligned16(a->dY) && aligned16(a->X) &&

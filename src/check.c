@@ -32,44 +32,85 @@ static moe_check_row *next_row(moe_check_report *r, const char *stage, const cha
     return row;
 }
 
-static double rel_err(const double *a, const double *ref, size_t n, bool *nan, bool *zero_bad)
+/* One row's sums: num = sum (got-ref)^2, den = sum ref^2, and whether a NaN/Inf appeared. */
+typedef void (*row_sums_fn)(const void *ctx, size_t row, double *num, double *den, bool *nan);
+
+/* The stage rule over `rows` rows whose sums come from fn (so a huge tensor is never copied). */
+static void compare_rows(moe_check_report *r, const char *stage, const char *compared,
+                         size_t rows, double tol, row_sums_fn fn, const void *ctx)
 {
+    moe_check_row *row = next_row(r, stage, compared);
+    bool nan = false, zero_bad = false;
     double num = 0, den = 0;
+    for (size_t i = 0; i < rows; i++) {
+        double rn = 0, rd = 0;
+        bool rnan = false;
+        fn(ctx, i, &rn, &rd, &rnan);
+        num += rn;
+        den += rd;
+        double e = rd == 0 ? (rn == 0 ? 0 : INFINITY) : sqrt(rn / rd);
+        if (rd == 0 && rn != 0) zero_bad = true;
+        if (rnan) nan = true;
+        if (e > row->worst_err || row->worst_row < 0 || rnan) {
+            if (e > row->worst_err || row->worst_row < 0) row->worst_err = e;
+            row->worst_row = (long)i;
+        }
+    }
+    row->rel_err = den == 0 ? (num == 0 ? 0 : INFINITY) : sqrt(num / den);
+    row->tol = tol;
+    row->pass = !nan && !zero_bad && row->rel_err <= tol && row->worst_err <= 10 * tol;
+    if (nan) snprintf(row->note, sizeof row->note, "NaN/Inf present (unwritten or overflow)");
+    else if (zero_bad) snprintf(row->note, sizeof row->note, "a zero reference row is not zero");
+    if (!row->pass) r->all_pass = false;
+}
+
+static void sums(const double *a, const double *ref, size_t n, double *num, double *den, bool *nan)
+{
     for (size_t i = 0; i < n; i++) {
         if (isnan(a[i]) || isnan(ref[i]) || isinf(a[i])) *nan = true;
         double d = a[i] - ref[i];
-        num += d * d;
-        den += ref[i] * ref[i];
+        *num += d * d;
+        *den += ref[i] * ref[i];
     }
-    if (den == 0) {
-        if (num != 0) *zero_bad = true;
-        return num == 0 ? 0 : INFINITY;
-    }
-    return sqrt(num / den);
+}
+
+typedef struct dense_rows { const double *got, *ref; size_t cols; } dense_rows;
+
+static void dense_row_sums(const void *ctx, size_t i, double *num, double *den, bool *nan)
+{
+    const dense_rows *d = ctx;
+    sums(d->got + i * d->cols, d->ref + i * d->cols, d->cols, num, den, nan);
 }
 
 void moe_check_compare(moe_check_report *r, const char *stage, const char *compared,
                        const double *got, const double *ref, size_t rows, size_t cols,
                        double tol)
 {
-    moe_check_row *row = next_row(r, stage, compared);
-    bool nan = false, zero_bad = false;
-    row->rel_err = rel_err(got, ref, rows * cols, &nan, &zero_bad);
-    for (size_t i = 0; i < rows; i++) {
-        bool rn = false, rz = false;
-        double e = rel_err(got + i * cols, ref + i * cols, cols, &rn, &rz);
-        if (rn) nan = true;
-        if (rz) zero_bad = true;
-        if (e > row->worst_err || row->worst_row < 0 || rn) {
-            if (e > row->worst_err || row->worst_row < 0) row->worst_err = e;
-            row->worst_row = (long)i;
-        }
+    dense_rows d = {got, ref, cols};
+    compare_rows(r, stage, compared, rows, tol, dense_row_sums, &d);
+}
+
+/* Rows = chosen slabs of a tensor stored in dt (e.g. one expert's gradient each) against double
+ * references, read in place. */
+typedef struct slab_rows {
+    moe_dtype dt;
+    const void *base;
+    size_t slab;           /* elements per row */
+    const int *index;      /* row i is slab index[i] of base (NULL: slab i) */
+    const double *const *ref; /* ref[i]: the reference of row i */
+} slab_rows;
+
+static void slab_row_sums(const void *ctx, size_t i, double *num, double *den, bool *nan)
+{
+    const slab_rows *s = ctx;
+    size_t at = (size_t)(s->index ? s->index[i] : (int)i) * s->slab;
+    const double *ref = s->ref[i];
+    for (size_t q = 0; q < s->slab; q++) {
+        double a = moe_load_elem(s->dt, s->base, at + q), b = ref[q];
+        if (isnan(a) || isnan(b) || isinf(a)) *nan = true;
+        *num += (a - b) * (a - b);
+        *den += b * b;
     }
-    row->tol = tol;
-    row->pass = !nan && !zero_bad && row->rel_err <= tol && row->worst_err <= 10 * tol;
-    if (nan) snprintf(row->note, sizeof row->note, "NaN/Inf present (unwritten or overflow)");
-    else if (zero_bad) snprintf(row->note, sizeof row->note, "a zero reference row is not zero");
-    if (!row->pass) r->all_pass = false;
 }
 
 void moe_check_exact(moe_check_report *r, const char *stage, const char *compared, long n,
@@ -490,29 +531,17 @@ moe_status moe_check_backward(const moe_weights *w, moe_dtype dt, int T, const v
     /* expert gradients: one "row" per expert, so the tolerance applies per expert, and an
      * expert with no tokens must be exactly zero */
     {
-        double *gw = moe_malloc((size_t)nexp * 2 * I * H * sizeof(double) + 8, "check dW", err);
-        double *rw = moe_malloc((size_t)nexp * 2 * I * H * sizeof(double) + 8, "check dW", err);
-        if (!gw || !rw) { free(gw); free(rw); ret = MOE_ERR_NOMEM; goto done; }
-        size_t n13 = (size_t)2 * I * H, n2 = (size_t)H * I;
-        for (int i = 0; i < nexp; i++) {
-            int e = experts[i];
-            for (size_t q = 0; q < n13; q++) {
-                gw[i * n13 + q] = moe_load_elem(dt, grads->w13.data, (size_t)e * n13 + q);
-                rw[i * n13 + q] = g.d_w13[e][q];
-            }
-        }
+        const double **refs = malloc(sizeof(double *) * (size_t)(nexp ? nexp : 1));
+        if (!refs) { ret = moe_fail(err, MOE_ERR_NOMEM, "check dW"); goto done; }
+        for (int i = 0; i < nexp; i++) refs[i] = g.d_w13[experts[i]];
+        slab_rows s13 = {dt, grads->w13.data, (size_t)2 * I * H, experts, refs};
         describe(what, sizeof what, nexp, El, "experts", 2 * I * H);
-        moe_check_compare(rep, "grad gate_up (per expert)", what, gw, rw, nexp, n13, tol);
-        for (int i = 0; i < nexp; i++) {
-            int e = experts[i];
-            for (size_t q = 0; q < n2; q++) {
-                gw[i * n2 + q] = moe_load_elem(dt, grads->w2.data, (size_t)e * n2 + q);
-                rw[i * n2 + q] = g.d_w2[e][q];
-            }
-        }
+        compare_rows(rep, "grad gate_up (per expert)", what, (size_t)nexp, tol, slab_row_sums, &s13);
+        for (int i = 0; i < nexp; i++) refs[i] = g.d_w2[experts[i]];
+        slab_rows s2 = {dt, grads->w2.data, (size_t)H * I, experts, refs};
         describe(what, sizeof what, nexp, El, "experts", H * I);
-        moe_check_compare(rep, "grad down (per expert)", what, gw, rw, nexp, n2, tol);
-        free(gw); free(rw);
+        compare_rows(rep, "grad down (per expert)", what, (size_t)nexp, tol, slab_row_sums, &s2);
+        free(refs);
     }
     if (llama && Is > 0) {
         const struct { const char *name; const moe_tensor *t; const double *ref; int rows, cols; } sh[3] = {
@@ -522,12 +551,11 @@ moe_status moe_check_backward(const moe_weights *w, moe_dtype dt, int T, const v
         };
         for (int s = 0; s < 3; s++) {
             size_t n = (size_t)sh[s].rows * sh[s].cols;
-            double *gs = to_double(dt, sh[s].t->data, n, err);
-            if (!gs) { ret = MOE_ERR_NOMEM; goto done; }
+            const double *ref1[1] = {sh[s].ref};
+            slab_rows one = {dt, sh[s].t->data, n, NULL, ref1};
             snprintf(what, sizeof what, "%d x %d", sh[s].rows, sh[s].cols);
             /* one "row" for the whole matrix: a shared weight gradient sums over every token */
-            moe_check_compare(rep, sh[s].name, what, gs, sh[s].ref, 1, n, tol);
-            free(gs);
+            compare_rows(rep, sh[s].name, what, 1, tol, slab_row_sums, &one);
         }
     }
 

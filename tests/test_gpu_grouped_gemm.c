@@ -1202,10 +1202,35 @@ static void test_config_strings(void **state)
     assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F32, &err), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(err.msg, "64x64x16"));
 
+    /* ",tma" names the Hopper wgmma configurations; an mma.sync tile with ",tma" is not one */
     assert_int_equal(moe_kernel_config_parse("128x128x64,w8,s3,tma", &c, &err), MOE_OK);
     assert_int_equal(c.use_tma, 1);
     moe_error_clear(&err);
-    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_ERR_UNSUPPORTED);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "128x256x64,w12,s4,tma"));
+    assert_int_equal(moe_kernel_config_parse("128x256x64,w12,s4,tma", &c, &err), MOE_OK);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_OK);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F16, &err), MOE_OK);
+    moe_error_clear(&err);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F32, &err), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_kernel_config_parse("128x256x64,w12,s4", &c, &err), MOE_OK);
+    moe_error_clear(&err);
+    assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_ERR_INVALID_ARG);
+    {
+        moe_kernel_config req, got;
+        assert_int_equal(moe_kernel_config_parse("128x128x64,tma", &req, &err), MOE_OK);
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 1);
+        assert_int_equal(got.warps, 12);
+        assert_int_equal(moe_kernel_config_parse("128x128x64", &req, &err), MOE_OK);
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 0);
+        got = moe_kernel_config_default_mma(MOE_DTYPE_BF16, 256);
+        assert_int_equal(got.use_tma, 0);
+        assert_int_equal(moe_kernel_config_validate(&got, MOE_DTYPE_BF16, &err), MOE_OK);
+        got = moe_kernel_config_default_mma(MOE_DTYPE_F32, 256);
+        assert_int_equal(moe_kernel_config_validate(&got, MOE_DTYPE_F32, &err), MOE_OK);
+    }
 
     assert_int_equal(moe_kernel_config_parse("auto", &c, &err), MOE_OK);
     assert_int_equal(c.tile_m, 0);
@@ -1239,6 +1264,258 @@ static void test_config_strings(void **state)
             assert_int_equal(moe_kernel_config_validate(&r, k_dtypes[d], &err), MOE_OK);
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the Hopper wgmma/TMA kernel (",tma" configurations)                                        */
+
+/* Whether this GPU runs the wgmma kernel (compute capability 9.0); elsewhere the ",tma"
+ * configurations fall back to the mma.sync default and the report must say so. */
+static bool gpu_is_hopper(void)
+{
+    int dev = 0, major = 0, minor = 0;
+    CK(cudaGetDevice(&dev));
+    CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    return major == 9 && minor == 0;
+}
+
+static int wg_configs(const moe_kernel_config **out)
+{
+    static moe_kernel_config wg[8];
+    const moe_kernel_config *list;
+    int n = moe_kernel_configs(MOE_DTYPE_BF16, &list), m = 0;
+    for (int i = 0; i < n && m < 8; i++)
+        if (list[i].use_tma) wg[m++] = list[i];
+    *out = wg;
+    return m;
+}
+
+static const shape k_wg_shapes[] = {
+    /* partial tiles in M, N (SiLU I = 200: a partial second column tile), K = 136 (K tail of
+     * 8 inside the second 64-wide step); fewer routed rows than max_rows */
+    {"partial", 150, 2, 3, R_DROP, 200, 136, false},
+    /* one expert takes every row (3 row tiles, the others none) */
+    {"one-expert", 300, 1, 4, R_ONE, 72, 64, false},
+    /* experts with no rows between others; K = 200 (tail 8) */
+    {"skewed", 61, 3, 7, R_SKEWED, 104, 200, false},
+    /* K = 1096: 18 k steps, so every stage ring wraps several times within a tile */
+    {"long-K", 129, 2, 3, R_RANDOM, 136, 1096, false},
+};
+
+/* Every forward flag combination with B [N,K] through every wgmma configuration, bf16 and fp16,
+ * on the shapes above; then b_kn and an unaligned K with a ",tma" request (the mma.sync
+ * fallbacks, named in the report). */
+static void test_wgmma_flags(void **state)
+{
+    (void)state;
+    const bool hopper = gpu_is_hopper();
+    if (!hopper) fprintf(stderr, "not an sm_90 GPU: ,tma requests must fall back to mma.sync\n");
+    const moe_kernel_config *wg;
+    const int nwg = wg_configs(&wg);
+    assert_true(nwg > 0);
+    int failures = 0, runs = 0;
+    for (int d = 0; d < 2; d++) {
+        moe_dtype dt = k_dtypes[d];
+        for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
+            const shape *sh = &k_wg_shapes[si];
+            route rt;
+            make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+            for (int ci = 0; ci < nwg; ci++) {
+                char cs[64];
+                moe_kernel_config_str(&wg[ci], cs, sizeof cs);
+                for (int perm = 0; perm < 3; perm++)
+                    for (int sa = 0; sa < 2; sa++)
+                        for (int epi = 0; epi < 4; epi++) {
+                            bool silu = epi >= 2;
+                            char name[192];
+                            snprintf(name, sizeof name, "%s %s %s px%d py%d sa%d %s",
+                                     moe_dtype_name(dt), cs, sh->name, perm == 1, perm == 2, sa,
+                                     epi == 0   ? "plain"
+                                     : epi == 1 ? "scale_c"
+                                     : epi == 2 ? "silu"
+                                                : "silu+preact");
+                            fwd_case c = {0};
+                            c.name = name;
+                            c.dt = dt;
+                            c.rt = &rt;
+                            c.N = silu ? 2 * sh->N : sh->N;
+                            c.K = sh->K;
+                            c.px = perm == 1;
+                            c.py = perm == 2;
+                            c.sa = sa;
+                            c.sc = epi == 1;
+                            c.silu = silu;
+                            c.pre = epi == 3;
+                            c.cfg = &wg[ci];
+                            c.expect_kernel = hopper ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+                            runs++;
+                            if (!run_fwd_case(&c)) failures++;
+                        }
+                /* b_kn: not a wgmma problem; the mma.sync default runs */
+                fwd_case c = {0};
+                char name[192];
+                snprintf(name, sizeof name, "%s %s %s b_kn fallback", moe_dtype_name(dt), cs, sh->name);
+                c.name = name;
+                c.dt = dt;
+                c.rt = &rt;
+                c.N = sh->N;
+                c.K = sh->K;
+                c.bkn = true;
+                c.px = true;
+                c.sa = true;
+                c.cfg = &wg[ci];
+                c.expect_kernel = "grouped_gemm_mma";
+                runs++;
+                if (!run_fwd_case(&c)) failures++;
+            }
+            free_route(&rt);
+        }
+        /* unaligned rows (K = 37): the narrow mma.sync path */
+        route rt;
+        make_route(&rt, 29, 3, 5, R_SKEWED);
+        fwd_case c = {0};
+        c.name = d ? "fp16 tma request, K=37" : "bf16 tma request, K=37";
+        c.dt = dt;
+        c.rt = &rt;
+        c.N = 26;
+        c.K = 37;
+        c.px = c.silu = c.pre = true;
+        c.cfg = &wg[0];
+        c.expect_kernel = "narrow";
+        runs++;
+        if (!run_fwd_case(&c)) failures++;
+        free_route(&rt);
+    }
+    fprintf(stderr, "wgmma flag combinations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+/* The persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS): one CTA walks every tile of
+ * every expert, wrapping the stage ring and the mbarrier phases many times across tiles. */
+static void test_wgmma_persistent(void **state)
+{
+    (void)state;
+    const bool hopper = gpu_is_hopper();
+    const moe_kernel_config *wg;
+    const int nwg = wg_configs(&wg);
+    int failures = 0, runs = 0;
+    const char *caps[2] = {"1", "3"};
+    for (int ci = 0; ci < nwg; ci++)
+        for (int cap = 0; cap < 2; cap++) {
+            setenv("MOE_WGMMA_MAX_CTAS", caps[cap], 1);
+            for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
+                const shape *sh = &k_wg_shapes[si];
+                route rt;
+                make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+                for (int v = 0; v < 2; v++) {
+                    char cs[64], name[192];
+                    snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s",
+                             moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap],
+                             v ? "px+sa+silu+preact" : "py+sc");
+                    fwd_case c = {0};
+                    c.name = name;
+                    c.dt = MOE_DTYPE_BF16;
+                    c.rt = &rt;
+                    c.N = v ? 2 * sh->N : sh->N;
+                    c.K = sh->K;
+                    c.px = c.sa = c.silu = c.pre = v;
+                    c.py = c.sc = !v;
+                    c.cfg = &wg[ci];
+                    c.expect_kernel = hopper ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+                    runs++;
+                    if (!run_fwd_case(&c)) failures++;
+                }
+                free_route(&rt);
+            }
+        }
+    unsetenv("MOE_WGMMA_MAX_CTAS");
+    fprintf(stderr, "wgmma persistent (capped grid): %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+/* The real forward GEMMs at T=1024 through the wgmma kernels (sampled experts and rows), and
+ * two runs of Qwen3's GEMM1 bitwise equal. */
+static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_config *cfg,
+                        int sample_experts, int sample_rows, int *failures)
+{
+    route rt;
+    make_route(&rt, 1024, m->k, m->E, R_RANDOM);
+    char cs[64], name[192];
+    moe_kernel_config_str(cfg, cs, sizeof cs);
+    const char *want = gpu_is_hopper() ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+    fwd_case c = {0};
+    snprintf(name, sizeof name, "%s %s T=1024 GEMM1 %s", moe_dtype_name(dt), m->name, cs);
+    c.name = name;
+    c.dt = dt;
+    c.rt = &rt;
+    c.N = 2 * m->I;
+    c.K = m->H;
+    c.px = c.silu = c.pre = true;
+    c.sa = m->llama;
+    c.cfg = cfg;
+    c.sample_experts = sample_experts;
+    c.sample_rows = sample_rows;
+    c.expect_kernel = want;
+    *failures += !run_fwd_case(&c);
+    fwd_case c2 = {0};
+    char name2[192];
+    snprintf(name2, sizeof name2, "%s %s T=1024 GEMM2 %s", moe_dtype_name(dt), m->name, cs);
+    c2.name = name2;
+    c2.dt = dt;
+    c2.rt = &rt;
+    c2.N = m->H;
+    c2.K = m->I;
+    c2.py = true;
+    c2.sc = !m->llama;
+    c2.cfg = cfg;
+    c2.sample_experts = sample_experts;
+    c2.sample_rows = sample_rows;
+    c2.expect_kernel = want;
+    *failures += !run_fwd_case(&c2);
+    free_route(&rt);
+}
+
+static void test_wgmma_real(void **state)
+{
+    (void)state;
+    if (small_only()) skip();
+    const moe_kernel_config *wg;
+    const int nwg = wg_configs(&wg);
+    int failures = 0;
+    for (int ci = 0; ci < nwg; ci++) run_wg_real(&k_qwen, MOE_DTYPE_BF16, &wg[ci], 6, 8, &failures);
+    run_wg_real(&k_qwen, MOE_DTYPE_F16, &wg[0], 4, 6, &failures);
+    run_wg_real(&k_llama, MOE_DTYPE_BF16, &wg[0], 3, 3, &failures);
+    assert_int_equal(failures, 0);
+
+    route rt;
+    make_route(&rt, 1024, 8, 128, R_RANDOM);
+    fwd_case c = {0};
+    c.name = "wgmma determinism";
+    c.dt = MOE_DTYPE_BF16;
+    c.rt = &rt;
+    c.N = 1536;
+    c.K = 2048;
+    c.px = c.silu = c.pre = true;
+    fwd_bufs b;
+    fwd_alloc(&c, &b);
+    moe_grouped_gemm_args a = fwd_args(&c, &b);
+    tt C2, P2;
+    tt_out(&C2, c.dt, b.C.n);
+    tt_out(&P2, c.dt, b.P.n);
+    moe_error err;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm(&a, &wg[0], 0, NULL, &err), MOE_OK);
+    a.C = C2.dev;
+    a.C_preact = P2.dev;
+    assert_int_equal(moe_cuda_grouped_gemm(&a, &wg[0], 0, NULL, &err), MOE_OK);
+    CK(cudaDeviceSynchronize());
+    assert_true(dev_equal(&b.C, &C2));
+    assert_true(dev_equal(&b.P, &P2));
+    tt_free(&C2);
+    tt_free(&P2);
+    fwd_free(&b);
+    free_route(&rt);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1364,8 +1641,10 @@ static void test_autotune(void **state)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T tokens, every configuration, the      */
-/* autotuner's pick, and cuBLAS on one dense GEMM of the same FLOPs as a ceiling.             */
+/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T = 1024, 4096, 16384 tokens: every     */
+/* configuration at 4096 (a subset elsewhere), mma.sync vs wgmma, the default, the autotuner's */
+/* pick, and cuBLAS on one dense GEMM of the same FLOPs as a ceiling. MOE_GG_BENCH_T=4096: one */
+/* T only.                                                                                    */
 
 static float time_ms(moe_status (*run)(const void *, const moe_kernel_config *), const void *a,
                      const moe_kernel_config *cfg, int reps)
@@ -1422,7 +1701,17 @@ static moe_status run_cublas(const void *p, const moe_kernel_config *cfg)
     return st == CUBLAS_STATUS_SUCCESS ? MOE_OK : MOE_ERR_CUDA;
 }
 
-static void bench_model(const model_dims *m, int T)
+/* The configurations timed at every T (the full list runs at T=4096 only): the mma.sync
+ * defaults and best, and every wgmma one. */
+static bool bench_subset(const moe_kernel_config *c)
+{
+    if (c->use_tma) return true;
+    return (c->tile_m == 128 && c->tile_n == 128 && c->tile_k == 64 && c->warps == 8) ||
+           (c->tile_m == 128 && c->tile_n == 256 && c->tile_k == 64) ||
+           (c->tile_m == 64 && c->tile_n == 128 && c->tile_k == 64);
+}
+
+static void bench_model(const model_dims *m, int T, bool full)
 {
     const moe_dtype dt = MOE_DTYPE_BF16;
     route rt;
@@ -1470,9 +1759,18 @@ static void bench_model(const model_dims *m, int T)
     int n = moe_kernel_configs(dt, &list);
     float best1 = 1e30f, best2 = 1e30f, bestsum = 1e30f;
     int b1 = 0, b2 = 0, bs = 0;
+    float old1 = 1e30f, old2 = 1e30f, new1 = 1e30f, new2 = 1e30f;
     for (int i = 0; i < n; i++) {
         char cs[64];
+        if (!full && !bench_subset(&list[i])) continue;
         float t1 = time_ms(run_gg, &g1, &list[i], 10), t2 = time_ms(run_gg, &g2, &list[i], 10);
+        if (list[i].use_tma) {
+            if (t1 < new1) new1 = t1;
+            if (t2 < new2) new2 = t2;
+        } else {
+            if (t1 < old1) old1 = t1;
+            if (t2 < old2) old2 = t2;
+        }
         fprintf(stderr, "BENCH   %-18s GEMM1 %8.3f ms %6.1f TF/s   GEMM2 %8.3f ms %6.1f TF/s   sum %8.3f ms\n",
                 moe_kernel_config_str(&list[i], cs, sizeof cs), t1, f1 / t1 * 1e-9, t2,
                 f2 / t2 * 1e-9, t1 + t2);
@@ -1486,22 +1784,31 @@ static void bench_model(const model_dims *m, int T)
             m->name, T, moe_kernel_config_str(&list[b1], c1, sizeof c1), best1, f1 / best1 * 1e-9,
             moe_kernel_config_str(&list[b2], c2, sizeof c2), best2, f2 / best2 * 1e-9, best1 + best2,
             (f1 + f2) / (best1 + best2) * 1e-9, moe_kernel_config_str(&list[bs], c3, sizeof c3), bestsum);
-
-    /* the autotuner on the same problems (fresh cache) */
-    char path[128];
-    snprintf(path, sizeof path, "/tmp/moe-gg-bench-%d.json", (int)getpid());
-    remove(path);
-    moe_kernel_config p1, p2;
-    moe_error err;
-    moe_error_clear(&err);
-    assert_int_equal(moe_autotune_pick(path, &g1, 0, &p1, &err), MOE_OK);
-    assert_int_equal(moe_autotune_pick(path, &g2, 0, &p2, &err), MOE_OK);
-    float a1 = time_ms(run_gg, &g1, &p1, 10), a2 = time_ms(run_gg, &g2, &p2, 10);
-    fprintf(stderr, "BENCH %s T=%d autotuned: GEMM1 %s %.3f ms, GEMM2 %s %.3f ms, sum %.3f ms = %.1f TF/s\n",
-            m->name, T, moe_kernel_config_str(&p1, c1, sizeof c1), a1,
-            moe_kernel_config_str(&p2, c2, sizeof c2), a2, a1 + a2, (f1 + f2) / (a1 + a2) * 1e-9);
-    remove(path);
-
+    fprintf(stderr, "SUMMARY %-14s T=%-5d mma.sync best GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms | "
+                    "wgmma best GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms (%.1f TF/s) | speedup %.2fx\n",
+            m->name, T, old1, old2, old1 + old2, new1, new2, new1 + new2,
+            (f1 + f2) / (new1 + new2) * 1e-9, (old1 + old2) / (new1 + new2));
+    {
+        /* the automatic choice (what the engine runs without --kernel-config) */
+        float d1 = time_ms(run_gg, &g1, NULL, 10), d2 = time_ms(run_gg, &g2, NULL, 10);
+        fprintf(stderr, "SUMMARY %-14s T=%-5d default (auto) GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms\n",
+                m->name, T, d1, d2, d1 + d2);
+    }
+    if (full) { /* the autotuner on the same problems (fresh cache) */
+        char path[128];
+        snprintf(path, sizeof path, "/tmp/moe-gg-bench-%d.json", (int)getpid());
+        remove(path);
+        moe_kernel_config p1, p2;
+        moe_error err;
+        moe_error_clear(&err);
+        assert_int_equal(moe_autotune_pick(path, &g1, 0, &p1, &err), MOE_OK);
+        assert_int_equal(moe_autotune_pick(path, &g2, 0, &p2, &err), MOE_OK);
+        float a1 = time_ms(run_gg, &g1, &p1, 10), a2 = time_ms(run_gg, &g2, &p2, 10);
+        fprintf(stderr, "BENCH %s T=%d autotuned: GEMM1 %s %.3f ms, GEMM2 %s %.3f ms, sum %.3f ms = %.1f TF/s\n",
+                m->name, T, moe_kernel_config_str(&p1, c1, sizeof c1), a1,
+                moe_kernel_config_str(&p2, c2, sizeof c2), a2, a1 + a2, (f1 + f2) / (a1 + a2) * 1e-9);
+        remove(path);
+    }
     /* cuBLAS, one dense GEMM per shape (same FLOPs, no gather/scatter/experts): a ceiling */
     dense_gemm d;
     assert_int_equal(cublasCreate(&d.h), CUBLAS_STATUS_SUCCESS);
@@ -1515,6 +1822,8 @@ static void bench_model(const model_dims *m, int T)
     fprintf(stderr, "BENCH %s T=%d cuBLAS dense (one expert's weights, all rows): GEMM1-shape %.3f ms "
                     "(%.1f TF/s), GEMM2-shape %.3f ms (%.1f TF/s)\n",
             m->name, T, c1ms, f1 / c1ms * 1e-9, c2ms, f2 / c2ms * 1e-9);
+    fprintf(stderr, "SUMMARY %-14s T=%-5d cuBLAS dense GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms\n", m->name,
+            T, c1ms, c2ms, c1ms + c2ms);
     cublasDestroy(d.h);
     tt_free(&da);
     tt_free(&dc);
@@ -1533,8 +1842,13 @@ static void test_bench(void **state)
     (void)state;
     const char *b = getenv("MOE_GG_BENCH");
     if (!b || strcmp(b, "1") != 0) skip();
-    bench_model(&k_qwen, 4096);
-    bench_model(&k_llama, 4096);
+    const char *only = getenv("MOE_GG_BENCH_T"); /* e.g. "4096": one T only */
+    const int Ts[3] = {1024, 4096, 16384};
+    for (int i = 0; i < 3; i++) {
+        if (only && atoi(only) != Ts[i]) continue;
+        bench_model(&k_qwen, Ts[i], Ts[i] == 4096);
+        bench_model(&k_llama, Ts[i], Ts[i] == 4096);
+    }
 }
 
 int main(void)
@@ -1554,6 +1868,9 @@ int main(void)
         cmocka_unit_test(test_autotune),
         cmocka_unit_test(test_real_qwen3),
         cmocka_unit_test(test_real_llama4),
+        cmocka_unit_test(test_wgmma_flags),
+        cmocka_unit_test(test_wgmma_persistent),
+        cmocka_unit_test(test_wgmma_real),
     };
     const char *b = getenv("MOE_GG_BENCH");
     if (b && strcmp(b, "1") == 0) { /* timing only */

@@ -3,7 +3,8 @@
  * disassemble this very executable (which links the kernels, see `keep` below) with
  * `cuobjdump --dump-sass` and require an HMMA (mma.sync) or HGMMA (wgmma) instruction in every
  * tensor-core grouped GEMM kernel (moe_gg_mma_kernel<...>, moe_gg_dw_mma_kernel<...>), and at
- * least one of each family. Needs no GPU: it reads the embedded cubins.
+ * least one of each family; the Hopper kernels (moe_gg_wgmma_kernel<...>) must show HGMMA in
+ * their sm_90a code, and there must be some. Needs no GPU: it reads the embedded cubins.
  *
  * Exit 77 (skip) on a build without CUDA. cuobjdump is looked up in $CUOBJDUMP, $PATH,
  * $CUDA_HOME/bin, $CUDA_PATH/bin and /usr/local/cuda/bin (it needs nvdisasm beside it or on
@@ -93,7 +94,9 @@ static void test_grouped_gemm_sass(void **state)
 
     static char names[MAX_KERNELS][512];
     static int hmma[MAX_KERNELS];
+    static bool wgmma[MAX_KERNELS];
     int nk = 0, cur = -1, lines = 0, ffma_kernels = 0;
+    bool sm90a = false, any90a = false; /* the cubin being listed is sm_90a code; any was */
     bool tool_broken = false;
     char line[4096];
     while (fgets(line, sizeof line, f)) {
@@ -102,21 +105,29 @@ static void test_grouped_gemm_sass(void **state)
             fprintf(stderr, "%s", line);
             tool_broken = true;
         }
+        if (strstr(line, "code for sm_")) {
+            sm90a = strstr(line, "code for sm_90a") != NULL;
+            any90a |= sm90a;
+        }
         const char *fn = strstr(line, "Function : ");
         if (fn) {
             fn += strlen("Function : ");
             cur = -1;
             if (strstr(fn, "moe_gg_ffma_kernel") || strstr(fn, "moe_gg_dw_ffma_kernel")) ffma_kernels++;
-            if ((strstr(fn, "moe_gg_mma_kernel") || strstr(fn, "moe_gg_dw_mma_kernel")) &&
+            const bool wg = strstr(fn, "moe_gg_wgmma_kernel") != NULL && sm90a;
+            if ((strstr(fn, "moe_gg_mma_kernel") || strstr(fn, "moe_gg_dw_mma_kernel") || wg) &&
                 nk < MAX_KERNELS) {
                 cur = nk++;
                 snprintf(names[cur], sizeof names[cur], "%s", fn);
                 names[cur][strcspn(names[cur], "\n")] = '\0';
                 hmma[cur] = 0;
+                wgmma[cur] = wg;
             }
             continue;
         }
-        if (cur >= 0 && (strstr(line, "HMMA") || strstr(line, "HGMMA"))) hmma[cur]++;
+        if (cur >= 0 && (wgmma[cur] ? strstr(line, "HGMMA") != NULL
+                                    : (strstr(line, "HMMA") || strstr(line, "HGMMA"))))
+            hmma[cur]++;
     }
     int rc = pclose(f);
     if (tool_broken || (rc != 0 && nk == 0)) {
@@ -126,21 +137,24 @@ static void test_grouped_gemm_sass(void **state)
         g_skip_reason = 1;
         skip();
     }
-    int fwd = 0, dw = 0, without = 0;
+    int fwd = 0, dw = 0, wg = 0, without = 0;
     for (int i = 0; i < nk; i++) {
         bool is_dw = strstr(names[i], "moe_gg_dw_mma_kernel") != NULL;
-        fwd += !is_dw;
+        fwd += !is_dw && !wgmma[i];
         dw += is_dw;
+        wg += wgmma[i];
         if (hmma[i] == 0) {
-            fprintf(stderr, "NO tensor-core instruction in %s\n", names[i]);
+            fprintf(stderr, "NO %s instruction in %s\n", wgmma[i] ? "HGMMA" : "tensor-core",
+                    names[i]);
             without++;
         }
     }
-    fprintf(stderr, "%d SASS lines; %d forward and %d dW tensor-core grouped GEMM kernels, %d "
-                    "without HMMA/HGMMA; %d FFMA (fp32) kernels\n",
-            lines, fwd, dw, without, ffma_kernels);
+    fprintf(stderr, "%d SASS lines; %d forward (mma.sync), %d wgmma (sm_90a) and %d dW tensor-core "
+                    "grouped GEMM kernels, %d without HMMA/HGMMA; %d FFMA (fp32) kernels\n",
+            lines, fwd, wg, dw, without, ffma_kernels);
     assert_true(fwd > 0);
     assert_true(dw > 0);
+    if (any90a) assert_true(wg > 0); /* a build for other targets has no wgmma kernels */
     assert_int_equal(without, 0);
 }
 

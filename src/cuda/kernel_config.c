@@ -1,6 +1,8 @@
 /*
  * kernel_config.c — grouped-GEMM kernel configurations: parsing "128x128x32,w8,s3[,tma]",
  * validation against the compiled list (kernels/grouped_gemm_configs.h), defaults.
+ * The bf16/fp16 list is the mma.sync configurations followed by the Hopper wgmma/TMA ones
+ * (use_tma = 1, e.g. "128x256x64,w12,s4,tma").
  * Host C only; nothing here touches the GPU.
  */
 #include "kernel_config.h"
@@ -14,14 +16,25 @@
 #include "grouped_gemm_configs.h"
 
 #define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0},
-static const moe_kernel_config k_mma_configs[] = {MOE_GG_MMA_CONFIGS(MOE_CFG_MMA)};
+#define MOE_CFG_WG(bm, bn, bk, w, s) {bm, bn, bk, w, s, 1},
+static const moe_kernel_config k_mma_configs[] = {MOE_GG_MMA_CONFIGS(MOE_CFG_MMA)
+                                                      MOE_GG_WGMMA_CONFIGS(MOE_CFG_WG)};
 #undef MOE_CFG_MMA
+#undef MOE_CFG_WG
 
 #define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0},
 static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_FFMA)};
 #undef MOE_CFG_FFMA
 
 #define K_COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* The automatic choice for bf16/fp16 (moe_kernel_config_resolve with no request): the Hopper
+ * wgmma kernel (it falls back to moe_kernel_config_default_mma by itself on other GPUs, for
+ * b_kn and unaligned problems, and for dW) when experts average at least
+ * MOE_GG_WGMMA_MIN_AVG_ROWS rows, else the mma.sync default. Numbers in docs/KERNELS.md. */
+#define MOE_GG_DEFAULT_WGMMA 0
+#define MOE_GG_WGMMA_MIN_AVG_ROWS 96
+#define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1
 
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 {
@@ -133,7 +146,7 @@ static bool matches(const moe_kernel_config *req, const moe_kernel_config *c)
 {
     return (!req->tile_m || req->tile_m == c->tile_m) && (!req->tile_n || req->tile_n == c->tile_n) &&
            (!req->tile_k || req->tile_k == c->tile_k) && (!req->warps || req->warps == c->warps) &&
-           (!req->stages || req->stages == c->stages);
+           (!req->stages || req->stages == c->stages) && !req->use_tma == !c->use_tma;
 }
 
 static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_error *err)
@@ -153,6 +166,23 @@ static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_er
                     moe_kernel_config_str(req, want, sizeof want), moe_dtype_name(dtype), valid);
 }
 
+moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows)
+{
+    /* Measured on an H100 (docs/KERNELS.md): 128x128x64 8 warps was the best single mma.sync
+     * configuration for Qwen3-30B-A3B's GEMM1+GEMM2 and within 11% of the best for
+     * Llama-4-Scout's; with few rows per expert, 64-row tiles waste fewer padded rows. */
+    moe_kernel_config want = {0, 0, 0, 0, 0, 0};
+    if (dtype == MOE_DTYPE_F32) {
+        want = (moe_kernel_config){avg_rows >= 128 ? 128 : 64, avg_rows >= 128 ? 128 : 64,
+                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0};
+    } else if (avg_rows >= 96) {
+        want = (moe_kernel_config){128, 128, 64, 8, 3, 0};
+    } else {
+        want = (moe_kernel_config){64, 128, 64, 4, 3, 0};
+    }
+    return want;
+}
+
 moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
                                      moe_kernel_config *out, moe_error *err)
 {
@@ -162,22 +192,12 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
         return moe_fail(err, MOE_ERR_UNSUPPORTED,
                         "grouped GEMM: dtype %s has no kernels (bf16, fp16, fp32 only)",
                         moe_dtype_name(dtype) ? moe_dtype_name(dtype) : "?");
-    if (req && req->use_tma)
-        return moe_fail(err, MOE_ERR_UNSUPPORTED,
-                        "kernel config: the TMA/wgmma path is not implemented yet (mma.sync + "
-                        "cp.async only); drop \",tma\"");
     if (is_auto(req)) {
-        /* Defaults (docs/KERNELS.md, measured on an H100): 128x128x64 8 warps was the best
-         * single configuration for Qwen3-30B-A3B's GEMM1+GEMM2 and within 11% of the best for
-         * Llama-4-Scout's; with few rows per expert, 64-row tiles waste fewer padded rows. */
         moe_kernel_config want = {0, 0, 0, 0, 0, 0};
-        if (dtype == MOE_DTYPE_F32) {
-            want.tile_m = avg_rows >= 128 ? 128 : 64;
-        } else if (avg_rows >= 96) {
-            want = (moe_kernel_config){128, 128, 64, 8, 3, 0};
-        } else {
-            want = (moe_kernel_config){64, 128, 64, 4, 3, 0};
-        }
+        if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
+            want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_CONFIG};
+        else
+            want = moe_kernel_config_default_mma(dtype, avg_rows);
         for (int i = 0; i < n; i++)
             if (matches(&want, &list[i])) {
                 *out = list[i];

@@ -26,10 +26,15 @@ const char *moe_kernel_config_str(const moe_kernel_config *cfg, char *buf, size_
  *   req NULL or all zeros -> the default for dtype given avg_rows (rows per expert, a hint);
  *   some fields zero      -> the first listed configuration matching the non-zero fields;
  *   all fields set        -> that configuration, if compiled.
- * MOE_ERR_INVALID_ARG (listing the valid ones) when nothing matches, MOE_ERR_UNSUPPORTED for
- * use_tma (the TMA/wgmma path is a later issue) or a dtype without kernels. */
+ * use_tma must match too: "128x256x64,w12,s4,tma" names a Hopper wgmma configuration (a
+ * launcher that cannot run it falls back to moe_kernel_config_default_mma by itself).
+ * MOE_ERR_INVALID_ARG (listing the valid ones) when nothing matches, MOE_ERR_UNSUPPORTED for a
+ * dtype without kernels. */
 moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
                                      moe_kernel_config *out, moe_error *err);
+/* The mma.sync (bf16/fp16) or FFMA (fp32) configuration the automatic choice falls back to: what
+ * a ",tma" request runs where the wgmma kernel cannot (b_kn, dW, unaligned rows, not sm_90). */
+moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows);
 
 #ifdef __cplusplus
 }

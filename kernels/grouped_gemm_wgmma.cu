@@ -1,0 +1,789 @@
+/*
+ * grouped_gemm_wgmma.cu — the Hopper (sm_90a) forward grouped GEMM: warpgroup MMA (wgmma) with
+ * the weights brought in by the tensor-memory accelerator (TMA) and the activation rows gathered
+ * by cp.async, both into 128-byte-swizzled shared memory. Same semantics as the mma.sync kernel
+ * of grouped_gemm.cu (moe_stages.h, moe_grouped_gemm_args) for B_e [N, K] (b_kn false): the
+ * permute_x row gather, permute_y scatter, scale_a_rows (multiply + round before the MMA),
+ * scale_c_rows (fp32 multiply before rounding) and the SiLU-and-mul epilogue with C_preact.
+ * grouped_gemm.cu's launcher calls moe_gg_wgmma_run() when the configuration asks for it
+ * (",tma") and the problem allows it; everything else stays on the mma.sync kernels.
+ *
+ * Layout of one CTA (384 threads, one CTA per SM, persistent):
+ *   warpgroup 0 = producer: thread 0 issues the TMA loads of the B tile (one box of BN rows, or
+ *     with SiLU two boxes of BN/2 rows: gate rows j0.. and up rows I+j0..), all 128 threads
+ *     gather the 128 A rows (8 x 16-byte cp.async each per stage) into the same swizzle;
+ *   warpgroups 1, 2 = consumers: each owns 64 rows of the 128-row tile and issues
+ *     wgmma.m64nBNk16 (4 per 64-wide k step) on the shared tiles, fp32 accumulators in registers
+ *     (BN/2 per thread), then writes its rows straight from the accumulators.
+ * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
+ * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
+ * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals (cp.async
+ * completion, or after the in-place scale_a pass); empty[s]: 8 consumer warps after their wgmma
+ * on the stage completed.
+ * Tiles: expert-major, then column tile, then row tile (so the 2-3 row tiles of one expert that
+ * share a weight tile run side by side, and one expert's A rows stay hot in L2 across its column
+ * tiles); CTA b takes tiles b, b + grid, ... . Every warp finds its tile's expert itself from
+ * the offsets (copied to shared memory once), so producer and consumers need no CTA barrier.
+ */
+#include <cuda.h> /* CUtensorMap and the driver enums only: the encoder comes from
+                     cudaGetDriverEntryPointByVersion, never from linking -lcuda */
+#include <stdint.h>
+#include <stdlib.h>
+
+extern "C" {
+#include "common.h"
+#include "moe_stages.h"
+}
+#include "gemm_common.cuh"
+#include "grouped_gemm_configs.h"
+#include "grouped_gemm_wgmma.h"
+#include "moe_kernels.h"
+
+using namespace moe_gg;
+
+namespace {
+
+constexpr int WG_BM = 128;       /* rows per tile: two consumer warpgroups of 64 */
+constexpr int WG_BK = 64;        /* k per stage: one 128-byte swizzle row of 16-bit elements */
+constexpr int WG_THREADS = 384;  /* producer warpgroup + two consumer warpgroups */
+constexpr int WG_PRODUCER_REGS = 56;
+constexpr int WG_CONSUMER_REGS = 224; /* 128*56 + 256*224 = 64512 <= 65536 */
+
+struct WgParams {
+    const int32_t *offsets;
+    const int32_t *gather; /* NULL when no permutation or row scale needs it */
+    const void *A;
+    void *C;
+    void *C_preact;
+    const void *scale_a;
+    const void *scale_c;
+    int E, N, K, max_rows, topk;
+    int permute_x, permute_y, silu;
+    int n_out;     /* columns of C: N, or N/2 with SiLU-and-mul */
+    int c_pair;    /* C rows allow 2-element stores */
+    int p_pair;    /* C_preact rows allow 2-element stores */
+    int col_tiles; /* column tiles per expert */
+};
+
+/* ---- tile search, one warp at a time ----
+ * Tile t (expert-major): expert e owns rt_e * col_tiles consecutive tiles, rt_e =
+ * ceil(rows_e / BM); inside, tile (col, rowt) is at col * rt_e + rowt. The warp scans the
+ * clamped offsets in shared memory 32 experts per round (shuffle prefix sum, ballot for the
+ * owner). Returns false (warp-uniformly) when t is past the last tile. */
+struct WgTile {
+    int expert, row0, row_end, col;
+};
+
+__device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_tiles, int t,
+                                             WgTile *out)
+{
+    const int lane = threadIdx.x & 31;
+    int carry = 0;
+    for (int base = 0; base < E; base += 32) {
+        const int e = base + lane;
+        int lo = 0, hi = 0, rt = 0;
+        if (e < E) {
+            lo = s_off[e];
+            hi = max(s_off[e + 1], lo);
+            rt = (hi - lo + WG_BM - 1) / WG_BM;
+        }
+        const int cnt = rt * col_tiles;
+        int incl = cnt;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, d);
+            if (lane >= d) incl += y;
+        }
+        incl += carry;
+        const int excl = incl - cnt;
+        const unsigned hit = __ballot_sync(0xffffffffu, cnt > 0 && t >= excl && t < incl);
+        if (hit) {
+            const int src = __ffs(hit) - 1;
+            const int he = __shfl_sync(0xffffffffu, e, src);
+            const int hlo = __shfl_sync(0xffffffffu, lo, src);
+            const int hhi = __shfl_sync(0xffffffffu, hi, src);
+            const int hrt = __shfl_sync(0xffffffffu, rt, src);
+            const int local = t - __shfl_sync(0xffffffffu, excl, src);
+            out->expert = he;
+            out->col = local / hrt;
+            out->row0 = hlo + (local % hrt) * WG_BM;
+            out->row_end = min(out->row0 + WG_BM, hhi);
+            return true;
+        }
+        carry = __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return false;
+}
+
+template <typename T>
+__device__ __forceinline__ void wg_store2(T *row, int col, int ncols, bool pair, float v0, float v1)
+{
+    if (pair && col + 1 < ncols) {
+        *reinterpret_cast<typename Elem<T>::T2 *>(row + col) = Elem<T>::from_f2(make_float2(v0, v1));
+    } else {
+        if (col < ncols) row[col] = Elem<T>::from_f(v0);
+        if (col + 1 < ncols) row[col + 1] = Elem<T>::from_f(v1);
+    }
+}
+
+template <int BN, int S>
+constexpr size_t wg_smem_bytes()
+{
+    /* 1024 bytes of slack to align the tiles to the 1024-byte swizzle period, the stages, the
+     * 2*S mbarriers; the clamped offsets follow (added by the host: (E+1) ints). */
+    return 1024 + (size_t)S * (WG_BM + BN) * WG_BK * 2 + (size_t)2 * S * 8;
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_WG_DEVICE 1
+#endif
+
+#ifdef MOE_WG_DEVICE
+/* ---- PTX wrappers: mbarrier, TMA, wgmma, setmaxnreg (sm_90a) ---- */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+/* Wait until the phase with the given parity has completed. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+/* Arrive on the barrier when every cp.async this thread issued so far has landed; .noinc: the
+ * arrival counts against the barrier's expected count (set at init). */
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async()
+{
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_barrier_init()
+{
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+/* 2-D tensor load (coordinates: c0 along K, c1 along the [E*N] rows) completing on bar. */
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                            uint32_t bar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Keep the compiler from touching the accumulators across the asynchronous MMAs. */
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R])
+{
+#pragma unroll
+    for (int i = 0; i < R; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc()
+{
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec()
+{
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
+/* Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes,
+ * 8-row groups 1024 bytes apart (stride byte offset), the leading byte offset unused by this
+ * layout (1 by convention), swizzle mode 1 = 128B in bits 62-63. Advancing 16 elements along K
+ * inside the 64-wide tile adds 32 bytes to the start address (+2 in the >>4 encoding): the
+ * hardware applies the swizzle to the final address bits, which is why tiles are 1024-aligned. */
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr)
+{
+    uint64_t d = (uint64_t)((smem_addr & 0x3FFFFu) >> 4);
+    d |= (uint64_t)1 << 16;
+    d |= (uint64_t)(1024 >> 4) << 32;
+    d |= (uint64_t)1 << 62;
+    return d;
+}
+
+/* D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, both K-major in shared memory; acc = 0 overwrites.
+ * Per thread: d[4i + q] holds row 16*warp + lane/4 (+8 for q >= 2), column 8i + 2*(lane%4) +
+ * (q & 1) of the warpgroup's 64 x N block. */
+template <typename T, int N> struct Wgmma;
+template <> struct Wgmma<__nv_bfloat16, 128> {
+    static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db, int acc)
+    {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                     "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+};
+template <> struct Wgmma<__half, 128> {
+    static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db, int acc)
+    {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                     "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+};
+template <> struct Wgmma<__nv_bfloat16, 256> {
+    static __device__ __forceinline__ void run(float (&d)[128], uint64_t da, uint64_t db, int acc)
+    {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+                     "%128, %129, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                       "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                       "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                       "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                       "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                       "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                       "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                       "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                       "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+};
+template <> struct Wgmma<__half, 256> {
+    static __device__ __forceinline__ void run(float (&d)[128], uint64_t da, uint64_t db, int acc)
+    {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+                     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+                     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+                     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+                     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+                     "%128, %129, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+                       "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                       "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+                       "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+                       "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                       "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+                       "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+                       "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                       "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                     : "l"(da), "l"(db), "r"(acc));
+    }
+};
+
+/* ---- the kernel ---- */
+template <typename T, int BN, int S, bool SCALE_A>
+__global__ void __launch_bounds__(WG_THREADS, 1)
+    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
+{
+    constexpr uint32_t A_BYTES = WG_BM * WG_BK * 2; /* 16 KB: 128 rows x 128 bytes */
+    constexpr uint32_t B_BYTES = BN * WG_BK * 2;
+    constexpr int LAG = S - 2; /* scale_a: stages in flight before a producer thread finalizes */
+    static_assert(BN == 128 || BN == 256, "wgmma N of 128 or 256");
+    static_assert(S >= 3, "at least three stages");
+
+    extern __shared__ __align__(1024) unsigned char wg_smem[];
+    const uint32_t raw = smem_u32(wg_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u; /* swizzle period */
+    const uint32_t sA = base, sB = base + S * A_BYTES;
+    const uint32_t bars = sB + S * B_BYTES; /* full[S], then empty[S], 8 bytes each */
+    unsigned char *gbase = wg_smem + (base - raw);
+    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S);
+    auto full = [&](uint32_t s) { return bars + 8 * s; };
+    auto empty = [&](uint32_t s) { return bars + 8 * (S + s); };
+
+    /* Offsets clamped into [0, max_rows] once (a malformed table cannot send a tile outside
+     * the buffers the host sized from max_rows; hi is raised to lo in the search). */
+    for (int i = threadIdx.x; i <= p.E; i += WG_THREADS)
+        s_off[i] = min(max(p.offsets[i], 0), p.max_rows);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; s++) {
+            mbar_init(full(s), 128 + 1); /* 128 producer threads + the TMA byte-count arrival */
+            mbar_init(empty(s), 8);      /* the 8 consumer warps */
+        }
+        fence_barrier_init();
+    }
+    __syncthreads();
+
+    const int KT = (p.K + WG_BK - 1) / WG_BK;
+    if (threadIdx.x < 128) {
+        /* ================= producer warpgroup ================= */
+        setmaxnreg_dec<WG_PRODUCER_REGS>();
+        const int pt = threadIdx.x;
+        const int chunk = pt & 7, rsub = pt >> 3; /* rows rsub + 16 i, 16-byte chunk `chunk` */
+        const uint32_t a_off = (uint32_t)(rsub * 128 + ((chunk ^ (rsub & 7)) << 4));
+        const T *A = static_cast<const T *>(p.A);
+        uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
+        for (int t = blockIdx.x;; t += gridDim.x) {
+            WgTile tl;
+            if (!wg_find_tile(s_off, p.E, p.col_tiles, t, &tl)) break;
+            int arow[8];
+            float sa[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int r = tl.row0 + rsub + 16 * i;
+                arow[i] = -1;
+                sa[i] = 1.f;
+                if (r < tl.row_end) {
+                    const int g = p.gather ? p.gather[r] : r;
+                    if (g >= 0 && g < p.max_rows) {
+                        arow[i] = p.permute_x ? g / p.topk : r;
+                        if (SCALE_A) sa[i] = load_f(static_cast<const T *>(p.scale_a) + g);
+                    }
+                }
+            }
+            const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
+            /* scale_a: multiply the chunks this thread copied, round to T, make them visible to
+             * the tensor cores (proxy fence), then arrive. */
+            auto finalize = [&](uint32_t j) {
+                unsigned char *st = gbase + (j % S) * A_BYTES + a_off;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    uint4 *q = reinterpret_cast<uint4 *>(st + i * 16 * 128);
+                    uint4 v = *q;
+                    v.x = scale2<T>(v.x, sa[i]);
+                    v.y = scale2<T>(v.y, sa[i]);
+                    v.z = scale2<T>(v.z, sa[i]);
+                    v.w = scale2<T>(v.w, sa[i]);
+                    *q = v;
+                }
+                fence_proxy_async();
+                mbar_arrive(full(j % S));
+            };
+            const uint32_t it0 = it;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const uint32_t s = it % S;
+                if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1); /* use it/S - 1 released */
+                if (pt == 0) {
+                    mbar_arrive_expect_tx(full(s), B_BYTES);
+                    const uint32_t dst = sB + s * B_BYTES;
+                    if (p.silu) { /* gate rows j0.. then up rows I + j0.. */
+                        tma_load_2d(dst, &tmap, kt * WG_BK, brow, full(s));
+                        tma_load_2d(dst + B_BYTES / 2, &tmap, kt * WG_BK, brow + p.N / 2, full(s));
+                    } else {
+                        tma_load_2d(dst, &tmap, kt * WG_BK, brow, full(s));
+                    }
+                }
+                const int k = kt * WG_BK + chunk * 8;
+                const uint32_t dst = sA + s * A_BYTES + a_off;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const bool v = arow[i] >= 0 && k < p.K;
+                    const T *src = v ? A + (int64_t)arow[i] * p.K + k : A;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                     dst + i * 16 * 128),
+                                 "l"(src), "r"(v ? 16 : 0)
+                                 : "memory");
+                }
+                if (!SCALE_A) {
+                    cp_async_mbar_arrive(full(s));
+                } else {
+                    cp_async_commit();
+                    if (kt >= LAG) {
+                        cp_async_wait<LAG>();
+                        finalize(it - LAG);
+                    }
+                }
+            }
+            if (SCALE_A) { /* the tile's last LAG stages (its scales are this tile's) */
+                cp_async_wait<0>();
+                for (int j = KT > LAG ? KT - LAG : 0; j < KT; j++) finalize(it0 + j);
+            }
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else {
+        /* ================= consumer warpgroups ================= */
+        setmaxnreg_inc<WG_CONSUMER_REGS>();
+        const int cw = threadIdx.x / 128 - 1; /* rows 64 cw .. 64 cw + 63 of the tile */
+        const int tw = threadIdx.x & 127, warp = tw >> 5, lane = tw & 31;
+        float acc[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) acc[i] = 0.f;
+        T *C = static_cast<T *>(p.C);
+        uint32_t it = 0;
+        for (int t = blockIdx.x;; t += gridDim.x) {
+            WgTile tl;
+            if (!wg_find_tile(s_off, p.E, p.col_tiles, t, &tl)) break;
+            /* The two rows this thread stores: where, and their output scale. */
+            int crow[2];
+            float csc[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = tl.row0 + 64 * cw + 16 * warp + (lane >> 2) + 8 * h;
+                crow[h] = -1;
+                csc[h] = 1.f;
+                if (r < tl.row_end) {
+                    const int g = p.gather ? p.gather[r] : r;
+                    if (g >= 0 && g < p.max_rows) {
+                        crow[h] = p.permute_y ? g : r;
+                        if (p.scale_c) csc[h] = load_f(static_cast<const T *>(p.scale_c) + g);
+                    }
+                }
+            }
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const uint32_t s = it % S;
+                mbar_wait(full(s), (it / S) & 1);
+                fence_proxy_async(); /* A came through cp.async (generic proxy) */
+                const uint64_t da = sw128_desc(sA + s * A_BYTES + cw * 64 * 128);
+                const uint64_t db = sw128_desc(sB + s * B_BYTES);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < WG_BK / 16; kk++)
+                    Wgmma<T, BN>::run(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
+                wgmma_commit();
+                wgmma_wait<1>(); /* the previous stage's MMAs are done: release it */
+                if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % S));
+            }
+            wgmma_wait<0>();
+            fence_regs(acc);
+            if (lane == 0) mbar_arrive(empty((it - 1) % S));
+
+            /* Epilogue from the accumulators: d[4i + 2h + q] is row (lane/4 + 8h), column
+             * 8i + 2(lane%4) + q of this warp's 16 rows. */
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (crow[h] < 0) continue;
+                if (!p.silu) {
+                    T *cr = C + (int64_t)crow[h] * p.n_out;
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++) {
+                        const int col = tl.col * BN + 8 * i + 2 * (lane & 3);
+                        wg_store2<T>(cr, col, p.n_out, p.c_pair, acc[4 * i + 2 * h] * csc[h],
+                                     acc[4 * i + 2 * h + 1] * csc[h]);
+                    }
+                } else {
+                    const int I = p.n_out;
+                    T *cr = C + (int64_t)crow[h] * I;
+                    T *pr = p.C_preact ? static_cast<T *>(p.C_preact) + (int64_t)crow[h] * 2 * I
+                                       : nullptr;
+#pragma unroll
+                    for (int i = 0; i < BN / 16; i++) {
+                        const int j = tl.col * (BN / 2) + 8 * i + 2 * (lane & 3);
+                        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+                        const float u0 = acc[4 * (i + BN / 16) + 2 * h];
+                        const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
+                        wg_store2<T>(cr, j, I, p.c_pair, silu_f(g0) * u0, silu_f(g1) * u1);
+                        if (pr) {
+                            wg_store2<T>(pr, j, I, p.p_pair, g0, g1);
+                            wg_store2<T>(pr + I, j, I, p.p_pair, u0, u1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
+
+template <typename T, int BN, int S, bool SCALE_A>
+__global__ void __launch_bounds__(WG_THREADS, 1)
+    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
+{
+    __shared__ int wg_stub_marker[32];
+    if (threadIdx.x < 32) reinterpret_cast<volatile int *>(wg_stub_marker)[threadIdx.x] = p.E;
+    (void)tmap;
+}
+
+#endif /* MOE_WG_DEVICE */
+
+/* ---- host side ---- */
+
+typedef CUresult (*EncodeTiledFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                  const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                  const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                  CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/* cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda at link time);
+ * NULL when the driver does not provide it. Looked up once (thread-safe static init). */
+EncodeTiledFn tensor_map_encoder()
+{
+    static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                             &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            return nullptr;
+        }
+        return reinterpret_cast<EncodeTiledFn>(f);
+    }();
+    return fn;
+}
+
+/* Per-device facts, cached: compute capability 9.0, SM count, opt-in shared memory. */
+struct DevInfo {
+    bool hopper;
+    int sms;
+    int smem_optin;
+};
+
+bool dev_info(DevInfo *out)
+{
+    constexpr int kMaxDev = 64;
+    static DevInfo cache[kMaxDev];
+    static int state[kMaxDev]; /* 0 unknown, 1 known (benign race: same values written) */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        cudaGetLastError();
+        return false;
+    }
+    if (dev < kMaxDev && __atomic_load_n(&state[dev], __ATOMIC_ACQUIRE)) {
+        *out = cache[dev];
+        return true;
+    }
+    int major = 0, minor = 0, sms = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    DevInfo d = {major == 9 && minor == 0, sms, optin};
+    if (dev < kMaxDev) {
+        cache[dev] = d;
+        __atomic_store_n(&state[dev], 1, __ATOMIC_RELEASE);
+    }
+    *out = d;
+    return true;
+}
+
+/* Whether this build holds the real sm_90a kernel (the stub for other targets declares static
+ * shared memory; the real one uses dynamic shared memory only). */
+template <typename T, int BN, int S, bool SA>
+bool kernel_is_real()
+{
+    static const bool real = []() {
+        cudaFuncAttributes at;
+        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BN, S, SA>) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return at.sharedSizeBytes == 0;
+    }();
+    return real;
+}
+
+/* Row-tile slots for 128-row tiles: every expert wastes at most one partial tile. */
+long long row_tile_slots_wg(int max_rows, int E)
+{
+    const long long a = ((long long)max_rows + WG_BM - 1) / WG_BM + E;
+    return a < max_rows ? a : max_rows;
+}
+
+/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
+ * walk many tiles and wrap its stage ring many times). */
+int max_ctas_override()
+{
+    const char *s = getenv("MOE_WGMMA_MAX_CTAS");
+    if (!s || !*s) return 0;
+    const int v = atoi(s);
+    return v > 0 ? v : 0;
+}
+
+bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+template <typename T, int BN, int S, bool SA>
+cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
+{
+    auto kern = moe_gg_wgmma_kernel<T, BN, S, SA>;
+    const size_t smem = wg_smem_bytes<BN, S>() + (size_t)(p.E + 1) * 4;
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+    long long tiles = row_tile_slots_wg(p.max_rows, p.E) * p.col_tiles;
+    long long grid = tiles < d.sms ? tiles : d.sms;
+    const int cap = max_ctas_override();
+    if (cap > 0 && grid > cap) grid = cap;
+    if (grid < 1) grid = 1;
+    kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map);
+    return cudaGetLastError();
+}
+
+bool config_listed(const moe_kernel_config &c)
+{
+#define MOE_WG_LISTED(bm, bn, bk, w, st) \
+    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) return true;
+    MOE_GG_WGMMA_CONFIGS(MOE_WG_LISTED)
+#undef MOE_WG_LISTED
+    return false;
+}
+
+template <typename T>
+bool real_for(const moe_kernel_config &c)
+{
+#define MOE_WG_REAL(bm, bn, bk, w, st)                                                          \
+    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
+        return kernel_is_real<T, bn, st, false>() && kernel_is_real<T, bn, st, true>();
+    MOE_GG_WGMMA_CONFIGS(MOE_WG_REAL)
+#undef MOE_WG_REAL
+    return false;
+}
+
+template <typename T>
+cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d,
+                        const moe_kernel_config &c, bool sa, cudaStream_t s)
+{
+#define MOE_WG_LAUNCH(bm, bn, bk, w, st)                                                        \
+    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
+        return sa ? launch_wg<T, bn, st, true>(p, map, d, s) : launch_wg<T, bn, st, false>(p, map, d, s);
+    MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
+#undef MOE_WG_LAUNCH
+    return cudaErrorInvalidConfiguration;
+}
+
+} // namespace
+
+bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_config *c)
+{
+    if (!a || !c || !c->use_tma || a->b_kn) return false;
+    if (a->dtype != MOE_DTYPE_BF16 && a->dtype != MOE_DTYPE_F16) return false;
+    const size_t es = 2;
+    /* TMA: base and row stride 16-byte aligned; cp.async of A rows: the same for A. */
+    if (!aligned16_wg(a->A) || !aligned16_wg(a->B) || (a->K * es) % 16 != 0) return false;
+    /* tensor-map row coordinates are 32-bit */
+    if ((long long)a->num_experts * a->N >= ((long long)1 << 31)) return false;
+    DevInfo d;
+    if (!dev_info(&d) || !d.hopper) return false;
+    if (!tensor_map_encoder()) return false;
+    if (!config_listed(*c)) return false;
+    size_t need = 1024 + (size_t)c->stages * (WG_BM + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages;
+    need += (size_t)(a->num_experts + 1) * 4;
+    if (need > (size_t)d.smem_optin) return false;
+    return a->dtype == MOE_DTYPE_BF16 ? real_for<__nv_bfloat16>(*c) : real_for<__half>(*c);
+}
+
+const char *moe_gg_wgmma_kernel_name(moe_dtype dt)
+{
+    return dt == MOE_DTYPE_F16 ? "grouped_gemm_wgmma_fp16" : "grouped_gemm_wgmma_bf16";
+}
+
+cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel_config *c,
+                                cudaStream_t stream)
+{
+    DevInfo d;
+    if (!dev_info(&d)) return cudaErrorInvalidDevice;
+    EncodeTiledFn encode = tensor_map_encoder();
+    if (!encode) return cudaErrorNotSupported;
+    const bool silu = a->epilogue == MOE_EPI_SILU_MUL;
+    const size_t es = 2;
+
+    WgParams p;
+    p.offsets = a->expert_offsets;
+    p.gather = (a->permute_x || a->permute_y || a->scale_a_rows || a->scale_c_rows) ? a->gather_idx
+                                                                                     : nullptr;
+    p.A = a->A;
+    p.C = a->C;
+    p.C_preact = silu ? a->C_preact : nullptr;
+    p.scale_a = a->scale_a_rows;
+    p.scale_c = a->scale_c_rows;
+    p.E = a->num_experts;
+    p.N = a->N;
+    p.K = a->K;
+    p.max_rows = a->max_rows;
+    p.topk = a->topk >= 1 ? a->topk : 1;
+    p.permute_x = a->permute_x;
+    p.permute_y = a->permute_y;
+    p.silu = silu;
+    p.n_out = silu ? a->N / 2 : a->N;
+    p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
+    p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
+    const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
+    p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
+
+    /* One tensor map over every expert's weights stacked as [E*N, K] (K contiguous): a box of
+     * 64 x BN rows (BN/2 with SiLU, two boxes per stage), 128-byte swizzle, zeros outside (the
+     * K tail and past the last expert; rows of a neighbouring expert are never stored). */
+    CUtensorMap map;
+    const cuuint64_t gdim[2] = {(cuuint64_t)a->K, (cuuint64_t)a->num_experts * (cuuint64_t)a->N};
+    const cuuint64_t gstride[1] = {(cuuint64_t)a->K * es};
+    const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(silu ? c->tile_n / 2 : c->tile_n)};
+    const cuuint32_t estride[2] = {1, 1};
+    CUresult r = encode(&map,
+                        a->dtype == MOE_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                   : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                        2, const_cast<void *>(a->B), gdim, gstride, box, estride,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+
+    const bool sa = a->scale_a_rows != nullptr;
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, d, *c, sa, stream)
+                                      : dispatch_wg<__half>(p, map, d, *c, sa, stream);
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# device_gg_wgmma.sh — one device call for the Hopper wgmma grouped GEMM (docs/KERNELS.md):
+# build for sm_90a, the grouped-GEMM tests (wgmma ones included) and the SASS test, GEMM1/GEMM2
+# timings mma.sync vs wgmma (MOE_GG_BENCH=1, T = 1024/4096/16384), then whole-MLP benches and
+# checks with the old mma.sync default and the wgmma configuration while time remains
+# (BUDGET seconds, default 300). Logs under $OUT; a short summary last.
+#   OUT=/tmp/o ./launch/device_gg_wgmma.sh [BUDGET]
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+out=${OUT:-/tmp/moe-out}
+mkdir -p "$out"
+budget=${1:-300}
+t0=$(date +%s)
+el() { echo $(($(date +%s) - t0)); }
+room() { [ "$(el)" -lt "$1" ]; } # true while less than $1 seconds have gone
+{ git log -1 --format='commit %H %cd' 2>/dev/null; date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv; } > "$out/env.txt" 2>&1
+./launch/device_build.sh > "$out/build.txt" 2>&1 || { tail -40 "$out/build.txt"; exit 1; }
+echo "build done at $(el) s"
+source launch/device_env.sh
+export MOE_REQUIRE_GPU=1
+WG=${WG:-128x256x64,w12,s4,tma}
+OLD=${OLD:-128x128x64,w8,s3}
+timeout -s KILL 200 build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_test.txt" 2>&1
+echo "test_gpu_grouped_gemm rc=$? at $(el) s: $(grep -E 'PASSED|FAILED' "$out/gg_test.txt" | tr '\n' ' ')"
+grep -E "failed$|: [0-9]+ of [0-9]+ failed" "$out/gg_test.txt" | head -5
+grep -E "rel err|max err|exceeds|mismatch" "$out/gg_test.txt" | head -8
+MOE_REQUIRE_SASS=1 timeout 100 build-gpu/tests/test_sass_tensor_cores > "$out/sass.txt" 2>&1
+echo "sass rc=$? $(grep 'SASS lines' "$out/sass.txt")"
+if room $((budget - 120)); then
+  MOE_GG_BENCH=1 timeout -s KILL 150 build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_bench.txt" 2>&1
+  echo "bench rc=$? at $(el) s"
+fi
+ep=build-gpu/moe-ep
+for m in qwen3-30b-a3b llama4-scout; do
+  for c in "$WG" "$OLD"; do
+    room $((budget - 40)) || break
+    tag=mma
+    [ "$c" = "$WG" ] && tag=wgmma
+    timeout -s KILL 60 $ep bench --backend cuda --model $m -b 1024 -e 16384 -f 4 --kernel-config "$c" \
+      > "$out/mlp_${m}_$tag.txt" 2>&1
+    echo "mlp bench $m $c rc=$? at $(el) s"
+  done
+done
+for m in qwen3-30b-a3b llama4-scout; do
+  room $((budget - 20)) || break
+  timeout -s KILL 40 $ep check --backend cuda --model $m --tokens 1024 --dtype bf16 --sample 16 \
+    --kernel-config "$WG" > "$out/check_$m.txt" 2>&1
+  echo "check $m $WG rc=$? at $(el) s: $(tail -1 "$out/check_$m.txt")"
+done
+echo "---- summary ($(el) s)"
+grep -h "SUMMARY" "$out/gg_bench.txt" 2>/dev/null
+for f in "$out"/mlp_*.txt; do [ -f "$f" ] && { echo "== $(basename "$f")"; grep -vE '^#' "$f" | head -6; }; done
