@@ -199,11 +199,15 @@ static void setup_free(setup *s)
 
 /* ------------------------------------------------------------------ device helpers ---- */
 
+/* The helpers below use the legacy stream, which the ctx's and the blocks' non-blocking
+ * streams do not wait for: they synchronise the device so what they wrote is in place (and
+ * what they read is complete). */
 static void *dev_upload(const void *h, size_t bytes)
 {
     void *d = NULL;
     if (cudaMalloc(&d, bytes ? bytes : 16) != cudaSuccess) return NULL;
     if (bytes) cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
     return d;
 }
 
@@ -221,6 +225,7 @@ static void *dev_poisoned(moe_dtype dt, size_t n)
 static void *dev_download(const void *d, size_t bytes)
 {
     void *h = malloc(bytes ? bytes : 16);
+    cudaDeviceSynchronize();
     if (bytes) cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost);
     return h;
 }
@@ -379,6 +384,7 @@ static bool run_ep(moe_ep_cuda_ctx *ctx, const setup *s, const void *xg, bool ba
             cudaMemset(r->g.w13, 0xff, El * 2 * I * H * es);
             cudaMemset(r->g.w2, 0xff, El * H * I * es);
             cudaMemset(r->g.router, 0xff, (size_t)s->cfg.num_experts * H * es);
+            cudaDeviceSynchronize();
             CHECK_ST(moe_ep_cuda_backward(ctx, s->T, dx_in, ddout, r->dx, &r->g, &r->st, &err));
             CHECK_ST(moe_ep_cuda_check(ctx, &err));
         }
@@ -434,8 +440,11 @@ static bool compare(const char *label, const setup *s, const ep_result *r, const
             CHECK(close_dev(what, s->dt, r->g.w13, a->d_w13 + e0 * 2 * I * H, El, 2 * I * H, NULL, gtol));
             snprintf(what, sizeof what, "%s d w2", label);
             CHECK(close_dev(what, s->dt, r->g.w2, a->d_w2 + e0 * H * I, El, H * I, NULL, gtol));
+            /* the router gradient in bf16/fp16 gets 2.5x: a difference of nearly equal
+             * softmax-Jacobian terms (docs/PERF.md, test_cpu_fused_ref) */
             snprintf(what, sizeof what, "%s d router", label);
-            CHECK(close_dev(what, s->dt, r->g.router, a->d_router, E, H, NULL, gtol));
+            CHECK(close_dev(what, s->dt, r->g.router, a->d_router, E, H, NULL,
+                            s->dt == MOE_DTYPE_F32 ? gtol : 2.5 * gtol));
             if (a->d_sg) {
                 snprintf(what, sizeof what, "%s d shared_gate", label);
                 CHECK(close_dev(what, s->dt, r->g.shared_gate, a->d_sg, Is, H, NULL, gtol));
@@ -720,7 +729,8 @@ static void test_forced_vs_cpu(void **state)
                 free(ref);
                 ref = widen(s.dt, cg.router.data, (size_t)s.cfg.num_experts * H);
                 snprintf(what, sizeof what, "forced %s %s d router vs CPU EP", routes[ri], k_cases[m].name);
-                CHECK(close_dev(what, s.dt, r.g.router, ref, (size_t)s.cfg.num_experts, H, NULL, gtol));
+                CHECK(close_dev(what, s.dt, r.g.router, ref, (size_t)s.cfg.num_experts, H, NULL,
+                                s.dt == MOE_DTYPE_F32 ? gtol : 2.5 * gtol));
                 free(ref);
                 /* the same rows travelled: the forward's counters equal the CPU backend's */
                 for (int q = 0; q < s.N; q++) {
@@ -801,6 +811,7 @@ static void test_syncfree_graph(void **state)
                 if (ok) CHECK_CU(cudaGraphInstantiate(&ge, g, 0));
                 if (ok && ge) {
                     cudaMemset(out, 0xff, bytes);
+                    cudaDeviceSynchronize();
                     CHECK_CU(cudaGraphLaunch(ge, st));
                     CHECK_ST(moe_ep_cuda_check(ctx, &err));
                     void *rep = dev_download(out, bytes);
@@ -809,6 +820,7 @@ static void test_syncfree_graph(void **state)
                     /* new contents in the same buffer, replay again */
                     cudaMemcpy(x, x2h, bytes, cudaMemcpyHostToDevice);
                     cudaMemset(out, 0xff, bytes);
+                    cudaDeviceSynchronize();
                     CHECK_CU(cudaGraphLaunch(ge, st));
                     CHECK_ST(moe_ep_cuda_check(ctx, &err));
                     r.ids = dev_download(ids, (size_t)T * s.cfg.top_k * 4);
@@ -859,6 +871,143 @@ static void test_syncfree_graph(void **state)
     assert_true(all_true(ok));
 }
 
+/* MOE_EP_TIMING=1 (np 1 only, run alone): a Qwen3-like block (H=2048, I=768, E=32, k=8, bf16,
+ * T=2048): the plain fused path against the EP forward with 4 virtual ranks — sized (NCCL
+ * and MPI), sync-free eager, and the sync-free forward replayed from a CUDA graph. Medians of
+ * 20 calls after 3 warm-ups; wall clock around each call including its synchronisation (the
+ * plain path and the graph: CUDA events on their stream). Each result is checked against the
+ * plain path. */
+static double median(double *v, int n)
+{
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+            double t = v[j];
+            v[j] = v[j - 1];
+            v[j - 1] = t;
+        }
+    return v[n / 2];
+}
+
+static void test_timing(void **state)
+{
+    (void)state;
+    bool ok = true;
+    moe_error err;
+    moe_error_clear(&err);
+    const model_case big = {"qwen3-like E=32", MOE_ARCH_QWEN3, 2048, 768, 32, 8, 0, MOE_DTYPE_BF16};
+    const int T = 2048, W = 3, NT = 20;
+    setup s;
+    ok &= setup_make(&s, MPI_COMM_SELF, &big, T, 4);
+    size_t H = (size_t)big.H, bytes = (size_t)T * H * 2;
+    answer a;
+    ok &= answer_plain(&s, s.xg, false, &a);
+    double ms[NT];
+    /* plain */
+    {
+        cuda_block *b = NULL;
+        CHECK_ST(cuda_block_create(&s.wf, T, false, &b, &err));
+        moe_fwd_state st;
+        memset(&st, 0, sizeof st);
+        st.T = T;
+        void *x = dev_upload(s.xg, bytes), *out = dev_poisoned(s.dt, (size_t)T * H);
+        st.out = out;
+        cudaEvent_t e0, e1;
+        cudaEventCreate(&e0);
+        cudaEventCreate(&e1);
+        cudaStream_t str = cuda_block_stream(b);
+        for (int i = 0; i < W + NT; i++) {
+            cudaEventRecord(e0, str);
+            CHECK_ST(cuda_block_forward(b, x, T, &st, false, &err));
+            cudaEventRecord(e1, str);
+            cudaEventSynchronize(e1);
+            float f = 0;
+            cudaEventElapsedTime(&f, e0, e1);
+            if (i >= W) ms[i - W] = f;
+        }
+        fprintf(stderr, "timing %s T=%d: plain fused path (cuda_block_forward): %.3f ms\n",
+                big.name, T, median(ms, NT));
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        cudaFree(x);
+        cudaFree(out);
+        cuda_block_destroy(b);
+    }
+    struct {
+        const char *name;
+        moe_ep_transport_kind tp;
+        int64_t M;
+        bool graph;
+    } modes[] = {
+        {"EP V=4 nccl, sized per call (counts to the host)", MOE_EP_TRANSPORT_NCCL, 0, false},
+        {"EP V=4 mpi (host staging), sized per call", MOE_EP_TRANSPORT_MPI, 0, false},
+        {"EP V=4 nccl, sync-free, eager", MOE_EP_TRANSPORT_NCCL, T, false},
+        {"EP V=4 nccl, sync-free, CUDA graph replay", MOE_EP_TRANSPORT_NCCL, T, true},
+    };
+    for (size_t mi = 0; mi < sizeof modes / sizeof modes[0]; mi++) {
+        moe_ep_options o = MOE_EP_OPTIONS_INIT;
+        o.transport = modes[mi].tp;
+        o.virtual_ranks = 4;
+        o.device = 0;
+        o.max_tokens_per_rank = modes[mi].M;
+        moe_ep_cuda_ctx *ctx = NULL;
+        CHECK_ST(moe_ep_cuda_ctx_create(MPI_COMM_SELF, &s.wl, &o, &ctx, &err));
+        if (!ctx) continue;
+        cudaStream_t str = moe_ep_cuda_stream(ctx);
+        void *x = dev_upload(s.xg, bytes), *out = dev_poisoned(s.dt, (size_t)T * H);
+        cudaGraph_t g = NULL;
+        cudaGraphExec_t ge = NULL;
+        CHECK_ST(moe_ep_cuda_forward(ctx, T, x, out, NULL, NULL, NULL, &err));
+        CHECK_ST(moe_ep_cuda_check(ctx, &err));
+        if (modes[mi].graph) {
+            CHECK_CU(cudaStreamBeginCapture(str, cudaStreamCaptureModeThreadLocal));
+            CHECK_ST(moe_ep_cuda_forward(ctx, T, x, out, NULL, NULL, NULL, &err));
+            CHECK_CU(cudaStreamEndCapture(str, &g));
+            if (ok) CHECK_CU(cudaGraphInstantiate(&ge, g, 0));
+        }
+        cudaEvent_t e0, e1;
+        cudaEventCreate(&e0);
+        cudaEventCreate(&e1);
+        for (int i = 0; i < W + NT && ok; i++) {
+            if (ge) {
+                cudaEventRecord(e0, str);
+                CHECK_CU(cudaGraphLaunch(ge, str));
+                cudaEventRecord(e1, str);
+                cudaEventSynchronize(e1);
+                float f = 0;
+                cudaEventElapsedTime(&f, e0, e1);
+                if (i >= W) ms[i - W] = f;
+            } else {
+                double t0 = moe_now();
+                CHECK_ST(moe_ep_cuda_forward(ctx, T, x, out, NULL, NULL, NULL, &err));
+                CHECK_ST(moe_ep_cuda_check(ctx, &err));
+                if (i >= W) ms[i - W] = 1e3 * (moe_now() - t0);
+            }
+        }
+        CHECK_ST(moe_ep_cuda_check(ctx, &err));
+        if (ok) {
+            fprintf(stderr, "timing %s T=%d: %s: %.3f ms\n", big.name, T, modes[mi].name,
+                    median(ms, NT));
+            ep_result r;
+            memset(&r, 0, sizeof r);
+            r.out = out;
+            r.ids = malloc((size_t)T * big.k * 4);
+            memcpy(r.ids, a.ids, (size_t)T * big.k * 4); /* out only; routing checked elsewhere */
+            ok &= compare(modes[mi].name, &s, &r, &a, false);
+            free(r.ids);
+        }
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        if (ge) cudaGraphExecDestroy(ge);
+        if (g) cudaGraphDestroy(g);
+        cudaFree(x);
+        cudaFree(out);
+        moe_ep_cuda_ctx_destroy(ctx);
+    }
+    answer_free(&a);
+    setup_free(&s);
+    assert_true(ok);
+}
+
 #endif /* MOE_HAVE_CUDA */
 
 int main(int argc, char **argv)
@@ -892,7 +1041,13 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_overflow_mpi),   cmocka_unit_test(test_nccl_refused),
         cmocka_unit_test(test_forced_vs_cpu),  cmocka_unit_test(test_syncfree_graph),
     };
-    rc = cmocka_run_group_tests(tests, NULL, NULL);
+    const char *tm = getenv("MOE_EP_TIMING");
+    if (tm && strcmp(tm, "1") == 0 && g_size == 1) {
+        const struct CMUnitTest timing[] = {cmocka_unit_test(test_timing)};
+        rc = cmocka_run_group_tests(timing, NULL, NULL);
+    } else {
+        rc = cmocka_run_group_tests(tests, NULL, NULL);
+    }
     MPI_Finalize();
     return rc;
 #else
