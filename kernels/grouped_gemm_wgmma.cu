@@ -29,6 +29,7 @@
                      cudaGetDriverEntryPointByVersion, never from linking -lcuda */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 extern "C" {
 #include "common.h"
@@ -46,8 +47,11 @@ namespace {
 constexpr int WG_BM = 128;       /* rows per tile: two consumer warpgroups of 64 */
 constexpr int WG_BK = 64;        /* k per stage: one 128-byte swizzle row of 16-bit elements */
 constexpr int WG_THREADS = 384;  /* producer warpgroup + two consumer warpgroups */
+/* Register split (setmaxnreg): 128*56 + 256*224 = 64512 = 384 * 168, the launch cap of one
+ * CTA per SM. (Two CTAs per SM would cap registers at 80 at entry, and ptxas needs 90 for a
+ * wgmma with 64 accumulators: not possible with 384 threads.) */
 constexpr int WG_PRODUCER_REGS = 56;
-constexpr int WG_CONSUMER_REGS = 224; /* 128*56 + 256*224 = 64512 <= 65536 */
+constexpr int WG_CONSUMER_REGS = 224;
 
 struct WgParams {
     const int32_t *offsets;
@@ -63,6 +67,9 @@ struct WgParams {
     int c_pair;    /* C rows allow 2-element stores */
     int p_pair;    /* C_preact rows allow 2-element stores */
     int col_tiles; /* column tiles per expert */
+    int proxy_fence;   /* consumers fence the async proxy after every full-barrier wait */
+    int skip_epilogue; /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
+    int no_gather;     /* diagnostic (MOE_WGMMA_NO_GATHER=1): A row r/topk, timing only */
 };
 
 /* ---- tile search, one warp at a time ----
@@ -155,18 +162,26 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
                  "r"(bytes)
                  : "memory");
 }
-/* Wait until the phase with the given parity has completed. */
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+/* Wait until the phase with the given parity has completed. A wait of more than ~10^10 cycles
+ * (seconds; a legitimate one lasts at most one tile, microseconds) means a protocol bug: trap, so
+ * the launch fails with an error instead of hanging the process. */
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity)
 {
     uint32_t done;
-    do {
-        asm volatile("{\n.reg .pred p;\n"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
+    asm volatile("{\n.reg .pred p;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+    return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    if (mbar_try_wait(bar, parity)) return;
+    const long long t0 = clock64();
+    while (!mbar_try_wait(bar, parity))
+        if (clock64() - t0 > 10000000000LL) __trap();
 }
 /* Arrive on the barrier when every cp.async this thread issued so far has landed; .noinc: the
  * arrival counts against the barrier's expected count (set at init). */
@@ -353,7 +368,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 {
     constexpr uint32_t A_BYTES = WG_BM * WG_BK * 2; /* 16 KB: 128 rows x 128 bytes */
     constexpr uint32_t B_BYTES = BN * WG_BK * 2;
-    constexpr int LAG = S - 2; /* scale_a: stages in flight before a producer thread finalizes */
     static_assert(BN == 128 || BN == 256, "wgmma N of 128 or 256");
     static_assert(S >= 3, "at least three stages");
 
@@ -393,39 +407,17 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             WgTile tl;
             if (!wg_find_tile(s_off, p.E, p.col_tiles, t, &tl)) break;
             int arow[8];
-            float sa[8];
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 const int r = tl.row0 + rsub + 16 * i;
                 arow[i] = -1;
-                sa[i] = 1.f;
                 if (r < tl.row_end) {
                     const int g = p.gather ? p.gather[r] : r;
-                    if (g >= 0 && g < p.max_rows) {
-                        arow[i] = p.permute_x ? g / p.topk : r;
-                        if (SCALE_A) sa[i] = load_f(static_cast<const T *>(p.scale_a) + g);
-                    }
+                    if (g >= 0 && g < p.max_rows)
+                        arow[i] = p.permute_x ? (p.no_gather ? r : g) / p.topk : r;
                 }
             }
             const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
-            /* scale_a: multiply the chunks this thread copied, round to T, make them visible to
-             * the tensor cores (proxy fence), then arrive. */
-            auto finalize = [&](uint32_t j) {
-                unsigned char *st = gbase + (j % S) * A_BYTES + a_off;
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    uint4 *q = reinterpret_cast<uint4 *>(st + i * 16 * 128);
-                    uint4 v = *q;
-                    v.x = scale2<T>(v.x, sa[i]);
-                    v.y = scale2<T>(v.y, sa[i]);
-                    v.z = scale2<T>(v.z, sa[i]);
-                    v.w = scale2<T>(v.w, sa[i]);
-                    *q = v;
-                }
-                fence_proxy_async();
-                mbar_arrive(full(j % S));
-            };
-            const uint32_t it0 = it;
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
                 if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1); /* use it/S - 1 released */
@@ -450,19 +442,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                                  "l"(src), "r"(v ? 16 : 0)
                                  : "memory");
                 }
-                if (!SCALE_A) {
-                    cp_async_mbar_arrive(full(s));
-                } else {
-                    cp_async_commit();
-                    if (kt >= LAG) {
-                        cp_async_wait<LAG>();
-                        finalize(it - LAG);
-                    }
-                }
-            }
-            if (SCALE_A) { /* the tile's last LAG stages (its scales are this tile's) */
-                cp_async_wait<0>();
-                for (int j = KT > LAG ? KT - LAG : 0; j < KT; j++) finalize(it0 + j);
+                /* arrives when this thread's copies (this stage's and any earlier) landed */
+                cp_async_mbar_arrive(full(s));
             }
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -471,6 +452,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         setmaxnreg_inc<WG_CONSUMER_REGS>();
         const int cw = threadIdx.x / 128 - 1; /* rows 64 cw .. 64 cw + 63 of the tile */
         const int tw = threadIdx.x & 127, warp = tw >> 5, lane = tw & 31;
+        /* scale_a pass: this thread's chunk (tw%8) of rows tw/8 + 16i of the warpgroup's 64 */
+        const uint32_t sa_off = (uint32_t)(cw * 64 * 128 + (tw >> 3) * 128 +
+                                           (((tw & 7) ^ ((tw >> 3) & 7)) << 4));
         float acc[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.f;
@@ -495,10 +479,43 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                     }
                 }
             }
+            float sa[4]; /* scale_a of the 4 A rows this thread scales (see below) */
+            if (SCALE_A) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int r = tl.row0 + 64 * cw + (tw >> 3) + 16 * i;
+                    sa[i] = 1.f;
+                    if (r < tl.row_end) {
+                        const int g = p.gather ? p.gather[r] : r;
+                        if (g >= 0 && g < p.max_rows)
+                            sa[i] = load_f(static_cast<const T *>(p.scale_a) + g);
+                    }
+                }
+            }
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
                 mbar_wait(full(s), (it / S) & 1);
-                fence_proxy_async(); /* A came through cp.async (generic proxy) */
+                if (SCALE_A) {
+                    /* scale_a_rows: the warpgroup multiplies its own 64 A rows in shared memory
+                     * (thread: 16-byte chunk tw%8 of rows tw/8 + 16i), rounds them to T, makes
+                     * the writes visible to the tensor cores (proxy fence) and syncs its 128
+                     * threads; meanwhile the previous stage's MMAs still run. */
+                    unsigned char *st = gbase + s * A_BYTES + sa_off;
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint4 *q = reinterpret_cast<uint4 *>(st + i * 16 * 128);
+                        uint4 v = *q;
+                        v.x = scale2<T>(v.x, sa[i]);
+                        v.y = scale2<T>(v.y, sa[i]);
+                        v.z = scale2<T>(v.z, sa[i]);
+                        v.w = scale2<T>(v.w, sa[i]);
+                        *q = v;
+                    }
+                    fence_proxy_async();
+                    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+                } else if (p.proxy_fence) {
+                    fence_proxy_async(); /* A came through cp.async (generic proxy) */
+                }
                 const uint64_t da = sw128_desc(sA + s * A_BYTES + cw * 64 * 128);
                 const uint64_t db = sw128_desc(sB + s * B_BYTES);
                 wgmma_fence();
@@ -513,6 +530,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             fence_regs(acc);
             if (lane == 0) mbar_arrive(empty((it - 1) % S));
 
+            if (p.skip_epilogue) continue;
             /* Epilogue from the accumulators: d[4i + 2h + q] is row (lane/4 + 8h), column
              * 8i + 2(lane%4) + q of this warp's 16 rows. */
 #pragma unroll
@@ -658,6 +676,13 @@ int max_ctas_override()
     return v > 0 ? v : 0;
 }
 
+/* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
+int env_flag(const char *name)
+{
+    const char *s = getenv(name);
+    return s && strcmp(s, "1") == 0;
+}
+
 bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 template <typename T, int BN, int S, bool SA>
@@ -764,6 +789,9 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.n_out = silu ? a->N / 2 : a->N;
     p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
     p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
+    p.proxy_fence = env_flag("MOE_WGMMA_PROXY_FENCE");
+    p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
+    p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # device_gg_wgmma.sh — one device call for the Hopper wgmma grouped GEMM (docs/KERNELS.md):
-# build for sm_90a, the grouped-GEMM tests (wgmma ones included) and the SASS test, GEMM1/GEMM2
-# timings mma.sync vs wgmma (MOE_GG_BENCH=1, T = 1024/4096/16384), then whole-MLP benches and
-# checks with the old mma.sync default and the wgmma configuration while time remains
+# build for sm_90a, the GPU tests (ctest -R "gpu|sass|hf", wgmma ones included), GEMM1/GEMM2
+# timings mma.sync vs wgmma (MOE_GG_BENCH=1, T = 256 ... 16384), then whole-MLP benches with the
+# default (WG, "auto") and the old mma.sync default (OLD), and checks with backward, while time remains
 # (BUDGET seconds, default 300). Logs under $OUT; a short summary last.
 #   OUT=/tmp/o ./launch/device_gg_wgmma.sh [BUDGET]
 set -uo pipefail
@@ -19,15 +19,14 @@ room() { [ "$(el)" -lt "$1" ]; } # true while less than $1 seconds have gone
 echo "build done at $(el) s"
 source launch/device_env.sh
 export MOE_REQUIRE_GPU=1
-WG=${WG:-128x256x64,w12,s4,tma}
+WG=${WG:-auto}
 OLD=${OLD:-128x128x64,w8,s3}
-timeout -s KILL 200 build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_test.txt" 2>&1
-echo "test_gpu_grouped_gemm rc=$? at $(el) s: $(grep -E 'PASSED|FAILED' "$out/gg_test.txt" | tr '\n' ' ')"
-grep -E "failed$|: [0-9]+ of [0-9]+ failed" "$out/gg_test.txt" | head -5
-grep -E "rel err|max err|exceeds|mismatch" "$out/gg_test.txt" | head -8
-MOE_REQUIRE_SASS=1 timeout 100 build-gpu/tests/test_sass_tensor_cores > "$out/sass.txt" 2>&1
-echo "sass rc=$? $(grep 'SASS lines' "$out/sass.txt")"
-if room $((budget - 120)); then
+(cd build-gpu && timeout -s KILL 200 ctest -R "gpu|sass|hf" --output-on-failure -j1 --timeout 180) > "$out/gpu_tests.txt" 2>&1
+echo "gpu ctest rc=$? at $(el) s: $(grep -E 'tests passed|tests failed' "$out/gpu_tests.txt" | tail -1)"
+grep -E "^ *[0-9]+/[0-9]+ Test" "$out/gpu_tests.txt"
+grep -E ": [0-9]+ of [0-9]+ failed|SASS lines" "$out/gpu_tests.txt" | head -12
+grep -E "rel err|exceeds|mismatch|NO HGMMA|NO tensor" "$out/gpu_tests.txt" | head -8
+if room $((budget - 100)); then
   MOE_GG_BENCH=1 timeout -s KILL 150 build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_bench.txt" 2>&1
   echo "bench rc=$? at $(el) s"
 fi
@@ -43,10 +42,11 @@ for m in qwen3-30b-a3b llama4-scout; do
   done
 done
 for m in qwen3-30b-a3b llama4-scout; do
-  room $((budget - 20)) || break
-  timeout -s KILL 40 $ep check --backend cuda --model $m --tokens 1024 --dtype bf16 --sample 16 \
-    --kernel-config "$WG" > "$out/check_$m.txt" 2>&1
-  echo "check $m $WG rc=$? at $(el) s: $(tail -1 "$out/check_$m.txt")"
+  room $((budget - 25)) || break
+  timeout -s KILL 45 $ep check --backend cuda --model $m --tokens 4096 --dtype bf16 --backward \
+    --sample 32 > "$out/check_$m.txt" 2>&1
+  echo "check $m T=4096 --backward (default config) rc=$? at $(el) s: $(tail -1 "$out/check_$m.txt")"
+  grep "kernels:" "$out/check_$m.txt"
 done
 echo "---- summary ($(el) s)"
 grep -h "SUMMARY" "$out/gg_bench.txt" 2>/dev/null

@@ -1225,6 +1225,15 @@ static void test_config_strings(void **state)
         assert_int_equal(moe_kernel_config_parse("128x128x64", &req, &err), MOE_OK);
         assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
         assert_int_equal(got.use_tma, 0);
+        /* the automatic choice: wgmma for bf16/fp16 with enough rows per expert */
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_BF16, 256, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 1);
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_F16, 256, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 1);
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_BF16, 4, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 0);
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_F32, 256, &got, &err), MOE_OK);
+        assert_int_equal(got.use_tma, 0);
         got = moe_kernel_config_default_mma(MOE_DTYPE_BF16, 256);
         assert_int_equal(got.use_tma, 0);
         assert_int_equal(moe_kernel_config_validate(&got, MOE_DTYPE_BF16, &err), MOE_OK);
@@ -1641,7 +1650,7 @@ static void test_autotune(void **state)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T = 1024, 4096, 16384 tokens: every     */
+/* timing (MOE_GG_BENCH=1): GEMM1 + GEMM2 of a model at T = 256 ... 16384 tokens: every         */
 /* configuration at 4096 (a subset elsewhere), mma.sync vs wgmma, the default, the autotuner's */
 /* pick, and cuBLAS on one dense GEMM of the same FLOPs as a ceiling. MOE_GG_BENCH_T=4096: one */
 /* T only.                                                                                    */
@@ -1788,6 +1797,27 @@ static void bench_model(const model_dims *m, int T, bool full)
                     "wgmma best GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms (%.1f TF/s) | speedup %.2fx\n",
             m->name, T, old1, old2, old1 + old2, new1, new2, new1 + new2,
             (f1 + f2) / (new1 + new2) * 1e-9, (old1 + old2) / (new1 + new2));
+    if (full) {
+        /* diagnostics of the wgmma kernel (docs/KERNELS.md): the consumers' async-proxy fence
+         * after every stage wait, and the share of the epilogue (stores skipped: timing only) */
+        for (int i = 0; i < n; i++) {
+            if (!list[i].use_tma) continue;
+            char cs[64];
+            setenv("MOE_WGMMA_PROXY_FENCE", "1", 1);
+            float f1t = time_ms(run_gg, &g1, &list[i], 10), f2t = time_ms(run_gg, &g2, &list[i], 10);
+            unsetenv("MOE_WGMMA_PROXY_FENCE");
+            setenv("MOE_WGMMA_SKIP_EPILOGUE", "1", 1);
+            float e1t = time_ms(run_gg, &g1, &list[i], 10), e2t = time_ms(run_gg, &g2, &list[i], 10);
+            unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
+            setenv("MOE_WGMMA_NO_GATHER", "1", 1);
+            float n1t = time_ms(run_gg, &g1, &list[i], 10);
+            unsetenv("MOE_WGMMA_NO_GATHER");
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s with proxy fence GEMM1 %7.3f GEMM2 %7.3f | "
+                            "no epilogue GEMM1 %7.3f GEMM2 %7.3f | GEMM1 ungathered A %7.3f ms\n",
+                    m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), f1t, f2t, e1t, e2t,
+                    n1t);
+        }
+    }
     {
         /* the automatic choice (what the engine runs without --kernel-config) */
         float d1 = time_ms(run_gg, &g1, NULL, 10), d2 = time_ms(run_gg, &g2, NULL, 10);
@@ -1843,8 +1873,8 @@ static void test_bench(void **state)
     const char *b = getenv("MOE_GG_BENCH");
     if (!b || strcmp(b, "1") != 0) skip();
     const char *only = getenv("MOE_GG_BENCH_T"); /* e.g. "4096": one T only */
-    const int Ts[3] = {1024, 4096, 16384};
-    for (int i = 0; i < 3; i++) {
+    const int Ts[4] = {256, 1024, 4096, 16384};
+    for (int i = 0; i < 4; i++) {
         if (only && atoi(only) != Ts[i]) continue;
         bench_model(&k_qwen, Ts[i], Ts[i] == 4096);
         bench_model(&k_llama, Ts[i], Ts[i] == 4096);

@@ -32,8 +32,8 @@ static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_F
  * wgmma kernel (it falls back to moe_kernel_config_default_mma by itself on other GPUs, for
  * b_kn and unaligned problems, and for dW) when experts average at least
  * MOE_GG_WGMMA_MIN_AVG_ROWS rows, else the mma.sync default. Numbers in docs/KERNELS.md. */
-#define MOE_GG_DEFAULT_WGMMA 0
-#define MOE_GG_WGMMA_MIN_AVG_ROWS 96
+#define MOE_GG_DEFAULT_WGMMA 1
+#define MOE_GG_WGMMA_MIN_AVG_ROWS 32
 #define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1
 
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
