@@ -115,7 +115,7 @@ static moe_config make_cfg(const model_case *m)
     c.num_experts = m->E;
     c.top_k = m->k;
     c.shared_inter = m->Is;
-    c.norm_topk_prob = true;
+    c.norm_topk_prob = m->arch == MOE_ARCH_QWEN3; /* a Qwen3 option only */
     c.dtype = m->dt;
     return c;
 }
@@ -343,7 +343,7 @@ typedef struct ep_result {
     int32_t *ids;    /* host [T,k] */
     cuda_block_grads g;
     bool have_g;
-    moe_ep_stats st;
+    moe_ep_stats st, st_bwd; /* the forward's and the backward's counters */
 } ep_result;
 
 static void result_free(ep_result *r)
@@ -353,6 +353,7 @@ static void result_free(ep_result *r)
     free(r->ids);
     if (r->have_g) cuda_block_grads_free(&r->g);
     moe_ep_stats_free(&r->st);
+    moe_ep_stats_free(&r->st_bwd);
     memset(r, 0, sizeof *r);
 }
 
@@ -366,6 +367,7 @@ static bool run_ep(moe_ep_cuda_ctx *ctx, const setup *s, const void *xg, bool ba
     memset(r, 0, sizeof *r);
     size_t T = (size_t)s->T, H = (size_t)s->cfg.hidden, k = (size_t)s->cfg.top_k, es = s->dsz;
     CHECK_ST(moe_ep_stats_init(&r->st, s->N, s->rank, s->V, &err));
+    CHECK_ST(moe_ep_stats_init(&r->st_bwd, s->N, s->rank, s->V, &err));
     void *dx_in = dev_upload((const char *)xg + (size_t)s->off * H * es, T * H * es);
     void *ddout = dev_upload((const char *)s->doutg + (size_t)s->off * H * es, T * H * es);
     int32_t *dids = NULL;
@@ -385,7 +387,7 @@ static bool run_ep(moe_ep_cuda_ctx *ctx, const setup *s, const void *xg, bool ba
             cudaMemset(r->g.w2, 0xff, El * H * I * es);
             cudaMemset(r->g.router, 0xff, (size_t)s->cfg.num_experts * H * es);
             cudaDeviceSynchronize();
-            CHECK_ST(moe_ep_cuda_backward(ctx, s->T, dx_in, ddout, r->dx, &r->g, &r->st, &err));
+            CHECK_ST(moe_ep_cuda_backward(ctx, s->T, dx_in, ddout, r->dx, &r->g, &r->st_bwd, &err));
             CHECK_ST(moe_ep_cuda_check(ctx, &err));
         }
     }
@@ -530,6 +532,7 @@ static void test_virtual_nccl(void **state)
                 ok &= run_ep(ctx, &s, s.xg, true, &r);
                 ok &= compare(label, &s, &r, &a, true);
                 ok &= check_counters(&s, r.ids, &r.st, MPI_COMM_SELF);
+                ok &= check_counters(&s, r.ids, &r.st_bwd, MPI_COMM_SELF);
                 /* the same call again: bitwise the same output */
                 ok &= run_ep(ctx, &s, s.xg, false, &r2);
                 size_t bytes = (size_t)s.T * s.cfg.hidden * s.dsz;
@@ -579,6 +582,7 @@ static void test_shared_gpu_mpi(void **state)
             ok &= run_ep(ctx, &s, s.xg, true, &r);
             ok &= compare(label, &s, &r, &a, true);
             ok &= check_counters(&s, r.ids, &r.st, MPI_COMM_WORLD);
+            ok &= check_counters(&s, r.ids, &r.st_bwd, MPI_COMM_WORLD);
             result_free(&r);
             moe_ep_cuda_ctx_destroy(ctx);
             if (g_rank == 0)
@@ -732,10 +736,13 @@ static void test_forced_vs_cpu(void **state)
                 CHECK(close_dev(what, s.dt, r.g.router, ref, (size_t)s.cfg.num_experts, H, NULL,
                                 s.dt == MOE_DTYPE_F32 ? gtol : 2.5 * gtol));
                 free(ref);
-                /* the same rows travelled: the forward's counters equal the CPU backend's */
+                /* the same rows travelled: the counters equal the CPU backend's */
                 for (int q = 0; q < s.N; q++) {
-                    CHECK(r.st.tokens_sent[q] == 2 * cst.tokens_sent[q]); /* forward + backward */
-                    CHECK(r.st.tokens_recv[q] == 2 * cst.tokens_recv[q]);
+                    CHECK(r.st.tokens_sent[q] == cst.tokens_sent[q]);
+                    CHECK(r.st.tokens_recv[q] == cst.tokens_recv[q]);
+                    CHECK(r.st.bytes_sent[q] == cst.bytes_sent[q]);
+                    CHECK(r.st_bwd.tokens_sent[q] == cst.tokens_sent[q]);
+                    CHECK(r.st_bwd.tokens_recv[q] == cst.tokens_recv[q]);
                 }
                 result_free(&r);
                 moe_ep_cuda_ctx_destroy(ctx);
