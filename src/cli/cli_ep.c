@@ -22,6 +22,12 @@
 #include "safetensors.h"
 #include "weights.h"
 
+#ifdef MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "ep/ep_cuda.h"
+#endif
+
 void cli_ep_args_init(cli_ep_args *a)
 {
     memset(a, 0, sizeof *a);
@@ -80,7 +86,7 @@ static void split(int T, int N, int r, int *Tr, int *off)
 
 /* Options from the command line; the CUDA backend's EP driver is separate work. */
 static int ep_options(const cli_ep_args *a, const moe_config *cfg, const char *backend_s,
-                      moe_ep_options *o, const char *cmd)
+                      bool allow_cuda, bool *use_cuda, moe_ep_options *o, const char *cmd)
 {
     memset(o, 0, sizeof *o);
     o->virtual_ranks = a->virtual_ranks;
@@ -88,11 +94,20 @@ static int ep_options(const cli_ep_args *a, const moe_config *cfg, const char *b
     o->max_tokens_per_rank = a->max_tokens_per_rank;
     o->abort_on_fatal = true;
     o->device = -1;
-    if (backend_s && (strcmp(backend_s, "cuda") == 0 || strcmp(backend_s, "gpu") == 0)) {
-        fprintf(stderr, "moe-ep %s: expert-parallel runs use the CPU backend for the experts in this "
-                        "version (--backend cpu); the NCCL transport can still move the tokens\n", cmd);
+    bool want_cuda = backend_s && (strcmp(backend_s, "cuda") == 0 || strcmp(backend_s, "gpu") == 0);
+    bool auto_gpu = (!backend_s || strcmp(backend_s, "auto") == 0) && cli_gpu_available();
+    *use_cuda = allow_cuda && (want_cuda || auto_gpu);
+    if (want_cuda && !allow_cuda) {
+        fprintf(stderr, "moe-ep %s: the expert-parallel check runs on the CPU backend (--backend cpu); "
+                        "the CUDA EP path is checked by test_mpi_gpu_ep and `moe-ep forward`\n", cmd);
         return 2;
     }
+#ifndef MOE_HAVE_CUDA
+    if (want_cuda) {
+        fprintf(stderr, "moe-ep %s: --backend cuda: this build has no CUDA backend\n", cmd);
+        return 2;
+    }
+#endif
     if (!moe_ep_transport_parse(a->transport ? a->transport : "auto", &o->transport)) {
         fprintf(stderr, "moe-ep %s: --transport expects mpi, nccl or auto, got '%s'\n", cmd, a->transport);
         return 2;
@@ -117,6 +132,53 @@ static void print_stats_in_order(moe_ep_ctx *ctx, int rank, int size)
     MPI_Barrier(MPI_COMM_WORLD);
 }
 
+#ifdef MOE_HAVE_CUDA
+/* The EP forward on the CUDA backend: this rank's rows to the device, moe_ep_cuda_forward, the
+ * overflow check, results back to the host. */
+static int ep_forward_cuda(const moe_weights *w, const moe_ep_options *o, int Tr, const void *x,
+                           void *out, void *logits, bool stats, int rank, int size, moe_error *err)
+{
+    moe_ep_cuda_ctx *c = NULL;
+    void *dx = NULL, *dout = NULL, *dl = NULL;
+    const size_t esz = moe_dtype_size(w->dtype), H = (size_t)w->cfg.hidden, E = (size_t)w->cfg.num_experts;
+    int rc = 0;
+    if (moe_ep_cuda_ctx_create(MPI_COMM_WORLD, w, o, &c, err) != MOE_OK) return 1;
+    cudaError_t ce = cudaMalloc(&dx, (size_t)Tr * H * esz + 16);
+    if (ce == cudaSuccess) ce = cudaMalloc(&dout, (size_t)Tr * H * esz + 16);
+    if (ce == cudaSuccess) ce = cudaMalloc(&dl, (size_t)Tr * E * esz + 16);
+    if (ce == cudaSuccess) ce = cudaMemcpy(dx, x, (size_t)Tr * H * esz, cudaMemcpyHostToDevice);
+    if (ce != cudaSuccess) {
+        moe_fail(err, MOE_ERR_CUDA, "EP forward buffers: %s", cudaGetErrorString(ce));
+        rc = 1;
+    }
+    if (!rc && (moe_ep_cuda_forward(c, Tr, dx, dout, dl, NULL, NULL, err) != MOE_OK ||
+                moe_ep_cuda_check(c, err) != MOE_OK))
+        rc = 1;
+    if (!rc) {
+        ce = cudaStreamSynchronize(moe_ep_cuda_stream(c));
+        if (ce == cudaSuccess) ce = cudaMemcpy(out, dout, (size_t)Tr * H * esz, cudaMemcpyDeviceToHost);
+        if (ce == cudaSuccess) ce = cudaMemcpy(logits, dl, (size_t)Tr * E * esz, cudaMemcpyDeviceToHost);
+        if (ce != cudaSuccess) {
+            moe_fail(err, MOE_ERR_CUDA, "EP forward results: %s", cudaGetErrorString(ce));
+            rc = 1;
+        }
+    }
+    if (stats && !agree(rc))
+        for (int r = 0; r < size; r++) {
+            MPI_Barrier(MPI_COMM_WORLD);
+            if (r == rank) {
+                moe_ep_stats_print(stdout, moe_ep_cuda_stats(c));
+                fflush(stdout);
+            }
+        }
+    cudaFree(dx);
+    cudaFree(dout);
+    cudaFree(dl);
+    moe_ep_cuda_ctx_destroy(c);
+    return rc;
+}
+#endif
+
 int cli_ep_forward(const char *config, const char *weights, int layer, const char *input,
                    const char *output, const char *dtype_s, const char *backend_s,
                    const cli_ep_args *ep)
@@ -136,7 +198,8 @@ int cli_ep_forward(const char *config, const char *weights, int layer, const cha
         return ep_finish(2);
     }
     moe_ep_options o;
-    if ((rc = ep_options(ep, &cfg, backend_s, &o, "forward"))) return ep_finish(rc);
+    bool use_cuda = false;
+    if ((rc = ep_options(ep, &cfg, backend_s, true, &use_cuda, &o, "forward"))) return ep_finish(rc);
     const int H = cfg.hidden, E = cfg.num_experts;
     const size_t esz = moe_dtype_size(dt);
     void *x_all = NULL, *x = NULL, *out = NULL, *logits = NULL, *out_all = NULL, *logits_all = NULL;
@@ -179,12 +242,17 @@ int cli_ep_forward(const char *config, const char *weights, int layer, const cha
     }
     MPI_Scatterv(x_all, cnt, dis, MPI_BYTE, x, cnt[rank], MPI_BYTE, 0, MPI_COMM_WORLD);
 
-    if (moe_ep_weights_load(MPI_COMM_WORLD, &cfg, weights, layer, o.virtual_ranks, dt, &w, &err) != MOE_OK ||
-        moe_ep_ctx_create(MPI_COMM_WORLD, &w, &o, &ctx, &err) != MOE_OK ||
-        moe_ep_forward(ctx, Tr, x, out, logits, NULL, NULL, &err) != MOE_OK) {
-        fprintf(stderr, "moe-ep forward: %s\n", err.msg);
+    if (moe_ep_weights_load(MPI_COMM_WORLD, &cfg, weights, layer, o.virtual_ranks, dt, &w, &err) != MOE_OK) {
+        rc = 1;
+    } else if (use_cuda) {
+#ifdef MOE_HAVE_CUDA
+        rc = ep_forward_cuda(&w, &o, Tr, x, out, logits, ep->stats, rank, size, &err);
+#endif
+    } else if (moe_ep_ctx_create(MPI_COMM_WORLD, &w, &o, &ctx, &err) != MOE_OK ||
+               moe_ep_forward(ctx, Tr, x, out, logits, NULL, NULL, &err) != MOE_OK) {
         rc = 1;
     }
+    if (rc) fprintf(stderr, "moe-ep forward: %s\n", err.msg);
     if ((rc = agree(rc))) goto out_free;
     if (rank == 0) {
         out_all = malloc((size_t)T * H * esz + 1);
@@ -204,12 +272,12 @@ int cli_ep_forward(const char *config, const char *weights, int layer, const cha
             fprintf(stderr, "moe-ep forward: %s\n", err.msg);
             rc = 1;
         } else {
-            printf("moe-ep forward: %d tokens over %d ranks (x%d virtual, %s transport) -> %s\n", T,
-                   size, o.virtual_ranks, moe_ep_transport_name(o.transport), output);
+            printf("moe-ep forward: %d tokens over %d ranks (x%d virtual, %s backend, %s transport) -> %s\n", T,
+                   size, o.virtual_ranks, use_cuda ? "cuda" : "cpu", moe_ep_transport_name(o.transport), output);
         }
         moe_st_writer_free(&wr);
     }
-    if (ep->stats) print_stats_in_order(ctx, rank, size);
+    if (ep->stats && ctx) print_stats_in_order(ctx, rank, size);
     rc = agree(rc);
 out_free:
     free(cnt); free(dis); free(lcnt); free(ldis);
@@ -255,7 +323,8 @@ int cli_ep_check(const char *model, int tokens, const char *dtype_s, const char 
         return ep_finish(2);
     }
     moe_ep_options o;
-    int rc = ep_options(ep, &cfg, backend_s, &o, "check");
+    bool use_cuda = false;
+    int rc = ep_options(ep, &cfg, backend_s, false, &use_cuda, &o, "check");
     if (rc) return ep_finish(rc);
     const int T = tokens, H = cfg.hidden, E = cfg.num_experts, I = cfg.inter;
     const size_t esz = moe_dtype_size(dt);
