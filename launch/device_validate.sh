@@ -8,7 +8,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-/tmp/moe-out}; mkdir -p "$out/logs"
 log=$out/logs
 cd "$here"
-{ git log -1 --format='commit %H %cd' 2>/dev/null || echo "commit unknown"; date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv; } > "$log/env.txt" 2>&1
+{ echo "commit ${MOE_COMMIT:-unknown}"; date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv; } > "$log/env.txt" 2>&1
 ./launch/device_build.sh > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
 source launch/device_env.sh
 summary=()
@@ -26,6 +26,17 @@ for m in tiny-qwen3 tiny-llama4; do
     summary+=("check $m $d: $(tail -1 "$log/check_${m}_$d.txt")")
   done
 done
+# expert parallelism through the program on the GPU: HF fixtures (E=7 over 7 virtual ranks on
+# NCCL-to-self; E=5 over 5 MPI ranks sharing the GPU) against HF's own output
+fx=tests/fixtures/hf
+$ep forward --backend cuda --ep-virtual 7 --transport nccl --stats --config $fx/qwen3_norm_fp32/config.json \
+  --weights $fx/qwen3_norm_fp32/weights.safetensors --input $fx/qwen3_norm_fp32/io.safetensors --output /tmp/ep_q.safetensors > "$log/ep_cli.txt" 2>&1
+$ep compare /tmp/ep_q.safetensors $fx/qwen3_norm_fp32/io.safetensors --tol 1e-5 --mask tie_mask >> "$log/ep_cli.txt" 2>&1
+summary+=("EP forward cuda V=7 nccl vs HF qwen3 fp32: exit $? ($(grep -c PASS "$log/ep_cli.txt") PASS)")
+mpirun --oversubscribe -np 5 -x NCCL_NVLS_ENABLE=0 $ep forward --backend cuda --transport mpi --config $fx/llama4_k1_fp32/config.json \
+  --weights $fx/llama4_k1_fp32/weights.safetensors --input $fx/llama4_k1_fp32/io.safetensors --output /tmp/ep_l.safetensors >> "$log/ep_cli.txt" 2>&1
+$ep compare /tmp/ep_l.safetensors $fx/llama4_k1_fp32/io.safetensors --tol 1e-5 --mask tie_mask >> "$log/ep_cli.txt" 2>&1
+summary+=("EP forward cuda np5 mpi vs HF llama4 fp32: exit $?")
 if [ "${1:-}" != quick ]; then
   $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 5 -n 20 --check --csv "$log/bench_qwen3.csv" > "$log/bench_qwen3.txt" 2>&1
   $ep bench --backend cuda --model llama4-scout -b 1024 -e 16384 -f 4 -w 3 -n 10 --check --csv "$log/bench_llama4.csv" > "$log/bench_llama4.txt" 2>&1
