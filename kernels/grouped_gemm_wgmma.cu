@@ -17,9 +17,13 @@
  *     (BN/2 per thread), then writes its rows straight from the accumulators.
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
  * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
- * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals (cp.async
- * completion, or after the in-place scale_a pass); empty[s]: 8 consumer warps after their wgmma
- * on the stage completed.
+ * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals that fire when
+ * each thread's cp.async copies landed (cp.async.mbarrier.arrive.noinc); empty[s]: the 8
+ * consumer warps once their wgmma on the stage completed. scale_a_rows: each consumer warpgroup
+ * multiplies and rounds its own 64 A rows in shared memory after the full wait (proxy fence +
+ * a 128-thread named barrier before its wgmma), overlapping the previous stage's MMAs.
+ * No async-proxy fence between the cp.async writes and wgmma otherwise (as CUTLASS's cp.async
+ * GMMA mainloops; MOE_WGMMA_PROXY_FENCE=1 adds one: measured no difference).
  * Tiles: expert-major, then column tile, then row tile (so the 2-3 row tiles of one expert that
  * share a weight tile run side by side, and one expert's A rows stay hot in L2 across its column
  * tiles); CTA b takes tiles b, b + grid, ... . Every warp finds its tile's expert itself from

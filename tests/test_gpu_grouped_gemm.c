@@ -7,6 +7,10 @@
  *     N=13, K=37 (rows not 16-byte multiples: the narrow path), partial tiles in every dimension,
  *     experts with no rows, one expert taking every row, fewer routed rows than max_rows;
  *   - every compiled configuration; a misaligned base pointer;
+ *   - the Hopper wgmma/TMA kernel (",tma" configurations): every forward flag combination with
+ *     B [N,K] on partial / one-expert / empty-expert / long-K shapes, bf16 and fp16, the
+ *     persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS), the real forward GEMMs at
+ *     T=1024 (sampled), determinism, and the fallbacks (b_kn, unaligned K) named in the report;
  *   - the tiny presets' shapes (H=37,I=23,E=7,k=3 and H=41,I=19,E=5,k=1) and the real ones at
  *     T=1024 (Qwen3-30B-A3B, Llama-4-Scout): all six GEMMs of forward + backward, checked on a
  *     sample of experts/rows (weights too large for a full double loop);
