@@ -24,6 +24,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "mpi_test.h"
 #include "test_util.h"
 
 #include "block_state.h"
@@ -35,34 +36,6 @@
 #include "rng.h"
 #include "weights.h"
 
-static int g_rank, g_size;
-static uint64_t g_seed;
-
-static bool all_true(bool ok)
-{
-    int v = ok ? 1 : 0, r = 0;
-    MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    return r != 0;
-}
-
-#define CHECK(cond)                                                                        \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "rank %d: %s:%d: check failed: %s\n", g_rank, __FILE__, __LINE__, \
-                    #cond);                                                                \
-            ok = false;                                                                    \
-        }                                                                                  \
-    } while (0)
-/* uses the caller's `moe_error err` */
-#define CHECK_ST(call)                                                                     \
-    do {                                                                                   \
-        moe_status s_ = (call);                                                            \
-        if (s_ != MOE_OK) {                                                                \
-            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,  \
-                    #call, moe_strerror(s_), err.msg);                                      \
-            ok = false;                                                                    \
-        }                                                                                  \
-    } while (0)
 
 /* ------------------------------------------------------------------ set-up ---- */
 
@@ -759,22 +732,8 @@ static void test_once_per_rank(void **state)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-    /* ctest runs -np 4 on as few as 2 cores: OpenMP threads spinning beside MPI's polling would
-     * slow everything down by orders of magnitude, so share the cores between the ranks. */
-    MPI_Comm node;
-    int local = 1;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    omp_set_num_threads(cores / local > 1 ? (int)(cores / local) : 1);
-    /* one seed for every rank: rank 0's, broadcast */
-    uint64_t seed = g_rank == 0 ? moe_test_seed() : 0;
-    MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-    g_seed = seed;
+    mpi_test_init(&argc, &argv);
+    mpi_test_share_cores_and_seed();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_qwen3_natural_fp32),  cmocka_unit_test(test_qwen3_natural_bf16),
         cmocka_unit_test(test_llama4_natural_fp32), cmocka_unit_test(test_llama4_natural_bf16),
