@@ -26,6 +26,20 @@ for m in tiny-qwen3 tiny-llama4; do
     summary+=("check $m $d: $(tail -1 "$log/check_${m}_$d.txt")")
   done
 done
+# compute-sanitizer on the small aligned configurations (launch/configs/): 16-byte rows and
+# >= 16 rows per expert, so the forward runs the Hopper wgmma/TMA kernel (the tiny presets take
+# the narrow mma.sync path); forward + backward, memcheck and racecheck.
+if command -v compute-sanitizer >/dev/null; then
+  for m in small-qwen3-aligned small-llama4-aligned; do
+    for tool in memcheck racecheck; do
+      timeout -s KILL 240 compute-sanitizer --tool $tool --error-exitcode 9 $ep check --backend cuda \
+        --model launch/configs/$m.json --tokens 256 --backward > "$log/sanitizer_${tool}_$m.txt" 2>&1
+      summary+=("compute-sanitizer $tool $m: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitizer_${tool}_$m.txt" | tail -1); $(grep -o 'gemm1: [^;]*' "$log/sanitizer_${tool}_$m.txt" | head -1))")
+    done
+  done
+else
+  summary+=("compute-sanitizer: not found")
+fi
 # expert parallelism through the program on the GPU: HF fixtures (E=7 over 7 virtual ranks on
 # NCCL-to-self; E=5 over 5 MPI ranks sharing the GPU) against HF's own output
 fx=tests/fixtures/hf
