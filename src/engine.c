@@ -213,6 +213,127 @@ done:
     cuda_fwd_state_free(&dev);
     return s;
 }
+
+/* Routing-only device state for T tokens: the buffers cuda_block_route needs (sizes of
+ * block_state.h), nothing else; freed by cuda_fwd_state_free. */
+static moe_status cuda_route_state_alloc(const moe_engine *e, int T, moe_fwd_state *st,
+                                         moe_error *err)
+{
+    const moe_config *c = &e->w->cfg;
+    const size_t es = moe_dtype_size(e->dt), E = (size_t)c->num_experts, tk = (size_t)T * c->top_k;
+    void *p[6] = {0};
+    const size_t n[6] = {(size_t)T * E * es, tk * 4, tk * es, E * 4, (E + 1) * 4, tk * 4};
+    memset(st, 0, sizeof *st);
+    for (int i = 0; i < 6; i++) {
+        moe_status s = cuda_dev_alloc(&p[i], n[i] ? n[i] : 4, "routing state", err);
+        if (s != MOE_OK) {
+            for (int j = 0; j < i; j++) cuda_dev_free(p[j]);
+            return s;
+        }
+    }
+    st->T = T;
+    st->router_logits = p[0];
+    st->topk_ids = p[1];
+    st->topk_w = p[2];
+    st->token_counts = p[3];
+    st->expert_offsets = p[4];
+    st->gather_idx = p[5];
+    return MOE_OK;
+}
+
+static moe_status cuda_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
+                                           double *mean, moe_error *err)
+{
+    moe_status s = cuda_engine_block(e, false, err);
+    if (s != MOE_OK) return s;
+    const int El = e->w->expert_count;
+    const size_t bytes = (size_t)T * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    moe_fwd_state dev;
+    int32_t *counts = malloc(sizeof(int32_t) * (size_t)(El > 0 ? El : 1));
+    if (!counts) return moe_fail(err, MOE_ERR_NOMEM, "expert usage counts");
+    if ((s = cuda_route_state_alloc(e, T, &dev, err)) != MOE_OK) {
+        free(counts);
+        return s;
+    }
+    long touched = 0;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        if ((s = cuda_block_upload(e->blk, e->d_x, xs[i], bytes, err)) != MOE_OK) break;
+        if ((s = cuda_block_route(e->blk, e->d_x, T, &dev, err)) != MOE_OK) break;
+        if ((s = cuda_block_download(e->blk, counts, dev.token_counts, sizeof(int32_t) * (size_t)El, err)) != MOE_OK)
+            break;
+        for (int x = 0; x < El; x++) touched += counts[x] > 0;
+    }
+    if (s == MOE_OK) *mean = (double)touched / n;
+    cuda_fwd_state_free(&dev);
+    free(counts);
+    return s;
+}
+
+/* See moe_engine_graph_time. One graph per input set: a graph bakes in its input pointer, and
+ * replaying one graph on one input would stream the same experts' weights every time (the
+ * touched experts of T=1 fit in L2 for some models), which is not what decode sees. */
+static moe_status cuda_engine_graph_time(moe_engine *e, int T, const void *const *xs, int rotate,
+                                         int warmup, int iters, double *times_ms, moe_error *err)
+{
+    moe_status s = cuda_engine_block(e, false, err);
+    if (s != MOE_OK) return s;
+    moe_fwd_state dev;
+    memset(&dev, 0, sizeof dev);
+    void **dxs = calloc((size_t)rotate, sizeof *dxs);
+    cudaGraph_t *gs = calloc((size_t)rotate, sizeof *gs);
+    cudaGraphExec_t *ges = calloc((size_t)rotate, sizeof *ges);
+    cudaEvent_t ev0 = NULL, ev1 = NULL;
+    const size_t bytes = (size_t)T * e->w->cfg.hidden * moe_dtype_size(e->dt);
+    cudaStream_t stream = cuda_block_stream(e->blk);
+    if (!dxs || !gs || !ges) { s = moe_fail(err, MOE_ERR_NOMEM, "graph bench buffers"); goto done; }
+    if ((s = cuda_fwd_state_alloc(e->blk, T, false, &dev, err)) != MOE_OK) goto done;
+    for (int r = 0; r < rotate; r++) {
+        if ((s = cuda_dev_alloc(&dxs[r], bytes, "graph bench input", err)) != MOE_OK) goto done;
+        if ((s = cuda_block_upload(e->blk, dxs[r], xs[r], bytes, err)) != MOE_OK) goto done;
+    }
+    for (int r = 0; r < rotate; r++) {
+        /* eager first: autotuning and lazy set-up synchronise, which capture forbids */
+        if ((s = cuda_block_forward(e->blk, dxs[r], T, &dev, false, err)) != MOE_OK) goto done;
+        if ((s = cuda_block_sync(e->blk, err)) != MOE_OK) goto done;
+        ENG_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                 "cudaStreamBeginCapture");
+        moe_status fs = cuda_block_forward(e->blk, dxs[r], T, &dev, false, err);
+        cudaError_t ce = cudaStreamEndCapture(stream, &gs[r]); /* always end: leave the stream usable */
+        if (fs != MOE_OK) {
+            char why[sizeof err->msg];
+            snprintf(why, sizeof why, "%s", err->msg);
+            s = moe_fail(err, fs, "forward under CUDA graph capture (T=%d): %s", T, why);
+            goto done;
+        }
+        ENG_CUDA(ce, "cudaStreamEndCapture");
+        ENG_CUDA(cudaGraphInstantiate(&ges[r], gs[r], 0), "cudaGraphInstantiate");
+        ENG_CUDA(cudaGraphUpload(ges[r], stream), "cudaGraphUpload");
+    }
+    ENG_CUDA(cudaEventCreate(&ev0), "cudaEventCreate");
+    ENG_CUDA(cudaEventCreate(&ev1), "cudaEventCreate");
+    for (int i = 0; i < warmup + iters; i++) {
+        ENG_CUDA(cudaEventRecord(ev0, stream), "cudaEventRecord");
+        ENG_CUDA(cudaGraphLaunch(ges[i % rotate], stream), "cudaGraphLaunch");
+        ENG_CUDA(cudaEventRecord(ev1, stream), "cudaEventRecord");
+        ENG_CUDA(cudaEventSynchronize(ev1), "cudaEventSynchronize (graph replay)");
+        float ms = 0;
+        ENG_CUDA(cudaEventElapsedTime(&ms, ev0, ev1), "cudaEventElapsedTime");
+        if (i >= warmup) times_ms[i - warmup] = ms;
+    }
+done:
+    if (ev0) cudaEventDestroy(ev0);
+    if (ev1) cudaEventDestroy(ev1);
+    for (int r = 0; r < rotate; r++) {
+        if (ges && ges[r]) cudaGraphExecDestroy(ges[r]);
+        if (gs && gs[r]) cudaGraphDestroy(gs[r]);
+        if (dxs) cuda_dev_free(dxs[r]);
+    }
+    free(dxs);
+    free(gs);
+    free(ges);
+    cuda_fwd_state_free(&dev);
+    return s;
+}
 #endif /* MOE_HAVE_CUDA */
 
 moe_status moe_engine_create(moe_backend backend, const moe_weights *w, moe_dtype dt, int max_T,
@@ -400,4 +521,131 @@ moe_status moe_engine_baselines(moe_engine *e, const int32_t *counts, int warmup
     (void)e; (void)counts; (void)warmup; (void)iters;
     *dense_ms = *loop_ms = *grouped_ms = NAN;
     return moe_fail(err, MOE_ERR_UNSUPPORTED, "the cuBLAS baselines need the CUDA backend");
+}
+
+void moe_engine_device_info(const moe_engine *e, moe_device_info *out)
+{
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "cpu");
+    out->sm_count = omp_get_max_threads();
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) {
+        int dev = 0;
+        struct cudaDeviceProp prop;
+        cudaGetDevice(&dev);
+        snprintf(out->name, sizeof out->name, "cuda device %d", dev);
+        out->sm_count = 0;
+        if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess) {
+            snprintf(out->name, sizeof out->name, "%s", prop.name);
+            out->sm_count = prop.multiProcessorCount;
+        }
+        moe_cuda_sm_clocks(dev, &out->sm_clock_now_mhz, &out->sm_clock_max_mhz,
+                           &out->sm_clock_nvml_max_mhz);
+    }
+#else
+    (void)e;
+#endif
+}
+
+moe_status moe_engine_copy_bandwidth(moe_engine *e, size_t bytes, int warmup, int iters,
+                                     double *gbs, moe_error *err)
+{
+    *gbs = 0;
+    if (bytes == 0 || warmup < 0 || iters < 1)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "copy bandwidth: bytes %zu, warmup %d, iters %d",
+                        bytes, warmup, iters);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) return moe_cuda_copy_bandwidth(bytes, warmup, iters, gbs, err);
+#else
+    (void)e;
+#endif
+    char *src = moe_malloc(bytes, "copy bandwidth source", err);
+    char *dst = src ? moe_malloc(bytes, "copy bandwidth destination", err) : NULL;
+    double *t = dst ? moe_malloc(sizeof(double) * (size_t)iters, "copy bandwidth times", err) : NULL;
+    if (!t) {
+        free(src);
+        free(dst);
+        return MOE_ERR_NOMEM;
+    }
+    /* each thread copies one contiguous share and first-touches the same share (NUMA) */
+#pragma omp parallel
+    {
+        size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+        size_t share = (bytes + nt - 1) / nt, lo = MOE_MIN(bytes, id * share), hi = MOE_MIN(bytes, lo + share);
+        memset(src + lo, 0x5a, hi - lo);
+        memset(dst + lo, 0, hi - lo);
+    }
+    for (int it = 0; it < warmup + iters; it++) {
+        double t0 = moe_now();
+#pragma omp parallel
+        {
+            size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+            size_t share = (bytes + nt - 1) / nt, lo = MOE_MIN(bytes, id * share), hi = MOE_MIN(bytes, lo + share);
+            memcpy(dst + lo, src + lo, hi - lo);
+        }
+        if (it >= warmup) t[it - warmup] = moe_now() - t0;
+    }
+    for (int i = 1; i < iters; i++) /* median (insertion sort: iters is small) */
+        for (int j = i; j > 0 && t[j - 1] > t[j]; j--) {
+            double x = t[j]; t[j] = t[j - 1]; t[j - 1] = x;
+        }
+    double med = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+    if (med > 0) *gbs = 2.0 * (double)bytes / med / 1e9;
+    free(src);
+    free(dst);
+    free(t);
+    return MOE_OK;
+}
+
+moe_status moe_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
+                                   double *mean_touched, moe_error *err)
+{
+    *mean_touched = 0;
+    if (T < 1 || T > e->max_T || n < 1)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "expert usage: T=%d outside 1..%d or %d inputs", T,
+                        e->max_T, n);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA) return cuda_engine_expert_usage(e, T, xs, n, mean_touched, err);
+#endif
+    const moe_config *c = &e->w->cfg;
+    const int E = c->num_experts, k = c->top_k, eb = e->w->expert_begin, El = e->w->expert_count;
+    const size_t es = moe_dtype_size(e->dt);
+    void *logits = moe_malloc((size_t)T * E * es, "expert usage logits", err);
+    void *tw = logits ? moe_malloc((size_t)T * k * es, "expert usage weights", err) : NULL;
+    int32_t *ids = tw ? moe_malloc(sizeof(int32_t) * (size_t)T * k, "expert usage ids", err) : NULL;
+    char *hit = ids ? moe_malloc((size_t)(El > 0 ? El : 1), "expert usage marks", err) : NULL;
+    moe_status s = hit ? MOE_OK : MOE_ERR_NOMEM;
+    long touched = 0;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        if ((s = cpu_router_logits(e->dt, T, c->hidden, E, xs[i], e->w->router.data, logits, err)) != MOE_OK ||
+            (s = cpu_route_topk(c, e->dt, T, logits, ids, tw, err)) != MOE_OK)
+            break;
+        memset(hit, 0, (size_t)(El > 0 ? El : 1));
+        for (long f = 0; f < (long)T * k; f++)
+            if (ids[f] >= eb && ids[f] < eb + El) hit[ids[f] - eb] = 1;
+        for (int x = 0; x < El; x++) touched += hit[x];
+    }
+    if (s == MOE_OK) *mean_touched = (double)touched / n;
+    free(logits);
+    free(tw);
+    free(ids);
+    free(hit);
+    return s;
+}
+
+moe_status moe_engine_graph_time(moe_engine *e, int T, const void *const *xs, int rotate,
+                                 int warmup, int iters, double *times_ms, moe_error *err)
+{
+    if (T < 1 || T > e->max_T)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "graph bench: T=%d outside 1..%d", T, e->max_T);
+    if (rotate < 1 || warmup < 0 || iters < 1)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "graph bench: rotate %d, warmup %d, iters %d",
+                        rotate, warmup, iters);
+#ifdef MOE_HAVE_CUDA
+    if (e->backend == MOE_BACKEND_CUDA)
+        return cuda_engine_graph_time(e, T, xs, rotate, warmup, iters, times_ms, err);
+#endif
+    (void)xs; (void)times_ms;
+    return moe_fail(err, MOE_ERR_UNSUPPORTED,
+                    "CUDA-graph replay needs the CUDA backend (this engine runs on the CPU)");
 }

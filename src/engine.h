@@ -65,4 +65,38 @@ moe_status moe_engine_time(moe_engine *e, moe_bench_mode mode, int T, const void
                            const void *dout, int rotate, int warmup, int iters, double *times_ms,
                            double *phase_ms, moe_error *err);
 
+/* ---- the benchmark's measurements beside the layer timing ---- */
+
+/* Where the engine runs. CUDA: the device's name, SMs and SM clocks (peak from
+ * cudaDevAttrClockRate; current and NVML maximum from NVML when the driver's library is
+ * present, else 0). CPU: name "cpu", sm_count = threads, clocks 0. Never fails. */
+typedef struct moe_device_info {
+    char name[256];
+    int sm_count;
+    int sm_clock_max_mhz;  /* peak SM clock (cudaDevAttrClockRate), 0 unknown */
+    int sm_clock_now_mhz;  /* current SM clock (NVML), 0 unknown */
+    int sm_clock_nvml_max_mhz;
+} moe_device_info;
+void moe_engine_device_info(const moe_engine *e, moe_device_info *out);
+
+/* Copy bandwidth in GB/s = 2*bytes / time (read + write traffic), median of `iters` timed
+ * copies of `bytes` after `warmup`: CUDA: device-to-device cudaMemcpyAsync (events); CPU:
+ * memcpy split over the OpenMP threads. Allocates 2*bytes for the duration of the call. */
+moe_status moe_engine_copy_bandwidth(moe_engine *e, size_t bytes, int warmup, int iters,
+                                     double *gbs, moe_error *err);
+
+/* Mean number of local experts that receive at least one routed row, over the n inputs xs
+ * [n][T,H] (host): routing only (router GEMM, top-k, histogram) on the engine's backend. The
+ * benchmark's weight bytes are touched * 3*H*I*dtype size. */
+moe_status moe_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
+                                   double *mean_touched, moe_error *err);
+
+/* CUDA only: graph-replay latency of the whole forward layer (routing included). For each of
+ * the `rotate` input sets one eager forward (which also runs any autotuning), then the forward
+ * on that set captured into a CUDA graph; then warmup + iters replays cycling over the sets,
+ * each timed alone with CUDA events around cudaGraphLaunch, times_ms [iters]. No host
+ * synchronisation inside a replay. MOE_ERR_UNSUPPORTED on the CPU backend. */
+moe_status moe_engine_graph_time(moe_engine *e, int T, const void *const *xs, int rotate,
+                                 int warmup, int iters, double *times_ms, moe_error *err);
+
 #endif

@@ -1,6 +1,7 @@
 /* cuda_baselines.c — cuBLAS baselines for `moe-ep bench` (see cuda_baselines.h). */
 #include "cuda_baselines.h"
 
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -167,4 +168,91 @@ done:
     if (h) cublasDestroy(h);
     free(gm); free(t);
     return st;
+}
+
+moe_status moe_cuda_copy_bandwidth(size_t bytes, int warmup, int iters, double *gbs,
+                                   moe_error *err)
+{
+    moe_status st = MOE_OK;
+    void *src = NULL, *dst = NULL;
+    cudaStream_t s = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    double *t = NULL;
+    *gbs = 0;
+    if (bytes == 0 || iters < 1 || warmup < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "copy bandwidth: bytes %zu, warmup %d, iters %d",
+                        bytes, warmup, iters);
+    t = calloc((size_t)iters, sizeof *t);
+    if (!t) return moe_fail(err, MOE_ERR_NOMEM, "copy bandwidth");
+    BL_CUDA(cudaMalloc(&src, bytes), "cudaMalloc (copy source)");
+    BL_CUDA(cudaMalloc(&dst, bytes), "cudaMalloc (copy destination)");
+    /* non-constant bytes in the source (a memset page could be special-cased by nothing we
+     * know of, but the weights are not constant either) */
+    BL_CUDA(cudaMemset(src, 0x5a, bytes), "cudaMemset");
+    BL_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    BL_CUDA(cudaEventCreate(&e0), "cudaEventCreate");
+    BL_CUDA(cudaEventCreate(&e1), "cudaEventCreate");
+    for (int it = 0; it < warmup + iters; it++) {
+        BL_CUDA(cudaEventRecord(e0, s), "cudaEventRecord");
+        BL_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+        BL_CUDA(cudaEventRecord(e1, s), "cudaEventRecord");
+        BL_CUDA(cudaEventSynchronize(e1), "cudaEventSynchronize");
+        float ms = 0;
+        BL_CUDA(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+        if (it >= warmup) t[it - warmup] = ms;
+    }
+    qsort(t, (size_t)iters, sizeof *t, cmp_d);
+    {
+        double med = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+        if (med > 0) *gbs = 2.0 * (double)bytes / (med * 1e-3) / 1e9;
+    }
+done:
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (s) cudaStreamDestroy(s);
+    cudaFree(src);
+    cudaFree(dst);
+    free(t);
+    return st;
+}
+
+/* NVML through dlopen: the program must start without the driver's libraries (CI, CPU-only
+ * machines), and NVML is only needed for one number in the benchmark's header. Prototypes as
+ * documented by NVML (nvmlReturn_t is an int enum, 0 = success; NVML_CLOCK_SM = 1). */
+typedef struct nvml_device_opaque *nvml_device;
+typedef int (*nvml_init_fn)(void);
+typedef int (*nvml_shutdown_fn)(void);
+typedef int (*nvml_by_pci_fn)(const char *, nvml_device *);
+typedef int (*nvml_clock_fn)(nvml_device, int, unsigned int *);
+
+void moe_cuda_sm_clocks(int dev, int *now_mhz, int *max_mhz, int *nvml_max_mhz)
+{
+    *now_mhz = *max_mhz = *nvml_max_mhz = 0;
+    int khz = 0;
+    if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev) == cudaSuccess) *max_mhz = khz / 1000;
+    char bus[64];
+    if (cudaDeviceGetPCIBusId(bus, (int)sizeof bus, dev) != cudaSuccess) return;
+    void *lib = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return;
+    /* object -> function pointer through memcpy: ISO C has no direct conversion */
+    nvml_init_fn init = NULL;
+    nvml_shutdown_fn fini = NULL;
+    nvml_by_pci_fn by_pci = NULL;
+    nvml_clock_fn clock_now = NULL, clock_max = NULL;
+    void *p;
+    if ((p = dlsym(lib, "nvmlInit_v2"))) memcpy(&init, &p, sizeof p);
+    if ((p = dlsym(lib, "nvmlShutdown"))) memcpy(&fini, &p, sizeof p);
+    if ((p = dlsym(lib, "nvmlDeviceGetHandleByPciBusId_v2"))) memcpy(&by_pci, &p, sizeof p);
+    if ((p = dlsym(lib, "nvmlDeviceGetClockInfo"))) memcpy(&clock_now, &p, sizeof p);
+    if ((p = dlsym(lib, "nvmlDeviceGetMaxClockInfo"))) memcpy(&clock_max, &p, sizeof p);
+    if (init && fini && by_pci && clock_now && init() == 0) {
+        nvml_device d = NULL;
+        unsigned int mhz = 0;
+        if (by_pci(bus, &d) == 0) {
+            if (clock_now(d, 1 /* NVML_CLOCK_SM */, &mhz) == 0) *now_mhz = (int)mhz;
+            if (clock_max && clock_max(d, 1, &mhz) == 0) *nvml_max_mhz = (int)mhz;
+        }
+        fini();
+    }
+    dlclose(lib);
 }

@@ -23,4 +23,17 @@ moe_status moe_cuda_baselines(moe_dtype dt, int El, int H, int I, const void *w1
                               const int32_t *counts, int warmup, int iters,
                               moe_baseline_times *out, moe_error *err);
 
+/* Device-to-device copy bandwidth of the current device: cudaMemcpyAsync of `bytes` between two
+ * fresh buffers on a private stream, `iters` CUDA-event timings after `warmup`, median.
+ * *gbs = 2*bytes / time / 1e9: DRAM traffic (read + write), the number a weight-streaming
+ * kernel's read bandwidth is compared with (the issue's "bandwidth a device-to-device copy
+ * reaches"). Allocates 2*bytes of device memory for the duration of the call. */
+moe_status moe_cuda_copy_bandwidth(size_t bytes, int warmup, int iters, double *gbs,
+                                   moe_error *err);
+
+/* SM clocks of CUDA device `dev` in MHz. max_mhz: cudaDevAttrClockRate (the peak); now_mhz:
+ * the current SM clock from NVML (libnvidia-ml.so.1, opened at run time, never linked), 0 when
+ * NVML is not available; nvml_max_mhz: NVML's maximum SM clock, 0 when unknown. */
+void moe_cuda_sm_clocks(int dev, int *now_mhz, int *max_mhz, int *nvml_max_mhz);
+
 #endif
