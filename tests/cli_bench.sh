@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # cli_bench.sh — the benchmark driver on the CPU backend (what CI can run): a small sweep with
 # --check for both tiny models and all modes; every size verified (#wrong 0), one row per size,
-# valid JSON and CSV; bad arguments rejected with the argument named.
+# valid JSON and CSV; bad arguments rejected with the argument named. The weight-streaming
+# columns (copy bandwidth, touched experts, %copy) are checked against values computed here
+# from the model's shapes; --graph is refused on the CPU backend with the option named.
 set -u
 ep=${MOE_EP:?MOE_EP must point at the moe-ep binary}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 fail=0
 for m in tiny-qwen3 tiny-llama4; do
   for mode in fwd bwd fwdbwd; do
-    out=$("$ep" bench --backend cpu --model "$m" --mode "$mode" -b 8 -e 64 -f 2 -w 1 -n 3 --check \
+    out=$("$ep" bench --backend cpu --model "$m" --mode "$mode" -b 8 -e 64 -f 2 -w 1 -n 3 --check --copy-mib 8 \
           --json "$tmp/r.json" --csv "$tmp/r.csv" 2>&1)
     rc=$?
     rows=$(grep -cE '^ +(8|16|32|64) ' <<<"$out")
@@ -24,6 +26,57 @@ for m in tiny-qwen3 tiny-llama4; do
     echo "ok: bench $m $mode"; echo "$out" | tail -6
   done
 done
+# new columns: CSV header, JSON keys, and their values on a run from T=1. Independent facts:
+# at T=1 exactly k distinct experts are touched, never more than E; weight bytes =
+# touched * 3*H*I*4 (fp32); %copy = weight bytes / time / copy GB/s; baselines and graph empty.
+out=$("$ep" bench --backend cpu --model tiny-qwen3 --dtype fp32 -b 1 -e 16 -w 0 -n 3 --copy-mib 8 \
+      --csv "$tmp/n.csv" --json "$tmp/n.json" 2>&1); rc=$?
+if [ $rc != 0 ] || ! grep -qE '^# copy bandwidth: [0-9.]+ GB/s' <<<"$out" || ! grep -q '^# kernels: ' <<<"$out" ||
+   ! grep -q '^# cpu: ' <<<"$out"; then
+  echo "FAIL: header (exit $rc)"; echo "$out"; fail=1; fi
+if ! python3 - "$tmp/n.csv" "$tmp/n.json" <<'PY'
+import csv, json, sys, re
+rows = list(csv.DictReader(open(sys.argv[1])))
+need = ["device", "experts_touched", "weight_bytes", "copy_gbs", "pct_copy", "graph_ms", "graph_tflops",
+        "graph_pct_copy", "dense_ms", "loop_ms", "grouped_ms", "dense_tflops", "loop_tflops",
+        "grouped_tflops", "x_dense", "x_loop", "x_grouped", "kernels", "wrong"]
+missing = [c for c in need if c not in rows[0]]
+assert not missing, f"CSV lacks {missing}"
+assert [int(r["T"]) for r in rows] == [1, 2, 4, 8, 16], [r["T"] for r in rows]
+H, I, E, k = 37, 23, 7, 3                      # tiny-qwen3 (checked against the header below)
+for r in rows:
+    t = float(r["experts_touched"])
+    assert (t == k) if r["T"] == "1" else (k <= t <= E), f"touched {t} at T={r['T']}"
+    assert abs(float(r["weight_bytes"]) - t * 3 * H * I * 4) <= 3 * H * I * 4 * 6e-5 + 1, r  # touched printed to 4 decimals
+    want = float(r["weight_bytes"]) / (float(r["time_ms"]) * 1e-3) / 1e9 / float(r["copy_gbs"]) * 100
+    assert abs(float(r["pct_copy"]) - want) <= 0.02 * want + 0.01, (r["pct_copy"], want)
+    for c in ["graph_ms", "dense_ms", "loop_ms", "grouped_ms", "dense_tflops", "x_dense", "route_ms"]:
+        assert r[c] == "", f"{c} should be empty on the CPU, is {r[c]!r}"
+    assert r["kernels"] == "cpu" and r["device"] == "cpu", r
+d = json.load(open(sys.argv[2]))
+assert d["copy_gbs"] > 0 and d["graph"] is False
+for r in d["rows"]:
+    assert r["graph_ms"] is None and r["dense_ms"] is None and r["pct_copy"] > 0, r
+PY
+then echo "FAIL: new CSV/JSON columns"; fail=1; fi
+grep -q "(H=37 I=23 E=7 k=3)" <<<"$out" || { echo "FAIL: tiny-qwen3 shapes changed; update the test"; fail=1; }
+# the text table has the %copy and touched-experts columns
+grep -qE '^ +T +M +time\(ms\) .*%copy +exp ' <<<"$out" || { echo "FAIL: table header lacks %copy/exp"; echo "$out"; fail=1; }
+# --copy-mib 0: no probe, %copy empty
+"$ep" bench --backend cpu -b 4 -e 8 -w 0 -n 1 --copy-mib 0 --csv "$tmp/z.csv" >"$tmp/out" 2>&1 || { echo "FAIL: --copy-mib 0"; fail=1; }
+grep -q "copy bandwidth: not measured" "$tmp/out" || { echo "FAIL: --copy-mib 0 header"; cat "$tmp/out"; fail=1; }
+python3 -c "import csv,sys; r=list(csv.DictReader(open('$tmp/z.csv'))); assert all(x['pct_copy']=='' and x['copy_gbs']=='' for x in r)" ||
+  { echo "FAIL: --copy-mib 0 CSV"; fail=1; }
+# --graph needs the CUDA backend: a clear refusal naming the option, no crash
+"$ep" bench --backend cpu --graph -b 1 -e 1 >/dev/null 2>"$tmp/err"; rc=$?
+if [ $rc != 2 ] || ! grep -q -- "--graph .*needs the CUDA backend" "$tmp/err"; then
+  echo "FAIL: --graph on the CPU (exit $rc)"; cat "$tmp/err"; fail=1; fi
+# --help documents every option with its default
+help=$("$ep" bench --help)
+for o in --graph --copy-mib --rotate --csv --json --check --mode --kernel-config --autotune; do
+  grep -q -- "$o" <<<"$help" || { echo "FAIL: --help lacks $o"; fail=1; }
+done
+grep -q -- "--copy-mib N .*default 1024 on cuda, 256 on cpu" <<<"$help" || { echo "FAIL: --copy-mib default in --help"; fail=1; }
 "$ep" bench --backend cpu -b 64 -e 8 >/dev/null 2>"$tmp/err"; rc=$?
 if [ $rc != 2 ] || ! grep -q "larger than -e" "$tmp/err"; then echo "FAIL: -b > -e accepted"; fail=1; fi
 "$ep" bench --backend cpu --mode sideways >/dev/null 2>"$tmp/err"; rc=$?

@@ -360,7 +360,7 @@ int cli_bench(int argc, char **argv)
             fprintf(cf, "%s,%s,%s,%s,%s,%ld,%ld,%.6f,%.4f,%.2f", cfg.name, moe_dtype_name(dt), mode_s,
                     backend_name, dev.name, T, M, ms, tflops, gbs);
             csv_num(cf, "%.2f", roof);
-            fprintf(cf, ",%.3f,%.0f", touched, wbytes);
+            fprintf(cf, ",%.4f,%.0f", touched, wbytes);
             csv_num(cf, "%.2f", copy_gbs);
             csv_num(cf, "%.2f", pcopy);
             csv_num(cf, "%.6f", gms);
@@ -382,7 +382,7 @@ int cli_bench(int argc, char **argv)
             fprintf(jf, "%s{\"T\":%ld,\"M\":%ld,\"time_ms\":%.6f,\"tflops\":%.4f,\"gbs\":%.2f",
                     first ? "" : ",", T, M, ms, tflops, gbs);
             json_num(jf, "pct_roofline", "%.2f", roof);
-            fprintf(jf, ",\"experts_touched\":%.3f,\"weight_bytes\":%.0f", touched, wbytes);
+            fprintf(jf, ",\"experts_touched\":%.4f,\"weight_bytes\":%.0f", touched, wbytes);
             json_num(jf, "pct_copy", "%.2f", pcopy);
             json_num(jf, "graph_ms", "%.6f", gms);
             json_num(jf, "graph_tflops", "%.4f", gtflops);
