@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# cli_ep_gpu.sh — `moe-ep check --backend cuda` under mpirun: the CUDA backend's expert-parallel
+# forward and backward (moe_ep_cuda_*) against the single-rank fused path on the GPU, per rank
+# and stage by stage (router logits, routing, output, dx, router / expert / shared gradients):
+#  * np 1 with --ep-virtual 4 over NCCL (to itself), also sync-free (--max-tokens-per-rank) and
+#    with forced routing;
+#  * np 2 and 4 sharing the GPU over --transport mpi, T not divisible by N, all-to-one routing
+#    (ranks receiving nothing) with virtual ranks, buffers sized in advance, both tiny E=8
+#    configs in fp32 and bf16;
+#  * the Qwen3-30B-A3B layer at T=256 (np 1 x4 virtual over NCCL, np 2 over MPI) and the
+#    Llama-4-Scout layer at T=128 (np 1 x4 virtual), bf16, forward and backward.
+# Exit 77 (skip) without a usable GPU or a CUDA build — after checking that --backend cuda is
+# then a clear error naming the option — unless MOE_REQUIRE_GPU=1, which makes that a failure.
+set -u
+ep=${MOE_EP:?MOE_EP must point at the moe-ep binary}
+src=${MOE_SOURCE_DIR:?}
+cores=$(nproc 2>/dev/null || echo 2)
+run_mpi() {
+  local np=$1; shift
+  local t=$(( cores / np )); [ $t -lt 1 ] && t=1
+  OMP_NUM_THREADS=$t ${MPIEXEC:-mpirun} ${MPIRUN_FLAGS:-} -np "$np" "$@"
+}
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fail=0
+seed=$(( $(date +%s%N) % 1000003 ))
+echo "seed $seed"
+
+# Is there a GPU? The plain single-rank EP check on the CUDA backend (N = 1, V = 1).
+run_mpi 1 "$ep" check --model tiny-qwen3 --tokens 4 --backend cuda --transport mpi > "$tmp/log" 2>&1
+rc=$?
+if [ $rc != 0 ]; then
+  if grep -qE -- "--backend cuda: (no usable GPU|this build has no CUDA backend)" "$tmp/log"; then
+    if [ "${MOE_REQUIRE_GPU:-0}" = 1 ]; then
+      echo "FAIL: MOE_REQUIRE_GPU=1 but the CUDA backend is not usable:"; cat "$tmp/log"; exit 1
+    fi
+    echo "skip: no usable GPU ($(grep -- '--backend cuda' "$tmp/log" | head -1))"
+    exit 77
+  fi
+  echo "FAIL: the single-rank CUDA EP check"; cat "$tmp/log"; exit 1
+fi
+grep -q "PASS on all 1 ranks" "$tmp/log" || { echo "FAIL: single-rank CUDA check did not pass"; cat "$tmp/log"; exit 1; }
+echo "ok: np 1 plain CUDA EP check (N=1, V=1)"
+
+ok_or_fail() { if [ "$1" = 0 ]; then echo "ok: $2"; else echo "FAIL: $2"; tail -40 "$tmp/log"; fail=1; fi; }
+# check NP ARGS...: the CUDA EP check must exit 0, say PASS on all ranks, name the transport
+check() {
+  local np=$1; shift
+  local t0=$(date +%s)
+  run_mpi "$np" "$ep" check --backend cuda --seed $seed "$@" > "$tmp/log" 2>&1
+  local rc=$?
+  grep -q "PASS on all $np ranks" "$tmp/log" || rc=1
+  grep -q "cuda backend" "$tmp/log" || rc=1
+  ok_or_fail $rc "np $np check $* ($(( $(date +%s) - t0 )) s)"
+}
+
+fx=$src/tests/fixtures/ep
+for cfg in qwen3_e8 llama4_e8; do
+  m="--model $fx/$cfg.json"
+  check 1 $m --tokens 37 --ep-virtual 4 --transport nccl --backward
+  check 1 $m --tokens 37 --ep-virtual 4 --transport nccl --backward --dtype bf16 --route skewed
+  check 1 $m --tokens 37 --ep-virtual 4 --transport nccl --max-tokens-per-rank 40 --backward
+  grep -q "nccl transport (sync-free)" "$tmp/log" || { echo "FAIL: --max-tokens-per-rank with nccl is not sync-free"; fail=1; }
+  for np in 2 4; do
+    check $np $m --tokens 37 --transport mpi --backward
+    check $np $m --tokens 37 --transport mpi --backward --dtype bf16 --route all-to-one --ep-virtual $(( 4 / np ))
+  done
+done
+check 2 --model "$fx/qwen3_e8.json" --tokens 37 --transport mpi --backward --max-tokens-per-rank 19
+# the real layer shapes at modest T
+check 1 --model qwen3-30b-a3b --tokens 256 --ep-virtual 4 --transport nccl --backward
+check 2 --model qwen3-30b-a3b --tokens 256 --transport mpi --backward --stats
+grep -q "tokens_sent\|sent" "$tmp/log" || { echo "FAIL: --stats printed no counters"; fail=1; }
+check 1 --model llama4-scout --tokens 128 --ep-virtual 4 --transport nccl --backward
+
+# NCCL with more ranks than GPUs: a clear error on every rank pointing at --transport mpi
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
+if [ "${ngpu:-0}" = 1 ]; then
+  run_mpi 2 "$ep" check --backend cuda --model "$fx/qwen3_e8.json" --tokens 8 --transport nccl > "$tmp/log" 2>&1; rc=$?
+  if [ $rc = 0 ] || ! grep -q "use --transport mpi" "$tmp/log"; then echo "FAIL: np 2 NCCL on one GPU"; cat "$tmp/log"; fail=1
+  else echo "ok: np 2 NCCL on one GPU refused"; fi
+fi
+exit $fail
