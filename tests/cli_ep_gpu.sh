@@ -7,6 +7,7 @@
 #  * np 2 and 4 sharing the GPU over --transport mpi, T not divisible by N, all-to-one routing
 #    (ranks receiving nothing) with virtual ranks, buffers sized in advance, both tiny E=8
 #    configs in fp32 and bf16;
+#  * --chunks 3 (the pipelined forward) over NCCL with virtual ranks and over MPI;
 #  * the Qwen3-30B-A3B layer at T=256 (np 1 x4 virtual over NCCL, np 2 over MPI) and the
 #    Llama-4-Scout layer at T=128 (np 1 x4 virtual), bf16, forward and backward.
 # Exit 77 (skip) without a usable GPU or a CUDA build — after checking that --backend cuda is
@@ -66,8 +67,13 @@ for cfg in qwen3_e8 llama4_e8; do
   done
 done
 check 2 --model "$fx/qwen3_e8.json" --tokens 37 --transport mpi --backward --max-tokens-per-rank 19
+# --chunks 3: the pipelined forward (NCCL stream with virtual ranks; MPI with shared GPUs)
+check 1 --model "$fx/llama4_e8.json" --tokens 37 --ep-virtual 4 --transport nccl --backward --chunks 3 --stats
+grep -q "timeline" "$tmp/log" || { echo "FAIL: --chunks 3 --stats printed no timeline"; fail=1; }
+check 2 --model "$fx/qwen3_e8.json" --tokens 37 --transport mpi --backward --chunks 3 --dtype bf16
+check 4 --model "$fx/llama4_e8.json" --tokens 37 --transport mpi --chunks 3 --route skewed
 # the real layer shapes at modest T
-check 1 --model qwen3-30b-a3b --tokens 256 --ep-virtual 4 --transport nccl --backward
+check 1 --model qwen3-30b-a3b --tokens 256 --ep-virtual 4 --transport nccl --backward --chunks 2
 check 2 --model qwen3-30b-a3b --tokens 256 --transport mpi --backward --stats
 grep -q "tokens_sent\|sent" "$tmp/log" || { echo "FAIL: --stats printed no counters"; fail=1; }
 check 1 --model llama4-scout --tokens 128 --ep-virtual 4 --transport nccl --backward

@@ -20,6 +20,9 @@
  *   forced    forced routing (uniform, skewed): the CUDA EP against the CPU backend's EP
  *             (moe_ep_forward / moe_ep_backward, itself tested against the double reference),
  *             counters equal;
+ *   chunks    --chunks 3 (the pipelined forward: NCCL stream with V = 4 on rank 0, MPI on all
+ *             ranks) against one chunk and the plain path, timeline checked; sync-free mode
+ *             with chunks is refused;
  *   graph     sync-free mode (rank 0, V = 4 over NCCL, max_tokens_per_rank): the eager
  *             forward equals the plain path; captured into a CUDA graph it replays bitwise,
  *             and on new input contents it equals the plain path on them; a receive overflow
@@ -628,15 +631,136 @@ static void test_overflow_mpi(void **state)
         cudaFree(out);
         moe_ep_cuda_ctx_destroy(ctx);
     }
-    /* chunks > 1 is refused on the CUDA backend, on every rank */
-    o = (moe_ep_options)MOE_EP_OPTIONS_INIT;
-    o.transport = MOE_EP_TRANSPORT_MPI;
-    o.virtual_ranks = s.V;
-    o.chunks = 2;
-    moe_error_clear(&err);
-    CHECK(moe_ep_cuda_ctx_create(MPI_COMM_WORLD, &s.wl, &o, &ctx, &err) == MOE_ERR_UNSUPPORTED);
-    CHECK(strstr(err.msg, "chunks") != NULL);
     setup_free(&s);
+    assert_true(all_true(ok));
+}
+
+/* One chunked case: a C = 3 ctx against a C = 1 ctx with the same options (and against the
+ * single-rank answer a): routing equal, output within tolerance (bitwise equality reported,
+ * not required: the grouped GEMM may pick another kernel for fewer rows), a second call
+ * bitwise equal to the first, counters from the ids, and the timeline: 3 chunks whose tokens
+ * add up to T and, on the NCCL stream, dispatch <= compute <= combine per chunk. The backward
+ * (one chunk) of the chunked ctx matches too. */
+static bool chunks_case(const setup *s, MPI_Comm comm, moe_ep_options o, const answer *a,
+                        const char *label)
+{
+    bool ok = true;
+    moe_error err;
+    moe_error_clear(&err);
+    moe_ep_cuda_ctx *c1 = NULL, *c3 = NULL;
+    o.chunks = 1;
+    CHECK_ST(moe_ep_cuda_ctx_create(comm, &s->wl, &o, &c1, &err));
+    o.chunks = 3;
+    CHECK_ST(moe_ep_cuda_ctx_create(comm, &s->wl, &o, &c3, &err));
+    if (c1 && c3) {
+        bool nccl = strcmp(moe_ep_cuda_transport(c3), "nccl") == 0;
+        ep_result r1, r3, r3b;
+        ok &= run_ep(c1, s, s->xg, false, &r1);
+        ok &= run_ep(c3, s, s->xg, true, &r3);
+        ok &= run_ep(c3, s, s->xg, false, &r3b);
+        ok &= compare(label, s, &r3, a, true);
+        ok &= check_counters(s, r3.ids, &r3.st, comm);
+        size_t T = (size_t)s->T, H = (size_t)s->cfg.hidden, k = (size_t)s->cfg.top_k;
+        size_t bytes = T * H * s->dsz;
+        CHECK(memcmp(r1.ids, r3.ids, T * k * 4) == 0);
+        void *o1 = dev_download(r1.out, bytes), *o3 = dev_download(r3.out, bytes),
+             *o3b = dev_download(r3b.out, bytes);
+        bool bitwise = memcmp(o1, o3, bytes) == 0;
+        CHECK(memcmp(o3, o3b, bytes) == 0);
+        double *w1 = widen(s->dt, o1, T * H), *w3 = widen(s->dt, o3, T * H);
+        char what[160];
+        snprintf(what, sizeof what, "r%d %s: C=3 vs C=1", g_rank, label);
+        CHECK(moe_test_close(what, w3, w1, T, H, moe_test_tol(s->dt, false)));
+        fprintf(stderr, "r%d %s: C=3 %s C=1\n", g_rank, label,
+                bitwise ? "bitwise equal to" : "within tolerance of (not bitwise)");
+        const moe_ep_stats *st = &r3.st;
+        CHECK(st->nchunks == 3 && st->timeline != NULL);
+        if (st->nchunks == 3 && st->timeline) {
+            int64_t tok = 0;
+            const double eps = 1e-6;
+            for (int i = 0; i < 3; i++) {
+                const moe_ep_chunk_times *t = &st->timeline[i];
+                tok += t->tokens;
+                CHECK(t->compute_begin <= t->compute_end + eps);
+                CHECK(t->dispatch_post <= t->dispatch_done + eps);
+                CHECK(t->combine_post <= t->combine_done + eps);
+                CHECK(t->combine_done > 0);
+                if (nccl) {
+                    CHECK(t->dispatch_done <= t->compute_begin + eps);
+                    CHECK(t->compute_end <= t->combine_post + eps);
+                }
+            }
+            CHECK(tok == (int64_t)s->T);
+            if (g_rank == 0)
+                for (int i = 0; i < 3; i++) {
+                    const moe_ep_chunk_times *t = &st->timeline[i];
+                    fprintf(stderr, "r0 %s chunk %d: %lld tokens, dispatch %.3f-%.3f compute "
+                            "%.3f-%.3f combine %.3f-%.3f ms\n", label, i, (long long)t->tokens,
+                            1e3 * t->dispatch_post, 1e3 * t->dispatch_done, 1e3 * t->compute_begin,
+                            1e3 * t->compute_end, 1e3 * t->combine_post, 1e3 * t->combine_done);
+                }
+        }
+        free(o1);
+        free(o3);
+        free(o3b);
+        free(w1);
+        free(w3);
+        result_free(&r1);
+        result_free(&r3);
+        result_free(&r3b);
+    }
+    moe_ep_cuda_ctx_destroy(c1);
+    moe_ep_cuda_ctx_destroy(c3);
+    return ok;
+}
+
+/* --chunks 3 on the CUDA backend: rank 0 alone with V = 4 over NCCL (the communication
+ * stream), then every rank over MPI (N*V = 4, the last of 4 ranks with no tokens), both
+ * architectures; sync-free mode with chunks is refused. */
+static void test_chunks(void **state)
+{
+    (void)state;
+    bool ok = true;
+    int V = 4 / g_size > 0 ? 4 / g_size : 1;
+    for (int m = 0; m < NCASES; m++) {
+        moe_error err;
+        moe_error_clear(&err);
+        char label[128];
+        if (g_rank == 0) {
+            setup s;
+            ok &= setup_make(&s, MPI_COMM_SELF, &k_cases[m], 96, 4);
+            answer a;
+            ok &= answer_plain(&s, s.xg, true, &a);
+            moe_ep_options o = MOE_EP_OPTIONS_INIT;
+            o.transport = MOE_EP_TRANSPORT_NCCL;
+            o.virtual_ranks = 4;
+            o.device = 0;
+            snprintf(label, sizeof label, "chunks V=4 nccl %s", k_cases[m].name);
+            ok &= chunks_case(&s, MPI_COMM_SELF, o, &a, label);
+            if (m == 0) {
+                moe_ep_cuda_ctx *ctx = NULL;
+                o.chunks = 2;
+                o.max_tokens_per_rank = 96;
+                CHECK(moe_ep_cuda_ctx_create(MPI_COMM_SELF, &s.wl, &o, &ctx, &err) == MOE_ERR_UNSUPPORTED);
+                CHECK(ctx == NULL && strstr(err.msg, "chunks") != NULL);
+            }
+            fprintf(stderr, "r0 %s: %s\n", label, ok ? "ok" : "FAILED");
+            answer_free(&a);
+            setup_free(&s);
+        }
+        setup s;
+        ok &= setup_make(&s, MPI_COMM_WORLD, &k_cases[m], 61, V);
+        answer a;
+        ok &= answer_plain(&s, s.xg, true, &a);
+        moe_ep_options o = MOE_EP_OPTIONS_INIT;
+        o.transport = MOE_EP_TRANSPORT_MPI;
+        o.virtual_ranks = V;
+        snprintf(label, sizeof label, "chunks np=%d V=%d mpi %s", g_size, V, k_cases[m].name);
+        ok &= chunks_case(&s, MPI_COMM_WORLD, o, &a, label);
+        if (g_rank == 0) fprintf(stderr, "r0 %s: %s\n", label, ok ? "ok" : "FAILED");
+        answer_free(&a);
+        setup_free(&s);
+    }
     assert_true(all_true(ok));
 }
 
@@ -1047,6 +1171,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_virtual_nccl),   cmocka_unit_test(test_shared_gpu_mpi),
         cmocka_unit_test(test_overflow_mpi),   cmocka_unit_test(test_nccl_refused),
         cmocka_unit_test(test_forced_vs_cpu),  cmocka_unit_test(test_syncfree_graph),
+        cmocka_unit_test(test_chunks),
     };
     const char *tm = getenv("MOE_EP_TIMING");
     if (tm && strcmp(tm, "1") == 0 && g_size == 1) {

@@ -69,7 +69,8 @@ static moe_status reserve_fwd(moe_ep_cuda_ctx *c, int set, int64_t T, int64_t S,
                               int64_t Rmax, moe_error *err)
 {
     size_t d = c->dsz, H = (size_t)c->H, I = (size_t)c->I, k = (size_t)c->k,
-           E = (size_t)c->E, Is = (size_t)c->Is, G = (size_t)c->G, D = (size_t)c->D;
+           E = (size_t)c->E, Is = (size_t)c->Is, G = (size_t)c->G, D = (size_t)c->D,
+           C = (size_t)c->opts.chunks;
     size_t t = (size_t)T, s = (size_t)S, r = (size_t)R, rk = (size_t)Rmax * k;
     struct {
         int id;
@@ -77,7 +78,7 @@ static moe_status reserve_fwd(moe_ep_cuda_ctx *c, int set, int64_t T, int64_t S,
     } need[] = {
         {DB_LOGITS, t * E * d}, {DB_IDS, t * k * 4},      {DB_W, t * k * d},
         {DB_TDEST, t * D * 4},  {DB_TN, t * 4},           {DB_TROW, t * D * 4},
-        {DB_DCOUNT, G * 4},     {DB_BASE, G * 8},         {DB_SGU, t * 2 * Is * d},
+        {DB_DCOUNT, G * C * 4}, {DB_BASE, G * C * 8},     {DB_SGU, t * 2 * Is * d},
         {DB_SACT, t * Is * d},  {DB_SHOUT, t * H * d},    {DB_SEND_X, s * H * d},
         {DB_SEND_IDS, s * k * 4}, {DB_SEND_W, s * k * d}, {DB_BACK, s * H * d},
         {DB_RECV_X, r * H * d}, {DB_RECV_IDS, r * k * 4}, {DB_RECV_W, r * k * d},
@@ -228,6 +229,7 @@ void moe_ep_cuda_ctx_destroy(moe_ep_cuda_ctx *c)
     if (c->device >= 0) cudaSetDevice(c->device);
     if (c->s) cudaStreamSynchronize(c->s);
     if (c->s1) cudaStreamSynchronize(c->s1);
+    if (c->s2) cudaStreamSynchronize(c->s2);
     cuda_block_destroy(c->blk);
     if (c->nccl) ncclCommDestroy(c->nccl);
     if (c->h) cublasDestroy(c->h);
@@ -243,6 +245,14 @@ void moe_ep_cuda_ctx_destroy(moe_ep_cuda_ctx *c)
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
     if (c->ev_join) cudaEventDestroy(c->ev_join);
     if (c->ev_sync) cudaEventDestroy(c->ev_sync);
+    if (c->ev_t0) cudaEventDestroy(c->ev_t0);
+    if (c->ev_pk) cudaEventDestroy(c->ev_pk);
+    if (c->ev_tl) {
+        for (int i = 0; i < 6 * c->opts.chunks; i++)
+            if (c->ev_tl[i]) cudaEventDestroy(c->ev_tl[i]);
+        free(c->ev_tl);
+    }
+    if (c->s2) cudaStreamDestroy(c->s2);
     if (c->s) cudaStreamDestroy(c->s);
     if (c->s1) cudaStreamDestroy(c->s1);
     cudaGetLastError();
@@ -262,10 +272,8 @@ static moe_status upload(moe_ep_cuda_ctx *c, void **dst, const void *src, size_t
 static moe_status check_local(const moe_ep_cuda_ctx *c, moe_error *err)
 {
     const moe_ep_options *o = &c->opts;
-    if (o->chunks != 1)
-        return moe_fail(err, MOE_ERR_UNSUPPORTED,
-                        "--chunks %d: the CUDA backend's EP runs the batch as one chunk (chunked "
-                        "pipelining is implemented on the CPU backend only)", o->chunks);
+    if (o->chunks < 1 || o->chunks > 4096)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "chunks=%d: expected 1 to 4096", o->chunks);
     if (o->max_tokens_per_rank < 0 || o->max_recv_tokens < 0 ||
         (o->max_recv_tokens > 0 && o->max_tokens_per_rank == 0))
         return moe_fail(err, MOE_ERR_INVALID_ARG,
@@ -288,13 +296,14 @@ static moe_status check_local(const moe_ep_cuda_ctx *c, moe_error *err)
 /* Same sizing and transport on every rank (moe_ep_ctx_create checked the rest). */
 static moe_status check_same(moe_ep_cuda_ctx *c, moe_error *err)
 {
-    int64_t v[3] = {c->opts.max_tokens_per_rank, c->opts.max_recv_tokens, c->opts.transport};
-    int64_t lo[3], hi[3];
-    int rc = MPI_Allreduce(v, lo, 3, MPI_INT64_T, MPI_MIN, c->ep->comm);
-    if (rc == MPI_SUCCESS) rc = MPI_Allreduce(v, hi, 3, MPI_INT64_T, MPI_MAX, c->ep->comm);
+    int64_t v[4] = {c->opts.max_tokens_per_rank, c->opts.max_recv_tokens, c->opts.transport,
+                    c->opts.chunks};
+    int64_t lo[4], hi[4];
+    int rc = MPI_Allreduce(v, lo, 4, MPI_INT64_T, MPI_MIN, c->ep->comm);
+    if (rc == MPI_SUCCESS) rc = MPI_Allreduce(v, hi, 4, MPI_INT64_T, MPI_MAX, c->ep->comm);
     if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, c->rank, "MPI_Allreduce (options)");
-    static const char *names[3] = {"max_tokens_per_rank", "max_recv_tokens", "transport"};
-    for (int i = 0; i < 3; i++)
+    static const char *names[4] = {"max_tokens_per_rank", "max_recv_tokens", "transport", "chunks"};
+    for (int i = 0; i < 4; i++)
         if (lo[i] != hi[i])
             return moe_fail(err, MOE_ERR_INVALID_ARG,
                             "ranks disagree on %s (from %lld to %lld): every rank must use the "
@@ -349,9 +358,26 @@ static moe_status setup_device(moe_ep_cuda_ctx *c, const moe_weights *w, moe_err
     EPC_CU(cudaEventCreateWithFlags(&c->ev_sync, cudaEventDisableTiming), "cudaEventCreate");
     EPC_CU(cudaMalloc((void **)&c->d_status, 4 * sizeof(int32_t)), "status flag");
     EPC_CU(cudaMemset(c->d_status, 0, 4 * sizeof(int32_t)), "status flag");
-    EPC_CU(cudaMallocHost((void **)&c->h_dcount, (size_t)c->G * sizeof(int32_t)), "counts");
-    EPC_CU(cudaMallocHost((void **)&c->h_base, (size_t)c->G * sizeof(int64_t)), "bases");
+    size_t CG = (size_t)c->G * c->opts.chunks;
+    EPC_CU(cudaMallocHost((void **)&c->h_dcount, CG * sizeof(int32_t)), "counts");
+    EPC_CU(cudaMallocHost((void **)&c->h_base, CG * sizeof(int64_t)), "bases");
     if (c->plain) return MOE_OK; /* the block holds its own weights */
+    if (c->opts.chunks > 1) {
+        EPC_CU(cudaStreamCreateWithFlags(&c->s2, cudaStreamNonBlocking), "cudaStreamCreate");
+        EPC_CU(cudaEventCreate(&c->ev_t0), "cudaEventCreate");
+        EPC_CU(cudaEventCreateWithFlags(&c->ev_pk, cudaEventDisableTiming), "cudaEventCreate");
+        c->ev_tl = calloc((size_t)6 * c->opts.chunks, sizeof *c->ev_tl);
+        if (!c->ev_tl) return moe_fail(err, MOE_ERR_NOMEM, "chunk events");
+        for (int i = 0; i < 6 * c->opts.chunks; i++)
+            EPC_CU(cudaEventCreate(&c->ev_tl[i]), "cudaEventCreate");
+        /* the inner ctx was made with one chunk: room for this ctx's timeline */
+        moe_ep_chunk_times *tl = realloc(c->ep->call.timeline,
+                                         (size_t)c->opts.chunks * sizeof *tl);
+        if (!tl) return moe_fail(err, MOE_ERR_NOMEM, "chunk timeline");
+        memset(tl, 0, (size_t)c->opts.chunks * sizeof *tl);
+        c->ep->call.timeline = tl;
+        c->ep->call.timeline_cap = c->opts.chunks;
+    }
     MOE_TRY(blas_handle(c, &c->h, &c->blas_ws, c->s, err));
     MOE_TRY(blas_handle(c, &c->h1, &c->blas_ws1, c->s1, err));
     MOE_TRY(upload(c, &c->router, w->router.data, w->router.nbytes, "router", err));
@@ -448,6 +474,11 @@ moe_status moe_ep_cuda_ctx_create(MPI_Comm comm, const moe_weights *w, const moe
     st = ep_agree(ep->comm, st, err);
     if (st == MOE_OK) st = ep_agree(ep->comm, check_same(c, err), err);
     if (st == MOE_OK) st = ep_agree(ep->comm, pick_device(c, err), err);
+    if (st == MOE_OK && c->opts.chunks > 1 && c->M > 0 && c->use_nccl && !c->plain)
+        st = ep_agree(ep->comm,
+                      moe_fail(err, MOE_ERR_UNSUPPORTED,
+                               "--chunks %d with max_tokens_per_rank over NCCL (sync-free mode): "
+                               "the sync-free forward runs as one chunk", c->opts.chunks), err);
     if (st == MOE_OK) {
         c->syncfree = c->M > 0 && c->use_nccl && !c->plain;
         int64_t per_round = (int64_t)c->N * c->M;
@@ -627,30 +658,41 @@ moe_status epc_shared_forward(moe_ep_cuda_ctx *c, int set, int T, const void *x,
 
 /* ------------------------------------------------------------------ plan and transport ---- */
 
-moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids, ep_plan *p,
-                          int *phase, moe_error *err)
+moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids, int C,
+                          const int32_t *cb, ep_plan *p, int *phase, moe_error *err)
 {
-    int N = c->N, V = c->V, G = c->G;
+    int N = c->N, V = c->V, G = c->G, D = c->D;
     memset(p, 0, sizeof *p);
     *phase = EPC_PLAN_AGREED;
-    moe_status st = moe_cuda_ep_plan(T, c->k, ids, G, c->epv, epc_d(c, set, DB_TDEST),
-                                     epc_d(c, set, DB_TN), epc_d(c, set, DB_TROW),
-                                     epc_d(c, set, DB_DCOUNT), NULL, c->s, err);
+    moe_status st = MOE_OK;
+    p->chunk_begin = moe_malloc(((size_t)C + 1) * sizeof(int32_t), "plan chunks", err);
+    if (!p->chunk_begin) st = MOE_ERR_NOMEM;
     if (st == MOE_OK) {
-        cudaError_t e = cudaMemcpyAsync(c->h_dcount, epc_d(c, set, DB_DCOUNT),
-                                        (size_t)G * sizeof(int32_t), cudaMemcpyDeviceToHost, c->s);
+        if (cb) memcpy(p->chunk_begin, cb, ((size_t)C + 1) * sizeof(int32_t));
+        else ep_split_even(T, C, p->chunk_begin);
+    }
+    int32_t *tdest = epc_d(c, set, DB_TDEST), *tn = epc_d(c, set, DB_TN), *trow = epc_d(c, set, DB_TROW);
+    int32_t *dcount = epc_d(c, set, DB_DCOUNT);
+    for (int i = 0; i < C && st == MOE_OK; i++) {
+        int t0 = p->chunk_begin[i], Tc = p->chunk_begin[i + 1] - t0;
+        st = moe_cuda_ep_plan(Tc, c->k, ids + (size_t)t0 * c->k, G, c->epv, tdest + (size_t)t0 * D,
+                              tn + t0, trow + (size_t)t0 * D, dcount + (size_t)i * G, NULL, c->s, err);
+    }
+    if (st == MOE_OK) {
+        cudaError_t e = cudaMemcpyAsync(c->h_dcount, dcount, (size_t)C * G * sizeof(int32_t),
+                                        cudaMemcpyDeviceToHost, c->s);
         st = e == cudaSuccess ? epc_stream_wait(c, err)
                               : moe_fail(err, MOE_ERR_CUDA, "rank %d: counts to the host: %s",
                                          c->rank, cudaGetErrorString(e));
     }
-    /* The plan arrays (C = 1) in ep_plan's layout, so ep_plan_exchange and the counters apply. */
-    size_t n = (size_t)V * N;
+    /* The plan arrays in ep_plan's layout, so ep_plan_exchange and the counters apply. */
+    size_t n = (size_t)C * V * N;
     if (st == MOE_OK) {
         p->nranks = N;
         p->rank = c->rank;
         p->V = V;
         p->G = G;
-        p->C = 1;
+        p->C = C;
         p->E = c->E;
         p->k = c->k;
         p->epv = c->epv;
@@ -662,7 +704,9 @@ moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids
         if (!p->send_rows || !p->send_off || !p->recv_rows || !p->recv_off) st = MOE_ERR_NOMEM;
     }
     if (st == MOE_OK) {
-        for (int d = 0; d < G; d++) p->send_rows[(size_t)(d % V) * N + d / V] = c->h_dcount[d];
+        for (int i = 0; i < C; i++)
+            for (int d = 0; d < G; d++)
+                p->send_rows[((size_t)i * V + d % V) * N + d / V] = c->h_dcount[(size_t)i * G + d];
         int64_t at = 0;
         for (size_t i = 0; i < n; i++) {
             p->send_off[i] = at;
@@ -681,9 +725,11 @@ moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids
     *phase = EPC_PLAN_EXCHANGED;
     st = ep_plan_check_capacity(p, c->M, c->opts.max_recv_tokens, err);
     if (st == MOE_OK) {
-        for (int d = 0; d < G; d++) c->h_base[d] = p->send_off[(size_t)(d % V) * N + d / V];
+        for (int i = 0; i < C; i++)
+            for (int d = 0; d < G; d++)
+                c->h_base[(size_t)i * G + d] = p->send_off[((size_t)i * V + d % V) * N + d / V];
         cudaError_t e = cudaMemcpyAsync(epc_d(c, set, DB_BASE), c->h_base,
-                                        (size_t)G * sizeof(int64_t), cudaMemcpyHostToDevice, c->s);
+                                        (size_t)C * G * sizeof(int64_t), cudaMemcpyHostToDevice, c->s);
         if (e != cudaSuccess)
             st = moe_fail(err, MOE_ERR_CUDA, "rank %d: dest bases: %s", c->rank, cudaGetErrorString(e));
     }
@@ -693,23 +739,26 @@ moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids
 void epc_count(moe_ep_cuda_ctx *c, const ep_plan *p, bool backward)
 {
     moe_ep_chunk_times *tl = c->ep->call.timeline;
-    c->ep->call.nchunks = 1;
-    for (int v = 0; v < c->V; v++) {
-        ep_count_round(c->ep, p, 0, v, backward);
-        int64_t R = ep_round_recv_rows(p, 0, v);
-        c->ep->call.tokens_computed += (uint64_t)R;
-        if (tl) {
-            tl[0].rows_sent += ep_round_send_rows(p, 0, v);
-            tl[0].rows_recv += R;
+    int C = p->C <= c->ep->call.timeline_cap ? p->C : c->ep->call.timeline_cap;
+    c->ep->call.nchunks = C;
+    for (int i = 0; i < p->C; i++)
+        for (int v = 0; v < c->V; v++) {
+            ep_count_round(c->ep, p, i, v, backward);
+            int64_t R = ep_round_recv_rows(p, i, v);
+            c->ep->call.tokens_computed += (uint64_t)R;
+            if (tl && i < C) {
+                tl[i].rows_sent += ep_round_send_rows(p, i, v);
+                tl[i].rows_recv += R;
+            }
         }
-    }
-    if (tl) tl[0].tokens = p->T;
+    if (tl)
+        for (int i = 0; i < C; i++) tl[i].tokens = p->chunk_begin[i + 1] - p->chunk_begin[i];
 }
 
-/* Grouped ncclSend/ncclRecv of every round and buffer on the ctx's stream. */
-static moe_status nccl_exchange(moe_ep_cuda_ctx *c, const ep_plan *p, bool back, int nb,
+/* Grouped ncclSend/ncclRecv of every round and buffer of chunk ch on stream st. */
+static moe_status nccl_exchange(moe_ep_cuda_ctx *c, const ep_plan *p, int ch, bool back, int nb,
                                 void *const *snd, void *const *rcv, const size_t *row,
-                                moe_error *err)
+                                cudaStream_t stream, moe_error *err)
 {
     int N = c->N;
     EPC_NCCL(ncclGroupStart(), "ncclGroupStart");
@@ -717,17 +766,17 @@ static moe_status nccl_exchange(moe_ep_cuda_ctx *c, const ep_plan *p, bool back,
     for (int v = 0; v < c->V && r == ncclSuccess; v++)
         for (int b = 0; b < nb && r == ncclSuccess; b++)
             for (int q = 0; q < N && r == ncclSuccess; q++) {
-                size_t i = (size_t)v * N + q;
+                size_t i = ((size_t)ch * c->V + v) * N + q;
                 int64_t sr = back ? p->recv_rows[i] : p->send_rows[i];
                 int64_t so = back ? p->recv_off[i] : p->send_off[i];
                 int64_t rr = back ? p->send_rows[i] : p->recv_rows[i];
                 int64_t ro = back ? p->send_off[i] : p->recv_off[i];
                 if (sr > 0)
                     r = ncclSend((const char *)snd[b] + (size_t)so * row[b], (size_t)sr * row[b],
-                                 ncclUint8, q, c->nccl, c->s);
+                                 ncclUint8, q, c->nccl, stream);
                 if (r == ncclSuccess && rr > 0)
                     r = ncclRecv((char *)rcv[b] + (size_t)ro * row[b], (size_t)rr * row[b],
-                                 ncclUint8, q, c->nccl, c->s);
+                                 ncclUint8, q, c->nccl, stream);
             }
     ncclResult_t r2 = ncclGroupEnd();
     if (r == ncclSuccess) r = r2;
@@ -802,7 +851,7 @@ moe_status epc_exchange(moe_ep_cuda_ctx *c, int set, const ep_plan *p, bool back
                         const int *hid_send, const int *hid_recv, const char *const *what,
                         moe_error *err)
 {
-    if (c->use_nccl) return nccl_exchange(c, p, back, nb, dev_send, dev_recv, row_bytes, err);
+    if (c->use_nccl) return nccl_exchange(c, p, 0, back, nb, dev_send, dev_recv, row_bytes, c->s, err);
     return mpi_exchange(c, set, p, back, nb, dev_send, dev_recv, row_bytes, hid_send, hid_recv,
                         what, err);
 }
@@ -845,7 +894,7 @@ static moe_status forward_sized(moe_ep_cuda_ctx *c, int T, const void *x, const 
 {
     ep_plan plan;
     int phase;
-    moe_status st = epc_plan_sized(c, 0, T, ids, &plan, &phase, err);
+    moe_status st = epc_plan_sized(c, 0, T, ids, 1, NULL, &plan, &phase, err);
     if (phase != EPC_PLAN_EXCHANGED) {
         ep_plan_free(&plan);
         return st;
@@ -888,6 +937,262 @@ static moe_status forward_sized(moe_ep_cuda_ctx *c, int T, const void *x, const 
     if (st == MOE_OK) epc_count(c, &plan, false);
     ep_plan_free(&plan);
     return st == MOE_OK ? MOE_OK : ep_fatal(c->ep, st, err);
+}
+
+/* Start round (ch, v) of an MPI transfer of nb host-staged buffers (set 0's pinned buffers
+ * hs -> hr): forward from send rows to receive rows, or back. The transport copies the
+ * counts, so the layout scratch L [4N] can be reused at once. */
+static moe_status mpi_round_start(moe_ep_cuda_ctx *c, const ep_plan *p, int ch, int v, bool back,
+                                  int nb, const int *hs, const int *hr, const size_t *row,
+                                  const char *const *what, int64_t *L, ep_request *req,
+                                  moe_error *err)
+{
+    int N = c->N;
+    size_t base = ((size_t)ch * c->V + v) * N;
+    const int64_t *sr = back ? p->recv_rows : p->send_rows, *so = back ? p->recv_off : p->send_off;
+    const int64_t *rr = back ? p->send_rows : p->recv_rows, *ro = back ? p->send_off : p->recv_off;
+    for (int q = 0; q < N; q++) {
+        L[q] = sr[base + q];
+        L[N + q] = so[base + q] - so[base];
+        L[2 * N + q] = rr[base + q];
+        L[3 * N + q] = ro[base + q] - ro[base];
+    }
+    ep_xfer x;
+    memset(&x, 0, sizeof x);
+    x.nbufs = nb;
+    for (int b = 0; b < nb; b++) {
+        x.send[b] = (char *)c->hb[0][hs[b]].p + (size_t)so[base] * row[b];
+        x.recv[b] = (char *)c->hb[0][hr[b]].p + (size_t)ro[base] * row[b];
+        x.row_bytes[b] = row[b];
+        x.what[b] = what[b];
+    }
+    x.send_rows = L;
+    x.send_off = L + N;
+    x.recv_rows = L + 2 * N;
+    x.recv_off = L + 3 * N;
+    return c->ep->tp->start(c->ep->tp, &x, req, err);
+}
+
+/* Rows [first row of chunk ch, first row of chunk ch+1) of the receive (or send) side. */
+static int64_t chunk_row0(const ep_plan *p, int ch, bool recv)
+{
+    const int64_t *off = recv ? p->recv_off : p->send_off;
+    return off[(size_t)ch * p->V * p->nranks];
+}
+
+/* Chunked pipeline (options.chunks = C > 1, sized mode), after route: the local batch is cut
+ * in C contiguous pieces (ep_split_even, as on the CPU backend). Every chunk is planned on the
+ * device at once; the C*G counts come to the host in one copy and go out in one exchange, and
+ * every chunk is packed. Then chunk i's experts run on the ctx's stream while the dispatch of
+ * chunk i+1 and the combine of chunk i-1 are in flight:
+ *   NCCL: grouped ncclSend/ncclRecv on the communication stream s2, issued in the order
+ *         D0 D1 K0 D2 K1 ... (the same on every rank); compute i waits for D_i's event, K_i
+ *         for compute i's;
+ *   MPI:  every chunk's dispatch is posted at once (MPI_Ialltoallv from pinned staging); chunk
+ *         i is copied in when it arrived and its experts launched; the combine of chunk i-1 is
+ *         posted when its partial rows reached the host, while chunk i computes.
+ * The partial rows come back into the rows they were sent from and the reduction runs per
+ * chunk at the end, in ascending virtual-rank order as with C = 1. A chunk's round holds a
+ * subset of the C = 1 round's rows in the same (global token) order, so every output row is
+ * the same sum of the same products; only the grouped GEMM's kernel choice, which may depend
+ * on the rows in a launch, can change the last bits. The call waits for the device at its end
+ * to read the timeline (device events: dispatch and combine on the NCCL stream, compute on
+ * the ctx's stream; host times for MPI's posts and completions). */
+static moe_status forward_chunked(moe_ep_cuda_ctx *c, int T, const void *x, const int32_t *ids,
+                                  const void *w, void *out, double t_call, moe_error *err)
+{
+    const int C = c->opts.chunks, V = c->V, N = c->N, k = c->k, D = c->D, G = c->G;
+    int32_t *cb = malloc(((size_t)C + 1) * sizeof *cb);
+    if (!cb) return ep_agree(c->ep->comm, moe_fail(err, MOE_ERR_NOMEM, "chunk bounds"), err);
+    ep_split_even(T, C, cb);
+    ep_plan plan;
+    int phase;
+    moe_status st = epc_plan_sized(c, 0, T, ids, C, cb, &plan, &phase, err);
+    if (phase != EPC_PLAN_EXCHANGED) {
+        free(cb);
+        ep_plan_free(&plan);
+        return st;
+    }
+    if (st == MOE_OK) st = reserve_fwd(c, 0, T, plan.send_total, plan.recv_total, plan.recv_max_round, err);
+    size_t xrow = (size_t)c->H * c->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * c->dsz;
+    size_t row[3] = {xrow, idrow, wrow};
+    int hs[3] = {DB_SEND_X, DB_SEND_IDS, DB_SEND_W}, hr[3] = {DB_RECV_X, DB_RECV_IDS, DB_RECV_W};
+    int hps[1] = {DB_PART}, hpb[1] = {DB_BACK};
+    if (st == MOE_OK && !c->use_nccl)
+        for (int b = 0; b < 3 && st == MOE_OK; b++) {
+            st = epc_hneed(c, 0, hs[b], (size_t)plan.send_total * row[b], err);
+            if (st == MOE_OK) st = epc_hneed(c, 0, hr[b], (size_t)plan.recv_total * row[b], err);
+        }
+    if (st == MOE_OK && !c->use_nccl) st = epc_hneed(c, 0, DB_PART, (size_t)plan.recv_total * xrow, err);
+    if (st == MOE_OK && !c->use_nccl) st = epc_hneed(c, 0, DB_BACK, (size_t)plan.send_total * xrow, err);
+    ep_request *req = NULL;
+    int64_t *L = NULL;
+    if (st == MOE_OK && !c->use_nccl) {
+        req = moe_calloc((size_t)2 * C * V, sizeof *req, "EP requests", err);
+        L = moe_malloc(4 * (size_t)N * sizeof *L, "EP layout", err);
+        if (!req || !L) st = MOE_ERR_NOMEM;
+    }
+    /* Buffers and the capacity check are agreed on before any payload moves. */
+    st = ep_agree(c->ep->comm, st, err);
+    if (st != MOE_OK) {
+        free(cb);
+        free(req);
+        free(L);
+        ep_plan_free(&plan);
+        return st;
+    }
+    char *sx = epc_d(c, 0, DB_SEND_X), *sids = epc_d(c, 0, DB_SEND_IDS), *sw = epc_d(c, 0, DB_SEND_W);
+    char *rx = epc_d(c, 0, DB_RECV_X), *rids = epc_d(c, 0, DB_RECV_IDS), *rw = epc_d(c, 0, DB_RECV_W);
+    char *part = epc_d(c, 0, DB_PART), *back = epc_d(c, 0, DB_BACK);
+    int32_t *tdest = epc_d(c, 0, DB_TDEST), *tn = epc_d(c, 0, DB_TN), *trow = epc_d(c, 0, DB_TROW);
+    int64_t *base = epc_d(c, 0, DB_BASE);
+    void *snd[3] = {sx, sids, sw}, *rcv[3] = {rx, rids, rw}, *ps[1] = {part}, *pb[1] = {back};
+    static const char *const wd[3] = {"dispatch x rows", "dispatch expert ids", "dispatch weights"};
+    static const char *const wc[1] = {"combine partial rows"};
+    moe_ep_chunk_times *tl = c->ep->call.timeline;
+    memset(tl, 0, (size_t)C * sizeof *tl);
+#define EV(i, j) c->ev_tl[6 * (i) + (j)]
+#define TRY(call)                                                                              \
+    do {                                                                                       \
+        if ((st = (call)) != MOE_OK) goto fatal;                                               \
+    } while (0)
+#define TRYCU(call, what)                                                                      \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            st = moe_fail(err, MOE_ERR_CUDA, "rank %d: %s: %s", c->rank, (what),               \
+                          cudaGetErrorString(e_));                                             \
+            goto fatal;                                                                        \
+        }                                                                                      \
+    } while (0)
+    /* the timing origin: the stream is (nearly) idle after the counts exchange */
+    TRYCU(cudaEventRecord(c->ev_t0, c->s), "cudaEventRecord");
+    double h0 = moe_now() - t_call;
+    for (int i = 0; i < C; i++) {
+        int t0 = cb[i];
+        TRY(moe_cuda_ep_pack(cb[i + 1] - t0, k, G, c->epv, xrow, c->dsz, (const char *)x + (size_t)t0 * xrow,
+                             NULL, ids + (size_t)t0 * k, (const char *)w + (size_t)t0 * wrow,
+                             tdest + (size_t)t0 * D, tn + t0, trow + (size_t)t0 * D, base + (size_t)i * G,
+                             sx, NULL, (int32_t *)sids, sw, c->s, err));
+    }
+    /* chunk i's experts: every round's rows, on the ctx's stream, between timing events */
+#define COMPUTE(i)                                                                             \
+    do {                                                                                       \
+        TRYCU(cudaEventRecord(EV(i, 2), c->s), "cudaEventRecord");                             \
+        for (int v = 0; v < V; v++) {                                                          \
+            int64_t R = ep_round_recv_rows(&plan, (i), v), rb = ep_round_recv_base(&plan, (i), v); \
+            TRY(experts_forward(c, v, (int)R, rx + rb * xrow, (const int32_t *)(rids + rb * idrow), \
+                                rw + rb * wrow, part + rb * xrow, err));                      \
+        }                                                                                      \
+        TRYCU(cudaEventRecord(EV(i, 3), c->s), "cudaEventRecord");                             \
+    } while (0)
+    if (c->use_nccl) {
+        TRYCU(cudaEventRecord(c->ev_pk, c->s), "cudaEventRecord");
+        TRYCU(cudaStreamWaitEvent(c->s2, c->ev_pk, 0), "cudaStreamWaitEvent");
+#define DISPATCH(i)                                                                            \
+    do {                                                                                       \
+        TRYCU(cudaEventRecord(EV(i, 0), c->s2), "cudaEventRecord");                            \
+        TRY(nccl_exchange(c, &plan, (i), false, 3, snd, rcv, row, c->s2, err));                \
+        TRYCU(cudaEventRecord(EV(i, 1), c->s2), "cudaEventRecord");                            \
+    } while (0)
+        DISPATCH(0);
+        for (int i = 0; i < C; i++) {
+            if (i + 1 < C) DISPATCH(i + 1);
+            TRYCU(cudaStreamWaitEvent(c->s, EV(i, 1), 0), "cudaStreamWaitEvent");
+            COMPUTE(i);
+            TRYCU(cudaStreamWaitEvent(c->s2, EV(i, 3), 0), "cudaStreamWaitEvent");
+            TRYCU(cudaEventRecord(EV(i, 4), c->s2), "cudaEventRecord");
+            TRY(nccl_exchange(c, &plan, i, true, 1, ps, pb, row, c->s2, err));
+            TRYCU(cudaEventRecord(EV(i, 5), c->s2), "cudaEventRecord");
+        }
+#undef DISPATCH
+        TRYCU(cudaStreamWaitEvent(c->s, EV(C - 1, 5), 0), "cudaStreamWaitEvent");
+    } else {
+        /* every chunk's rows to the host, then every dispatch posted */
+        int64_t stot = plan.send_total;
+        for (int b = 0; b < 3 && stot; b++)
+            TRYCU(cudaMemcpyAsync(c->hb[0][hs[b]].p, snd[b], (size_t)stot * row[b],
+                                  cudaMemcpyDeviceToHost, c->s), "EP rows to the host (MPI)");
+        TRY(epc_stream_wait(c, err));
+        ep_request *disp = req, *comb = req + (size_t)C * V;
+        for (int i = 0; i < C; i++) {
+            for (int v = 0; v < V; v++)
+                TRY(mpi_round_start(c, &plan, i, v, false, 3, hs, hr, row, wd, L, &disp[(size_t)i * V + v], err));
+            tl[i].dispatch_post = moe_now() - t_call;
+        }
+#define POST_COMBINE(i)                                                                        \
+    do {                                                                                       \
+        TRYCU(cudaEventSynchronize(EV(i, 4)), "waiting for the partial rows");                \
+        for (int v = 0; v < V; v++)                                                            \
+            TRY(mpi_round_start(c, &plan, (i), v, true, 1, hps, hpb, row, wc, L,              \
+                                &comb[(size_t)(i) * V + v], err));                             \
+        tl[i].combine_post = moe_now() - t_call;                                               \
+    } while (0)
+        for (int i = 0; i < C; i++) {
+            for (int v = 0; v < V; v++) TRY(c->ep->tp->wait(c->ep->tp, &disp[(size_t)i * V + v], err));
+            tl[i].dispatch_done = moe_now() - t_call;
+            int64_t r0 = chunk_row0(&plan, i, true), r1 = chunk_row0(&plan, i + 1, true);
+            for (int b = 0; b < 3 && r1 > r0; b++)
+                TRYCU(cudaMemcpyAsync((char *)rcv[b] + (size_t)r0 * row[b],
+                                      (char *)c->hb[0][hr[b]].p + (size_t)r0 * row[b],
+                                      (size_t)(r1 - r0) * row[b], cudaMemcpyHostToDevice, c->s),
+                      "EP rows to the device (MPI)");
+            COMPUTE(i);
+            if (r1 > r0)
+                TRYCU(cudaMemcpyAsync((char *)c->hb[0][DB_PART].p + (size_t)r0 * xrow, part + (size_t)r0 * xrow,
+                                      (size_t)(r1 - r0) * xrow, cudaMemcpyDeviceToHost, c->s),
+                      "partial rows to the host (MPI)");
+            TRYCU(cudaEventRecord(EV(i, 4), c->s), "cudaEventRecord");
+            /* the combine of chunk i-1 travels while chunk i computes */
+            if (i >= 1) POST_COMBINE(i - 1);
+        }
+        POST_COMBINE(C - 1);
+#undef POST_COMBINE
+        for (int i = 0; i < C; i++) {
+            for (int v = 0; v < V; v++) TRY(c->ep->tp->wait(c->ep->tp, &comb[(size_t)i * V + v], err));
+            tl[i].combine_done = moe_now() - t_call;
+        }
+        if (stot)
+            TRYCU(cudaMemcpyAsync(back, c->hb[0][DB_BACK].p, (size_t)stot * xrow,
+                                  cudaMemcpyHostToDevice, c->s), "partial rows to the device (MPI)");
+    }
+#undef COMPUTE
+    if (c->shared && T > 0) TRY(epc_join(c, err));
+    for (int i = 0; i < C; i++) {
+        int t0 = cb[i];
+        TRY(moe_cuda_ep_reduce(c->dt, cb[i + 1] - t0, c->H, G, k,
+                               c->shared ? (const char *)epc_d(c, 0, DB_SHOUT) + (size_t)t0 * xrow : NULL,
+                               NULL, back, base + (size_t)i * G, tdest + (size_t)t0 * D, tn + t0,
+                               trow + (size_t)t0 * D, (char *)out + (size_t)t0 * xrow, c->s, err));
+    }
+    epc_count(c, &plan, false);
+    TRY(epc_stream_wait(c, err));
+    /* the timeline from the device events, relative to the call's start */
+    for (int i = 0; i < C; i++) {
+        double *slot[6] = {&tl[i].dispatch_post, &tl[i].dispatch_done, &tl[i].compute_begin,
+                           &tl[i].compute_end, &tl[i].combine_post, &tl[i].combine_done};
+        for (int j = 0; j < 6; j++) {
+            if (!c->use_nccl && j != 2 && j != 3) continue; /* MPI: host times */
+            float ms = 0;
+            if (cudaEventElapsedTime(&ms, c->ev_t0, EV(i, j)) == cudaSuccess) *slot[j] = h0 + ms / 1e3;
+            else cudaGetLastError();
+        }
+    }
+#undef EV
+#undef TRY
+#undef TRYCU
+    free(cb);
+    free(req);
+    free(L);
+    ep_plan_free(&plan);
+    return MOE_OK;
+fatal:
+    /* requests still in flight are abandoned with the job (or the caller destroys ctx) */
+    free(cb);
+    free(req);
+    free(L);
+    ep_plan_free(&plan);
+    return ep_fatal(c->ep, st, err);
 }
 
 /* Sync-free mode, after route and plan (counts on the device): whole slots travel with their
@@ -1024,7 +1329,8 @@ moe_status moe_ep_cuda_forward(moe_ep_cuda_ctx *c, int T, const void *x, void *o
             st = ep_agree(c->ep->comm, st, err);
             return st;
         }
-        st = forward_sized(c, T, x, ids, w, out, err);
+        st = c->opts.chunks > 1 ? forward_chunked(c, T, x, ids, w, out, t0, err)
+                                : forward_sized(c, T, x, ids, w, out, err);
         if (st != MOE_OK) return st;
     }
     epc_call_end(c, stats, t0);

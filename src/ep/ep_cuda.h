@@ -48,7 +48,15 @@
  * error on any rank makes every rank return an error before data moves; a failure after data
  * started moving is fatal (MPI_Abort unless options.abort_on_fatal is false).
  *
- * Not on the CUDA backend (MOE_ERR_UNSUPPORTED at creation): options.chunks > 1 (pipelining).
+ * Chunks (options.chunks = C > 1, default mode): the local batch is cut in C contiguous pieces,
+ * all planned at once (one counts exchange); chunk i's experts run on the ctx's stream while
+ * the dispatch of chunk i+1 and the combine of chunk i-1 are in flight (NCCL: grouped
+ * send/recv on a second, communication stream, ordered by events; MPI: non-blocking
+ * MPI_Ialltoallv posted from the host). The result equals C = 1's within the dtype's tolerance
+ * (bitwise unless the grouped GEMM picks another kernel for a chunk's fewer rows), and is
+ * bitwise reproducible. A chunked forward waits for the device at its end, to read the
+ * per-chunk timeline (device events) into the stats. Chunks with sync-free mode are refused
+ * (MOE_ERR_UNSUPPORTED at creation); the backward runs as one chunk.
  * Counters: per-peer rows and bytes are counted in the default mode; in sync-free mode the
  * counts stay on the device and only calls and local tokens are counted.
  */

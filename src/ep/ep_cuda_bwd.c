@@ -245,7 +245,7 @@ moe_status moe_ep_cuda_backward(moe_ep_cuda_ctx *c, int T, const void *x, const 
     /* 2. plan, counts, buffers: agreed before any payload moves. */
     ep_plan plan;
     int phase;
-    st = epc_plan_sized(c, SET, T, ids, &plan, &phase, err);
+    st = epc_plan_sized(c, SET, T, ids, 1, NULL, &plan, &phase, err);
     if (phase != EPC_PLAN_EXCHANGED) {
         ep_plan_free(&plan);
         return st;

@@ -6,8 +6,9 @@
  * forward's, set 1 the backward's. They are kept apart so that a backward that has to grow
  * its buffers never moves memory a captured forward graph points to. Set 0 is sized at
  * creation in sync-free mode (max_tokens_per_rank) and never grows there.
- * Row layouts are ep_internal.h's with C = 1: send rows ordered (round v, destination rank q),
- * receive rows (round v, source rank p). In sync-free mode every (v, q) / (v, p) block is a
+ * Row layouts are ep_internal.h's: send rows ordered (chunk c, round v, destination rank q),
+ * receive rows (chunk c, round v, source rank p); C = 1 except for the chunked forward.
+ * DB_DCOUNT holds C*G counts and DB_BASE C*G send-row bases (chunk-major). In sync-free mode every (v, q) / (v, p) block is a
  * slot of M rows at row (v*N + q)*M.
  */
 #ifndef MOE_EP_CUDA_INTERNAL_H
@@ -70,6 +71,11 @@ struct moe_ep_cuda_ctx {
     int32_t *h_dcount;
     int64_t *h_base;
     float *h_grep;
+    /* chunked pipeline (options.chunks = C > 1): the communication stream (NCCL), a
+     * timing origin, "all chunks packed", and 6 timing events per chunk (dispatch start /
+     * done, compute begin / end, combine start / done) */
+    cudaStream_t s2;
+    cudaEvent_t ev_t0, ev_pk, *ev_tl;
     int32_t *d_status; /* sync-free overflow: [0] flag, [1] most rows seen */
     int64_t *d_slotbase; /* sync-free: [G] first send row of each destination's slot */
 };
@@ -112,14 +118,16 @@ moe_status epc_route(moe_ep_cuda_ctx *c, int set, int T, const void *x, int64_t 
 /* Index of this rank's first token among all ranks' (MPI_Exscan). */
 moe_status epc_global_offset(moe_ep_cuda_ctx *c, int T, int64_t *g0, moe_error *err);
 
-/* Device plan of T tokens into set's DB_TDEST/TN/TROW/DCOUNT, counts to the host, the
- * counts exchange (collective), the capacity check and the dest bases (set's DB_BASE).
+/* Device plan of T tokens in C chunks (chunk i = tokens [cb[i], cb[i+1]); cb NULL when C = 1)
+ * into set's DB_TDEST/TN/TROW (per token, rows relative to the chunk) and DB_DCOUNT (C*G),
+ * the counts to the host in one copy, one counts exchange (collective), the capacity check and
+ * the dest bases (set's DB_BASE, C*G absolute send rows).
  * *phase on return: EPC_PLAN_AGREED (failed before the exchange; every rank returns the same
  * error), EPC_PLAN_FATAL (the exchange failed: ep_fatal was called) or EPC_PLAN_EXCHANGED
  * (the status is this rank's capacity check: the caller agrees on it before moving data). */
 enum { EPC_PLAN_AGREED = 0, EPC_PLAN_FATAL = 1, EPC_PLAN_EXCHANGED = 2 };
-moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids, ep_plan *p,
-                          int *phase, moe_error *err);
+moe_status epc_plan_sized(moe_ep_cuda_ctx *c, int set, int T, const int32_t *ids, int C,
+                          const int32_t *cb, ep_plan *p, int *phase, moe_error *err);
 
 /* Move nb buffers of every round: forward (back = false) from send rows to receive rows, or
  * back from receive rows to send rows. dev_send/dev_recv are device buffers; with MPI they
@@ -129,7 +137,8 @@ moe_status epc_exchange(moe_ep_cuda_ctx *c, int set, const ep_plan *p, bool back
                         const int *hid_send, const int *hid_recv, const char *const *what,
                         moe_error *err);
 
-/* Counters of a sized call (every round) into c->ep->call. */
+/* Counters of a sized call (every chunk and round) into c->ep->call, and the timeline's
+ * tokens and rows per chunk. */
 void epc_count(moe_ep_cuda_ctx *c, const ep_plan *p, bool backward);
 void epc_call_end(moe_ep_cuda_ctx *c, moe_ep_stats *stats, double t0);
 moe_status epc_check_call(moe_ep_cuda_ctx *c, const char *fn, int T, const void *x,
