@@ -741,6 +741,7 @@ void epc_count(moe_ep_cuda_ctx *c, const ep_plan *p, bool backward)
     moe_ep_chunk_times *tl = c->ep->call.timeline;
     int C = p->C <= c->ep->call.timeline_cap ? p->C : c->ep->call.timeline_cap;
     c->ep->call.nchunks = C;
+    for (int i = 0; tl && i < C; i++) tl[i].rows_sent = tl[i].rows_recv = 0; /* this call's */
     for (int i = 0; i < p->C; i++)
         for (int v = 0; v < c->V; v++) {
             ep_count_round(c->ep, p, i, v, backward);
