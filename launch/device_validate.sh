@@ -72,13 +72,13 @@ if want ep; then
   $ep compare /tmp/ep_l.safetensors $fx/llama4_k1_fp32/io.safetensors --tol 1e-5 --mask tie_mask >> "$log/ep_cli.txt" 2>&1
   summary+=("EP forward cuda np5 mpi vs HF llama4 fp32: exit $?")
   for np in 2 4; do
-    timeout -s KILL 120 mpirun --oversubscribe -np $np -x NCCL_NVLS_ENABLE=0 $ep check --backend cuda --transport mpi \
+    timeout -s KILL 150 mpirun --oversubscribe -np $np -x NCCL_NVLS_ENABLE=0 $ep check --backend cuda --transport mpi \
       --model qwen3-30b-a3b --tokens 2048 --backward > "$log/ep_check_np$np.txt" 2>&1
     summary+=("EP check cuda np$np mpi qwen3-30b-a3b T=2048 --backward: exit $? ($(grep -E 'PASS|FAIL' "$log/ep_check_np$np.txt" | tail -1))")
   done
-  timeout -s KILL 120 $ep check --backend cuda --ep-virtual 4 --transport nccl --model llama4-scout --tokens 2048 --backward \
-    > "$log/ep_check_v4.txt" 2>&1
-  summary+=("EP check cuda V=4 nccl llama4-scout T=2048 --backward: exit $? ($(grep -E 'PASS|FAIL' "$log/ep_check_v4.txt" | tail -1))")
+  timeout -s KILL 150 $ep check --backend cuda --ep-virtual 4 --transport nccl --chunks 2 --model qwen3-30b-a3b \
+    --tokens 4096 --backward > "$log/ep_check_v4.txt" 2>&1
+  summary+=("EP check cuda V=4 nccl --chunks 2 qwen3-30b-a3b T=4096 --backward: exit $? ($(grep -E 'PASS|FAIL' "$log/ep_check_v4.txt" | tail -1))")
 fi
 if want bench; then
   for m in qwen3-30b-a3b llama4-scout; do

@@ -37,6 +37,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "mpi_test.h"
 #include "test_util.h"
 
 #ifdef MOE_HAVE_CUDA
@@ -51,35 +52,7 @@
 #include "weights.h"
 #endif
 
-static int g_rank, g_size;
-
 #ifdef MOE_HAVE_CUDA
-static uint64_t g_seed;
-
-static bool all_true(bool ok)
-{
-    int v = ok ? 1 : 0, r = 0;
-    MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    return r != 0;
-}
-
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "rank %d: %s:%d: check failed: %s\n", g_rank, __FILE__, __LINE__,   \
-                    #cond);                                                                    \
-            ok = false;                                                                        \
-        }                                                                                      \
-    } while (0)
-#define CHECK_ST(call)                                                                         \
-    do {                                                                                       \
-        moe_status s_ = (call);                                                                \
-        if (s_ != MOE_OK) {                                                                    \
-            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
-                    #call, moe_strerror(s_), err.msg);                                          \
-            ok = false;                                                                        \
-        }                                                                                      \
-    } while (0)
 #define CHECK_CU(call)                                                                         \
     do {                                                                                       \
         cudaError_t e_ = (call);                                                               \
@@ -1143,9 +1116,7 @@ static void test_timing(void **state)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    mpi_test_init(&argc, &argv);
     /* Every rank skips (or fails) together, so mpirun sees one answer. */
     int rc = moe_test_require_gpu(), worst = 0;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
@@ -1154,16 +1125,7 @@ int main(int argc, char **argv)
         return worst == MOE_TEST_SKIP ? MOE_TEST_SKIP : 1;
     }
 #ifdef MOE_HAVE_CUDA
-    MPI_Comm node;
-    int local = 1;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    omp_set_num_threads(cores / local > 1 ? (int)(cores / local) : 1);
-    uint64_t seed = g_rank == 0 ? moe_test_seed() : 0;
-    MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-    g_seed = seed;
+    mpi_test_share_cores_and_seed();
     int ndev = 0;
     cudaGetDeviceCount(&ndev);
     cudaSetDevice(ndev > 0 ? g_rank % ndev : 0);
