@@ -11,9 +11,11 @@
  * fp32 runs the FFMA kernels, X(BM, BN): 256 threads, BK 16, one shared-memory stage.
  *
  * Hopper wgmma path (bf16, fp16 forward with B_e [N, K]; grouped_gemm_wgmma.cu), selected by
- * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES): 128-row tiles, BK 64 (one 128-byte
- * swizzle row), 12 warps = one producer warpgroup (TMA for B, cp.async gather for A) + two
- * consumer warpgroups (wgmma m64nBNk16), STAGES mbarrier stages. Problems it cannot take (b_kn,
+ * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES): BM-row tiles (128: 64 rows per
+ * consumer warpgroup; the kernel also takes 256: 128 rows each, two m64 wgmmas per k16, e.g.
+ * X(256, 128, 64, 12, 4), measured 1.5-2x slower on an H100 and so not listed), BK 64 (one 128-byte swizzle row), 12 warps = one producer warpgroup (TMA
+ * for B, cp.async gather for A) + two consumer warpgroups (wgmma m64nBNk16), STAGES mbarrier
+ * stages; BM/128 * BN/2 <= 128 fp32 accumulators per consumer thread. Problems it cannot take (b_kn,
  * unaligned rows, fp32, not an sm_90 device) run the mma.sync default instead.
  */
 #ifndef MOE_GROUPED_GEMM_CONFIGS_H

@@ -14,7 +14,11 @@
  *     gather the 128 A rows (8 x 16-byte cp.async each per stage) into the same swizzle;
  *   warpgroups 1, 2 = consumers: each owns 64 rows of the 128-row tile and issues
  *     wgmma.m64nBNk16 (4 per 64-wide k step) on the shared tiles, fp32 accumulators in registers
- *     (BN/2 per thread), then writes its rows straight from the accumulators.
+ *     (BN/2 per thread), then writes its rows straight from the accumulators: the 4 lanes that
+ *     share a row swap their packed pairs (quad transpose, 4 shuffles per 4 words) so each
+ *     writes 8 consecutive outputs with one 16-byte store (4-byte pairs where rows are not
+ *     16-byte aligned). The kernel also takes BM = 256 (128 rows per consumer warpgroup, two
+ *     m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
  * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
  * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals that fire when
@@ -48,7 +52,6 @@ using namespace moe_gg;
 
 namespace {
 
-constexpr int WG_BM = 128;       /* rows per tile: two consumer warpgroups of 64 */
 constexpr int WG_BK = 64;        /* k per stage: one 128-byte swizzle row of 16-bit elements */
 constexpr int WG_THREADS = 384;  /* producer warpgroup + two consumer warpgroups */
 /* Register split (setmaxnreg): 128*56 + 256*224 = 64512 = 384 * 168, the launch cap of one
@@ -74,6 +77,10 @@ struct WgParams {
     int proxy_fence;   /* consumers fence the async proxy after every full-barrier wait */
     int skip_epilogue; /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
     int no_gather;     /* diagnostic (MOE_WGMMA_NO_GATHER=1): A row r/topk, timing only */
+    int c_vec;         /* C rows allow 16-byte stores (base 16-byte aligned, n_out % 8 == 0) */
+    int p_vec;         /* C_preact likewise (its rows 2 n_out, the up half at + n_out) */
+    int narrow_stores; /* diagnostic (MOE_WGMMA_NARROW_STORES=1): the 4-byte pair epilogue */
+    int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
 };
 
 /* ---- tile search, one warp at a time ----
@@ -85,6 +92,7 @@ struct WgTile {
     int expert, row0, row_end, col;
 };
 
+template <int BM>
 __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_tiles, int t,
                                              WgTile *out)
 {
@@ -96,7 +104,7 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
         if (e < E) {
             lo = s_off[e];
             hi = max(s_off[e + 1], lo);
-            rt = (hi - lo + WG_BM - 1) / WG_BM;
+            rt = (hi - lo + BM - 1) / BM;
         }
         const int cnt = rt * col_tiles;
         int incl = cnt;
@@ -117,8 +125,8 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
             const int local = t - __shfl_sync(0xffffffffu, excl, src);
             out->expert = he;
             out->col = local / hrt;
-            out->row0 = hlo + (local % hrt) * WG_BM;
-            out->row_end = min(out->row0 + WG_BM, hhi);
+            out->row0 = hlo + (local % hrt) * BM;
+            out->row_end = min(out->row0 + BM, hhi);
             return true;
         }
         carry = __shfl_sync(0xffffffffu, incl, 31);
@@ -137,12 +145,20 @@ __device__ __forceinline__ void wg_store2(T *row, int col, int ncols, bool pair,
     }
 }
 
-template <int BN, int S>
+/* BM = 256: the producer keeps its 16 gathered row indices per tile in shared memory (its own
+ * 16 words, thread-major) instead of registers: at 56 registers, 16 more live values spilled. */
+template <int BM>
+constexpr size_t wg_arow_smem_bytes()
+{
+    return BM > 128 ? (size_t)128 * (BM / 16) * 4 : 0;
+}
+
+template <int BM, int BN, int S>
 constexpr size_t wg_smem_bytes()
 {
     /* 1024 bytes of slack to align the tiles to the 1024-byte swizzle period, the stages, the
      * 2*S mbarriers; the clamped offsets follow (added by the host: (E+1) ints). */
-    return 1024 + (size_t)S * (WG_BM + BN) * WG_BK * 2 + (size_t)2 * S * 8;
+    return 1024 + (size_t)S * (BM + BN) * WG_BK * 2 + (size_t)2 * S * 8 + wg_arow_smem_bytes<BM>();
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -164,6 +180,15 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 {
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
                  "r"(bytes)
+                 : "memory");
+}
+/* Prefetch one B box (coordinates as tma_load_2d) from global memory into L2: no shared memory,
+ * no barrier; the later TMA load of it then hits L2 instead of waiting for HBM. */
+__device__ __forceinline__ void tma_prefetch_2d(const CUtensorMap *map, int c0, int c1)
+{
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(c0), "r"(c1)
                  : "memory");
 }
 /* Wait until the phase with the given parity has completed. A wait of more than ~10^10 cycles
@@ -365,14 +390,142 @@ template <> struct Wgmma<__half, 256> {
     }
 };
 
-/* ---- the kernel ---- */
-template <typename T, int BN, int S, bool SCALE_A>
+/* 4x4 transpose of 32-bit words inside a quad (the 4 lanes that share an accumulator row):
+ * on entry lane q holds w[j] = the packed column pair 2q, 2q+1 of 8-column group j; on exit
+ * lane q holds the 4 pairs of group q (columns 8q .. 8q+7: one 16-byte store). Two xor
+ * exchanges of 2 words each. All 32 lanes must take part. */
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q)
+{
+    const bool b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+    uint32_t s0 = b1 ? w[0] : w[2], s1 = b1 ? w[1] : w[3];
+    uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 2), r1 = __shfl_xor_sync(0xffffffffu, s1, 2);
+    if (b1) {
+        w[0] = r0;
+        w[1] = r1;
+    } else {
+        w[2] = r0;
+        w[3] = r1;
+    }
+    s0 = b0 ? w[0] : w[1];
+    s1 = b0 ? w[2] : w[3];
+    r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+    r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    if (b0) {
+        w[0] = r0;
+        w[2] = r1;
+    } else {
+        w[1] = r0;
+        w[3] = r1;
+    }
+}
+
+/* Epilogue of one m64 block from its accumulators (acc[4i + 2h + q]: row lane/4 + 8h, column
+ * 8i + 2(lane%4) + q of this warp's 16 rows). crow[h] < 0: row not stored. Warp-uniform call
+ * (the vector path shuffles). vec: the quad-transposed 16-byte stores (rows 16-byte aligned,
+ * n_out % 8 == 0); otherwise 4-byte pairs as before. Same values and rounding either way. */
+template <typename T, int BN>
+__device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc)[BN / 2],
+                                            const int (&crow)[2], const float (&csc)[2], int col_tile,
+                                            int lane, bool cvec, bool pvec)
+{
+    T *C = static_cast<T *>(p.C);
+    const int q = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const bool live = crow[h] >= 0;
+        const int64_t rw = live ? crow[h] : 0;
+        if (!p.silu) {
+            T *cr = C + rw * p.n_out;
+            if (cvec) {
+#pragma unroll
+                for (int g = 0; g < BN / 32; g++) {
+                    uint32_t w[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * csc[h],
+                                                    acc[4 * (4 * g + j) + 2 * h + 1] * csc[h]));
+                    quad_transpose(w, q);
+                    const int col = col_tile * BN + 8 * (4 * g + q);
+                    if (live && col < p.n_out)
+                        *reinterpret_cast<uint4 *>(cr + col) = make_uint4(w[0], w[1], w[2], w[3]);
+                }
+            } else if (live) {
+#pragma unroll
+                for (int i = 0; i < BN / 8; i++) {
+                    const int col = col_tile * BN + 8 * i + 2 * q;
+                    wg_store2<T>(cr, col, p.n_out, p.c_pair, acc[4 * i + 2 * h] * csc[h],
+                                 acc[4 * i + 2 * h + 1] * csc[h]);
+                }
+            }
+        } else {
+            const int I = p.n_out;
+            T *cr = C + rw * I;
+            T *pr = p.C_preact ? static_cast<T *>(p.C_preact) + rw * 2 * I : nullptr;
+            if (cvec && (pvec || !pr)) {
+#pragma unroll
+                for (int g = 0; g < BN / 64; g++) {
+                    uint32_t wc[4], wg_[4], wu[4];
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj++) {
+                        const int i = 4 * g + jj;
+                        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+                        const float u0 = acc[4 * (i + BN / 16) + 2 * h];
+                        const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
+                        wc[jj] = pack2<T>(make_float2(silu_f(g0) * u0, silu_f(g1) * u1));
+                        wg_[jj] = pack2<T>(make_float2(g0, g1));
+                        wu[jj] = pack2<T>(make_float2(u0, u1));
+                    }
+                    const int j = col_tile * (BN / 2) + 8 * (4 * g + q);
+                    quad_transpose(wc, q);
+                    if (live && j < I)
+                        *reinterpret_cast<uint4 *>(cr + j) = make_uint4(wc[0], wc[1], wc[2], wc[3]);
+                    if (pr) {
+                        quad_transpose(wg_, q);
+                        quad_transpose(wu, q);
+                        if (live && j < I) {
+                            *reinterpret_cast<uint4 *>(pr + j) = make_uint4(wg_[0], wg_[1], wg_[2], wg_[3]);
+                            *reinterpret_cast<uint4 *>(pr + I + j) = make_uint4(wu[0], wu[1], wu[2], wu[3]);
+                        }
+                    }
+                }
+            } else if (live) {
+#pragma unroll
+                for (int i = 0; i < BN / 16; i++) {
+                    const int j = col_tile * (BN / 2) + 8 * i + 2 * q;
+                    const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+                    const float u0 = acc[4 * (i + BN / 16) + 2 * h];
+                    const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
+                    wg_store2<T>(cr, j, I, p.c_pair, silu_f(g0) * u0, silu_f(g1) * u1);
+                    if (pr) {
+                        wg_store2<T>(pr, j, I, p.p_pair, g0, g1);
+                        wg_store2<T>(pr + I, j, I, p.p_pair, u0, u1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <int N> struct WgCount {
+    static constexpr int value = N;
+};
+
+/* ---- the kernel ----
+ * BM = 128: each consumer warpgroup owns 64 rows (one m64 wgmma per k16, BN/2 accumulators);
+ * BM = 256: 128 rows each (two m64 wgmmas per k16 on the same B descriptor, 2 x BN/2
+ * accumulators), so a weight tile is streamed once per 256 rows. A warpgroup skips the wgmmas
+ * of its m64 blocks that hold no row of the tile (warpgroup-uniform): a short last row tile
+ * costs its B stream, not the tensor time of 256 rows. */
+template <typename T, int BM, int BN, int S, bool SCALE_A>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
-    constexpr uint32_t A_BYTES = WG_BM * WG_BK * 2; /* 16 KB: 128 rows x 128 bytes */
+    constexpr int MB = BM / 128;                  /* m64 blocks per consumer warpgroup */
+    constexpr uint32_t A_BYTES = BM * WG_BK * 2; /* 16 / 32 KB: BM rows x 128 bytes */
     constexpr uint32_t B_BYTES = BN * WG_BK * 2;
     static_assert(BN == 128 || BN == 256, "wgmma N of 128 or 256");
+    static_assert(BM == 128 || BM == 256, "128 or 256 rows per tile");
+    static_assert(MB * BN / 2 <= 128, "at most 128 fp32 accumulators per consumer thread");
     static_assert(S >= 3, "at least three stages");
 
     extern __shared__ __align__(1024) unsigned char wg_smem[];
@@ -381,7 +534,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     const uint32_t sA = base, sB = base + S * A_BYTES;
     const uint32_t bars = sB + S * B_BYTES; /* full[S], then empty[S], 8 bytes each */
     unsigned char *gbase = wg_smem + (base - raw);
-    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S);
+    int *s_arow = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S); /* BM = 256 only */
+    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_arow_smem_bytes<BM>());
+    constexpr bool AROW_SMEM = BM > 128;
     auto full = [&](uint32_t s) { return bars + 8 * s; };
     auto empty = [&](uint32_t s) { return bars + 8 * (S + s); };
 
@@ -409,22 +564,38 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
         for (int t = blockIdx.x;; t += gridDim.x) {
             WgTile tl;
-            if (!wg_find_tile(s_off, p.E, p.col_tiles, t, &tl)) break;
-            int arow[8];
+            if (!wg_find_tile<BM>(s_off, p.E, p.col_tiles, t, &tl)) break;
+            int arow[AROW_SMEM ? 1 : BM / 16];
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
+            for (int i = 0; i < BM / 16; i++) {
                 const int r = tl.row0 + rsub + 16 * i;
-                arow[i] = -1;
+                int ar = -1;
                 if (r < tl.row_end) {
                     const int g = p.gather ? p.gather[r] : r;
                     if (g >= 0 && g < p.max_rows)
-                        arow[i] = p.permute_x ? (p.no_gather ? r : g) / p.topk : r;
+                        ar = p.permute_x ? (p.no_gather ? r : g) / p.topk : r;
                 }
+                if (AROW_SMEM)
+                    s_arow[i * 128 + pt] = ar; /* read back by this thread only */
+                else
+                    arow[AROW_SMEM ? 0 : i] = ar;
             }
             const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
                 if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1); /* use it/S - 1 released */
+                if (pt == 0 && p.prefetch > 0) {
+                    /* MOE_WGMMA_PREFETCH=n (off by default): L2 prefetch of the B boxes n
+                     * steps ahead (at the tile's first step also the ones before that), so the
+                     * TMA loads, issued only S steps ahead, would find them in L2. Measured
+                     * 1.2-1.8x slower on an H100 (docs/KERNELS.md): kept as an experiment. */
+                    const int k0 = kt == 0 ? 1 : kt + p.prefetch;
+                    const int k1 = min(kt + p.prefetch, KT - 1);
+                    for (int kp = k0; kp <= k1; kp++) {
+                        tma_prefetch_2d(&tmap, kp * WG_BK, brow);
+                        if (p.silu) tma_prefetch_2d(&tmap, kp * WG_BK, brow + p.N / 2);
+                    }
+                }
                 if (pt == 0) {
                     mbar_arrive_expect_tx(full(s), B_BYTES);
                     const uint32_t dst = sB + s * B_BYTES;
@@ -438,9 +609,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 const int k = kt * WG_BK + chunk * 8;
                 const uint32_t dst = sA + s * A_BYTES + a_off;
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const bool v = arow[i] >= 0 && k < p.K;
-                    const T *src = v ? A + (int64_t)arow[i] * p.K + k : A;
+                for (int i = 0; i < BM / 16; i++) {
+                    const int ar = AROW_SMEM ? s_arow[i * 128 + pt] : arow[AROW_SMEM ? 0 : i];
+                    const bool v = ar >= 0 && k < p.K;
+                    const T *src = v ? A + (int64_t)ar * p.K + k : A;
                     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                      dst + i * 16 * 128),
                                  "l"(src), "r"(v ? 16 : 0)
@@ -454,40 +626,48 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     } else {
         /* ================= consumer warpgroups ================= */
         setmaxnreg_inc<WG_CONSUMER_REGS>();
-        const int cw = threadIdx.x / 128 - 1; /* rows 64 cw .. 64 cw + 63 of the tile */
+        const int cw = threadIdx.x / 128 - 1; /* rows 64 MB cw .. 64 MB (cw + 1) - 1 of the tile */
         const int tw = threadIdx.x & 127, warp = tw >> 5, lane = tw & 31;
-        /* scale_a pass: this thread's chunk (tw%8) of rows tw/8 + 16i of the warpgroup's 64 */
-        const uint32_t sa_off = (uint32_t)(cw * 64 * 128 + (tw >> 3) * 128 +
+        /* scale_a pass: this thread's chunk (tw%8) of rows tw/8 + 16i of the warpgroup's 64 MB */
+        const uint32_t sa_off = (uint32_t)(cw * 64 * MB * 128 + (tw >> 3) * 128 +
                                            (((tw & 7) ^ ((tw >> 3) & 7)) << 4));
-        float acc[BN / 2];
+        const bool cvec = p.c_vec && !p.narrow_stores;
+        const bool pvec = p.p_vec && !p.narrow_stores;
+        float acc[MB][BN / 2];
 #pragma unroll
-        for (int i = 0; i < BN / 2; i++) acc[i] = 0.f;
-        T *C = static_cast<T *>(p.C);
+        for (int m = 0; m < MB; m++)
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) acc[m][i] = 0.f;
         uint32_t it = 0;
         for (int t = blockIdx.x;; t += gridDim.x) {
             WgTile tl;
-            if (!wg_find_tile(s_off, p.E, p.col_tiles, t, &tl)) break;
-            /* The two rows this thread stores: where, and their output scale. */
-            int crow[2];
-            float csc[2];
+            if (!wg_find_tile<BM>(s_off, p.E, p.col_tiles, t, &tl)) break;
+            const int wrow0 = tl.row0 + 64 * MB * cw; /* this warpgroup's first row */
+            const int rem = tl.row_end - wrow0;
+            const int nact = rem <= 0 ? 0 : min((rem + 63) >> 6, MB); /* m64 blocks with rows */
+            /* The two rows per m64 block this thread stores: where, and their output scale. */
+            int crow[MB][2];
+            float csc[MB][2];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int r = tl.row0 + 64 * cw + 16 * warp + (lane >> 2) + 8 * h;
-                crow[h] = -1;
-                csc[h] = 1.f;
-                if (r < tl.row_end) {
-                    const int g = p.gather ? p.gather[r] : r;
-                    if (g >= 0 && g < p.max_rows) {
-                        crow[h] = p.permute_y ? g : r;
-                        if (p.scale_c) csc[h] = load_f(static_cast<const T *>(p.scale_c) + g);
+            for (int m = 0; m < MB; m++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = wrow0 + 64 * m + 16 * warp + (lane >> 2) + 8 * h;
+                    crow[m][h] = -1;
+                    csc[m][h] = 1.f;
+                    if (r < tl.row_end) {
+                        const int g = p.gather ? p.gather[r] : r;
+                        if (g >= 0 && g < p.max_rows) {
+                            crow[m][h] = p.permute_y ? g : r;
+                            if (p.scale_c) csc[m][h] = load_f(static_cast<const T *>(p.scale_c) + g);
+                        }
                     }
                 }
-            }
-            float sa[4]; /* scale_a of the 4 A rows this thread scales (see below) */
+            float sa[4 * MB]; /* scale_a of the 4 MB A rows this thread scales (see below) */
             if (SCALE_A) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int r = tl.row0 + 64 * cw + (tw >> 3) + 16 * i;
+                for (int i = 0; i < 4 * MB; i++) {
+                    const int r = wrow0 + (tw >> 3) + 16 * i;
                     sa[i] = 1.f;
                     if (r < tl.row_end) {
                         const int g = p.gather ? p.gather[r] : r;
@@ -496,84 +676,70 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                     }
                 }
             }
-            for (int kt = 0; kt < KT; kt++, it++) {
-                const uint32_t s = it % S;
-                mbar_wait(full(s), (it / S) & 1);
-                if (SCALE_A) {
-                    /* scale_a_rows: the warpgroup multiplies its own 64 A rows in shared memory
-                     * (thread: 16-byte chunk tw%8 of rows tw/8 + 16i), rounds them to T, makes
-                     * the writes visible to the tensor cores (proxy fence) and syncs its 128
-                     * threads; meanwhile the previous stage's MMAs still run. */
-                    unsigned char *st = gbase + s * A_BYTES + sa_off;
+            /* The k loop for NM active m64 blocks (compile time: no branch may sit between
+             * wgmma.fence and the commit, or ptxas serializes every wgmma). */
+            auto mainloop = [&](auto nm_tag) {
+                constexpr int NM = decltype(nm_tag)::value;
+                for (int kt = 0; kt < KT; kt++, it++) {
+                    const uint32_t s = it % S;
+                    mbar_wait(full(s), (it / S) & 1);
+                    if (SCALE_A) {
+                        /* scale_a_rows: the warpgroup multiplies its own 64 MB A rows in shared
+                         * memory (thread: 16-byte chunk tw%8 of rows tw/8 + 16i), rounds them to
+                         * T, makes the writes visible to the tensor cores (proxy fence) and syncs
+                         * its 128 threads; meanwhile the previous stage's MMAs still run. */
+                        unsigned char *st = gbase + s * A_BYTES + sa_off;
 #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        uint4 *q = reinterpret_cast<uint4 *>(st + i * 16 * 128);
-                        uint4 v = *q;
-                        v.x = scale2<T>(v.x, sa[i]);
-                        v.y = scale2<T>(v.y, sa[i]);
-                        v.z = scale2<T>(v.z, sa[i]);
-                        v.w = scale2<T>(v.w, sa[i]);
-                        *q = v;
+                        for (int i = 0; i < 4 * NM; i++) {
+                            uint4 *qv = reinterpret_cast<uint4 *>(st + i * 16 * 128);
+                            uint4 v = *qv;
+                            v.x = scale2<T>(v.x, sa[i]);
+                            v.y = scale2<T>(v.y, sa[i]);
+                            v.z = scale2<T>(v.z, sa[i]);
+                            v.w = scale2<T>(v.w, sa[i]);
+                            *qv = v;
+                        }
+                        fence_proxy_async();
+                        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+                    } else if (p.proxy_fence) {
+                        fence_proxy_async(); /* A came through cp.async (generic proxy) */
                     }
-                    fence_proxy_async();
-                    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
-                } else if (p.proxy_fence) {
-                    fence_proxy_async(); /* A came through cp.async (generic proxy) */
-                }
-                const uint64_t da = sw128_desc(sA + s * A_BYTES + cw * 64 * 128);
-                const uint64_t db = sw128_desc(sB + s * B_BYTES);
-                wgmma_fence();
+                    const uint64_t da = sw128_desc(sA + s * A_BYTES + cw * 64 * MB * 128);
+                    const uint64_t db = sw128_desc(sB + s * B_BYTES);
+                    wgmma_fence();
 #pragma unroll
-                for (int kk = 0; kk < WG_BK / 16; kk++)
-                    Wgmma<T, BN>::run(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
-                wgmma_commit();
-                wgmma_wait<1>(); /* the previous stage's MMAs are done: release it */
-                if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % S));
-            }
+                    for (int kk = 0; kk < WG_BK / 16; kk++)
+#pragma unroll
+                        for (int m = 0; m < NM; m++) /* 64 rows x 128 B = 8 KB: +512 (>>4) */
+                            Wgmma<T, BN>::run(acc[m], da + 512 * m + 2 * kk, db + 2 * kk,
+                                              (kt > 0 || kk > 0) ? 1 : 0);
+                    wgmma_commit();
+                    wgmma_wait<1>(); /* the previous stage's MMAs are done: release it */
+                    if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % S));
+                }
+            };
+            if (nact >= MB)
+                mainloop(WgCount<MB>());
+            else if (nact >= 1)
+                mainloop(WgCount<(MB > 1 ? 1 : MB)>());
+            else
+                mainloop(WgCount<0>()); /* no rows: keep the stage protocol, no MMAs */
             wgmma_wait<0>();
-            fence_regs(acc);
+#pragma unroll
+            for (int m = 0; m < MB; m++) fence_regs(acc[m]);
             if (lane == 0) mbar_arrive(empty((it - 1) % S));
 
             if (p.skip_epilogue) continue;
-            /* Epilogue from the accumulators: d[4i + 2h + q] is row (lane/4 + 8h), column
-             * 8i + 2(lane%4) + q of this warp's 16 rows. */
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                if (crow[h] < 0) continue;
-                if (!p.silu) {
-                    T *cr = C + (int64_t)crow[h] * p.n_out;
-#pragma unroll
-                    for (int i = 0; i < BN / 8; i++) {
-                        const int col = tl.col * BN + 8 * i + 2 * (lane & 3);
-                        wg_store2<T>(cr, col, p.n_out, p.c_pair, acc[4 * i + 2 * h] * csc[h],
-                                     acc[4 * i + 2 * h + 1] * csc[h]);
-                    }
-                } else {
-                    const int I = p.n_out;
-                    T *cr = C + (int64_t)crow[h] * I;
-                    T *pr = p.C_preact ? static_cast<T *>(p.C_preact) + (int64_t)crow[h] * 2 * I
-                                       : nullptr;
-#pragma unroll
-                    for (int i = 0; i < BN / 16; i++) {
-                        const int j = tl.col * (BN / 2) + 8 * i + 2 * (lane & 3);
-                        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
-                        const float u0 = acc[4 * (i + BN / 16) + 2 * h];
-                        const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
-                        wg_store2<T>(cr, j, I, p.c_pair, silu_f(g0) * u0, silu_f(g1) * u1);
-                        if (pr) {
-                            wg_store2<T>(pr, j, I, p.p_pair, g0, g1);
-                            wg_store2<T>(pr + I, j, I, p.p_pair, u0, u1);
-                        }
-                    }
-                }
-            }
+            for (int m = 0; m < MB; m++)
+                if (m < nact) wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], tl.col, lane, cvec, pvec);
         }
     }
 }
 
 #else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
 
-template <typename T, int BN, int S, bool SCALE_A>
+template <typename T, int BM, int BN, int S, bool SCALE_A>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
@@ -649,12 +815,12 @@ bool dev_info(DevInfo *out)
 
 /* Whether this build holds the real sm_90a kernel (the stub for other targets declares static
  * shared memory; the real one uses dynamic shared memory only). */
-template <typename T, int BN, int S, bool SA>
+template <typename T, int BM, int BN, int S, bool SA>
 bool kernel_is_real()
 {
     static const bool real = []() {
         cudaFuncAttributes at;
-        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BN, S, SA>) != cudaSuccess) {
+        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA>) != cudaSuccess) {
             cudaGetLastError();
             return false;
         }
@@ -663,10 +829,10 @@ bool kernel_is_real()
     return real;
 }
 
-/* Row-tile slots for 128-row tiles: every expert wastes at most one partial tile. */
-long long row_tile_slots_wg(int max_rows, int E)
+/* Row-tile slots for BM-row tiles: every expert wastes at most one partial tile. */
+long long row_tile_slots_wg(int max_rows, int E, int bm)
 {
-    const long long a = ((long long)max_rows + WG_BM - 1) / WG_BM + E;
+    const long long a = ((long long)max_rows + bm - 1) / bm + E;
     return a < max_rows ? a : max_rows;
 }
 
@@ -687,16 +853,26 @@ int env_flag(const char *name)
     return s && strcmp(s, "1") == 0;
 }
 
+/* MOE_WGMMA_PREFETCH=n: B tiles prefetched into L2 n k steps ahead; 0 turns it off. */
+constexpr int WG_PREFETCH_DEFAULT = 0; /* measured slower on an H100 (docs/KERNELS.md) */
+int prefetch_steps()
+{
+    const char *s = getenv("MOE_WGMMA_PREFETCH");
+    if (!s || !*s) return WG_PREFETCH_DEFAULT;
+    const int v = atoi(s);
+    return v < 0 ? 0 : v > 64 ? 64 : v;
+}
+
 bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-template <typename T, int BN, int S, bool SA>
+template <typename T, int BM, int BN, int S, bool SA>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
 {
-    auto kern = moe_gg_wgmma_kernel<T, BN, S, SA>;
-    const size_t smem = wg_smem_bytes<BN, S>() + (size_t)(p.E + 1) * 4;
+    auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA>;
+    const size_t smem = wg_smem_bytes<BM, BN, S>() + (size_t)(p.E + 1) * 4;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
-    long long tiles = row_tile_slots_wg(p.max_rows, p.E) * p.col_tiles;
+    long long tiles = row_tile_slots_wg(p.max_rows, p.E, BM) * p.col_tiles;
     long long grid = tiles < d.sms ? tiles : d.sms;
     const int cap = max_ctas_override();
     if (cap > 0 && grid > cap) grid = cap;
@@ -719,7 +895,7 @@ bool real_for(const moe_kernel_config &c)
 {
 #define MOE_WG_REAL(bm, bn, bk, w, st)                                                          \
     if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
-        return kernel_is_real<T, bn, st, false>() && kernel_is_real<T, bn, st, true>();
+        return kernel_is_real<T, bm, bn, st, false>() && kernel_is_real<T, bm, bn, st, true>();
     MOE_GG_WGMMA_CONFIGS(MOE_WG_REAL)
 #undef MOE_WG_REAL
     return false;
@@ -731,7 +907,8 @@ cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo
 {
 #define MOE_WG_LAUNCH(bm, bn, bk, w, st)                                                        \
     if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
-        return sa ? launch_wg<T, bn, st, true>(p, map, d, s) : launch_wg<T, bn, st, false>(p, map, d, s);
+        return sa ? launch_wg<T, bm, bn, st, true>(p, map, d, s)                                  \
+                  : launch_wg<T, bm, bn, st, false>(p, map, d, s);
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
 #undef MOE_WG_LAUNCH
     return cudaErrorInvalidConfiguration;
@@ -752,7 +929,8 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     if (!dev_info(&d) || !d.hopper) return false;
     if (!tensor_map_encoder()) return false;
     if (!config_listed(*c)) return false;
-    size_t need = 1024 + (size_t)c->stages * (WG_BM + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages;
+    size_t need = 1024 + (size_t)c->stages * (c->tile_m + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages;
+    if (c->tile_m > 128) need += (size_t)128 * (c->tile_m / 16) * 4; /* wg_arow_smem_bytes */
     need += (size_t)(a->num_experts + 1) * 4;
     if (need > (size_t)d.smem_optin) return false;
     return a->dtype == MOE_DTYPE_BF16 ? real_for<__nv_bfloat16>(*c) : real_for<__half>(*c);
@@ -796,6 +974,10 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.proxy_fence = env_flag("MOE_WGMMA_PROXY_FENCE");
     p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
+    p.narrow_stores = env_flag("MOE_WGMMA_NARROW_STORES");
+    p.prefetch = prefetch_steps();
+    p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
+    p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 

@@ -21,7 +21,11 @@ source launch/device_env.sh
 export MOE_REQUIRE_GPU=1
 WG=${WG:-auto}
 OLD=${OLD:-128x128x64,w8,s3}
-# TESTS=0 skips the tests, MLP=0 the whole-MLP benches; CHECKS lists the models to check.
+# TESTS=0 skips the tests, MLP=0 the whole-MLP benches; CHECKS lists the models to check;
+# BENCH_T=4096 times one T only (MOE_GG_BENCH_T), BENCH=0 skips the GEMM bench; SAN=1 runs
+# compute-sanitizer memcheck + racecheck on the small grouped-GEMM cases (MOE_GG_TEST_SMALL=1).
+grep -A2 "moe_gg_wgmma_kernel" "$out/build.txt" | grep -E "spill|stack" | sort | uniq -c > "$out/wgmma_ptxas.txt"
+echo "wgmma ptxas: $(tr -s ' ' < "$out/wgmma_ptxas.txt" | tr '\n' ';')"
 if [ "${TESTS:-1}" = 1 ]; then
 (cd build-gpu && timeout -s KILL 200 ctest -R "gpu|sass|hf" --output-on-failure -j1 --timeout 180) > "$out/gpu_tests.txt" 2>&1
 echo "gpu ctest rc=$? at $(el) s: $(grep -E 'tests passed|tests failed' "$out/gpu_tests.txt" | tail -1)"
@@ -29,9 +33,20 @@ grep -E "^ *[0-9]+/[0-9]+ Test" "$out/gpu_tests.txt"
 grep -E ": [0-9]+ of [0-9]+ failed|SASS lines" "$out/gpu_tests.txt" | head -12
 grep -E "rel err|exceeds|mismatch|NO HGMMA|NO tensor" "$out/gpu_tests.txt" | head -8
 fi
-if room $((budget - 100)); then
-  MOE_GG_BENCH=1 timeout -s KILL 150 build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_bench.txt" 2>&1
+if [ "${BENCH:-1}" = 1 ] && room $((budget - 100)); then
+  bt=${BENCH_T:+MOE_GG_BENCH_T=$BENCH_T}
+  bto=${BENCH_TIMEOUT:-150}
+  left=$((budget - $(el) - 5))
+  [ "$left" -lt "$bto" ] && bto=$left
+  env MOE_GG_BENCH=1 $bt timeout -s KILL $bto build-gpu/tests/test_gpu_grouped_gemm > "$out/gg_bench.txt" 2>&1
   echo "bench rc=$? at $(el) s"
+fi
+if [ "${SAN:-0}" = 1 ] && room $((budget - 120)); then
+  for tool in memcheck racecheck; do
+    MOE_GG_TEST_SMALL=1 timeout -s KILL ${SAN_TIMEOUT:-100} compute-sanitizer --tool $tool --error-exitcode 9 \
+      build-gpu/tests/test_gpu_grouped_gemm > "$out/san_$tool.txt" 2>&1
+    echo "sanitizer $tool rc=$? at $(el) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/san_$tool.txt" | tail -1)"
+  done
 fi
 ep=build-gpu/moe-ep
 for m in qwen3-30b-a3b llama4-scout; do
@@ -45,7 +60,7 @@ for m in qwen3-30b-a3b llama4-scout; do
     echo "mlp bench $m $c rc=$? at $(el) s"
   done
 done
-for m in ${CHECKS:-qwen3-30b-a3b llama4-scout}; do
+for m in ${CHECKS-qwen3-30b-a3b llama4-scout}; do
   room $((budget - 25)) || break
   timeout -s KILL 45 $ep check --backend cuda --model $m --tokens 4096 --dtype bf16 --backward \
     --sample 32 > "$out/check_$m.txt" 2>&1
