@@ -50,8 +50,10 @@ if want sanitizer; then
   if command -v compute-sanitizer >/dev/null; then
     for m in small-qwen3-aligned small-llama4-aligned; do
       for tool in memcheck racecheck; do
-        timeout -s KILL 240 compute-sanitizer --tool $tool --error-exitcode 9 $ep check --backend cuda \
-          --model launch/configs/$m.json --tokens 256 --backward > "$log/sanitizer_${tool}_$m.txt" 2>&1
+        # racecheck tracks every shared-memory access: a smaller batch (still >= 16 rows/expert)
+        tok=256; [ $tool = racecheck ] && tok=64
+        timeout -s KILL 150 compute-sanitizer --tool $tool --error-exitcode 9 $ep check --backend cuda \
+          --model launch/configs/$m.json --tokens $tok --backward > "$log/sanitizer_${tool}_$m.txt" 2>&1
         summary+=("compute-sanitizer $tool $m: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitizer_${tool}_$m.txt" | tail -1); $(grep -o 'gemm1: [^;]*' "$log/sanitizer_${tool}_$m.txt" | head -1))")
       done
     done
