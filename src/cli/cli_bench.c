@@ -245,6 +245,13 @@ int cli_bench(int argc, char **argv)
         printf("# baselines (cuBLAS, same weights, GEMM pair only, rows pre-permuted): dense = M=T*k rows vs one\n"
                "# expert's weights (ceiling), loop = one GEMM pair per expert, grouped = cublasGemmGroupedBatchedEx;\n"
                "# 'x Y' = Y's time / ours (>1: we are faster). Our time is the whole layer, routing included.\n");
+    if (backend == MOE_BACKEND_CUDA)
+        printf("# phases (ms, medians of a separate pass with events between the launches): route = router GEMM\n"
+               "# + top-k, permute = counting sort + offsets, gemm1 (SiLU-and-mul fused: act '-'), gemm2 (permute_y,\n"
+               "# weights), combine = sum over k after joining the shared expert's stream%s\n",
+               mode == MOE_BENCH_FWD ? "" : "; with a backward timed, only route");
+    else
+        printf("# phases: not split on the CPU backend (only the whole layer is timed)\n");
     if (graph)
         printf("# graph(ms): median replay of the forward captured in a CUDA graph (one graph per input set,\n"
                "# routing included, events around each cudaGraphLaunch); time(ms) stays the eager launches.\n");

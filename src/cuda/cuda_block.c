@@ -49,6 +49,9 @@ struct cuda_block {
     cublasHandle_t h0, h1;
     void *blas_ws0, *blas_ws1;
     cudaEvent_t ev_fork, ev_join;
+    /* optional phase markers (cuda_block_set_phase_events): CUDA_BLOCK_PHASE_EVENTS events
+     * recorded on s0 at the forward's phase boundaries; NULL = none (the normal case) */
+    cudaEvent_t *phase_ev;
 
     /* forward scratch (max_T) */
     void *logits, *topk_w, *act, *gemm2_out, *shared_out;
@@ -600,6 +603,18 @@ static moe_status check_call(const char *who, cuda_block *b, const void *x, int 
     return MOE_OK;
 }
 
+/* Record phase boundary i of the forward on s0 when markers are set (bench's phase breakdown). */
+static moe_status mark_phase(cuda_block *b, int i, moe_error *err)
+{
+    if (b->phase_ev) CUDA_TRY(cudaEventRecord(b->phase_ev[i], b->s0), "phase event");
+    return MOE_OK;
+}
+
+void cuda_block_set_phase_events(cuda_block *b, cudaEvent_t *events)
+{
+    if (b) b->phase_ev = events;
+}
+
 static moe_status route_into(cuda_block *b, const void *x, int T, void *logits, int32_t *ids,
                              void *w, int32_t *counts, int32_t *offsets, int32_t *gather,
                              moe_error *err)
@@ -609,9 +624,10 @@ static moe_status route_into(cuda_block *b, const void *x, int T, void *logits, 
     MOE_TRY(blas_gemm(b->h0, b->dt, T, b->E, b->H, x, b->H, false, b->router, b->H, false, logits,
                       b->E, 0.0f, "router GEMM", err));
     MOE_TRY(moe_cuda_route_topk(&b->cfg, b->dt, T, logits, ids, w, b->s0, err));
+    MOE_TRY(mark_phase(b, 1, err));
     MOE_TRY(moe_cuda_sort_by_expert(T, b->k, ids, b->begin, b->El, counts, offsets, gather,
                                     b->sort_scratch, b->sort_scratch_bytes, b->s0, err));
-    return MOE_OK;
+    return mark_phase(b, 2, err);
 }
 
 moe_status cuda_block_route(cuda_block *b, const void *x, int T, moe_fwd_state *st,
@@ -680,6 +696,7 @@ moe_status cuda_block_forward(cuda_block *b, const void *x, int T, moe_fwd_state
     b->last_x = NULL; /* sgu/sact now belong to this call */
     b->last_T = -1;
 
+    MOE_TRY(mark_phase(b, 0, err));
     MOE_TRY(route_into(b, x, T, logits, ids, w, counts, offsets, gather, err));
 
     moe_grouped_gemm_args g1 = {
@@ -689,6 +706,8 @@ moe_status cuda_block_forward(cuda_block *b, const void *x, int T, moe_fwd_state
         .permute_x = true, .scale_a_rows = b->llama ? w : NULL, .epilogue = MOE_EPI_SILU_MUL,
     };
     MOE_TRY(run_gemm(b, CUDA_GEMM_FWD1, &g1, err));
+    MOE_TRY(mark_phase(b, 3, err)); /* SiLU-and-mul is GEMM1's epilogue: the act phase is empty */
+    MOE_TRY(mark_phase(b, 4, err));
     /* Flat rows of experts held elsewhere are zero, as on the CPU (they are not summed either
      * way; the zeros keep gemm2_out comparable in the correctness mode). */
     if (b->El < b->E)
@@ -700,10 +719,12 @@ moe_status cuda_block_forward(cuda_block *b, const void *x, int T, moe_fwd_state
         .epilogue = MOE_EPI_NONE,
     };
     MOE_TRY(run_gemm(b, CUDA_GEMM_FWD2, &g2, err));
+    MOE_TRY(mark_phase(b, 5, err));
 
     if (b->shared) CUDA_TRY(cudaStreamWaitEvent(b->s0, b->ev_join, 0), "join wait");
     MOE_TRY(moe_cuda_sum_topk(b->dt, T, k, H, y, NULL, b->shared ? shared_out : NULL, NULL, NULL,
                               0, 0, st->out, b->s0, err));
+    MOE_TRY(mark_phase(b, 6, err));
     b->last_x = x;
     b->last_T = T;
     return MOE_OK;

@@ -114,6 +114,15 @@ moe_status cuda_fwd_state_upload(cuda_block *b, const moe_fwd_state *host, moe_f
 moe_status cuda_block_route(cuda_block *b, const void *x, int T, moe_fwd_state *st,
                             moe_error *err);
 
+/* Phase markers for timing (the bench's breakdown): with events set (an array of
+ * CUDA_BLOCK_PHASE_EVENTS timing events, borrowed until reset with NULL), cuda_block_forward
+ * records them on its main stream at: 0 start, 1 after the router GEMM + top-k, 2 after the
+ * counting sort / offsets, 3 after grouped GEMM1 (SiLU-and-mul is its epilogue), 4 = 3 (the
+ * activation has no launch of its own), 5 after grouped GEMM2, 6 after the sum over k (which
+ * waits for Llama-4's shared expert, run on a second stream from 0 on). Not for captured graphs. */
+#define CUDA_BLOCK_PHASE_EVENTS 7
+void cuda_block_set_phase_events(cuda_block *b, cudaEvent_t *events);
+
 /* Forward of the block on x [T,H] (device), T <= max_T, st from cuda_fwd_state_alloc (or
  * device buffers of the same sizes) with st->T == T.
  * Writes every non-NULL buffer of st; a NULL buffer (except out, which is required) is
