@@ -51,7 +51,8 @@ if want sanitizer; then
     for m in small-qwen3-aligned small-llama4-aligned; do
       for tool in memcheck racecheck; do
         # racecheck tracks every shared-memory access: a smaller batch (still >= 16 rows/expert)
-        tok=256; [ $tool = racecheck ] && tok=64
+        # (k=2, E=8: 64 tokens = 16 rows/expert; Llama-4 k=1 needs 128 for the wgmma path)
+        tok=256; [ $tool = racecheck ] && tok=128
         timeout -s KILL 150 compute-sanitizer --tool $tool --error-exitcode 9 $ep check --backend cuda \
           --model launch/configs/$m.json --tokens $tok --backward > "$log/sanitizer_${tool}_$m.txt" 2>&1
         summary+=("compute-sanitizer $tool $m: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/sanitizer_${tool}_$m.txt" | tail -1); $(grep -o 'gemm1: [^;]*' "$log/sanitizer_${tool}_$m.txt" | head -1))")
@@ -65,6 +66,7 @@ fi
 # NCCL-to-self; E=5 over 5 MPI ranks sharing the GPU) against HF's own output
 if want ep; then
   fx=tests/fixtures/hf
+  rm -f /tmp/ep_q.safetensors /tmp/ep_l.safetensors # never compare a stale output
   $ep forward --backend cuda --ep-virtual 7 --transport nccl --stats --config $fx/qwen3_norm_fp32/config.json \
     --weights $fx/qwen3_norm_fp32/weights.safetensors --input $fx/qwen3_norm_fp32/io.safetensors --output /tmp/ep_q.safetensors > "$log/ep_cli.txt" 2>&1
   $ep compare /tmp/ep_q.safetensors $fx/qwen3_norm_fp32/io.safetensors --tol 1e-5 --mask tie_mask >> "$log/ep_cli.txt" 2>&1

@@ -149,7 +149,7 @@ static moe_status cuda_engine_backward(moe_engine *e, int T, const void *x, cons
 }
 
 /* Device-resident timing with CUDA events: inputs uploaded once (rotate sets), no transfers in
- * the timed region. The route phase is timed by itself in separate launches. */
+ * the timed region. The phases come from a separate pass with cuda_block's phase markers. */
 static moe_status cuda_engine_time(moe_engine *e, moe_bench_mode mode, int T,
                                    const void *const *xs, const void *dout, int rotate,
                                    int warmup, int iters, double *times_ms, double *phase_ms,

@@ -56,8 +56,11 @@ int cli_check(int argc, char **argv)
     int rc = cli_parse("check", syn, desc, opts, argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if ((rc = cli_require("check", opts, "model"))) return rc;
-    if (cli_ep_wanted(&ep)) return cli_ep_check(model, tokens, dtype_s, backend_s, seed, backward, &ep);
     if (threads > 0) omp_set_num_threads(threads);
+    if (cli_ep_wanted(&ep)) {
+        if ((rc = cli_ep_reject_plain_only("check", sample, kcfg, autotune, tcache))) return rc;
+        return cli_ep_check(model, tokens, dtype_s, backend_s, seed, backward, &ep);
+    }
 
     moe_error err = {0};
     moe_config cfg;

@@ -25,12 +25,16 @@ typedef struct cli_ep_args {
     {"ep-virtual", OPT_INT, "V", "EP: this process plans and dispatches as V ranks (default 1)", .i = &(a).virtual_ranks, .min = 1}, \
     {"chunks", OPT_INT, "C", "EP: pipeline the batch in C chunks to overlap transfers with compute (default 1)", .i = &(a).chunks, .min = 1}, \
     {"route", OPT_STRING, "MODE", "EP: forced routing for tests: uniform, skewed, all-to-one[:R], file:PATH (default router)", .str = &(a).route}, \
-    {"max-tokens-per-rank", OPT_INT, "M", "EP: size buffers once for at most M tokens per rank (sync-free mode; more is an error)", .i = &(a).max_tokens_per_rank, .min = 0}, \
+    {"max-tokens-per-rank", OPT_INT, "M", "EP: size buffers once for at most M tokens per rank (more is an error); on cuda over nccl also sync-free and graph-capturable, not with --chunks > 1", .i = &(a).max_tokens_per_rank, .min = 0}, \
     {"stats", OPT_FLAG, NULL, "EP: print per-peer token/byte counters and the chunk timeline", .flag = &(a).stats}
 
 void cli_ep_args_init(cli_ep_args *a);
 /* Whether this run is expert-parallel: launched by mpirun with >1 rank, or an EP option given. */
 bool cli_ep_wanted(const cli_ep_args *a);
+/* Options of the single-rank path that the expert-parallel one does not take (sample > 0,
+ * a kernel configuration, autotuning): a message naming the first one given, and 2; else 0. */
+int cli_ep_reject_plain_only(const char *cmd, int sample, const char *kernel_config,
+                             bool autotune, const char *autotune_cache);
 
 /* `moe-ep forward` expert-parallel. Returns the exit code (all ranks agree). */
 int cli_ep_forward(const char *config, const char *weights, int layer, const char *input,

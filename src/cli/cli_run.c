@@ -98,6 +98,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         if (req[i] && (rc = cli_require(cmd, opts, req[i]))) return rc;
     if (a.threads > 0) omp_set_num_threads(a.threads);
     if (cli_ep_wanted(&ep)) {
+        if ((rc = cli_ep_reject_plain_only(cmd, 0, kcfg, autotune, tcache))) return rc;
         if (backward) {
             fprintf(stderr, "moe-ep backward: expert-parallel backward is available through the library "
                             "(moe_ep_backward) and `moe-ep check --backward` under mpirun; the backward "
