@@ -57,7 +57,7 @@ static void csv_num(FILE *f, const char *fmt, double v)
 static void json_num(FILE *f, const char *key, const char *fmt, double v)
 {
     fprintf(f, ",\"%s\":", key);
-    if (isnan(v)) fputs("null", f);
+    if (!isfinite(v)) fputs("null", f); /* JSON has no NaN or infinity */
     else fprintf(f, fmt, v);
 }
 
