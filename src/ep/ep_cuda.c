@@ -787,6 +787,40 @@ static moe_status nccl_exchange(moe_ep_cuda_ctx *c, const ep_plan *p, int ch, bo
     return MOE_OK;
 }
 
+/* Start round (ch, v) of an MPI transfer of nb host-staged buffers (buffer set `set`'s pinned
+ * buffers hs -> hr): forward from send rows to receive rows, or back. The transport copies the
+ * counts, so the layout scratch L [4N] can be reused at once. */
+static moe_status mpi_round_start(moe_ep_cuda_ctx *c, int set, const ep_plan *p, int ch, int v, bool back,
+                                  int nb, const int *hs, const int *hr, const size_t *row,
+                                  const char *const *what, int64_t *L, ep_request *req,
+                                  moe_error *err)
+{
+    int N = c->N;
+    size_t base = ((size_t)ch * c->V + v) * N;
+    const int64_t *sr = back ? p->recv_rows : p->send_rows, *so = back ? p->recv_off : p->send_off;
+    const int64_t *rr = back ? p->send_rows : p->recv_rows, *ro = back ? p->send_off : p->recv_off;
+    for (int q = 0; q < N; q++) {
+        L[q] = sr[base + q];
+        L[N + q] = so[base + q] - so[base];
+        L[2 * N + q] = rr[base + q];
+        L[3 * N + q] = ro[base + q] - ro[base];
+    }
+    ep_xfer x;
+    memset(&x, 0, sizeof x);
+    x.nbufs = nb;
+    for (int b = 0; b < nb; b++) {
+        x.send[b] = (char *)c->hb[set][hs[b]].p + (size_t)so[base] * row[b];
+        x.recv[b] = (char *)c->hb[set][hr[b]].p + (size_t)ro[base] * row[b];
+        x.row_bytes[b] = row[b];
+        x.what[b] = what[b];
+    }
+    x.send_rows = L;
+    x.send_off = L + N;
+    x.recv_rows = L + 2 * N;
+    x.recv_off = L + 3 * N;
+    return c->ep->tp->start(c->ep->tp, &x, req, err);
+}
+
 /* MPI: stage the device rows through pinned host buffers, one MPI_Ialltoallv per round and
  * buffer (the CPU backend's transport), and back to the device. */
 static moe_status mpi_exchange(moe_ep_cuda_ctx *c, int set, const ep_plan *p, bool back, int nb,
@@ -808,32 +842,10 @@ static moe_status mpi_exchange(moe_ep_cuda_ctx *c, int set, const ep_plan *p, bo
     ep_request *req = moe_calloc((size_t)V, sizeof *req, "EP requests", err);
     int64_t *lay = moe_malloc(4 * (size_t)N * V * sizeof(int64_t), "EP layout", err);
     moe_status st = req && lay ? MOE_OK : MOE_ERR_NOMEM;
-    for (int v = 0; v < V && st == MOE_OK; v++) {
-        int64_t *L = lay + (size_t)4 * N * v;
-        size_t base = (size_t)v * N;
-        const int64_t *sr = back ? p->recv_rows : p->send_rows, *so = back ? p->recv_off : p->send_off;
-        const int64_t *rr = back ? p->send_rows : p->recv_rows, *ro = back ? p->send_off : p->recv_off;
-        for (int q = 0; q < N; q++) {
-            L[q] = sr[base + q];
-            L[N + q] = so[base + q] - so[base];
-            L[2 * N + q] = rr[base + q];
-            L[3 * N + q] = ro[base + q] - ro[base];
-        }
-        ep_xfer x;
-        memset(&x, 0, sizeof x);
-        x.nbufs = nb;
-        for (int b = 0; b < nb; b++) {
-            x.send[b] = (char *)c->hb[set][hs[b]].p + (size_t)so[base] * row[b];
-            x.recv[b] = (char *)c->hb[set][hr[b]].p + (size_t)ro[base] * row[b];
-            x.row_bytes[b] = row[b];
-            x.what[b] = what[b];
-        }
-        x.send_rows = L;
-        x.send_off = L + N;
-        x.recv_rows = L + 2 * N;
-        x.recv_off = L + 3 * N;
-        st = c->ep->tp->start(c->ep->tp, &x, &req[v], err);
-    }
+    /* a layout scratch per round (the transport copies the counts, so one would do) */
+    for (int v = 0; v < V && st == MOE_OK; v++)
+        st = mpi_round_start(c, set, p, 0, v, back, nb, hs, hr, row, what, lay + (size_t)4 * N * v,
+                             &req[v], err);
     for (int v = 0; v < V && req; v++) {
         moe_status ws = c->ep->tp->wait(c->ep->tp, &req[v], err);
         if (st == MOE_OK) st = ws;
@@ -938,40 +950,6 @@ static moe_status forward_sized(moe_ep_cuda_ctx *c, int T, const void *x, const 
     if (st == MOE_OK) epc_count(c, &plan, false);
     ep_plan_free(&plan);
     return st == MOE_OK ? MOE_OK : ep_fatal(c->ep, st, err);
-}
-
-/* Start round (ch, v) of an MPI transfer of nb host-staged buffers (set 0's pinned buffers
- * hs -> hr): forward from send rows to receive rows, or back. The transport copies the
- * counts, so the layout scratch L [4N] can be reused at once. */
-static moe_status mpi_round_start(moe_ep_cuda_ctx *c, const ep_plan *p, int ch, int v, bool back,
-                                  int nb, const int *hs, const int *hr, const size_t *row,
-                                  const char *const *what, int64_t *L, ep_request *req,
-                                  moe_error *err)
-{
-    int N = c->N;
-    size_t base = ((size_t)ch * c->V + v) * N;
-    const int64_t *sr = back ? p->recv_rows : p->send_rows, *so = back ? p->recv_off : p->send_off;
-    const int64_t *rr = back ? p->send_rows : p->recv_rows, *ro = back ? p->send_off : p->recv_off;
-    for (int q = 0; q < N; q++) {
-        L[q] = sr[base + q];
-        L[N + q] = so[base + q] - so[base];
-        L[2 * N + q] = rr[base + q];
-        L[3 * N + q] = ro[base + q] - ro[base];
-    }
-    ep_xfer x;
-    memset(&x, 0, sizeof x);
-    x.nbufs = nb;
-    for (int b = 0; b < nb; b++) {
-        x.send[b] = (char *)c->hb[0][hs[b]].p + (size_t)so[base] * row[b];
-        x.recv[b] = (char *)c->hb[0][hr[b]].p + (size_t)ro[base] * row[b];
-        x.row_bytes[b] = row[b];
-        x.what[b] = what[b];
-    }
-    x.send_rows = L;
-    x.send_off = L + N;
-    x.recv_rows = L + 2 * N;
-    x.recv_off = L + 3 * N;
-    return c->ep->tp->start(c->ep->tp, &x, req, err);
 }
 
 /* Rows [first row of chunk ch, first row of chunk ch+1) of the receive (or send) side. */
@@ -1118,14 +1096,14 @@ static moe_status forward_chunked(moe_ep_cuda_ctx *c, int T, const void *x, cons
         ep_request *disp = req, *comb = req + (size_t)C * V;
         for (int i = 0; i < C; i++) {
             for (int v = 0; v < V; v++)
-                TRY(mpi_round_start(c, &plan, i, v, false, 3, hs, hr, row, wd, L, &disp[(size_t)i * V + v], err));
+                TRY(mpi_round_start(c, 0, &plan, i, v, false, 3, hs, hr, row, wd, L, &disp[(size_t)i * V + v], err));
             tl[i].dispatch_post = moe_now() - t_call;
         }
 #define POST_COMBINE(i)                                                                        \
     do {                                                                                       \
         TRYCU(cudaEventSynchronize(EV(i, 4)), "waiting for the partial rows");                \
         for (int v = 0; v < V; v++)                                                            \
-            TRY(mpi_round_start(c, &plan, (i), v, true, 1, hps, hpb, row, wc, L,              \
+            TRY(mpi_round_start(c, 0, &plan, (i), v, true, 1, hps, hpb, row, wc, L,              \
                                 &comb[(size_t)(i) * V + v], err));                             \
         tl[i].combine_post = moe_now() - t_call;                                               \
     } while (0)
