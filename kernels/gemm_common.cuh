@@ -4,7 +4,7 @@
  * mma.sync m16n8k16, and the on-device "which expert does this tile belong to" search.
  *
  * Everything here is header-only device code; each .cu file that includes it instantiates what
- * it uses. Host C never sees this file.
+ * it uses; fill_gemm_params is the one host helper. Host C never sees this file.
  */
 #ifndef MOE_GEMM_COMMON_CUH
 #define MOE_GEMM_COMMON_CUH
@@ -232,6 +232,33 @@ __device__ __forceinline__ void expert_rows(const int32_t *__restrict__ offsets,
 __device__ __forceinline__ float silu_f(float g)
 {
     return g / (1.0f + expf(-g));
+}
+
+/* Host side: the launch parameters that the forward/dX kernels' structs (GGParams in
+ * grouped_gemm.cu, WgParams in grouped_gemm_wgmma.cu) share under the same names, from the C
+ * arguments (moe_stages.h, included before this file); es = element size in bytes. */
+template <class P> inline void fill_gemm_params(P &p, const moe_grouped_gemm_args *a, size_t es)
+{
+    const bool silu = a->epilogue == MOE_EPI_SILU_MUL;
+    const bool need_gather = a->permute_x || a->permute_y || a->scale_a_rows || a->scale_c_rows;
+    p.offsets = a->expert_offsets;
+    p.gather = need_gather ? a->gather_idx : nullptr;
+    p.A = a->A;
+    p.C = a->C;
+    p.C_preact = silu ? a->C_preact : nullptr;
+    p.scale_a = a->scale_a_rows;
+    p.scale_c = a->scale_c_rows;
+    p.E = a->num_experts;
+    p.N = a->N;
+    p.K = a->K;
+    p.max_rows = a->max_rows;
+    p.topk = a->topk >= 1 ? a->topk : 1;
+    p.permute_x = a->permute_x;
+    p.permute_y = a->permute_y;
+    p.silu = silu;
+    p.n_out = silu ? a->N / 2 : a->N;
+    p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
+    p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
 }
 
 } // namespace moe_gg

@@ -626,25 +626,8 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
                    (!(silu && a->b_kn) || ((a->N / 2) * es) % 16 == 0);
 
     GGParams p;
-    p.offsets = a->expert_offsets;
-    p.gather = need_gather ? a->gather_idx : nullptr;
-    p.A = a->A;
+    fill_gemm_params(p, a, es);
     p.B = a->B;
-    p.C = a->C;
-    p.C_preact = silu ? a->C_preact : nullptr;
-    p.scale_a = a->scale_a_rows;
-    p.scale_c = a->scale_c_rows;
-    p.E = a->num_experts;
-    p.N = a->N;
-    p.K = a->K;
-    p.max_rows = a->max_rows;
-    p.topk = a->topk >= 1 ? a->topk : 1;
-    p.permute_x = a->permute_x;
-    p.permute_y = a->permute_y;
-    p.silu = silu;
-    p.n_out = silu ? a->N / 2 : a->N;
-    p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
-    p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
 
     /* A ",tma" configuration runs the wgmma kernel where it can, else the mma.sync default. */
     const bool wg = c.use_tma && moe_gg_wgmma_applicable(a, &c);

@@ -889,25 +889,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     const size_t es = 2;
 
     WgParams p;
-    p.offsets = a->expert_offsets;
-    p.gather = (a->permute_x || a->permute_y || a->scale_a_rows || a->scale_c_rows) ? a->gather_idx
-                                                                                     : nullptr;
-    p.A = a->A;
-    p.C = a->C;
-    p.C_preact = silu ? a->C_preact : nullptr;
-    p.scale_a = a->scale_a_rows;
-    p.scale_c = a->scale_c_rows;
-    p.E = a->num_experts;
-    p.N = a->N;
-    p.K = a->K;
-    p.max_rows = a->max_rows;
-    p.topk = a->topk >= 1 ? a->topk : 1;
-    p.permute_x = a->permute_x;
-    p.permute_y = a->permute_y;
-    p.silu = silu;
-    p.n_out = silu ? a->N / 2 : a->N;
-    p.c_pair = ((uintptr_t)a->C % (2 * es)) == 0 && p.n_out % 2 == 0;
-    p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
+    fill_gemm_params(p, a, es);
     p.proxy_fence = env_flag("MOE_WGMMA_PROXY_FENCE");
     p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
