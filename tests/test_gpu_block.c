@@ -370,34 +370,10 @@ static void router_bwd_of(const run *r, int t, const double *dw, double *dl)
 {
     const int E = r->E, k = r->k;
     const int32_t *id = r->hs.topk_ids + (size_t)t * k;
-    double *p = dalloc((size_t)E);
-    double mx = -INFINITY, s = 0;
-    for (int e = 0; e < E; e++) {
-        p[e] = L(r->c.dt, r->hs.router_logits, (size_t)t * E + e);
-        mx = fmax(mx, p[e]);
-        dl[e] = 0;
-    }
-    if (!r->llama) {
-        for (int e = 0; e < E; e++) s += (p[e] = exp(p[e] - mx));
-        for (int e = 0; e < E; e++) p[e] /= s;
-        if (r->c.cfg.norm_topk_prob) {
-            double S = 0, c = 0;
-            for (int j = 0; j < k; j++) S += p[id[j]];
-            for (int j = 0; j < k; j++) c += p[id[j]] / S * dw[j];
-            for (int j = 0; j < k; j++) dl[id[j]] = p[id[j]] / S * (dw[j] - c);
-        } else {
-            double c = 0;
-            for (int j = 0; j < k; j++) c += p[id[j]] * dw[j];
-            for (int e = 0; e < E; e++) dl[e] = -p[e] * c;
-            for (int j = 0; j < k; j++) dl[id[j]] = p[id[j]] * (dw[j] - c);
-        }
-    } else {
-        for (int j = 0; j < k; j++) {
-            double sg = sigm(p[id[j]]);
-            dl[id[j]] = dw[j] * sg * (1.0 - sg);
-        }
-    }
-    free(p);
+    double *lg = dalloc((size_t)E);
+    for (int e = 0; e < E; e++) lg[e] = L(r->c.dt, r->hs.router_logits, (size_t)t * E + e);
+    moe_test_router_bwd_ref(r->llama, r->c.cfg.norm_topk_prob, E, k, lg, id, dw, dl);
+    free(lg);
 }
 
 static void check_close(const char *case_name, const char *what, const double *a, const double *ref,

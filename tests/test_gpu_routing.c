@@ -507,41 +507,17 @@ static void check_router_bwd_case(moe_arch arch, bool norm, int E, int k, int T,
     void *hl = hmalloc(nl * es), *out = hmalloc(nl * es);
     int32_t *ids = hmalloc(nk * 4);
     double *wref = hmalloc(nk * sizeof(double)), *ref = hmalloc(nl * sizeof(double)),
-           *got = hmalloc(nl * sizeof(double)), *p = hmalloc((size_t)E * sizeof(double));
+           *got = hmalloc(nl * sizeof(double)), *p = hmalloc((size_t)E * sizeof(double)),
+           *dd = hmalloc((size_t)k * sizeof(double));
     float *dw = hmalloc(nk * 4);
     fill_logits(dt, T, E, moe_rng_stream(seed, "logits"), hl);
     ref_route(&cfg, dt, T, hl, ids, wref);
     for (size_t i = 0; i < nk; i++) dw[i] = (float)moe_rng_normal(moe_rng_stream(seed, "dw"), i);
     for (int t = 0; t < T; t++) {
         const int32_t *id = ids + (size_t)t * k;
-        const float *d = dw + (size_t)t * k;
-        double *r = ref + (size_t)t * E;
-        double mx = -INFINITY, s = 0;
-        for (int e = 0; e < E; e++) {
-            p[e] = moe_load_elem(dt, hl, (size_t)t * E + e);
-            mx = fmax(mx, p[e]);
-        }
-        for (int e = 0; e < E; e++) r[e] = 0;
-        if (arch == MOE_ARCH_QWEN3) {
-            for (int e = 0; e < E; e++) s += (p[e] = exp(p[e] - mx));
-            for (int e = 0; e < E; e++) p[e] /= s;
-            if (norm) {
-                double S = 0, c = 0;
-                for (int j = 0; j < k; j++) S += p[id[j]];
-                for (int j = 0; j < k; j++) c += p[id[j]] / S * d[j];
-                for (int j = 0; j < k; j++) r[id[j]] = p[id[j]] / S * (d[j] - c);
-            } else {
-                double c = 0;
-                for (int j = 0; j < k; j++) c += p[id[j]] * d[j];
-                for (int e = 0; e < E; e++) r[e] = -p[e] * c;
-                for (int j = 0; j < k; j++) r[id[j]] = p[id[j]] * (d[j] - c);
-            }
-        } else {
-            for (int j = 0; j < k; j++) {
-                double sg = 1.0 / (1.0 + exp(-p[id[j]]));
-                r[id[j]] = d[j] * sg * (1.0 - sg);
-            }
-        }
+        for (int j = 0; j < k; j++) dd[j] = dw[(size_t)t * k + j];
+        for (int e = 0; e < E; e++) p[e] = moe_load_elem(dt, hl, (size_t)t * E + e);
+        moe_test_router_bwd_ref(arch != MOE_ARCH_QWEN3, norm, E, k, p, id, dd, ref + (size_t)t * E);
     }
     void *dl = dcopy(hl, nl * es), *dids = dcopy(ids, nk * 4), *ddw = dcopy(dw, nk * 4),
          *dout = dmalloc(nl * es);
@@ -557,7 +533,7 @@ static void check_router_bwd_case(moe_arch arch, bool norm, int E, int k, int T,
     snprintf(what, sizeof what, "router bwd %s%s E=%d k=%d %s", arch == MOE_ARCH_QWEN3 ? "qwen3" : "llama4",
              norm ? " norm" : "", E, k, moe_dtype_name(dt));
     moe_test_assert_close(what, got, ref, (size_t)T, (size_t)E, moe_test_tol(dt, true));
-    free(hl); free(out); free(ids); free(wref); free(ref); free(got); free(p); free(dw);
+    free(hl); free(out); free(ids); free(wref); free(ref); free(got); free(p); free(dd); free(dw);
     cudaFree(dl); cudaFree(dids); cudaFree(ddw); cudaFree(dout);
 }
 

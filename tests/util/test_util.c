@@ -88,3 +88,34 @@ double moe_test_tol(moe_dtype dt, bool grad)
     default: return 1e-9;
     }
 }
+
+void moe_test_router_bwd_ref(bool llama, bool norm, int E, int k, const double *logits,
+                             const int32_t *id, const double *dw, double *dl)
+{
+    for (int e = 0; e < E; e++) dl[e] = 0;
+    if (llama) {
+        for (int j = 0; j < k; j++) {
+            double sg = 1.0 / (1.0 + exp(-logits[id[j]]));
+            dl[id[j]] = dw[j] * sg * (1.0 - sg);
+        }
+        return;
+    }
+    double *p = malloc(sizeof(double) * (size_t)(E > 0 ? E : 1));
+    if (!p) abort();
+    double mx = -INFINITY, s = 0;
+    for (int e = 0; e < E; e++) mx = fmax(mx, logits[e]);
+    for (int e = 0; e < E; e++) s += (p[e] = exp(logits[e] - mx));
+    for (int e = 0; e < E; e++) p[e] /= s;
+    if (norm) {
+        double S = 0, c = 0;
+        for (int j = 0; j < k; j++) S += p[id[j]];
+        for (int j = 0; j < k; j++) c += p[id[j]] / S * dw[j];
+        for (int j = 0; j < k; j++) dl[id[j]] = p[id[j]] / S * (dw[j] - c);
+    } else {
+        double c = 0;
+        for (int j = 0; j < k; j++) c += p[id[j]] * dw[j];
+        for (int e = 0; e < E; e++) dl[e] = -p[e] * c;
+        for (int j = 0; j < k; j++) dl[id[j]] = p[id[j]] * (dw[j] - c);
+    }
+    free(p);
+}

@@ -38,5 +38,11 @@ bool moe_test_close(const char *what, const double *a, const double *ref, size_t
     assert_true(moe_test_close((what), (a), (ref), (rows), (cols), (tol)))
 /* Default tolerance of a dtype (DESIGN.md): bf16 1e-2, fp16 1e-3, fp32 1e-5; grad=true: fp32 1e-4. */
 double moe_test_tol(moe_dtype dt, bool grad);
+/* Router backward of one token in double, written from the math (not the library's code):
+ * logits [E] (as the layer rounded them), its top-k ids [k] and dL/d(routing weight j) dw [k]
+ * -> dl [E]. Qwen3 (llama = false): softmax over E, renormalised over the k when norm (then
+ * only the k selected logits get gradient); Llama-4: sigmoid of each selected logit. */
+void moe_test_router_bwd_ref(bool llama, bool norm, int E, int k, const double *logits,
+                             const int32_t *id, const double *dw, double *dl);
 
 #endif /* MOE_TEST_UTIL_H */
