@@ -11,7 +11,9 @@
  * fp32 runs the FFMA kernels, X(BM, BN): 256 threads, BK 16, one shared-memory stage.
  *
  * Hopper wgmma path (bf16, fp16 forward with B_e [N, K]; grouped_gemm_wgmma.cu), selected by
- * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES): BM-row tiles (128: 64 rows per
+ * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES, CLUSTER): CLUSTER 1, or 2 for pairs
+ * of CTAs (",c2": a cluster of two row tiles of one expert and column multicasting the weight
+ * tile to both); BM-row tiles (128: 64 rows per
  * consumer warpgroup; the kernel also takes 256: 128 rows each, two m64 wgmmas per k16, e.g.
  * X(256, 128, 64, 12, 4), measured 1.5-2x slower on an H100 and so not listed), BK 64 (one 128-byte swizzle row), 12 warps = one producer warpgroup (TMA
  * for B, cp.async gather for A) + two consumer warpgroups (wgmma m64nBNk16), STAGES mbarrier
@@ -36,8 +38,10 @@
     X(64, 64, 32, 2, 2, 2)
 
 #define MOE_GG_WGMMA_CONFIGS(X) \
-    X(128, 256, 64, 12, 4)      \
-    X(128, 128, 64, 12, 6)
+    X(128, 256, 64, 12, 4, 1)   \
+    X(128, 128, 64, 12, 6, 1)   \
+    X(128, 256, 64, 12, 4, 2)   \
+    X(128, 128, 64, 12, 6, 2)
 
 #define MOE_GG_NARROW_CONFIG(X) X(64, 64, 32, 2, 2, 2)
 

@@ -84,17 +84,20 @@ struct WgParams {
 };
 
 /* ---- tile search, one warp at a time ----
- * Tile t (expert-major): expert e owns rt_e * col_tiles consecutive tiles, rt_e =
- * ceil(rows_e / BM); inside, tile (col, rowt) is at col * rt_e + rowt. The warp scans the
- * clamped offsets in shared memory 32 experts per round (shuffle prefix sum, ballot for the
- * owner). Returns false (warp-uniformly) when t is past the last tile. */
+ * Unit t (expert-major): expert e owns ru_e * col_tiles consecutive units, ru_e =
+ * ceil(rt_e / CL) with rt_e = ceil(rows_e / BM) row tiles; inside, unit (col, rowu) is at
+ * col * ru_e + rowu, and CTA `rank` of the cluster takes row tile CL * rowu + rank (with CL = 1:
+ * the unit is the tile). A row tile past the expert's rows comes back with row_end <= row0 (no
+ * rows: the CTA still takes part in the pair's weight loads). The warp scans the clamped
+ * offsets in shared memory 32 experts per round (shuffle prefix sum, ballot for the owner).
+ * Returns false (warp-uniformly) when t is past the last unit. */
 struct WgTile {
     int expert, row0, row_end, col;
 };
 
-template <int BM>
+template <int BM, int CL>
 __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_tiles, int t,
-                                             WgTile *out)
+                                             int rank, WgTile *out)
 {
     const int lane = threadIdx.x & 31;
     int carry = 0;
@@ -105,6 +108,7 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
             lo = s_off[e];
             hi = max(s_off[e + 1], lo);
             rt = (hi - lo + BM - 1) / BM;
+            rt = (rt + CL - 1) / CL; /* row units */
         }
         const int cnt = rt * col_tiles;
         int incl = cnt;
@@ -125,7 +129,7 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
             const int local = t - __shfl_sync(0xffffffffu, excl, src);
             out->expert = he;
             out->col = local / hrt;
-            out->row0 = hlo + (local % hrt) * BM;
+            out->row0 = hlo + ((local % hrt) * CL + rank) * BM;
             out->row_end = min(out->row0 + BM, hhi);
             return true;
         }
@@ -233,6 +237,56 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
                  " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+                 : "memory");
+}
+/* ---- 2-CTA clusters (CL = 2): the pair shares each weight tile ----
+ * Each CTA of the pair loads one half of the B tile and multicasts it into both CTAs' shared
+ * memory (same offsets), completing on both CTAs' full barriers; a stage is free again only
+ * when the consumers of both CTAs released it, so each consumer warp arrives on the empty
+ * barrier of both CTAs. */
+__device__ __forceinline__ uint32_t cluster_ctarank()
+{
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_id_x()
+{
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ uint32_t cluster_count_x()
+{
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
+    return r;
+}
+/* Every thread of every CTA of the cluster: release what came before, acquire the others'. */
+__device__ __forceinline__ void cluster_sync()
+{
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+                     : "memory");
+}
+/* Arrive on the mbarrier at shared-memory offset bar of CTA `rank` of the cluster. Default
+ * (.release.cta) semantics: the arrival only says "my wgmmas finished reading this stage"
+ * (wgmma.wait_group already guarantees that); nothing written here is read by the peer, so no
+ * cluster-scope release, which costs a MEMBAR.ALL.GPU per arrival (waiting, after an
+ * epilogue, for all its global stores). */
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank)
+{
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+                 "r"(rank)
+                 : "memory");
+}
+/* tma_load_2d into the same offset of every CTA in mask, completing on each one's barrier. */
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap *map, int c0,
+                                                      int c1, uint32_t bar, uint16_t mask)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
                  : "memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -452,8 +506,13 @@ template <int N> struct WgCount {
  * BM = 256: 128 rows each (two m64 wgmmas per k16 on the same B descriptor, 2 x BN/2
  * accumulators), so a weight tile is streamed once per 256 rows. A warpgroup skips the wgmmas
  * of its m64 blocks that hold no row of the tile (warpgroup-uniform): a short last row tile
- * costs its B stream, not the tensor time of 256 rows. */
-template <typename T, int BM, int BN, int S, bool SCALE_A>
+ * costs its B stream, not the tensor time of 256 rows.
+ * CL = 2: launched in clusters of two CTAs that take the two row tiles of one (expert, column,
+ * row pair) unit and share its weight tile: each loads one half of every B stage (the gate or
+ * the up box with SiLU, else one BN/2-row half) and multicasts it into both, so each weight byte
+ * leaves L2 once per 2 row tiles instead of once per tile (the mainloop is bound by L2->SM
+ * traffic: 48 KB per k step per CTA without, 32 KB with). */
+template <typename T, int BM, int BN, int S, bool SCALE_A, int CL>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
@@ -464,6 +523,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     static_assert(BM == 128 || BM == 256, "128 or 256 rows per tile");
     static_assert(MB * BN / 2 <= 128, "at most 128 fp32 accumulators per consumer thread");
     static_assert(S >= 3, "at least three stages");
+    static_assert(CL == 1 || CL == 2, "clusters of one or two CTAs");
 
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const uint32_t raw = smem_u32(wg_smem);
@@ -484,11 +544,16 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     if (threadIdx.x == 0) {
         for (int s = 0; s < S; s++) {
             mbar_init(full(s), 128 + 1); /* 128 producer threads + the TMA byte-count arrival */
-            mbar_init(empty(s), 8);      /* the 8 consumer warps */
+            mbar_init(empty(s), 8 * CL); /* the 8 consumer warps of each CTA of the cluster */
         }
         fence_barrier_init();
     }
     __syncthreads();
+    /* the peer's barriers must be initialised before anything is multicast or arrives there */
+    if (CL > 1) cluster_sync();
+    const int rank = CL > 1 ? (int)cluster_ctarank() : 0;
+    const int unit0 = CL > 1 ? (int)cluster_id_x() : (int)blockIdx.x;
+    const int units_step = CL > 1 ? (int)cluster_count_x() : (int)gridDim.x;
 
     const int KT = (p.K + WG_BK - 1) / WG_BK;
     if (threadIdx.x < 128) {
@@ -499,9 +564,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         const uint32_t a_off = (uint32_t)(rsub * 128 + ((chunk ^ (rsub & 7)) << 4));
         const T *A = static_cast<const T *>(p.A);
         uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
-        for (int t = blockIdx.x;; t += gridDim.x) {
+        for (int t = unit0;; t += units_step) {
             WgTile tl;
-            if (!wg_find_tile<BM>(s_off, p.E, p.col_tiles, t, &tl)) break;
+            if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) break;
             int arow[AROW_SMEM ? 1 : BM / 16];
 #pragma unroll
             for (int i = 0; i < BM / 16; i++) {
@@ -517,10 +582,16 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 else
                     arow[AROW_SMEM ? 0 : i] = ar;
             }
+            /* The B tile is two boxes of BN/2 rows: with SiLU the gate rows j0.. and the up rows
+             * I + j0.., else the two halves of the BN rows. CL = 1 loads both; with CL = 2 CTA
+             * `rank` loads box `rank` and multicasts it to the pair. */
             const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
+            const int box_step = p.silu ? p.N / 2 : BN / 2;
+            const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
-                if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1); /* use it/S - 1 released */
+                /* use it/S - 1 released (by both CTAs' consumers with CL = 2) */
+                if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
                 if (pt == 0 && p.prefetch > 0) {
                     /* MOE_WGMMA_PREFETCH=n (off by default): L2 prefetch of the B boxes n
                      * steps ahead (at the tile's first step also the ones before that), so the
@@ -528,19 +599,21 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                      * 1.2-1.8x slower on an H100 (docs/KERNELS.md): kept as an experiment. */
                     const int k0 = kt == 0 ? 1 : kt + p.prefetch;
                     const int k1 = min(kt + p.prefetch, KT - 1);
-                    for (int kp = k0; kp <= k1; kp++) {
-                        tma_prefetch_2d(&tmap, kp * WG_BK, brow);
-                        if (p.silu) tma_prefetch_2d(&tmap, kp * WG_BK, brow + p.N / 2);
-                    }
+                    for (int kp = k0; kp <= k1; kp++)
+                        for (int b = box_lo; b < box_hi; b++)
+                            tma_prefetch_2d(&tmap, kp * WG_BK, brow + b * box_step);
                 }
                 if (pt == 0) {
+                    /* this CTA's barrier expects the whole tile, both halves */
                     mbar_arrive_expect_tx(full(s), B_BYTES);
                     const uint32_t dst = sB + s * B_BYTES;
-                    if (p.silu) { /* gate rows j0.. then up rows I + j0.. */
-                        tma_load_2d(dst, &tmap, kt * WG_BK, brow, full(s));
-                        tma_load_2d(dst + B_BYTES / 2, &tmap, kt * WG_BK, brow + p.N / 2, full(s));
-                    } else {
-                        tma_load_2d(dst, &tmap, kt * WG_BK, brow, full(s));
+                    for (int b = box_lo; b < box_hi; b++) {
+                        if (CL > 1)
+                            tma_load_2d_multicast(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
+                                                  brow + b * box_step, full(s), (1u << CL) - 1);
+                        else
+                            tma_load_2d(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
+                                        brow + b * box_step, full(s));
                     }
                 }
                 const int k = kt * WG_BK + chunk * 8;
@@ -570,15 +643,24 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                                            (((tw & 7) ^ ((tw >> 3) & 7)) << 4));
         const bool cvec = p.c_vec && !p.narrow_stores;
         const bool pvec = p.p_vec && !p.narrow_stores;
+        /* a stage is released to the producer of each CTA of the cluster (both load into it) */
+        auto release = [&](uint32_t s) {
+            if (lane != 0) return;
+            if (CL > 1) {
+                for (int r = 0; r < CL; r++) mbar_arrive_cluster(empty(s), (uint32_t)r);
+            } else {
+                mbar_arrive(empty(s));
+            }
+        };
         float acc[MB][BN / 2];
 #pragma unroll
         for (int m = 0; m < MB; m++)
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[m][i] = 0.f;
         uint32_t it = 0;
-        for (int t = blockIdx.x;; t += gridDim.x) {
+        for (int t = unit0;; t += units_step) {
             WgTile tl;
-            if (!wg_find_tile<BM>(s_off, p.E, p.col_tiles, t, &tl)) break;
+            if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) break;
             const int wrow0 = tl.row0 + 64 * MB * cw; /* this warpgroup's first row */
             const int rem = tl.row_end - wrow0;
             const int nact = rem <= 0 ? 0 : min((rem + 63) >> 6, MB); /* m64 blocks with rows */
@@ -652,7 +734,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                                               (kt > 0 || kk > 0) ? 1 : 0);
                     wgmma_commit();
                     wgmma_wait<1>(); /* the previous stage's MMAs are done: release it */
-                    if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % S));
+                    if (kt > 0) release((it - 1) % S);
                 }
             };
             if (nact >= MB)
@@ -664,7 +746,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             wgmma_wait<0>();
 #pragma unroll
             for (int m = 0; m < MB; m++) fence_regs(acc[m]);
-            if (lane == 0) mbar_arrive(empty((it - 1) % S));
+            release((it - 1) % S);
 
             if (p.skip_epilogue) continue;
 #pragma unroll
@@ -672,11 +754,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 if (m < nact) wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], tl.col, lane, cvec, pvec);
         }
     }
+    /* CL = 2: no CTA leaves while its peer may still arrive on its barriers */
+    if (CL > 1) cluster_sync();
 }
 
 #else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
 
-template <typename T, int BM, int BN, int S, bool SCALE_A>
+template <typename T, int BM, int BN, int S, bool SCALE_A, int CL>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
@@ -752,12 +836,12 @@ bool dev_info(DevInfo *out)
 
 /* Whether this build holds the real sm_90a kernel (the stub for other targets declares static
  * shared memory; the real one uses dynamic shared memory only). */
-template <typename T, int BM, int BN, int S, bool SA>
+template <typename T, int BM, int BN, int S, bool SA, int CL>
 bool kernel_is_real()
 {
     static const bool real = []() {
         cudaFuncAttributes at;
-        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA>) != cudaSuccess) {
+        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL>) != cudaSuccess) {
             cudaGetLastError();
             return false;
         }
@@ -802,26 +886,88 @@ int prefetch_steps()
 
 bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-template <typename T, int BM, int BN, int S, bool SA>
+/* How many clusters of CL CTAs of this kernel (with smem bytes each) can be resident at once:
+ * the persistent grid's size. Asked once per instantiation and shared-memory size. */
+template <typename K>
+int resident_clusters(K kern, int cl, size_t smem, int sms)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(sms / cl * cl));
+    cfg.blockDim = dim3(WG_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = (unsigned)cl;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+template <typename T, int BM, int BN, int S, bool SA, int CL>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
 {
-    auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA>;
+    auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL>;
     const size_t smem = wg_smem_bytes<BM, BN, S>() + (size_t)(p.E + 1) * 4;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
-    long long tiles = row_tile_slots_wg(p.max_rows, p.E, BM) * p.col_tiles;
-    long long grid = tiles < d.sms ? tiles : d.sms;
+    /* units: every expert's row tiles in groups of CL (each expert wastes at most one group) */
+    const long long units =
+        (row_tile_slots_wg(p.max_rows, p.E, BM) + (long long)(CL - 1) * (p.E + 1)) / CL * p.col_tiles;
+    if (CL == 1) {
+        long long grid = units < d.sms ? units : d.sms;
+        const int cap = max_ctas_override();
+        if (cap > 0 && grid > cap) grid = cap;
+        if (grid < 1) grid = 1;
+        kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map);
+        return cudaGetLastError();
+    }
+    /* Clusters: as many as can be resident together (a GPU that cannot co-schedule a pair
+     * runs the one-CTA kernel of the same tile instead: same results, no weight sharing). */
+    static size_t known_smem = 0;
+    static int known_sms = 0, known_clusters = 0; /* benign race: all compute the same values */
+    if (known_smem != smem || known_sms != d.sms) {
+        known_clusters = resident_clusters(kern, CL, smem, d.sms);
+        known_smem = smem;
+        known_sms = d.sms;
+    }
+    long long clusters = known_clusters;
+    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1>(p, map, d, s);
+    if (units < clusters) clusters = units;
     const int cap = max_ctas_override();
-    if (cap > 0 && grid > cap) grid = cap;
-    if (grid < 1) grid = 1;
-    kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map);
-    return cudaGetLastError();
+    if (cap > 0 && clusters * CL > cap) clusters = cap / CL;
+    if (clusters < 1) clusters = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(clusters * CL));
+    cfg.blockDim = dim3(WG_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = CL;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, kern, p, map);
+    return e != cudaSuccess ? e : cudaGetLastError();
 }
+
+/* Whether c names wgmma configuration X(bm, bn, bk, w, st, cl) (cluster 0 and 1: none). */
+#define MOE_WG_IS(c, bm, bn, bk, w, st, cl)                                                    \
+    ((c).tile_m == bm && (c).tile_n == bn && (c).tile_k == bk && (c).warps == w &&               \
+     (c).stages == st && ((c).cluster > 1 ? (c).cluster : 1) == cl)
 
 bool config_listed(const moe_kernel_config &c)
 {
-#define MOE_WG_LISTED(bm, bn, bk, w, st) \
-    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) return true;
+#define MOE_WG_LISTED(bm, bn, bk, w, st, cl) \
+    if (MOE_WG_IS(c, bm, bn, bk, w, st, cl)) return true;
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LISTED)
 #undef MOE_WG_LISTED
     return false;
@@ -830,9 +976,9 @@ bool config_listed(const moe_kernel_config &c)
 template <typename T>
 bool real_for(const moe_kernel_config &c)
 {
-#define MOE_WG_REAL(bm, bn, bk, w, st)                                                          \
-    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
-        return kernel_is_real<T, bm, bn, st, false>() && kernel_is_real<T, bm, bn, st, true>();
+#define MOE_WG_REAL(bm, bn, bk, w, st, cl)                                                      \
+    if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
+        return kernel_is_real<T, bm, bn, st, false, cl>() && kernel_is_real<T, bm, bn, st, true, cl>();
     MOE_GG_WGMMA_CONFIGS(MOE_WG_REAL)
 #undef MOE_WG_REAL
     return false;
@@ -842,10 +988,10 @@ template <typename T>
 cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d,
                         const moe_kernel_config &c, bool sa, cudaStream_t s)
 {
-#define MOE_WG_LAUNCH(bm, bn, bk, w, st)                                                        \
-    if (c.tile_m == bm && c.tile_n == bn && c.tile_k == bk && c.warps == w && c.stages == st) \
-        return sa ? launch_wg<T, bm, bn, st, true>(p, map, d, s)                                  \
-                  : launch_wg<T, bm, bn, st, false>(p, map, d, s);
+#define MOE_WG_LAUNCH(bm, bn, bk, w, st, cl)                                                    \
+    if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
+        return sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, d, s)                              \
+                  : launch_wg<T, bm, bn, st, false, cl>(p, map, d, s);
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
 #undef MOE_WG_LAUNCH
     return cudaErrorInvalidConfiguration;
@@ -901,12 +1047,13 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 
     /* One tensor map over every expert's weights stacked as [E*N, K] (K contiguous): a box of
-     * 64 x BN rows (BN/2 with SiLU, two boxes per stage), 128-byte swizzle, zeros outside (the
-     * K tail and past the last expert; rows of a neighbouring expert are never stored). */
+     * 64 x BN/2 rows (two boxes per stage: gate and up with SiLU, else the two halves; one per
+     * CTA of a pair), 128-byte swizzle, zeros outside (the K tail and past the last expert;
+     * rows of a neighbouring expert are never stored). */
     CUtensorMap map;
     const cuuint64_t gdim[2] = {(cuuint64_t)a->K, (cuuint64_t)a->num_experts * (cuuint64_t)a->N};
     const cuuint64_t gstride[1] = {(cuuint64_t)a->K * es};
-    const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(silu ? c->tile_n / 2 : c->tile_n)};
+    const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(c->tile_n / 2)};
     const cuuint32_t estride[2] = {1, 1};
     CUresult r = encode(&map,
                         a->dtype == MOE_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16

@@ -22,6 +22,7 @@ typedef struct moe_kernel_config {
     int warps;
     int stages;
     int use_tma; /* 0 off, 1 on (falls back to the non-TMA path when rows are not 16-B aligned) */
+    int cluster; /* wgmma only: 2 = CTA pairs sharing each weight tile (",c2"); 0 = none */
 } moe_kernel_config;
 
 /* Which kernel/path actually ran (reported by --stats / check mode). */

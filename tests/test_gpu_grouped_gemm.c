@@ -1170,7 +1170,7 @@ static void test_rejections(void **state)
     assert_int_equal(moe_cuda_grouped_gemm(&a, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
     assert_int_equal(moe_cuda_grouped_gemm(NULL, NULL, 0, NULL, &err), MOE_ERR_INVALID_ARG);
 
-    moe_kernel_config bad = {96, 96, 32, 8, 3, 0};
+    moe_kernel_config bad = {96, 96, 32, 8, 3, 0, 0};
     a = a0;
     moe_error_clear(&err);
     assert_int_equal(moe_cuda_grouped_gemm(&a, &bad, 0, NULL, &err), MOE_ERR_INVALID_ARG);
@@ -1261,6 +1261,28 @@ static void test_config_strings(void **state)
         assert_int_equal(got.use_tma, 0);
         assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_F32, 256, &got, &err), MOE_OK);
         assert_int_equal(got.use_tma, 0);
+        /* pairs of CTAs sharing the weight tile (",c2") from 192 rows per expert on average */
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_BF16, 256, &got, &err), MOE_OK);
+        assert_int_equal(got.cluster, 2);
+        assert_int_equal(moe_kernel_config_resolve(NULL, MOE_DTYPE_BF16, 64, &got, &err), MOE_OK);
+        assert_int_equal(got.cluster, 0);
+        assert_int_equal(got.use_tma, 1);
+        assert_int_equal(moe_kernel_config_parse("128x256x64,w12,s4,tma,c2", &req, &err), MOE_OK);
+        assert_int_equal(req.cluster, 2);
+        assert_string_equal(moe_kernel_config_str(&req, buf, sizeof buf), "128x256x64,w12,s4,tma,c2");
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
+        assert_int_equal(got.cluster, 2);
+        /* ",c1" is the unclustered kernel, the same as no cluster field */
+        assert_int_equal(moe_kernel_config_parse("128x256x64,tma,c1", &req, &err), MOE_OK);
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
+        assert_int_equal(got.cluster, 0);
+        assert_int_equal(got.stages, 4);
+        /* no mma.sync configuration is clustered */
+        assert_int_equal(moe_kernel_config_parse("128x128x64,w8,s3,c2", &req, &err), MOE_OK);
+        moe_error_clear(&err);
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err),
+                         MOE_ERR_INVALID_ARG);
+        assert_non_null(strstr(err.msg, "128x256x64,w12,s4,tma,c2"));
         got = moe_kernel_config_default_mma(MOE_DTYPE_BF16, 256);
         assert_int_equal(got.use_tma, 0);
         assert_int_equal(moe_kernel_config_validate(&got, MOE_DTYPE_BF16, &err), MOE_OK);
@@ -1276,7 +1298,8 @@ static void test_config_strings(void **state)
     assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_BF16, &err), MOE_OK);
 
     const char *bad[] = {"128x128", "128x128x32,w", "128x128x32,q3", "x128x32", "128x128x32,w8,w8",
-                         "128x128x32 ", "-1x128x32", "128x128x32,s0"};
+                         "128x128x32 ", "-1x128x32", "128x128x32,s0", "128x256x64,tma,c3",
+                         "128x256x64,tma,c2,c2", "128x256x64,tma,c"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         moe_error_clear(&err);
         assert_int_equal(moe_kernel_config_parse(bad[i], &c, &err), MOE_ERR_INVALID_ARG);

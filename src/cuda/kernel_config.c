@@ -1,5 +1,5 @@
 /*
- * kernel_config.c — grouped-GEMM kernel configurations: parsing "128x128x32,w8,s3[,tma]",
+ * kernel_config.c — grouped-GEMM kernel configurations: parsing "128x128x32,w8,s3[,tma][,c2]",
  * validation against the compiled list (kernels/grouped_gemm_configs.h), defaults.
  * The bf16/fp16 list is the mma.sync configurations followed by the Hopper wgmma/TMA ones
  * (use_tma = 1, e.g. "128x256x64,w12,s4,tma").
@@ -15,14 +15,14 @@
 
 #include "grouped_gemm_configs.h"
 
-#define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0},
-#define MOE_CFG_WG(bm, bn, bk, w, s) {bm, bn, bk, w, s, 1},
+#define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0},
+#define MOE_CFG_WG(bm, bn, bk, w, s, cl) {bm, bn, bk, w, s, 1, (cl) > 1 ? (cl) : 0},
 static const moe_kernel_config k_mma_configs[] = {MOE_GG_MMA_CONFIGS(MOE_CFG_MMA)
                                                       MOE_GG_WGMMA_CONFIGS(MOE_CFG_WG)};
 #undef MOE_CFG_MMA
 #undef MOE_CFG_WG
 
-#define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0},
+#define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0},
 static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_FFMA)};
 #undef MOE_CFG_FFMA
 
@@ -34,10 +34,15 @@ static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_F
  * MOE_GG_WGMMA_MIN_AVG_ROWS rows, else the mma.sync default. Measured on an H100
  * (docs/KERNELS.md): 128x256x64,w12,s4,tma beat every mma.sync configuration on Qwen3-30B-A3B
  * and Llama-4-Scout GEMM1/GEMM2 from T=256 (16 rows per expert: 1.07x / 1.14x) to T=16384
- * (1.60x / 1.86x); fewer rows per expert were not measured. */
+ * (1.60x / 1.86x); fewer rows per expert were not measured.
+ * With at least MOE_GG_WGMMA_PAIR_AVG_ROWS rows per expert (most experts span two or more
+ * 128-row tiles) the pair of CTAs sharing each weight tile (",c2"); below that most pairs
+ * would have an idle half. */
 #define MOE_GG_DEFAULT_WGMMA 1
 #define MOE_GG_WGMMA_MIN_AVG_ROWS 16
-#define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1
+#define MOE_GG_WGMMA_PAIR_AVG_ROWS 192
+#define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1, 0
+#define MOE_GG_DEFAULT_WGMMA_PAIR_CONFIG 128, 256, 64, 12, 4, 1, 2
 
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 {
@@ -57,7 +62,7 @@ int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 
 moe_kernel_config moe_kernel_config_narrow(void)
 {
-#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0}
+#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0}
     moe_kernel_config c = MOE_GG_NARROW_CONFIG(MOE_CFG_N);
 #undef MOE_CFG_N
     return c;
@@ -73,8 +78,8 @@ const char *moe_kernel_config_str(const moe_kernel_config *c, char *buf, size_t 
         snprintf(buf, len, "auto");
         return buf;
     }
-    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s", c->tile_m, c->tile_n, c->tile_k, c->warps, c->stages,
-             c->use_tma ? ",tma" : "");
+    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s%s", c->tile_m, c->tile_n, c->tile_k, c->warps, c->stages,
+             c->use_tma ? ",tma" : "", c->cluster > 1 ? ",c2" : "");
     return buf;
 }
 
@@ -91,7 +96,9 @@ static bool parse_pos_int(const char **p, int *out)
     return true;
 }
 
-#define CFG_SYNTAX "expected TMxTNxTK[,wWARPS][,sSTAGES][,tma], e.g. \"128x128x32,w8,s3\", or \"auto\""
+#define CFG_SYNTAX                                                                               \
+    "expected TMxTNxTK[,wWARPS][,sSTAGES][,tma][,c1|,c2], e.g. \"128x128x32,w8,s3\" or "         \
+    "\"128x256x64,w12,s4,tma,c2\", or \"auto\""
 
 moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe_error *err)
 {
@@ -100,7 +107,8 @@ moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe
     if (!text) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_kernel_config_parse: text is NULL");
     if (*text == '\0' || strcmp(text, "auto") == 0) return MOE_OK;
 
-    moe_kernel_config c = {0, 0, 0, 0, 0, 0};
+    moe_kernel_config c = {0, 0, 0, 0, 0, 0, 0};
+    bool cluster_given = false;
     const char *p = text;
     if (!parse_pos_int(&p, &c.tile_m) || *p++ != 'x' || !parse_pos_int(&p, &c.tile_n) ||
         *p++ != 'x' || !parse_pos_int(&p, &c.tile_k))
@@ -126,6 +134,13 @@ moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe
         } else if (strncmp(p, "notma", 5) == 0 && (p[5] == ',' || p[5] == '\0')) {
             c.use_tma = 0;
             p += 5;
+        } else if (p[0] == 'c' && (p[1] == '1' || p[1] == '2') && (p[2] == ',' || p[2] == '\0')) {
+            if (cluster_given)
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "kernel config \"%s\": repeated cluster size; " CFG_SYNTAX, text);
+            cluster_given = true;
+            c.cluster = p[1] == '2' ? 2 : 0; /* c1 = no cluster, stored as 0 */
+            p += 2;
         } else {
             return moe_fail(err, MOE_ERR_INVALID_ARG,
                             "kernel config \"%s\": unknown option at \"%s\"; " CFG_SYNTAX, text,
@@ -149,7 +164,8 @@ static bool matches(const moe_kernel_config *req, const moe_kernel_config *c)
 {
     return (!req->tile_m || req->tile_m == c->tile_m) && (!req->tile_n || req->tile_n == c->tile_n) &&
            (!req->tile_k || req->tile_k == c->tile_k) && (!req->warps || req->warps == c->warps) &&
-           (!req->stages || req->stages == c->stages) && !req->use_tma == !c->use_tma;
+           (!req->stages || req->stages == c->stages) && !req->use_tma == !c->use_tma &&
+           (req->cluster > 1) == (c->cluster > 1);
 }
 
 static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_error *err)
@@ -174,14 +190,14 @@ moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows)
     /* Measured on an H100 (docs/KERNELS.md): 128x128x64 8 warps was the best single mma.sync
      * configuration for Qwen3-30B-A3B's GEMM1+GEMM2 and within 11% of the best for
      * Llama-4-Scout's; with few rows per expert, 64-row tiles waste fewer padded rows. */
-    moe_kernel_config want = {0, 0, 0, 0, 0, 0};
+    moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0};
     if (dtype == MOE_DTYPE_F32) {
         want = (moe_kernel_config){avg_rows >= 128 ? 128 : 64, avg_rows >= 128 ? 128 : 64,
-                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0};
+                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0};
     } else if (avg_rows >= 96) {
-        want = (moe_kernel_config){128, 128, 64, 8, 3, 0};
+        want = (moe_kernel_config){128, 128, 64, 8, 3, 0, 0};
     } else {
-        want = (moe_kernel_config){64, 128, 64, 4, 3, 0};
+        want = (moe_kernel_config){64, 128, 64, 4, 3, 0, 0};
     }
     return want;
 }
@@ -196,8 +212,10 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
                         "grouped GEMM: dtype %s has no kernels (bf16, fp16, fp32 only)",
                         moe_dtype_name(dtype) ? moe_dtype_name(dtype) : "?");
     if (is_auto(req)) {
-        moe_kernel_config want = {0, 0, 0, 0, 0, 0};
-        if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
+        moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0};
+        if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_PAIR_AVG_ROWS)
+            want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_PAIR_CONFIG};
+        else if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
             want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_CONFIG};
         else
             want = moe_kernel_config_default_mma(dtype, avg_rows);

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# device_bench.sh — one device call for kernel work (issue "Hopper-speed kernels"): build for
+# sm_90a, the grouped-GEMM GPU test (every wgmma configuration, MOE_REQUIRE_GPU=1), the GEMM
+# bench (MOE_GG_BENCH=1: every configuration at T=4096, the wgmma ones at 1024 and 16384),
+# then `moe-ep bench` sweeps of the whole layer for each model with the default configuration
+# and with each of $CONFIGS forced, Llama-4 also --routed-only (the anchors' fused-MLP
+# comparison), and a Qwen3 fwd+bwd. Logs under $OUT (logs.tgz), a short table last.
+#   OUT=/tmp/o CONFIGS="128x256x64,w12,s4,tma" ./launch/device_bench.sh [BUDGET_SECONDS]
+# Switches: TESTS=0 (no GPU test), GG=0 (no GEMM bench), MLP=0 (no layer sweeps),
+# SWEEP="-b 1024 -e 16384 -f 2" (the layer sweep), MODELS="qwen3-30b-a3b llama4-scout".
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+out=${OUT:-/tmp/moe-out}
+log=$out/logs
+mkdir -p "$log"
+budget=${1:-540}
+t0=$(date +%s)
+el() { echo $(($(date +%s) - t0)); }
+room() { [ "$(el)" -lt $((budget - $1)) ]; } # true while more than $1 seconds remain
+summary=()
+{ git log -1 --format='commit %H %cd' 2>/dev/null; echo "MOE_COMMIT=${MOE_COMMIT:-}"; date -u
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv; } > "$log/env.txt" 2>&1
+./launch/device_build.sh > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
+summary+=("build done at $(el) s")
+grep -A2 "moe_gg_wgmma_kernel" "$log/build.txt" | grep -E "spill|stack" | sort | uniq -c > "$log/wgmma_ptxas.txt"
+summary+=("wgmma ptxas: $(tr -s ' ' < "$log/wgmma_ptxas.txt" | tr '\n' ';')")
+source launch/device_env.sh
+export MOE_REQUIRE_GPU=1 MOE_AUTOTUNE_CACHE=$log/autotune.json
+ep=build-gpu/moe-ep
+
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout -s KILL 240 build-gpu/tests/test_gpu_grouped_gemm > "$log/test_gpu_grouped_gemm.txt" 2>&1
+  rc=$?
+  summary+=("test_gpu_grouped_gemm rc=$rc at $(el) s: $(grep -E '^\[  (PASSED|FAILED) \]' "$log/test_gpu_grouped_gemm.txt" | tr '\n' ' ')")
+  while read -r l; do summary+=("  $l"); done < <(grep -E "failed|FAILED|rel err .* exceeds|mismatch" "$log/test_gpu_grouped_gemm.txt" | head -12)
+fi
+if [ "${GG:-1}" = 1 ]; then
+  for T in 4096 16384 1024; do
+    room 200 || break
+    MOE_GG_BENCH=1 MOE_GG_BENCH_T=$T timeout -s KILL 120 build-gpu/tests/test_gpu_grouped_gemm > "$log/gg_bench_$T.txt" 2>&1
+    summary+=("gg bench T=$T rc=$? at $(el) s")
+  done
+fi
+sweep=${SWEEP:--b 1024 -e 16384 -f 2}
+run_bench() { # name, args...
+  local name=$1; shift
+  room 60 || { summary+=("skipped $name (budget)"); return; }
+  timeout -s KILL 150 $ep bench --backend cuda "$@" --csv "$log/$name.csv" > "$log/$name.txt" 2>&1
+  summary+=("bench $name rc=$? at $(el) s")
+}
+if [ "${MLP:-1}" = 1 ]; then
+  for m in ${MODELS:-qwen3-30b-a3b llama4-scout}; do
+    extra=()
+    [ "$m" = llama4-scout ] && extra=(--routed-only)
+    run_bench "mlp_${m}_auto" --model $m $sweep -w 3 -n 20 "${extra[@]}"
+    i=0
+    for c in ${CONFIGS:-}; do
+      run_bench "mlp_${m}_cfg$i" --model $m $sweep -w 3 -n 20 --kernel-config "$c" "${extra[@]}"
+      i=$((i + 1))
+    done
+    [ "$m" = llama4-scout ] && run_bench "mlp_${m}_shared_auto" --model $m -b 1024 -e 16384 -f 4 -w 3 -n 10
+  done
+  run_bench fwdbwd_qwen3 --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10
+fi
+
+echo "---- summary ($(el) s)"
+printf '%s\n' "${summary[@]}"
+for T in 4096 16384 1024; do
+  grep -h "SUMMARY" "$log/gg_bench_$T.txt" 2>/dev/null | grep -E "tma|cuBLAS|default" | grep -v "prefetch" | sed -e 's/  */ /g'
+done
+for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
+  [ -f "$f" ] || continue
+  echo "== $(basename "$f" .txt): $(grep -E '^# kernels' "$f" | tail -1 | cut -c1-150)"
+  # T time TFLOP/s %roof %copy | route permute gemm1 gemm2 combine | dense x-dense #wrong
+  grep -vE '^#' "$f" | awk 'NR==1{next} {printf "%s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", $1, $3, $4, $6, $7, $9, $10, $11, $13, $14, $15, $18, $NF}' | head -8
+done
+tar -czf "$out/logs.tgz" -C "$out" logs 2>/dev/null
