@@ -80,6 +80,7 @@ struct WgParams {
     int c_vec;         /* C rows allow 16-byte stores (base 16-byte aligned, n_out % 8 == 0) */
     int p_vec;         /* C_preact likewise (its rows 2 n_out, the up half at + n_out) */
     int narrow_stores; /* diagnostic (MOE_WGMMA_NARROW_STORES=1): the 4-byte pair epilogue */
+    int exact_silu;    /* diagnostic (MOE_WGMMA_EXACT_SILU=1): IEEE expf and division in SiLU */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
 };
 
@@ -410,6 +411,16 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q)
     }
 }
 
+/* SiLU in the epilogue: g * sigmoid(g) with the hardware exp2 and reciprocal (__expf,
+ * __fdividef: two MUFU operations, a few ulp of fp32, far below the bf16/fp16 rounding that
+ * follows), instead of silu_f's IEEE expf and division (a dozen instructions more per output,
+ * 16384 outputs per tile, all while the tensor cores wait). exact = the IEEE form, for A/B.
+ * g -> -inf: __expf overflows to inf and the quotient is -0, the right limit. */
+__device__ __forceinline__ float silu_wg(float g, int exact)
+{
+    return exact ? silu_f(g) : __fdividef(g, 1.0f + __expf(-g));
+}
+
 /* Epilogue of one m64 block from its accumulators (acc[4i + 2h + q]: row lane/4 + 8h, column
  * 8i + 2(lane%4) + q of this warp's 16 rows). crow[h] < 0: row not stored. Warp-uniform call
  * (the vector path shuffles). vec: the quad-transposed 16-byte stores (rows 16-byte aligned,
@@ -462,7 +473,8 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                         const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
                         const float u0 = acc[4 * (i + BN / 16) + 2 * h];
                         const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
-                        wc[jj] = pack2<T>(make_float2(silu_f(g0) * u0, silu_f(g1) * u1));
+                        wc[jj] = pack2<T>(make_float2(silu_wg(g0, p.exact_silu) * u0,
+                                                      silu_wg(g1, p.exact_silu) * u1));
                         wg_[jj] = pack2<T>(make_float2(g0, g1));
                         wu[jj] = pack2<T>(make_float2(u0, u1));
                     }
@@ -486,7 +498,8 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                     const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
                     const float u0 = acc[4 * (i + BN / 16) + 2 * h];
                     const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
-                    wg_store2<T>(cr, j, I, p.c_pair, silu_f(g0) * u0, silu_f(g1) * u1);
+                    wg_store2<T>(cr, j, I, p.c_pair, silu_wg(g0, p.exact_silu) * u0,
+                                 silu_wg(g1, p.exact_silu) * u1);
                     if (pr) {
                         wg_store2<T>(pr, j, I, p.p_pair, g0, g1);
                         wg_store2<T>(pr + I, j, I, p.p_pair, u0, u1);
@@ -1040,6 +1053,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
     p.narrow_stores = env_flag("MOE_WGMMA_NARROW_STORES");
+    p.exact_silu = env_flag("MOE_WGMMA_EXACT_SILU");
     p.prefetch = prefetch_steps();
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;

@@ -4,16 +4,19 @@
 # bench (MOE_GG_BENCH=1: every configuration at T=4096, the wgmma ones at 1024 and 16384),
 # then `moe-ep bench` sweeps of the whole layer for each model with the default configuration
 # and with each of $CONFIGS forced, Llama-4 also --routed-only (the anchors' fused-MLP
-# comparison), and a Qwen3 fwd+bwd. Logs under $OUT (logs.tgz), a short table last.
+# comparison), and a Qwen3 fwd+bwd; PROFILE=1 first profiles the forward's two grouped GEMMs of
+# each model at T=4096 with Nsight Compute (--set full, per-instruction stall samples).
+# Logs in $OUT/logs.tgz (the device tool brings back at most 8 files), a short table last.
 #   OUT=/tmp/o CONFIGS="128x256x64,w12,s4,tma" ./launch/device_bench.sh [BUDGET_SECONDS]
 # Switches: TESTS=0 (no GPU test), GG=0 (no GEMM bench), MLP=0 (no layer sweeps),
-# SWEEP="-b 1024 -e 16384 -f 2" (the layer sweep), MODELS="qwen3-30b-a3b llama4-scout".
+# SWEEP="-b 1024 -e 16384 -f 2" (the layer sweep), MODELS="qwen3-30b-a3b llama4-scout",
+# GG_T="4096 16384 1024" (the GEMM bench's token counts), PROFILE=1 (ncu).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 out=${OUT:-/tmp/moe-out}
-log=$out/logs
-mkdir -p "$log"
+log=/tmp/moe-logs/logs # tarred into $out/logs.tgz at the end
+rm -rf "$log"; mkdir -p "$log" "$out"
 budget=${1:-540}
 t0=$(date +%s)
 el() { echo $(($(date +%s) - t0)); }
@@ -29,6 +32,21 @@ source launch/device_env.sh
 export MOE_REQUIRE_GPU=1 MOE_AUTOTUNE_CACHE=$log/autotune.json
 ep=build-gpu/moe-ep
 
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+  for m in qwen3-30b-a3b llama4-scout; do
+    room 240 || break
+    extra=()
+    [ "$m" = llama4-scout ] && extra=(--routed-only)
+    # the first forward's GEMM1 and GEMM2 (routing, sort and combine are not wgmma kernels)
+    timeout -s KILL 150 ncu --clock-control none --set full --import-source yes --kernel-name regex:wgmma \
+      --launch-count 2 -f -o "$log/ncu_$m" $ep bench --backend cuda --model $m -b 4096 -e 4096 -w 0 -n 1 \
+      --copy-mib 0 "${extra[@]}" > "$log/ncu_${m}_run.txt" 2>&1
+    summary+=("ncu $m rc=$? at $(el) s")
+    ncu --import "$log/ncu_$m.ncu-rep" --page details > "$log/ncu_${m}_details.txt" 2>&1
+    ncu --import "$log/ncu_$m.ncu-rep" --page source --csv --print-source sass > "$log/ncu_${m}_sass.csv" 2>&1
+    summary+=("  ncu pages: $(wc -c < "$log/ncu_${m}_details.txt") + $(wc -c < "$log/ncu_${m}_sass.csv") bytes")
+  done
+fi
 if [ "${TESTS:-1}" = 1 ]; then
   timeout -s KILL 240 build-gpu/tests/test_gpu_grouped_gemm > "$log/test_gpu_grouped_gemm.txt" 2>&1
   rc=$?
@@ -36,7 +54,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   while read -r l; do summary+=("  $l"); done < <(grep -E "failed|FAILED|rel err .* exceeds|mismatch" "$log/test_gpu_grouped_gemm.txt" | head -12)
 fi
 if [ "${GG:-1}" = 1 ]; then
-  for T in 4096 16384 1024; do
+  for T in ${GG_T:-4096 16384 1024}; do
     room 200 || break
     MOE_GG_BENCH=1 MOE_GG_BENCH_T=$T timeout -s KILL 120 build-gpu/tests/test_gpu_grouped_gemm > "$log/gg_bench_$T.txt" 2>&1
     summary+=("gg bench T=$T rc=$? at $(el) s")
@@ -66,7 +84,7 @@ fi
 
 echo "---- summary ($(el) s)"
 printf '%s\n' "${summary[@]}"
-for T in 4096 16384 1024; do
+for T in ${GG_T:-4096 16384 1024}; do
   grep -h "SUMMARY" "$log/gg_bench_$T.txt" 2>/dev/null | grep -E "tma|cuBLAS|default" | grep -v "prefetch" | sed -e 's/  */ /g'
 done
 for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
@@ -75,4 +93,4 @@ for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
   # T time TFLOP/s %roof %copy | route permute gemm1 gemm2 combine | dense x-dense #wrong
   grep -vE '^#' "$f" | awk 'NR==1{next} {printf "%s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", $1, $3, $4, $6, $7, $9, $10, $11, $13, $14, $15, $18, $NF}' | head -8
 done
-tar -czf "$out/logs.tgz" -C "$out" logs 2>/dev/null
+tar -czf "$out/logs.tgz" -C "$log/.." logs 2>/dev/null

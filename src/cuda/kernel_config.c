@@ -34,15 +34,12 @@ static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_F
  * MOE_GG_WGMMA_MIN_AVG_ROWS rows, else the mma.sync default. Measured on an H100
  * (docs/KERNELS.md): 128x256x64,w12,s4,tma beat every mma.sync configuration on Qwen3-30B-A3B
  * and Llama-4-Scout GEMM1/GEMM2 from T=256 (16 rows per expert: 1.07x / 1.14x) to T=16384
- * (1.60x / 1.86x); fewer rows per expert were not measured.
- * With at least MOE_GG_WGMMA_PAIR_AVG_ROWS rows per expert (most experts span two or more
- * 128-row tiles) the pair of CTAs sharing each weight tile (",c2"); below that most pairs
- * would have an idle half. */
+ * (1.60x / 1.86x); fewer rows per expert were not measured. The CTA pairs sharing each weight
+ * tile (",c2") measured slower on an H200 at T = 1024 / 4096 and no faster at 16384
+ * (docs/KERNELS.md, round 3): the autotuner may pick them, the default does not. */
 #define MOE_GG_DEFAULT_WGMMA 1
 #define MOE_GG_WGMMA_MIN_AVG_ROWS 16
-#define MOE_GG_WGMMA_PAIR_AVG_ROWS 192
 #define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1, 0
-#define MOE_GG_DEFAULT_WGMMA_PAIR_CONFIG 128, 256, 64, 12, 4, 1, 2
 
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 {
@@ -213,9 +210,7 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
                         moe_dtype_name(dtype) ? moe_dtype_name(dtype) : "?");
     if (is_auto(req)) {
         moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0};
-        if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_PAIR_AVG_ROWS)
-            want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_PAIR_CONFIG};
-        else if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
+        if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
             want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_CONFIG};
         else
             want = moe_kernel_config_default_mma(dtype, avg_rows);
