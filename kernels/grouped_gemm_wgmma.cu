@@ -81,6 +81,9 @@ struct WgParams {
     int p_vec;         /* C_preact likewise (its rows 2 n_out, the up half at + n_out) */
     int narrow_stores; /* diagnostic (MOE_WGMMA_NARROW_STORES=1): the 4-byte pair epilogue */
     int exact_silu;    /* diagnostic (MOE_WGMMA_EXACT_SILU=1): IEEE expf and division in SiLU */
+    int scale_a_acc;   /* scale_a_rows on the fp32 accumulators (0: the SCALE_A shared-memory pass) */
+    int l2_hints;      /* B loads' L2 policy: 0 none, 1 evict_last / last row tile evict_first,
+                          2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
 };
 
@@ -94,6 +97,7 @@ struct WgParams {
  * Returns false (warp-uniformly) when t is past the last unit. */
 struct WgTile {
     int expert, row0, row_end, col;
+    bool last; /* the expert's last row tile (unit) of this column: no later reader of its B */
 };
 
 template <int BM, int CL>
@@ -132,6 +136,7 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
             out->col = local / hrt;
             out->row0 = hlo + ((local % hrt) * CL + rank) * BM;
             out->row_end = min(out->row0 + BM, hhi);
+            out->last = local % hrt == hrt - 1;
             return true;
         }
         carry = __shfl_sync(0xffffffffu, incl, 31);
@@ -288,6 +293,31 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtens
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
                  ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+                 : "memory");
+}
+/* L2 eviction policies for the B tiles (createpolicy): a weight tile is read by each row tile
+ * of its expert (2-3 at a few hundred rows per expert), by CTAs that drift apart; kept
+ * evict_last until the expert's last row tile reads it evict_first, it stays in L2 for its
+ * siblings instead of coming from DRAM once per row tile. */
+__device__ __forceinline__ uint64_t l2_policy_evict_last()
+{
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
+    return pol;
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_first()
+{
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    return pol;
+}
+/* tma_load_2d with an L2 cache policy */
+__device__ __forceinline__ void tma_load_2d_hint(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                                 uint32_t bar, uint64_t pol)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 ".L2::cache_hint [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(pol)
                  : "memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -601,6 +631,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
             const int box_step = p.silu ? p.N / 2 : BN / 2;
             const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
+            const bool hint = CL == 1 && p.l2_hints > 0 && (tl.last || p.l2_hints == 1);
+            const uint64_t pol = tl.last ? l2_policy_evict_first() : l2_policy_evict_last();
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
                 /* use it/S - 1 released (by both CTAs' consumers with CL = 2) */
@@ -624,6 +656,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                         if (CL > 1)
                             tma_load_2d_multicast(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
                                                   brow + b * box_step, full(s), (1u << CL) - 1);
+                        else if (hint)
+                            tma_load_2d_hint(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
+                                             brow + b * box_step, full(s), pol);
                         else
                             tma_load_2d(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
                                         brow + b * box_step, full(s));
@@ -679,7 +714,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             const int nact = rem <= 0 ? 0 : min((rem + 63) >> 6, MB); /* m64 blocks with rows */
             /* The two rows per m64 block this thread stores: where, and their output scale. */
             int crow[MB][2];
-            float csc[MB][2];
+            float csc[MB][2], asc[MB][2]; /* asc: scale_a of the row when applied in fp32 */
 #pragma unroll
             for (int m = 0; m < MB; m++)
 #pragma unroll
@@ -687,11 +722,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                     const int r = wrow0 + 64 * m + 16 * warp + (lane >> 2) + 8 * h;
                     crow[m][h] = -1;
                     csc[m][h] = 1.f;
+                    asc[m][h] = 1.f;
                     if (r < tl.row_end) {
                         const int g = p.gather ? p.gather[r] : r;
                         if (g >= 0 && g < p.max_rows) {
                             crow[m][h] = p.permute_y ? g : r;
                             if (p.scale_c) csc[m][h] = load_f(static_cast<const T *>(p.scale_c) + g);
+                            if (p.scale_a_acc) asc[m][h] = load_f(static_cast<const T *>(p.scale_a) + g);
                         }
                     }
                 }
@@ -762,6 +799,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             release((it - 1) % S);
 
             if (p.skip_epilogue) continue;
+            if (p.scale_a_acc) {
+                /* scale_a_rows: (s x) W = s (x W); the row of acc[4i + 2h + q] is h */
+#pragma unroll
+                for (int m = 0; m < MB; m++)
+#pragma unroll
+                    for (int j = 0; j < BN / 2; j++) acc[m][j] *= asc[m][(j >> 1) & 1];
+            }
 #pragma unroll
             for (int m = 0; m < MB; m++)
                 if (m < nact) wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], tl.col, lane, cvec, pvec);
@@ -895,6 +939,15 @@ int prefetch_steps()
     if (!s || !*s) return WG_PREFETCH_DEFAULT;
     const int v = atoi(s);
     return v < 0 ? 0 : v > 64 ? 64 : v;
+}
+
+/* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
+int l2_hint_mode()
+{
+    const char *s = getenv("MOE_WGMMA_L2_HINTS");
+    if (!s || !*s) return 1;
+    const int v = atoi(s);
+    return v < 0 ? 0 : v > 2 ? 2 : v;
 }
 
 bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -1054,6 +1107,12 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
     p.narrow_stores = env_flag("MOE_WGMMA_NARROW_STORES");
     p.exact_silu = env_flag("MOE_WGMMA_EXACT_SILU");
+    /* scale_a_rows: by default on the fp32 accumulators after the k loop (exact in real
+     * arithmetic; the input is not rounded to the dtype after scaling as in moe_stages.h, a
+     * difference within the dtype's rounding); MOE_WGMMA_SCALE_A_SMEM=1 scales and rounds the
+     * A tiles in shared memory before the MMAs instead, as the mma.sync kernels do. */
+    p.scale_a_acc = a->scale_a_rows != nullptr && !env_flag("MOE_WGMMA_SCALE_A_SMEM");
+    p.l2_hints = l2_hint_mode();
     p.prefetch = prefetch_steps();
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
@@ -1077,7 +1136,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
 
-    const bool sa = a->scale_a_rows != nullptr;
+    const bool sa = a->scale_a_rows != nullptr && !p.scale_a_acc;
     return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, d, *c, sa, stream)
                                       : dispatch_wg<__half>(p, map, d, *c, sa, stream);
 }

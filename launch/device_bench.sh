@@ -52,6 +52,11 @@ if [ "${TESTS:-1}" = 1 ]; then
   rc=$?
   summary+=("test_gpu_grouped_gemm rc=$rc at $(el) s: $(grep -E '^\[  (PASSED|FAILED) \]' "$log/test_gpu_grouped_gemm.txt" | tr '\n' ' ')")
   while read -r l; do summary+=("  $l"); done < <(grep -E "failed|FAILED|rel err .* exceeds|mismatch" "$log/test_gpu_grouped_gemm.txt" | head -12)
+  for t in ${MORE_TESTS:-}; do # e.g. "test_gpu_block test_real_llama4"
+    room 150 || break
+    timeout -s KILL 150 build-gpu/tests/$t > "$log/$t.txt" 2>&1
+    summary+=("$t rc=$? at $(el) s: $(grep -E '^\[  (PASSED|FAILED) \]' "$log/$t.txt" | tr '\n' ' ')")
+  done
 fi
 if [ "${GG:-1}" = 1 ]; then
   for T in ${GG_T:-4096 16384 1024}; do

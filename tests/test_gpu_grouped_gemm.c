@@ -1881,6 +1881,25 @@ static void bench_model(const model_dims *m, int T, bool full)
             float ie1t = time_ms(run_gg, &g1, &list[i], 10);
             unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
             g1.C_preact = pre_saved;
+            float h1[2], h2[2];
+            const char *hv[2] = {"0", "2"}; /* the default is 1 */
+            for (int v = 0; v < 2; v++) {
+                setenv("MOE_WGMMA_L2_HINTS", hv[v], 1);
+                h1[v] = time_ms(run_gg, &g1, &list[i], 10);
+                h2[v] = time_ms(run_gg, &g2, &list[i], 10);
+            }
+            unsetenv("MOE_WGMMA_L2_HINTS");
+            float s1t = NAN;
+            if (g1.scale_a_rows) {
+                setenv("MOE_WGMMA_SCALE_A_SMEM", "1", 1);
+                s1t = time_ms(run_gg, &g1, &list[i], 10);
+                unsetenv("MOE_WGMMA_SCALE_A_SMEM");
+            }
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s L2 hints off GEMM1 %7.3f GEMM2 %7.3f | "
+                            "only evict_first GEMM1 %7.3f GEMM2 %7.3f | scale_a in shared memory "
+                            "GEMM1 %7.3f ms\n",
+                    m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), h1[0], h2[0], h1[1],
+                    h2[1], s1t);
             float d1t = time_ms(run_gg, &g1, &list[i], 10), d2t = time_ms(run_gg, &g2, &list[i], 10);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s again: default GEMM1 %7.3f GEMM2 %7.3f | "
                             "GEMM1 with IEEE SiLU %7.3f | GEMM1 without C_preact %7.3f, its "
