@@ -9,7 +9,11 @@
 #   ep         expert parallelism through the program vs HF fixtures (virtual ranks over NCCL,
 #              ranks sharing the GPU over MPI)
 #   bench      moe-ep bench sweeps: T = 1 ... 16384 (x2) with CUDA-graph replay, the cuBLAS
-#              baselines and copy bandwidth, CSV + JSON; a checked sweep; Qwen3 fwd+bwd
+#              baselines and copy bandwidth, CSV + JSON (Llama-4 also --routed-only, the anchors'
+#              fused-MLP comparison); a checked sweep; Qwen3 fwd+bwd
+#   gg_small   compute-sanitizer memcheck on the grouped-GEMM test's small cases (every wgmma
+#              configuration and flag combination), MOE_GG_TEST_SMALL=1
+# CTEST_EXCLUDE="cli_ep_gpu" leaves tests out of the tests part; CHECK_MODELS picks the checks.
 #   PARTS="tests checks" MOE_COMMIT=$(git rev-parse --short HEAD) ./launch/device_validate.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +24,9 @@ want() { [[ "$parts" == *" $1 "* ]]; }
 cd "$here"
 t0=$(date +%s)
 el() { echo $(($(date +%s) - t0)); }
+# BUDGET=seconds: later steps are skipped (and said so) once fewer than their reserve remain,
+# so the logs are always tarred before a device command's time limit
+room() { [ "$(el)" -lt $((${BUDGET:-1000000} - $1)) ] || { summary+=("skipped: $2 (budget)"); false; }; }
 { echo "commit ${MOE_COMMIT:-unknown}"; date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv; } > "$log/env.txt" 2>&1
 ./launch/device_build.sh > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
 source launch/device_env.sh
@@ -27,16 +34,17 @@ summary=("build done at $(el) s; parts:$parts")
 export MOE_REQUIRE_GPU=1 MOE_AUTOTUNE_CACHE=$out/logs/autotune.json
 ep=build-gpu/moe-ep
 if want tests; then
-  (cd build-gpu && ctest -R "gpu|sass|hf" --output-on-failure -j1 --timeout 400) > "$log/gpu_tests.txt" 2>&1
+  (cd build-gpu && ctest -R "gpu|sass|hf" ${CTEST_EXCLUDE:+-E "$CTEST_EXCLUDE"} --output-on-failure -j1 --timeout 400) > "$log/gpu_tests.txt" 2>&1
   summary+=("gpu ctest ($(el) s): $(grep -E 'tests passed|tests failed' "$log/gpu_tests.txt" | tail -1)")
   while read -r l; do summary+=("  $l"); done < <(grep -E "^ *[0-9]+/[0-9]+ Test" "$log/gpu_tests.txt" | sed -e 's/  */ /g')
 fi
 if want checks; then
-  for m in qwen3-30b-a3b llama4-scout; do
+  for m in ${CHECK_MODELS-qwen3-30b-a3b llama4-scout}; do
+    room 300 "check $m" || continue
     timeout -s KILL 150 $ep check --backend cuda --model $m --tokens 4096 --dtype bf16 --backward --sample 32 > "$log/check_$m.txt" 2>&1
     summary+=("check $m T=4096 bf16 --backward --sample 32 ($(el) s): $(tail -1 "$log/check_$m.txt")")
   done
-  for m in tiny-qwen3 tiny-llama4; do
+  for m in ${CHECK_TINY-tiny-qwen3 tiny-llama4}; do
     for d in fp32 fp16 bf16; do
       $ep check --backend cuda --model $m --dtype $d --tokens 300 --backward > "$log/check_${m}_$d.txt" 2>&1
       summary+=("check $m $d: $(tail -1 "$log/check_${m}_$d.txt")")
@@ -85,23 +93,34 @@ if want ep; then
   summary+=("EP check cuda V=4 nccl --chunks 2 qwen3-30b-a3b T=4096 --backward: exit $? ($(grep -E 'PASS|FAIL' "$log/ep_check_v4.txt" | tail -1))")
 fi
 if want bench; then
-  for m in qwen3-30b-a3b llama4-scout; do
-    timeout -s KILL 200 $ep bench --backend cuda --model $m -b 1 -e 16384 -f 2 -w 3 -n 20 --graph \
+  for m in qwen3-30b-a3b llama4-scout llama4-scout-routed; do
+    args=(--model $m)
+    [ $m = llama4-scout-routed ] && args=(--model llama4-scout --routed-only)
+    room 90 "bench sweep $m" || continue
+    timeout -s KILL 200 $ep bench --backend cuda "${args[@]}" -b 1 -e 16384 -f 2 -w 3 -n 20 --graph \
       --csv "$log/sweep_$m.csv" --json "$log/sweep_$m.json" > "$log/sweep_$m.txt" 2>&1
     summary+=("bench sweep $m: exit $? ($(el) s)")
   done
-  timeout -s KILL 120 $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 3 -n 10 --check \
-    > "$log/bench_qwen3_checked.txt" 2>&1
-  summary+=("bench qwen3 --check 1024..16384: exit $?")
+  room 40 "fwdbwd" &&
   timeout -s KILL 60 $ep bench --backend cuda --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10 \
     > "$log/bench_qwen3_fwdbwd.txt" 2>&1
   summary+=("bench qwen3 fwdbwd T=4096: exit $?")
+  room 60 "checked sweep" &&
+  timeout -s KILL 120 $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 3 -n 10 --check \
+    > "$log/bench_qwen3_checked.txt" 2>&1
+  summary+=("bench qwen3 --check 1024..16384: exit $?")
+fi
+if want gg_small && command -v compute-sanitizer >/dev/null && room 40 "gg_small memcheck"; then
+  left=$((${BUDGET:-1000000} - $(el) - 15)); [ $left -gt 120 ] && left=120
+  MOE_GG_TEST_SMALL=1 timeout -s KILL $left compute-sanitizer --tool memcheck --error-exitcode 9 \
+    build-gpu/tests/test_gpu_grouped_gemm > "$log/sanitizer_memcheck_gg_small.txt" 2>&1
+  summary+=("compute-sanitizer memcheck test_gpu_grouped_gemm (small cases): exit $? ($(grep -E 'ERROR SUMMARY' "$log/sanitizer_memcheck_gg_small.txt" | tail -1); $(el) s)")
 fi
 summary+=("total $(el) s")
 (cd "$out" && tar czf logs.tgz logs && rm -rf logs)
 printf '%s\n' "${summary[@]}"
 if want bench; then
-  for f in sweep_qwen3-30b-a3b sweep_llama4-scout bench_qwen3_fwdbwd; do
-    tar xzf "$out/logs.tgz" -O "logs/$f.txt" 2>/dev/null | grep -vE '^# (kernels|warmup)' | cut -c1-160 | head -24
+  for f in sweep_qwen3-30b-a3b sweep_llama4-scout-routed sweep_llama4-scout bench_qwen3_fwdbwd; do
+    tar xzf "$out/logs.tgz" -O "logs/$f.txt" 2>/dev/null | grep -vE '^# ' | cut -c1-125 | head -18
   done
 fi
