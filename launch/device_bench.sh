@@ -10,7 +10,9 @@
 #   OUT=/tmp/o CONFIGS="128x256x64,w12,s4,tma" ./launch/device_bench.sh [BUDGET_SECONDS]
 # Switches: TESTS=0 (no GPU test), GG=0 (no GEMM bench), MLP=0 (no layer sweeps),
 # SWEEP="-b 1024 -e 16384 -f 2" (the layer sweep), MODELS="qwen3-30b-a3b llama4-scout",
-# GG_T="4096 16384 1024" (the GEMM bench's token counts), PROFILE=1 (ncu).
+# GG_T="4096 16384 1024" (the GEMM bench's token counts), PROFILE=1 (ncu),
+# TEST_ENV="VAR=1 ..." (environment of the GPU tests only), VARIANT_ENV="VAR=1 ..." (each layer
+# sweep is repeated with that environment, as mlp_*_variant).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -48,7 +50,7 @@ if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   done
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout -s KILL 240 build-gpu/tests/test_gpu_grouped_gemm > "$log/test_gpu_grouped_gemm.txt" 2>&1
+  env ${TEST_ENV:-} timeout -s KILL 240 build-gpu/tests/test_gpu_grouped_gemm > "$log/test_gpu_grouped_gemm.txt" 2>&1
   rc=$?
   summary+=("test_gpu_grouped_gemm rc=$rc at $(el) s: $(grep -E '^\[  (PASSED|FAILED) \]' "$log/test_gpu_grouped_gemm.txt" | tr '\n' ' ')")
   while read -r l; do summary+=("  $l"); done < <(grep -E "failed|FAILED|rel err .* exceeds|mismatch" "$log/test_gpu_grouped_gemm.txt" | head -12)
@@ -77,6 +79,10 @@ if [ "${MLP:-1}" = 1 ]; then
     extra=()
     [ "$m" = llama4-scout ] && extra=(--routed-only)
     run_bench "mlp_${m}_auto" --model $m $sweep -w 3 -n 20 "${extra[@]}"
+    if [ -n "${VARIANT_ENV:-}" ]; then
+      (export ${VARIANT_ENV}; run_bench "mlp_${m}_variant" --model $m $sweep -w 3 -n 20 "${extra[@]}")
+      summary+=("variant ($VARIANT_ENV) $m rc=$? at $(el) s")
+    fi
     i=0
     for c in ${CONFIGS:-}; do
       run_bench "mlp_${m}_cfg$i" --model $m $sweep -w 3 -n 20 --kernel-config "$c" "${extra[@]}"
