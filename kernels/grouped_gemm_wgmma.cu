@@ -39,8 +39,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <mutex>
-
 extern "C" {
 #include "common.h"
 #include "moe_stages.h"
@@ -86,9 +84,6 @@ struct WgParams {
     int scale_a_acc;   /* scale_a_rows on the fp32 accumulators (0: the SCALE_A shared-memory pass) */
     int l2_hints;      /* B loads' L2 policy: 0 none, 1 evict_last / last row tile evict_first,
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
-    int *sibling_sync; /* 2 counters per tile slot, zeroed before the launch; NULL: no sync */
-    int store_evict_first; /* experiment (MOE_WGMMA_STORE_EVICT_FIRST=1): outputs stored with
-                              an L2 evict_first policy, so they do not push weight tiles out */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
 };
 
@@ -103,7 +98,6 @@ struct WgParams {
 struct WgTile {
     int expert, row0, row_end, col;
     bool last; /* the expert's last row tile (unit) of this column: no later reader of its B */
-    int first_t, count; /* the units of this (expert, column): t in [first_t, first_t + count) */
 };
 
 template <int BM, int CL>
@@ -143,8 +137,6 @@ __device__ __forceinline__ bool wg_find_tile(const int *s_off, int E, int col_ti
             out->row0 = hlo + ((local % hrt) * CL + rank) * BM;
             out->row_end = min(out->row0 + BM, hhi);
             out->last = local % hrt == hrt - 1;
-            out->first_t = t - local % hrt;
-            out->count = hrt;
             return true;
         }
         carry = __shfl_sync(0xffffffffu, incl, 31);
@@ -328,30 +320,6 @@ __device__ __forceinline__ void tma_load_2d_hint(uint32_t dst, const CUtensorMap
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(pol)
                  : "memory");
 }
-/* Sibling sync (MOE_WGMMA_SIBLING_SYNC=1): the row tiles of one (expert, column) read the same
- * weight tile, and reach L2 together only if their CTAs start them together; CTAs that took
- * their previous tiles at different speeds drift apart and each then streams the weights from
- * DRAM. Before its first weight load of a tile, the producer counts itself in at the unit's
- * counter (one per wave parity) and waits, a bounded time, until the unit's other tiles of this
- * wave (CTA b takes tiles b, b + grid, ...: wave t / grid) have started too. No cycle: a wave-w
- * tile waits only for wave-w tiles, each started once its CTA's wave w-1 tile ended. */
-__device__ __forceinline__ void sibling_sync_wait(int *counters, const WgTile &tl, int t, int grid)
-{
-    const int w = t / grid;
-    const int lo = max(tl.first_t, w * grid), hi = min(tl.first_t + tl.count, (w + 1) * grid);
-    const int n = hi - lo; /* this wave's tiles of the unit, this one included */
-    if (n <= 1) return;
-    int *c = counters + 2 * tl.first_t + (w & 1);
-    atomicAdd(c, 1);
-    const long long t0 = clock64();
-    for (;;) {
-        int v;
-        asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(c) : "memory");
-        if (v >= n || clock64() - t0 > 200000) break; /* ~100 us: never hang on a straggler */
-        __nanosleep(128);
-    }
-}
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit()
 {
@@ -473,19 +441,6 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q)
     }
 }
 
-/* One 16-byte output store; evict_first: with the L2 evict_first policy. */
-__device__ __forceinline__ void st_out16(void *ptr, uint4 v, int evict_first)
-{
-    if (evict_first) {
-        asm volatile("{\n.reg .b64 pol;\ncreatepolicy.fractional.L2::evict_first.b64 pol, 1.0;\n"
-                     "st.global.L2::cache_hint.v4.b32 [%0], {%1, %2, %3, %4}, pol;\n}\n" ::"l"(ptr),
-                     "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                     : "memory");
-    } else {
-        *reinterpret_cast<uint4 *>(ptr) = v;
-    }
-}
-
 /* SiLU in the epilogue: g * sigmoid(g) with the hardware exp2 and reciprocal (__expf,
  * __fdividef: two MUFU operations, a few ulp of fp32, far below the bf16/fp16 rounding that
  * follows), instead of silu_f's IEEE expf and division (a dozen instructions more per output,
@@ -524,7 +479,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                     quad_transpose(w, q);
                     const int col = col_tile * BN + 8 * (4 * g + q);
                     if (live && col < p.n_out)
-                        st_out16(cr + col, make_uint4(w[0], w[1], w[2], w[3]), p.store_evict_first);
+                        *reinterpret_cast<uint4 *>(cr + col) = make_uint4(w[0], w[1], w[2], w[3]);
                 }
             } else if (live) {
 #pragma unroll
@@ -556,13 +511,13 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                     const int j = col_tile * (BN / 2) + 8 * (4 * g + q);
                     quad_transpose(wc, q);
                     if (live && j < I)
-                        st_out16(cr + j, make_uint4(wc[0], wc[1], wc[2], wc[3]), p.store_evict_first);
+                        *reinterpret_cast<uint4 *>(cr + j) = make_uint4(wc[0], wc[1], wc[2], wc[3]);
                     if (pr) {
                         quad_transpose(wg_, q);
                         quad_transpose(wu, q);
                         if (live && j < I) {
-                            st_out16(pr + j, make_uint4(wg_[0], wg_[1], wg_[2], wg_[3]), p.store_evict_first);
-                            st_out16(pr + I + j, make_uint4(wu[0], wu[1], wu[2], wu[3]), p.store_evict_first);
+                            *reinterpret_cast<uint4 *>(pr + j) = make_uint4(wg_[0], wg_[1], wg_[2], wg_[3]);
+                            *reinterpret_cast<uint4 *>(pr + I + j) = make_uint4(wu[0], wu[1], wu[2], wu[3]);
                         }
                     }
                 }
@@ -673,7 +628,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             /* The B tile is two boxes of BN/2 rows: with SiLU the gate rows j0.. and the up rows
              * I + j0.., else the two halves of the BN rows. CL = 1 loads both; with CL = 2 CTA
              * `rank` loads box `rank` and multicasts it to the pair. */
-            if (CL == 1 && p.sibling_sync && pt == 0) sibling_sync_wait(p.sibling_sync, tl, t, units_step);
             const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
             const int box_step = p.silu ? p.N / 2 : BN / 2;
             const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
@@ -987,47 +941,6 @@ int prefetch_steps()
     return v < 0 ? 0 : v > 64 ? 64 : v;
 }
 
-/* The sibling-sync counters (WgParams.sibling_sync) for `slots` tiles on this device, zeroed on
- * `stream`; NULL (no sync: same results) when MOE_WGMMA_SIBLING_SYNC is not 1, or when the
- * buffer would have to grow while the stream is being captured (no allocation in a graph).
- * One buffer per device, grown as needed, kept for the process (a few KB per 1000 tiles). */
-int *sibling_sync_counters(long long slots, cudaStream_t stream)
-{
-    const bool on = env_flag("MOE_WGMMA_SIBLING_SYNC");
-    if (!on || slots <= 0) return nullptr;
-    constexpr int kMaxDev = 64;
-    static std::mutex mu;
-    static int *buf[kMaxDev];
-    static size_t cap[kMaxDev];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDev) {
-        cudaGetLastError();
-        return nullptr;
-    }
-    const size_t need = (size_t)slots * 2 * sizeof(int);
-    std::lock_guard<std::mutex> lock(mu);
-    if (cap[dev] < need) {
-        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-        if (cudaStreamIsCapturing(stream, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
-            cudaGetLastError();
-            return nullptr;
-        }
-        int *nb = nullptr;
-        if (cudaMalloc(&nb, need) != cudaSuccess) {
-            cudaGetLastError();
-            return nullptr;
-        }
-        if (buf[dev]) cudaFree(buf[dev]);
-        buf[dev] = nb;
-        cap[dev] = need;
-    }
-    if (cudaMemsetAsync(buf[dev], 0, need, stream) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;
-    }
-    return buf[dev];
-}
-
 /* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
 int l2_hint_mode()
 {
@@ -1078,9 +991,7 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &
         const int cap = max_ctas_override();
         if (cap > 0 && grid > cap) grid = cap;
         if (grid < 1) grid = 1;
-        WgParams q = p;
-        q.sibling_sync = sibling_sync_counters(units, s);
-        kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(q, map);
+        kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map);
         return cudaGetLastError();
     }
     /* Clusters: as many as can be resident together (a GPU that cannot co-schedule a pair
@@ -1202,8 +1113,6 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
      * A tiles in shared memory before the MMAs instead, as the mma.sync kernels do. */
     p.scale_a_acc = a->scale_a_rows != nullptr && !env_flag("MOE_WGMMA_SCALE_A_SMEM");
     p.l2_hints = l2_hint_mode();
-    p.sibling_sync = nullptr; /* set per launch (launch_wg) */
-    p.store_evict_first = env_flag("MOE_WGMMA_STORE_EVICT_FIRST");
     p.prefetch = prefetch_steps();
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;

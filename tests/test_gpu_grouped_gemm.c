@@ -1889,19 +1889,6 @@ static void bench_model(const model_dims *m, int T, bool full)
                 h2[v] = time_ms(run_gg, &g2, &list[i], 10);
             }
             unsetenv("MOE_WGMMA_L2_HINTS");
-            setenv("MOE_WGMMA_SIBLING_SYNC", "1", 1);
-            float y1t = time_ms(run_gg, &g1, &list[i], 10), y2t = time_ms(run_gg, &g2, &list[i], 10);
-            unsetenv("MOE_WGMMA_SIBLING_SYNC");
-            setenv("MOE_WGMMA_STORE_EVICT_FIRST", "1", 1);
-            float z1t = time_ms(run_gg, &g1, &list[i], 10), z2t = time_ms(run_gg, &g2, &list[i], 10);
-            setenv("MOE_WGMMA_SIBLING_SYNC", "1", 1);
-            float b1t = time_ms(run_gg, &g1, &list[i], 10), b2t = time_ms(run_gg, &g2, &list[i], 10);
-            unsetenv("MOE_WGMMA_SIBLING_SYNC");
-            unsetenv("MOE_WGMMA_STORE_EVICT_FIRST");
-            fprintf(stderr, "SUMMARY %-14s T=%-5d %s sibling sync GEMM1 %7.3f GEMM2 %7.3f | "
-                            "stores evict_first GEMM1 %7.3f GEMM2 %7.3f | both GEMM1 %7.3f GEMM2 %7.3f\n",
-                    m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), y1t, y2t, z1t, z2t,
-                    b1t, b2t);
             float s1t = NAN;
             if (g1.scale_a_rows) {
                 setenv("MOE_WGMMA_SCALE_A_SMEM", "1", 1);
