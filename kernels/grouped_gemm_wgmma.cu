@@ -250,24 +250,19 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map
  * memory (same offsets), completing on both CTAs' full barriers; a stage is free again only
  * when the consumers of both CTAs released it, so each consumer warp arrives on the empty
  * barrier of both CTAs. */
-__device__ __forceinline__ uint32_t cluster_ctarank()
-{
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ uint32_t cluster_id_x()
-{
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ uint32_t cluster_count_x()
-{
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%nclusterid.x;\n" : "=r"(r));
-    return r;
-}
+/* The cluster's special registers: this CTA's rank in its cluster, the cluster's index in the
+ * grid, the number of clusters (x only: clusters are 1-D here). */
+#define MOE_WG_SREG(fn, reg)                                                                     \
+    __device__ __forceinline__ uint32_t fn()                                                     \
+    {                                                                                            \
+        uint32_t r;                                                                              \
+        asm volatile("mov.u32 %0, %%" reg ";\n" : "=r"(r));                                     \
+        return r;                                                                                \
+    }
+MOE_WG_SREG(cluster_ctarank, "cluster_ctarank")
+MOE_WG_SREG(cluster_id_x, "clusterid.x")
+MOE_WG_SREG(cluster_count_x, "nclusterid.x")
+#undef MOE_WG_SREG
 /* Every thread of every CTA of the cluster: release what came before, acquire the others'. */
 __device__ __forceinline__ void cluster_sync()
 {
@@ -299,16 +294,13 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtens
  * of its expert (2-3 at a few hundred rows per expert), by CTAs that drift apart; kept
  * evict_last until the expert's last row tile reads it evict_first, it stays in L2 for its
  * siblings instead of coming from DRAM once per row tile. */
-__device__ __forceinline__ uint64_t l2_policy_evict_last()
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first)
 {
     uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
-    return pol;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_first()
-{
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    if (evict_first)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
     return pol;
 }
 /* tma_load_2d with an L2 cache policy */
@@ -632,7 +624,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             const int box_step = p.silu ? p.N / 2 : BN / 2;
             const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
             const bool hint = CL == 1 && p.l2_hints > 0 && (tl.last || p.l2_hints == 1);
-            const uint64_t pol = tl.last ? l2_policy_evict_first() : l2_policy_evict_last();
+            const uint64_t pol = l2_policy(tl.last);
             for (int kt = 0; kt < KT; kt++, it++) {
                 const uint32_t s = it % S;
                 /* use it/S - 1 released (by both CTAs' consumers with CL = 2) */

@@ -71,9 +71,19 @@ python3 -c "import csv,sys; r=list(csv.DictReader(open('$tmp/z.csv'))); assert a
 "$ep" bench --backend cpu --graph -b 1 -e 1 >/dev/null 2>"$tmp/err"; rc=$?
 if [ $rc != 2 ] || ! grep -q -- "--graph .*needs the CUDA backend" "$tmp/err"; then
   echo "FAIL: --graph on the CPU (exit $rc)"; cat "$tmp/err"; fail=1; fi
+# --routed-only: Llama-4 without its shared expert, still verified against the reference (which
+# then leaves the shared expert out too); the header says so; a no-op for Qwen3
+out=$("$ep" bench --backend cpu --model tiny-llama4 --routed-only -b 8 -e 32 -w 0 -n 2 --check --copy-mib 0 2>&1); rc=$?
+if [ $rc != 0 ] || ! grep -q "routed experts only" <<<"$out" || grep -q "shared expert" <<<"$out" ||
+   ! grep -q "all sizes verified" <<<"$out"; then
+  echo "FAIL: --routed-only on tiny-llama4 (exit $rc)"; echo "$out"; fail=1; fi
+out=$("$ep" bench --backend cpu --model tiny-llama4 -b 8 -e 8 -w 0 -n 1 --copy-mib 0 2>&1)
+grep -q ", shared expert)" <<<"$out" || { echo "FAIL: tiny-llama4 header lacks its shared expert"; echo "$out"; fail=1; }
+"$ep" bench --backend cpu --model tiny-qwen3 --routed-only -b 8 -e 8 -w 0 -n 1 --check --copy-mib 0 >"$tmp/out" 2>&1 ||
+  { echo "FAIL: --routed-only on tiny-qwen3"; cat "$tmp/out"; fail=1; }
 # --help documents every option with its default
 help=$("$ep" bench --help)
-for o in --graph --copy-mib --rotate --csv --json --check --mode --kernel-config --autotune; do
+for o in --graph --copy-mib --rotate --csv --json --check --mode --kernel-config --autotune --routed-only --peak-gbs; do
   grep -q -- "$o" <<<"$help" || { echo "FAIL: --help lacks $o"; fail=1; }
 done
 grep -q -- "--copy-mib N .*default 1024 on cuda, 256 on cpu" <<<"$help" || { echo "FAIL: --copy-mib default in --help"; fail=1; }
