@@ -35,6 +35,7 @@
  */
 #include <cuda.h> /* CUtensorMap and the driver enums only: the encoder comes from
                      cudaGetDriverEntryPointByVersion, never from linking -lcuda */
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -906,15 +907,19 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
     return a < max_rows ? a : max_rows;
 }
 
-/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
- * walk many tiles and wrap its stage ring many times). */
-int max_ctas_override()
+/* An integer setting from the environment: dflt when unset or empty, else atoi clamped into
+ * [lo, hi]. */
+int env_int(const char *name, int dflt, int lo, int hi)
 {
-    const char *s = getenv("MOE_WGMMA_MAX_CTAS");
-    if (!s || !*s) return 0;
+    const char *s = getenv(name);
+    if (!s || !*s) return dflt;
     const int v = atoi(s);
-    return v > 0 ? v : 0;
+    return v < lo ? lo : v > hi ? hi : v;
 }
+
+/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
+ * walk many tiles and wrap its stage ring many times); 0 = no cap. */
+int max_ctas_override() { return env_int("MOE_WGMMA_MAX_CTAS", 0, 0, INT_MAX); }
 
 /* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
 int env_flag(const char *name)
@@ -925,21 +930,28 @@ int env_flag(const char *name)
 
 /* MOE_WGMMA_PREFETCH=n: B tiles prefetched into L2 n k steps ahead; 0 turns it off. */
 constexpr int WG_PREFETCH_DEFAULT = 0; /* measured slower on an H100 (docs/KERNELS.md) */
-int prefetch_steps()
-{
-    const char *s = getenv("MOE_WGMMA_PREFETCH");
-    if (!s || !*s) return WG_PREFETCH_DEFAULT;
-    const int v = atoi(s);
-    return v < 0 ? 0 : v > 64 ? 64 : v;
-}
+int prefetch_steps() { return env_int("MOE_WGMMA_PREFETCH", WG_PREFETCH_DEFAULT, 0, 64); }
 
 /* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
-int l2_hint_mode()
+int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
+
+/* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
+ * *at (which must outlive the configuration). */
+cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute *at, unsigned grid, int cl,
+                                         size_t smem, cudaStream_t s)
 {
-    const char *s = getenv("MOE_WGMMA_L2_HINTS");
-    if (!s || !*s) return 1;
-    const int v = atoi(s);
-    return v < 0 ? 0 : v > 2 ? 2 : v;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(WG_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    at->id = cudaLaunchAttributeClusterDimension;
+    at->val.clusterDim.x = (unsigned)cl;
+    at->val.clusterDim.y = 1;
+    at->val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    return cfg;
 }
 
 bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -949,17 +961,8 @@ bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 template <typename K>
 int resident_clusters(K kern, int cl, size_t smem, int sms)
 {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(sms / cl * cl));
-    cfg.blockDim = dim3(WG_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = (unsigned)cl;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute at;
+    const cudaLaunchConfig_t cfg = cluster_launch_config(&at, (unsigned)(sms / cl * cl), cl, smem, 0);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
         cudaGetLastError();
@@ -1001,18 +1004,8 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &
     const int cap = max_ctas_override();
     if (cap > 0 && clusters * CL > cap) clusters = cap / CL;
     if (clusters < 1) clusters = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(clusters * CL));
-    cfg.blockDim = dim3(WG_THREADS);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = CL;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute at;
+    const cudaLaunchConfig_t cfg = cluster_launch_config(&at, (unsigned)(clusters * CL), CL, smem, s);
     e = cudaLaunchKernelEx(&cfg, kern, p, map);
     return e != cudaSuccess ? e : cudaGetLastError();
 }
