@@ -1743,6 +1743,17 @@ static moe_status run_gg(const void *a, const moe_kernel_config *cfg)
     return st;
 }
 
+/* time_ms of the grouped GEMM g with configuration c while the environment variable var is
+ * val (the wgmma kernel's diagnostic switches, read per launch); var is unset afterwards. */
+static float time_gg_env(const char *var, const char *val, const moe_grouped_gemm_args *g,
+                         const moe_kernel_config *c)
+{
+    setenv(var, val, 1);
+    float t = time_ms(run_gg, g, c, 10);
+    unsetenv(var);
+    return t;
+}
+
 typedef struct dense_gemm {
     cublasHandle_t h;
     int M, N, K;
@@ -1858,43 +1869,28 @@ static void bench_model(const model_dims *m, int T, bool full)
         for (int i = 0; i < n; i++) {
             if (!list[i].use_tma) continue;
             char cs[64];
-            setenv("MOE_WGMMA_PROXY_FENCE", "1", 1);
-            float f1t = time_ms(run_gg, &g1, &list[i], 10), f2t = time_ms(run_gg, &g2, &list[i], 10);
-            unsetenv("MOE_WGMMA_PROXY_FENCE");
-            setenv("MOE_WGMMA_SKIP_EPILOGUE", "1", 1);
-            float e1t = time_ms(run_gg, &g1, &list[i], 10), e2t = time_ms(run_gg, &g2, &list[i], 10);
-            unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
-            setenv("MOE_WGMMA_NO_GATHER", "1", 1);
-            float n1t = time_ms(run_gg, &g1, &list[i], 10);
-            unsetenv("MOE_WGMMA_NO_GATHER");
-            setenv("MOE_WGMMA_NARROW_STORES", "1", 1);
-            float w1t = time_ms(run_gg, &g1, &list[i], 10), w2t = time_ms(run_gg, &g2, &list[i], 10);
-            unsetenv("MOE_WGMMA_NARROW_STORES");
-            setenv("MOE_WGMMA_EXACT_SILU", "1", 1);
-            float x1t = time_ms(run_gg, &g1, &list[i], 10);
-            unsetenv("MOE_WGMMA_EXACT_SILU");
+            const moe_kernel_config *c = &list[i];
+            float f1t = time_gg_env("MOE_WGMMA_PROXY_FENCE", "1", &g1, c);
+            float f2t = time_gg_env("MOE_WGMMA_PROXY_FENCE", "1", &g2, c);
+            float e1t = time_gg_env("MOE_WGMMA_SKIP_EPILOGUE", "1", &g1, c);
+            float e2t = time_gg_env("MOE_WGMMA_SKIP_EPILOGUE", "1", &g2, c);
+            float n1t = time_gg_env("MOE_WGMMA_NO_GATHER", "1", &g1, c);
+            float w1t = time_gg_env("MOE_WGMMA_NARROW_STORES", "1", &g1, c);
+            float w2t = time_gg_env("MOE_WGMMA_NARROW_STORES", "1", &g2, c);
+            float x1t = time_gg_env("MOE_WGMMA_EXACT_SILU", "1", &g1, c);
             /* inference writes no C_preact (the forward keeps it only for a backward) */
             void *pre_saved = g1.C_preact;
             g1.C_preact = NULL;
-            float i1t = time_ms(run_gg, &g1, &list[i], 10);
-            setenv("MOE_WGMMA_SKIP_EPILOGUE", "1", 1);
-            float ie1t = time_ms(run_gg, &g1, &list[i], 10);
-            unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
+            float i1t = time_ms(run_gg, &g1, c, 10);
+            float ie1t = time_gg_env("MOE_WGMMA_SKIP_EPILOGUE", "1", &g1, c);
             g1.C_preact = pre_saved;
             float h1[2], h2[2];
             const char *hv[2] = {"0", "2"}; /* the default is 1 */
             for (int v = 0; v < 2; v++) {
-                setenv("MOE_WGMMA_L2_HINTS", hv[v], 1);
-                h1[v] = time_ms(run_gg, &g1, &list[i], 10);
-                h2[v] = time_ms(run_gg, &g2, &list[i], 10);
+                h1[v] = time_gg_env("MOE_WGMMA_L2_HINTS", hv[v], &g1, c);
+                h2[v] = time_gg_env("MOE_WGMMA_L2_HINTS", hv[v], &g2, c);
             }
-            unsetenv("MOE_WGMMA_L2_HINTS");
-            float s1t = NAN;
-            if (g1.scale_a_rows) {
-                setenv("MOE_WGMMA_SCALE_A_SMEM", "1", 1);
-                s1t = time_ms(run_gg, &g1, &list[i], 10);
-                unsetenv("MOE_WGMMA_SCALE_A_SMEM");
-            }
+            float s1t = g1.scale_a_rows ? time_gg_env("MOE_WGMMA_SCALE_A_SMEM", "1", &g1, c) : NAN;
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s L2 hints off GEMM1 %7.3f GEMM2 %7.3f | "
                             "only evict_first GEMM1 %7.3f GEMM2 %7.3f | scale_a in shared memory "
                             "GEMM1 %7.3f ms\n",
