@@ -222,7 +222,8 @@ int cli_bench(int argc, char **argv)
         if (g > 0) copy_gbs = g;
     }
     /* the roofline's bandwidth: what this GPU's copy reaches (an H100 ~3.0 TB/s, an H200 ~4.3) */
-    if (!peak_bw_s && backend == MOE_BACKEND_CUDA && !isnan(copy_gbs)) peak_bw = copy_gbs;
+    const bool peak_bw_measured = !peak_bw_s && backend == MOE_BACKEND_CUDA && !isnan(copy_gbs);
+    if (peak_bw_measured) peak_bw = copy_gbs;
 
     printf("# moe-ep bench: %s (H=%d I=%d E=%d k=%d%s), %s, mode %s, backend %s\n", cfg.name, H,
            I, E, k, cfg.shared_inter ? ", shared expert" : routed_only ? ", routed experts only" : "", moe_dtype_name(dt), mode_s,
@@ -264,7 +265,9 @@ int cli_bench(int argc, char **argv)
                "# routing included, events around each cudaGraphLaunch); time(ms) stays the eager launches.\n");
     printf("# warmup %d, iters %d (median), %d rotating input sets, seed %llu; FLOPs = %s x 6*T*k*H*I\n",
            warmup, iters, rotate, (unsigned long long)seed, mode == MOE_BENCH_FWD ? "1" : mode == MOE_BENCH_BWD ? "2" : "3");
-    if (peak_tf > 0) printf("# roofline: %.0f TFLOP/s, %.0f GB/s%s\n", peak_tf, peak_bw, peak_bw_s ? "" : !isnan(copy_gbs) && backend == MOE_BACKEND_CUDA ? " (the measured copy bandwidth)" : "");
+    if (peak_tf > 0)
+        printf("# roofline: %.0f TFLOP/s, %.0f GB/s%s\n", peak_tf, peak_bw,
+               peak_bw_measured ? " (the measured copy bandwidth)" : "");
     printf("%8s %8s %10s %10s %9s %7s %7s %6s", "T", "M", "time(ms)", "TFLOP/s", "GB/s", "%roof", "%copy", "exp");
     if (graph) printf(" %10s %7s", "graph(ms)", "%copy g");
     for (int p = 0; p < MOE_PHASE_COUNT; p++) printf(" %8s", moe_phase_names[p]);
