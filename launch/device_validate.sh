@@ -101,14 +101,16 @@ if want bench; then
       --csv "$log/sweep_$m.csv" --json "$log/sweep_$m.json" > "$log/sweep_$m.txt" 2>&1
     summary+=("bench sweep $m: exit $? ($(el) s)")
   done
-  room 40 "fwdbwd" &&
-  timeout -s KILL 60 $ep bench --backend cuda --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10 \
-    > "$log/bench_qwen3_fwdbwd.txt" 2>&1
-  summary+=("bench qwen3 fwdbwd T=4096: exit $?")
-  room 60 "checked sweep" &&
-  timeout -s KILL 120 $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 3 -n 10 --check \
-    > "$log/bench_qwen3_checked.txt" 2>&1
-  summary+=("bench qwen3 --check 1024..16384: exit $?")
+  if room 40 "fwdbwd"; then
+    timeout -s KILL 60 $ep bench --backend cuda --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10 \
+      > "$log/bench_qwen3_fwdbwd.txt" 2>&1
+    summary+=("bench qwen3 fwdbwd T=4096: exit $?")
+  fi
+  if room 60 "checked sweep"; then
+    timeout -s KILL 120 $ep bench --backend cuda --model qwen3-30b-a3b -b 1024 -e 16384 -f 4 -w 3 -n 10 --check \
+      > "$log/bench_qwen3_checked.txt" 2>&1
+    summary+=("bench qwen3 --check 1024..16384: exit $?")
+  fi
 fi
 if want gg_small && command -v compute-sanitizer >/dev/null && room 40 "gg_small memcheck"; then
   left=$((${BUDGET:-1000000} - $(el) - 15)); [ $left -gt 120 ] && left=120
