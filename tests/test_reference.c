@@ -550,7 +550,9 @@ static void test_llama4_score_on_input(void **state)
 {
     (void)state;
     uint64_t seed = moe_test_seed();
-    const int T = 4, H = 3, I = 2, E = 2;
+    /* 32 tokens: with 4, about one seed in 30 drew only gate values deep in SiLU's linear
+     * range, where the two formulas nearly agree, and the guard below failed on the draw */
+    const int T = 32, H = 3, I = 2, E = 2;
     moe_config c = mk_cfg(MOE_ARCH_LLAMA4, H, I, E, 1, false, 0);
     moe_weights w;
     mk_weights(&c, 0, E, MOE_DTYPE_F64, seed, &w);
