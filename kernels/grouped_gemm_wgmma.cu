@@ -30,8 +30,13 @@
  * GMMA mainloops; MOE_WGMMA_PROXY_FENCE=1 adds one: measured no difference).
  * Tiles: expert-major, then column tile, then row tile (so the 2-3 row tiles of one expert that
  * share a weight tile run side by side, and one expert's A rows stay hot in L2 across its column
- * tiles); CTA b takes tiles b, b + grid, ... . Every warp finds its tile's expert itself from
- * the offsets (copied to shared memory once), so producer and consumers need no CTA barrier.
+ * tiles). CTA b takes tile b first; after that its producer takes the next tile from a global
+ * counter (dynamic scheduling: tiles start in index order, so the row tiles that share a weight
+ * tile start within ~a microsecond of each other and read it from L2 once; with the static
+ * order b, b + grid, ... of earlier rounds they drifted apart over the waves and each re-read
+ * it from DRAM, docs/KERNELS.md round 4). The producer posts each tile's index with its first
+ * stage (s_tile[stage]) and a -1 after the last; the consumers read it there. Warps find their
+ * tile's expert themselves from the offsets (copied to shared memory once).
  */
 #include <cuda.h> /* CUtensorMap and the driver enums only: the encoder comes from
                      cudaGetDriverEntryPointByVersion, never from linking -lcuda */
@@ -86,7 +91,17 @@ struct WgParams {
     int l2_hints;      /* B loads' L2 policy: 0 none, 1 evict_last / last row tile evict_first,
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
+    int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
+    int sched_slot;    /* which g_wg_sched counter pair this launch uses */
 };
+
+/* Dynamic scheduling state: per slot {next tile - grid, CTAs finished}. The last CTA of a
+ * launch to finish puts both back to zero, so the next launch that uses the slot (stream order,
+ * or a CUDA-graph replay) starts clean without a memset. The host hands slots out round-robin:
+ * only launches in flight at the same time on different streams must not share one, i.e. fewer
+ * than WG_SCHED_SLOTS of them may overlap. */
+constexpr int WG_SCHED_SLOTS = 64;
+__device__ int g_wg_sched[WG_SCHED_SLOTS][2];
 
 /* ---- tile search, one warp at a time ----
  * Unit t (expert-major): expert e owns ru_e * col_tiles consecutive units, ru_e =
@@ -164,12 +179,21 @@ constexpr size_t wg_arow_smem_bytes()
     return BM > 128 ? (size_t)128 * (BM / 16) * 4 : 0;
 }
 
+/* The tile that starts at each stage (s_tile[S][4]: row0 (-1: no more tiles), row_end, column,
+ * posted by the producer) and the producer's two slots for the next tile's index (s_next[2]). */
+template <int S>
+constexpr size_t wg_sched_smem_bytes()
+{
+    return (size_t)(4 * S + 2) * 4;
+}
+
 template <int BM, int BN, int S>
 constexpr size_t wg_smem_bytes()
 {
     /* 1024 bytes of slack to align the tiles to the 1024-byte swizzle period, the stages, the
      * 2*S mbarriers; the clamped offsets follow (added by the host: (E+1) ints). */
-    return 1024 + (size_t)S * (BM + BN) * WG_BK * 2 + (size_t)2 * S * 8 + wg_arow_smem_bytes<BM>();
+    return 1024 + (size_t)S * (BM + BN) * WG_BK * 2 + (size_t)2 * S * 8 + wg_sched_smem_bytes<S>() +
+           wg_arow_smem_bytes<BM>();
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -567,8 +591,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     const uint32_t sA = base, sB = base + S * A_BYTES;
     const uint32_t bars = sB + S * B_BYTES; /* full[S], then empty[S], 8 bytes each */
     unsigned char *gbase = wg_smem + (base - raw);
-    int *s_arow = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S); /* BM = 256 only */
-    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_arow_smem_bytes<BM>());
+    volatile int *s_tile = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S);
+    volatile int *s_next = s_tile + 4 * S;
+    int *s_arow = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes<S>()); /* BM = 256 only */
+    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes<S>() +
+                                         wg_arow_smem_bytes<BM>());
     constexpr bool AROW_SMEM = BM > 128;
     auto full = [&](uint32_t s) { return bars + 8 * s; };
     auto empty = [&](uint32_t s) { return bars + 8 * (S + s); };
@@ -600,9 +627,22 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         const uint32_t a_off = (uint32_t)(rsub * 128 + ((chunk ^ (rsub & 7)) << 4));
         const T *A = static_cast<const T *>(p.A);
         uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
-        for (int t = unit0;; t += units_step) {
+        const bool dyn = CL == 1 && p.dyn_sched;
+        int *sched = g_wg_sched[p.sched_slot];
+        int t = unit0;
+        for (uint32_t nt = 0;; nt++) {
             WgTile tl;
-            if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) break;
+            if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) {
+                /* the end: stage `it` carries tile -1 (129 plain arrivals, no bytes) */
+                const uint32_t s = it % S;
+                if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
+                if (pt == 0) {
+                    s_tile[4 * s] = -1;
+                    mbar_arrive(full(s));
+                }
+                mbar_arrive(full(s));
+                break;
+            }
             int arow[AROW_SMEM ? 1 : BM / 16];
 #pragma unroll
             for (int i = 0; i < BM / 16; i++) {
@@ -642,6 +682,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                             tma_prefetch_2d(&tmap, kp * WG_BK, brow + b * box_step);
                 }
                 if (pt == 0) {
+                    if (kt == 0) { /* released to the consumers by the arrival */
+                        s_tile[4 * s] = tl.row0;
+                        s_tile[4 * s + 1] = tl.row_end;
+                        s_tile[4 * s + 2] = tl.col;
+                    }
                     /* this CTA's barrier expects the whole tile, both halves */
                     mbar_arrive_expect_tx(full(s), B_BYTES);
                     const uint32_t dst = sB + s * B_BYTES;
@@ -672,8 +717,27 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 /* arrives when this thread's copies (this stage's and any earlier) landed */
                 cp_async_mbar_arrive(full(s));
             }
+            if (dyn) {
+                /* thread 0 takes the next tile, the warpgroup's named barrier hands it round
+                 * (two slots: a slot is rewritten only after every thread passed the next
+                 * barrier, i.e. read it) */
+                if (pt == 0) s_next[nt & 1] = (int)gridDim.x + atomicAdd(&sched[0], 1);
+                asm volatile("bar.sync 3, 128;\n" ::: "memory");
+                t = s_next[nt & 1];
+            } else {
+                t += units_step;
+            }
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
+        if (dyn && pt == 0) {
+            /* every counter fetch of this CTA is ordered before its count-in; the last CTA to
+             * count in resets the slot for the next launch */
+            __threadfence();
+            if (atomicAdd(&sched[1], 1) == (int)gridDim.x - 1) {
+                atomicExch(&sched[0], 0);
+                atomicExch(&sched[1], 0);
+            }
+        }
     } else {
         /* ================= consumer warpgroups ================= */
         setmaxnreg_inc<WG_CONSUMER_REGS>();
@@ -699,9 +763,15 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[m][i] = 0.f;
         uint32_t it = 0;
-        for (int t = unit0;; t += units_step) {
+        for (;;) {
+            /* the tile comes with its first stage */
+            mbar_wait(full(it % S), (it / S) & 1);
+            const int *post = const_cast<const int *>(s_tile) + 4 * (it % S); /* after the wait's clobber */
             WgTile tl;
-            if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) break;
+            tl.row0 = post[0];
+            if (tl.row0 < 0) break;
+            tl.row_end = post[1];
+            tl.col = post[2];
             const int wrow0 = tl.row0 + 64 * MB * cw; /* this warpgroup's first row */
             const int rem = tl.row_end - wrow0;
             const int nact = rem <= 0 ? 0 : min((rem + 63) >> 6, MB); /* m64 blocks with rows */
@@ -935,6 +1005,13 @@ int prefetch_steps() { return env_int("MOE_WGMMA_PREFETCH", WG_PREFETCH_DEFAULT,
 /* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
 int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
 
+/* The dynamic scheduler's counter slot of the next launch (round-robin, g_wg_sched). */
+int next_sched_slot()
+{
+    static unsigned next = 0;
+    return (int)(__atomic_fetch_add(&next, 1u, __ATOMIC_RELAXED) % WG_SCHED_SLOTS);
+}
+
 /* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
  * *at (which must outlive the configuration). */
 cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute *at, unsigned grid, int cl,
@@ -1063,7 +1140,8 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     if (!dev_info(&d) || !d.hopper) return false;
     if (!tensor_map_encoder()) return false;
     if (!config_listed(*c)) return false;
-    size_t need = 1024 + (size_t)c->stages * (c->tile_m + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages;
+    size_t need = 1024 + (size_t)c->stages * (c->tile_m + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages +
+                  (size_t)(4 * c->stages + 2) * 4; /* wg_sched_smem_bytes */
     if (c->tile_m > 128) need += (size_t)128 * (c->tile_m / 16) * 4; /* wg_arow_smem_bytes */
     need += (size_t)(a->num_experts + 1) * 4;
     if (need > (size_t)d.smem_optin) return false;
@@ -1099,6 +1177,8 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.scale_a_acc = a->scale_a_rows != nullptr && !env_flag("MOE_WGMMA_SCALE_A_SMEM");
     p.l2_hints = l2_hint_mode();
     p.prefetch = prefetch_steps();
+    p.dyn_sched = !env_flag("MOE_WGMMA_STATIC_SCHED");
+    p.sched_slot = next_sched_slot();
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;

@@ -1453,7 +1453,8 @@ static void test_wgmma_flags(void **state)
 }
 
 /* The persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS): one CTA walks every tile of
- * every expert, wrapping the stage ring and the mbarrier phases many times across tiles. */
+ * every expert, wrapping the stage ring and the mbarrier phases many times across tiles; each
+ * with the dynamic tile scheduler (the default) and the static order (MOE_WGMMA_STATIC_SCHED). */
 static void test_wgmma_persistent(void **state)
 {
     (void)state;
@@ -1463,17 +1464,21 @@ static void test_wgmma_persistent(void **state)
     int failures = 0, runs = 0;
     const char *caps[2] = {"1", "3"};
     for (int ci = 0; ci < nwg; ci++)
-        for (int cap = 0; cap < 2; cap++) {
-            setenv("MOE_WGMMA_MAX_CTAS", caps[cap], 1);
+        for (int cap = 0; cap < 4; cap++) {
+            setenv("MOE_WGMMA_MAX_CTAS", caps[cap % 2], 1);
+            if (cap >= 2)
+                setenv("MOE_WGMMA_STATIC_SCHED", "1", 1);
+            else
+                unsetenv("MOE_WGMMA_STATIC_SCHED");
             for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
                 const shape *sh = &k_wg_shapes[si];
                 route rt;
                 make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
                 for (int v = 0; v < 2; v++) {
                     char cs[64], name[192];
-                    snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s",
-                             moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap],
-                             v ? "px+sa+silu+preact" : "py+sc");
+                    snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
+                             moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
+                             cap >= 2 ? "static" : "dynamic", v ? "px+sa+silu+preact" : "py+sc");
                     fwd_case c = {0};
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
@@ -1491,6 +1496,7 @@ static void test_wgmma_persistent(void **state)
             }
         }
     unsetenv("MOE_WGMMA_MAX_CTAS");
+    unsetenv("MOE_WGMMA_STATIC_SCHED");
     fprintf(stderr, "wgmma persistent (capped grid): %d of %d failed\n", failures, runs);
     assert_int_equal(failures, 0);
 }
@@ -1891,12 +1897,17 @@ static void bench_model(const model_dims *m, int T, bool full)
                 h2[v] = time_gg_env("MOE_WGMMA_L2_HINTS", hv[v], &g2, c);
             }
             float s1t = g1.scale_a_rows ? time_gg_env("MOE_WGMMA_SCALE_A_SMEM", "1", &g1, c) : NAN;
+            float o1t = time_gg_env("MOE_WGMMA_STATIC_SCHED", "1", &g1, c);
+            float o2t = time_gg_env("MOE_WGMMA_STATIC_SCHED", "1", &g2, c);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s L2 hints off GEMM1 %7.3f GEMM2 %7.3f | "
                             "only evict_first GEMM1 %7.3f GEMM2 %7.3f | scale_a in shared memory "
                             "GEMM1 %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), h1[0], h2[0], h1[1],
                     h2[1], s1t);
             float d1t = time_ms(run_gg, &g1, &list[i], 10), d2t = time_ms(run_gg, &g2, &list[i], 10);
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s static tile order GEMM1 %7.3f GEMM2 %7.3f | "
+                            "dynamic (default) GEMM1 %7.3f GEMM2 %7.3f ms\n",
+                    m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), o1t, o2t, d1t, d2t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s again: default GEMM1 %7.3f GEMM2 %7.3f | "
                             "GEMM1 with IEEE SiLU %7.3f | GEMM1 without C_preact %7.3f, its "
                             "mainloop alone %7.3f ms\n",
