@@ -2,7 +2,8 @@
  * grouped_gemm_wgmma.cu — the Hopper (sm_90a) forward grouped GEMM: warpgroup MMA (wgmma) with
  * the weights brought in by the tensor-memory accelerator (TMA) and the activation rows gathered
  * by cp.async, both into 128-byte-swizzled shared memory. Same semantics as the mma.sync kernel
- * of grouped_gemm.cu (moe_stages.h, moe_grouped_gemm_args) for B_e [N, K] (b_kn false): the
+ * of grouped_gemm.cu (moe_stages.h, moe_grouped_gemm_args) for B_e [N, K] and (b_kn, the
+ * backward dX GEMMs) B_e [K, N], the latter loaded N-major and multiplied with wgmma's B transpose: the
  * permute_x row gather, permute_y scatter, scale_a_rows (multiply + round before the MMA),
  * scale_c_rows (fp32 multiply before rounding) and the SiLU-and-mul epilogue with C_preact.
  * grouped_gemm.cu's launcher calls moe_gg_wgmma_run() when the configuration asks for it
@@ -92,7 +93,7 @@ struct WgParams {
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
-    int sched_slot;    /* which g_wg_sched counter pair this launch uses */
+    int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
 };
 
 /* Dynamic scheduling state: per slot {next tile - grid, CTAs finished}. The last CTA of a
@@ -179,8 +180,8 @@ constexpr size_t wg_arow_smem_bytes()
     return BM > 128 ? (size_t)128 * (BM / 16) * 4 : 0;
 }
 
-/* The tile that starts at each stage (s_tile[S][4]: row0 (-1: no more tiles), row_end, column,
- * posted by the producer) and the producer's two slots for the next tile's index (s_next[2]). */
+/* The tile of each stage (s_tile[S][4]: row0 (-1: no more tiles), row_end, column, posted
+ * by the producer with every stage) and the producer's two slots for the next tile's index (s_next[2]). */
 template <int S>
 constexpr size_t wg_sched_smem_bytes()
 {
@@ -337,6 +338,22 @@ __device__ __forceinline__ void tma_load_2d_hint(uint32_t dst, const CUtensorMap
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(pol)
                  : "memory");
 }
+/* 3-D tensor load (c0 along N, c1 along K, c2 the expert) for B [E][K][N] (b_kn), with an L2
+ * cache policy when hint; coordinates past K or N fill zeros. */
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                            int c2, uint32_t bar, bool hint, uint64_t pol)
+{
+    if (hint)
+        asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                     ".L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+                     "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "l"(pol)
+                     : "memory");
+    else
+        asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                     " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                     "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                     : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit()
 {
@@ -379,10 +396,27 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr)
     return d;
 }
 
-/* D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, both K-major in shared memory; acc = 0 overwrites.
+/* The same for an N-major B tile (b_kn: B stored [K, N]): the stage holds BN/64 boxes of 64 k
+ * rows x 64 columns (128 bytes per k row, swizzled as above), one box per 64 columns. In the
+ * N-major canonical 128B-swizzle layout ((8,8,n),(8,k)) : ((1,8,LBO),(64,SBO)) elements, the
+ * 8-row k groups sit 1024 bytes apart (stride byte offset) and the 64-column groups one box,
+ * 8 KB, apart (leading byte offset). A k16 step inside the stage starts 16 rows = 2048 bytes
+ * on (+128 in the >>4 encoding). */
+constexpr uint32_t WG_KN_BOX_BYTES = 64 * 128;
+__device__ __forceinline__ uint64_t sw128_desc_mn(uint32_t smem_addr)
+{
+    uint64_t d = (uint64_t)((smem_addr & 0x3FFFFu) >> 4);
+    d |= (uint64_t)(WG_KN_BOX_BYTES >> 4) << 16;
+    d |= (uint64_t)(1024 >> 4) << 32;
+    d |= (uint64_t)1 << 62;
+    return d;
+}
+
+/* D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, A K-major in shared memory, B K-major (TB = 0) or
+ * N-major (TB = 1: the transpose bit of wgmma, for b_kn); acc = 0 overwrites.
  * Per thread: d[4i + q] holds row 16*warp + lane/4 (+8 for q >= 2), column 8i + 2*(lane%4) +
  * (q & 1) of the warpgroup's 64 x N block. */
-template <typename T, int N> struct Wgmma;
+template <typename T, int N, int TB> struct Wgmma;
 /* The four instantiations differ only in the PTX type and N: one macro writes them. The
  * accumulator operand lists are spelt out 8 at a time (inline asm takes no arrays). */
 #define MOE_WG_D8(i)                                                                           \
@@ -408,26 +442,30 @@ template <typename T, int N> struct Wgmma;
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 /* operands after the accumulators: descriptor A, descriptor B, acc (N/2 = accumulator count) */
-#define MOE_WG_TAIL_128 "%64, %65, p, 1, 1, 0, 0;\n}\n"
-#define MOE_WG_TAIL_256 "%128, %129, p, 1, 1, 0, 0;\n}\n"
+#define MOE_WG_TAIL_128(TB) "%64, %65, p, 1, 1, 0, " #TB ";\n}\n"
+#define MOE_WG_TAIL_256(TB) "%128, %129, p, 1, 1, 0, " #TB ";\n}\n"
 #define MOE_WG_PRED_128 "%66"
 #define MOE_WG_PRED_256 "%130"
-#define MOE_WGMMA(CT, PTXT, N)                                                                 \
-    template <> struct Wgmma<CT, N> {                                                          \
+#define MOE_WGMMA(CT, PTXT, N, TB)                                                             \
+    template <> struct Wgmma<CT, N, TB> {                                                      \
         static __device__ __forceinline__ void run(float (&d)[N / 2], uint64_t da, uint64_t db, \
                                                    int acc)                                    \
         {                                                                                      \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " MOE_WG_PRED_##N ", 0;\n"          \
                          "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTXT "." PTXT " "    \
-                         MOE_WG_REGS_##N ", " MOE_WG_TAIL_##N                                  \
+                         MOE_WG_REGS_##N ", " MOE_WG_TAIL_##N(TB)                              \
                          : MOE_WG_OUT_##N                                                      \
                          : "l"(da), "l"(db), "r"(acc));                                        \
         }                                                                                      \
     };
-MOE_WGMMA(__nv_bfloat16, "bf16", 128)
-MOE_WGMMA(__half, "f16", 128)
-MOE_WGMMA(__nv_bfloat16, "bf16", 256)
-MOE_WGMMA(__half, "f16", 256)
+MOE_WGMMA(__nv_bfloat16, "bf16", 128, 0)
+MOE_WGMMA(__half, "f16", 128, 0)
+MOE_WGMMA(__nv_bfloat16, "bf16", 256, 0)
+MOE_WGMMA(__half, "f16", 256, 0)
+MOE_WGMMA(__nv_bfloat16, "bf16", 128, 1)
+MOE_WGMMA(__half, "f16", 128, 1)
+MOE_WGMMA(__nv_bfloat16, "bf16", 256, 1)
+MOE_WGMMA(__half, "f16", 256, 1)
 
 /* 4x4 transpose of 32-bit words inside a quad (the 4 lanes that share an accumulator row):
  * on entry lane q holds w[j] = the packed column pair 2q, 2q+1 of 8-column group j; on exit
@@ -474,9 +512,12 @@ __device__ __forceinline__ float silu_wg(float g, int exact)
  * n_out % 8 == 0); otherwise 4-byte pairs as before. Same values and rounding either way. */
 template <typename T, int BN>
 __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc)[BN / 2],
-                                            const int (&crow)[2], const float (&csc)[2], int col_tile,
-                                            int lane, bool cvec, bool pvec)
+                                            const int (&crow)[2], const float (&csc)[2],
+                                            const volatile int *col_tile_at, int lane, bool cvec,
+                                            bool pvec)
 {
+    /* the column tile is read from shared memory where it is used (volatile): held in a
+     * register across the epilogue it was the one value ptxas spilled (b_kn kernels) */
     T *C = static_cast<T *>(p.C);
     const int q = lane & 3;
 #pragma unroll
@@ -494,14 +535,14 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                         w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * csc[h],
                                                     acc[4 * (4 * g + j) + 2 * h + 1] * csc[h]));
                     quad_transpose(w, q);
-                    const int col = col_tile * BN + 8 * (4 * g + q);
+                    const int col = *col_tile_at * BN + 8 * (4 * g + q);
                     if (live && col < p.n_out)
                         *reinterpret_cast<uint4 *>(cr + col) = make_uint4(w[0], w[1], w[2], w[3]);
                 }
             } else if (live) {
 #pragma unroll
                 for (int i = 0; i < BN / 8; i++) {
-                    const int col = col_tile * BN + 8 * i + 2 * q;
+                    const int col = *col_tile_at * BN + 8 * i + 2 * q;
                     wg_store2<T>(cr, col, p.n_out, p.c_pair, acc[4 * i + 2 * h] * csc[h],
                                  acc[4 * i + 2 * h + 1] * csc[h]);
                 }
@@ -525,7 +566,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
                         wg_[jj] = pack2<T>(make_float2(g0, g1));
                         wu[jj] = pack2<T>(make_float2(u0, u1));
                     }
-                    const int j = col_tile * (BN / 2) + 8 * (4 * g + q);
+                    const int j = *col_tile_at * (BN / 2) + 8 * (4 * g + q);
                     quad_transpose(wc, q);
                     if (live && j < I)
                         *reinterpret_cast<uint4 *>(cr + j) = make_uint4(wc[0], wc[1], wc[2], wc[3]);
@@ -541,7 +582,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
             } else if (live) {
 #pragma unroll
                 for (int i = 0; i < BN / 16; i++) {
-                    const int j = col_tile * (BN / 2) + 8 * i + 2 * q;
+                    const int j = *col_tile_at * (BN / 2) + 8 * i + 2 * q;
                     const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
                     const float u0 = acc[4 * (i + BN / 16) + 2 * h];
                     const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
@@ -572,7 +613,7 @@ template <int N> struct WgCount {
  * the up box with SiLU, else one BN/2-row half) and multicasts it into both, so each weight byte
  * leaves L2 once per 2 row tiles instead of once per tile (the mainloop is bound by L2->SM
  * traffic: 48 KB per k step per CTA without, 32 KB with). */
-template <typename T, int BM, int BN, int S, bool SCALE_A, int CL>
+template <typename T, int BM, int BN, int S, bool SCALE_A, int CL, bool BKN>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
@@ -584,6 +625,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     static_assert(MB * BN / 2 <= 128, "at most 128 fp32 accumulators per consumer thread");
     static_assert(S >= 3, "at least three stages");
     static_assert(CL == 1 || CL == 2, "clusters of one or two CTAs");
+    static_assert(!BKN || CL == 1, "b_kn: no clusters");
 
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const uint32_t raw = smem_u32(wg_smem);
@@ -628,7 +670,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         const T *A = static_cast<const T *>(p.A);
         uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
         const bool dyn = CL == 1 && p.dyn_sched;
-        int *sched = g_wg_sched[p.sched_slot];
         int t = unit0;
         for (uint32_t nt = 0;; nt++) {
             WgTile tl;
@@ -682,16 +723,24 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                             tma_prefetch_2d(&tmap, kp * WG_BK, brow + b * box_step);
                 }
                 if (pt == 0) {
-                    if (kt == 0) { /* released to the consumers by the arrival */
-                        s_tile[4 * s] = tl.row0;
-                        s_tile[4 * s + 1] = tl.row_end;
-                        s_tile[4 * s + 2] = tl.col;
-                    }
+                    /* the tile, with every stage (released to the consumers by the arrival):
+                     * they read its rows at the first stage and its column at the last */
+                    s_tile[4 * s] = tl.row0;
+                    s_tile[4 * s + 1] = tl.row_end;
+                    s_tile[4 * s + 2] = tl.col;
                     /* this CTA's barrier expects the whole tile, both halves */
                     mbar_arrive_expect_tx(full(s), B_BYTES);
                     const uint32_t dst = sB + s * B_BYTES;
                     for (int b = box_lo; b < box_hi; b++) {
-                        if (CL > 1)
+                        if (BKN) {
+                            /* half b: columns n0.. (gate or up with SiLU), 64 per box */
+                            const int n0 = p.silu ? b * (p.N / 2) + tl.col * (BN / 2)
+                                                  : tl.col * BN + b * (BN / 2);
+#pragma unroll
+                            for (int j = 0; j < BN / 128; j++)
+                                tma_load_3d(dst + b * (B_BYTES / 2) + j * WG_KN_BOX_BYTES, &tmap,
+                                            n0 + 64 * j, kt * WG_BK, tl.expert, full(s), hint, pol);
+                        } else if (CL > 1)
                             tma_load_2d_multicast(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
                                                   brow + b * box_step, full(s), (1u << CL) - 1);
                         else if (hint)
@@ -721,7 +770,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 /* thread 0 takes the next tile, the warpgroup's named barrier hands it round
                  * (two slots: a slot is rewritten only after every thread passed the next
                  * barrier, i.e. read it) */
-                if (pt == 0) s_next[nt & 1] = (int)gridDim.x + atomicAdd(&sched[0], 1);
+                if (pt == 0) s_next[nt & 1] = (int)gridDim.x + atomicAdd(&p.sched[0], 1);
                 asm volatile("bar.sync 3, 128;\n" ::: "memory");
                 t = s_next[nt & 1];
             } else {
@@ -733,9 +782,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             /* every counter fetch of this CTA is ordered before its count-in; the last CTA to
              * count in resets the slot for the next launch */
             __threadfence();
-            if (atomicAdd(&sched[1], 1) == (int)gridDim.x - 1) {
-                atomicExch(&sched[0], 0);
-                atomicExch(&sched[1], 0);
+            if (atomicAdd(&p.sched[1], 1) == (int)gridDim.x - 1) {
+                atomicExch(&p.sched[0], 0);
+                atomicExch(&p.sched[1], 0);
             }
         }
     } else {
@@ -771,7 +820,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             tl.row0 = post[0];
             if (tl.row0 < 0) break;
             tl.row_end = post[1];
-            tl.col = post[2];
             const int wrow0 = tl.row0 + 64 * MB * cw; /* this warpgroup's first row */
             const int rem = tl.row_end - wrow0;
             const int nact = rem <= 0 ? 0 : min((rem + 63) >> 6, MB); /* m64 blocks with rows */
@@ -837,13 +885,14 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                         fence_proxy_async(); /* A came through cp.async (generic proxy) */
                     }
                     const uint64_t da = sw128_desc(sA + s * A_BYTES + cw * 64 * MB * 128);
-                    const uint64_t db = sw128_desc(sB + s * B_BYTES);
+                    const uint64_t db = BKN ? sw128_desc_mn(sB + s * B_BYTES) : sw128_desc(sB + s * B_BYTES);
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < WG_BK / 16; kk++)
 #pragma unroll
                         for (int m = 0; m < NM; m++) /* 64 rows x 128 B = 8 KB: +512 (>>4) */
-                            Wgmma<T, BN>::run(acc[m], da + 512 * m + 2 * kk, db + 2 * kk,
+                            Wgmma<T, BN, BKN>::run(acc[m], da + 512 * m + 2 * kk,
+                                                   db + (BKN ? 128 : 2) * kk,
                                               (kt > 0 || kk > 0) ? 1 : 0);
                     wgmma_commit();
                     wgmma_wait<1>(); /* the previous stage's MMAs are done: release it */
@@ -859,9 +908,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             wgmma_wait<0>();
 #pragma unroll
             for (int m = 0; m < MB; m++) fence_regs(acc[m]);
-            release((it - 1) % S);
-
-            if (p.skip_epilogue) continue;
+            /* The epilogue reads the tile's column from the last stage's post, so that stage
+             * goes back to the producer only after it (the producer still has S - 1 free). */
+            const uint32_t last = (it - 1) % S;
+            if (p.skip_epilogue) {
+                release(last);
+                continue;
+            }
             if (p.scale_a_acc) {
                 /* scale_a_rows: (s x) W = s (x W); the row of acc[4i + 2h + q] is h */
 #pragma unroll
@@ -871,7 +924,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             }
 #pragma unroll
             for (int m = 0; m < MB; m++)
-                if (m < nact) wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], tl.col, lane, cvec, pvec);
+                if (m < nact)
+                    wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], s_tile + 4 * last + 2, lane, cvec, pvec);
+            release(last);
         }
     }
     /* CL = 2: no CTA leaves while its peer may still arrive on its barriers */
@@ -880,7 +935,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 
 #else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
 
-template <typename T, int BM, int BN, int S, bool SCALE_A, int CL>
+template <typename T, int BM, int BN, int S, bool SCALE_A, int CL, bool BKN>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
 {
@@ -956,12 +1011,12 @@ bool dev_info(DevInfo *out)
 
 /* Whether this build holds the real sm_90a kernel (the stub for other targets declares static
  * shared memory; the real one uses dynamic shared memory only). */
-template <typename T, int BM, int BN, int S, bool SA, int CL>
+template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN>
 bool kernel_is_real()
 {
     static const bool real = []() {
         cudaFuncAttributes at;
-        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL>) != cudaSuccess) {
+        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>) != cudaSuccess) {
             cudaGetLastError();
             return false;
         }
@@ -1005,11 +1060,27 @@ int prefetch_steps() { return env_int("MOE_WGMMA_PREFETCH", WG_PREFETCH_DEFAULT,
 /* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
 int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
 
-/* The dynamic scheduler's counter slot of the next launch (round-robin, g_wg_sched). */
-int next_sched_slot()
+/* The dynamic scheduler's counter pair for the next launch on this device (round-robin over
+ * g_wg_sched's slots); NULL (static order) if the symbol's address is not available. */
+int *next_sched_slot()
 {
+    constexpr int kMaxDev = 64;
+    static int *base[kMaxDev]; /* benign race: every thread finds the same address */
     static unsigned next = 0;
-    return (int)(__atomic_fetch_add(&next, 1u, __ATOMIC_RELAXED) % WG_SCHED_SLOTS);
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDev) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    if (!base[dev]) {
+        void *a = nullptr;
+        if (cudaGetSymbolAddress(&a, g_wg_sched) != cudaSuccess) {
+            cudaGetLastError();
+            return nullptr;
+        }
+        base[dev] = static_cast<int *>(a);
+    }
+    return base[dev] + 2 * (__atomic_fetch_add(&next, 1u, __ATOMIC_RELAXED) % WG_SCHED_SLOTS);
 }
 
 /* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
@@ -1048,10 +1119,10 @@ int resident_clusters(K kern, int cl, size_t smem, int sms)
     return n;
 }
 
-template <typename T, int BM, int BN, int S, bool SA, int CL>
+template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN = false>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
 {
-    auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL>;
+    auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>;
     const size_t smem = wg_smem_bytes<BM, BN, S>() + (size_t)(p.E + 1) * 4;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -1076,7 +1147,7 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &
         known_sms = d.sms;
     }
     long long clusters = known_clusters;
-    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1>(p, map, d, s);
+    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1, BKN>(p, map, d, s);
     if (units < clusters) clusters = units;
     const int cap = max_ctas_override();
     if (cap > 0 && clusters * CL > cap) clusters = cap / CL;
@@ -1106,20 +1177,25 @@ bool real_for(const moe_kernel_config &c)
 {
 #define MOE_WG_REAL(bm, bn, bk, w, st, cl)                                                      \
     if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
-        return kernel_is_real<T, bm, bn, st, false, cl>() && kernel_is_real<T, bm, bn, st, true, cl>();
+        return kernel_is_real<T, bm, bn, st, false, cl, false>() &&                               \
+               kernel_is_real<T, bm, bn, st, true, cl, false>() &&                                \
+               kernel_is_real<T, bm, bn, st, false, 1, true>();
     MOE_GG_WGMMA_CONFIGS(MOE_WG_REAL)
 #undef MOE_WG_REAL
     return false;
 }
 
+/* b_kn runs the one-CTA kernel of the configuration's tile (no clusters), scale_a on the
+ * accumulators. */
 template <typename T>
 cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d,
-                        const moe_kernel_config &c, bool sa, cudaStream_t s)
+                        const moe_kernel_config &c, bool sa, bool bkn, cudaStream_t s)
 {
 #define MOE_WG_LAUNCH(bm, bn, bk, w, st, cl)                                                    \
     if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
-        return sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, d, s)                              \
-                  : launch_wg<T, bm, bn, st, false, cl>(p, map, d, s);
+        return bkn  ? launch_wg<T, bm, bn, st, false, 1, true>(p, map, d, s)                      \
+               : sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, d, s)                            \
+                    : launch_wg<T, bm, bn, st, false, cl>(p, map, d, s);
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
 #undef MOE_WG_LAUNCH
     return cudaErrorInvalidConfiguration;
@@ -1129,13 +1205,17 @@ cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo
 
 bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_config *c)
 {
-    if (!a || !c || !c->use_tma || a->b_kn) return false;
+    if (!a || !c || !c->use_tma) return false;
     if (a->dtype != MOE_DTYPE_BF16 && a->dtype != MOE_DTYPE_F16) return false;
     const size_t es = 2;
     /* TMA: base and row stride 16-byte aligned; cp.async of A rows: the same for A. */
     if (!aligned16_wg(a->A) || !aligned16_wg(a->B) || (a->K * es) % 16 != 0) return false;
-    /* tensor-map row coordinates are 32-bit */
-    if ((long long)a->num_experts * a->N >= ((long long)1 << 31)) return false;
+    if (a->b_kn) {
+        /* B [E][K][N]: its rows of N elements are the tensor map's stride */
+        if ((a->N * es) % 16 != 0) return false;
+    } else if ((long long)a->num_experts * a->N >= ((long long)1 << 31)) {
+        return false; /* tensor-map row coordinates of [E*N, K] are 32-bit */
+    }
     DevInfo d;
     if (!dev_info(&d) || !d.hopper) return false;
     if (!tensor_map_encoder()) return false;
@@ -1174,34 +1254,46 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
      * arithmetic; the input is not rounded to the dtype after scaling as in moe_stages.h, a
      * difference within the dtype's rounding); MOE_WGMMA_SCALE_A_SMEM=1 scales and rounds the
      * A tiles in shared memory before the MMAs instead, as the mma.sync kernels do. */
-    p.scale_a_acc = a->scale_a_rows != nullptr && !env_flag("MOE_WGMMA_SCALE_A_SMEM");
+    p.scale_a_acc = a->scale_a_rows != nullptr && (a->b_kn || !env_flag("MOE_WGMMA_SCALE_A_SMEM"));
     p.l2_hints = l2_hint_mode();
     p.prefetch = prefetch_steps();
-    p.dyn_sched = !env_flag("MOE_WGMMA_STATIC_SCHED");
-    p.sched_slot = next_sched_slot();
+    p.sched = next_sched_slot();
+    p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 
-    /* One tensor map over every expert's weights stacked as [E*N, K] (K contiguous): a box of
-     * 64 x BN/2 rows (two boxes per stage: gate and up with SiLU, else the two halves; one per
-     * CTA of a pair), 128-byte swizzle, zeros outside (the K tail and past the last expert;
-     * rows of a neighbouring expert are never stored). */
+    /* B [N, K]: one tensor map over every expert's weights stacked as [E*N, K] (K contiguous):
+     * a box of 64 x BN/2 rows (two boxes per stage: gate and up with SiLU, else the two halves;
+     * one per CTA of a pair), zeros outside (the K tail and past the last expert; rows of a
+     * neighbouring expert are never stored). B [K, N] (b_kn): a 3-D map [E][K][N] with boxes of
+     * 64 columns x 64 k rows (BN/64 per stage), zeros past K and N within each expert. Both
+     * 128-byte swizzle. */
     CUtensorMap map;
-    const cuuint64_t gdim[2] = {(cuuint64_t)a->K, (cuuint64_t)a->num_experts * (cuuint64_t)a->N};
-    const cuuint64_t gstride[1] = {(cuuint64_t)a->K * es};
-    const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(c->tile_n / 2)};
-    const cuuint32_t estride[2] = {1, 1};
-    CUresult r = encode(&map,
-                        a->dtype == MOE_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                   : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                        2, const_cast<void *>(a->B), gdim, gstride, box, estride,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const CUtensorMapDataType ty =
+        a->dtype == MOE_DTYPE_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    CUresult r;
+    if (a->b_kn) {
+        const cuuint64_t gdim[3] = {(cuuint64_t)a->N, (cuuint64_t)a->K, (cuuint64_t)a->num_experts};
+        const cuuint64_t gstride[2] = {(cuuint64_t)a->N * es, (cuuint64_t)a->K * a->N * es};
+        const cuuint32_t box[3] = {64, (cuuint32_t)WG_BK, 1};
+        const cuuint32_t estride[3] = {1, 1, 1};
+        r = encode(&map, ty, 3, const_cast<void *>(a->B), gdim, gstride, box, estride,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    } else {
+        const cuuint64_t gdim[2] = {(cuuint64_t)a->K, (cuuint64_t)a->num_experts * (cuuint64_t)a->N};
+        const cuuint64_t gstride[1] = {(cuuint64_t)a->K * es};
+        const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(c->tile_n / 2)};
+        const cuuint32_t estride[2] = {1, 1};
+        r = encode(&map, ty, 2, const_cast<void *>(a->B), gdim, gstride, box, estride,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
     if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
 
     const bool sa = a->scale_a_rows != nullptr && !p.scale_a_acc;
-    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, d, *c, sa, stream)
-                                      : dispatch_wg<__half>(p, map, d, *c, sa, stream);
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, d, *c, sa, a->b_kn, stream)
+                                      : dispatch_wg<__half>(p, map, d, *c, sa, a->b_kn, stream);
 }

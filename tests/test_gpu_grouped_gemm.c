@@ -8,11 +8,12 @@
  *     experts with no rows, one expert taking every row, fewer routed rows than max_rows;
  *   - every compiled configuration; a misaligned base pointer;
  *   - the Hopper wgmma/TMA kernel (",tma" configurations): every forward flag combination with
- *     B [N,K] on partial / one-expert / empty-expert / long-K shapes and one with n_out = 100
- *     (not a multiple of 8: the epilogue's 4-byte stores instead of its 16-byte ones), bf16
- *     and fp16, the
- *     persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS), the real forward GEMMs at
- *     T=1024 (sampled), determinism, and the fallbacks (b_kn, unaligned K) named in the report;
+ *     B [N,K] and B [K,N] (b_kn) on partial / one-expert / empty-expert / long-K shapes and one
+ *     with n_out = 100 (not a multiple of 8: the epilogue's 4-byte stores instead of its 16-byte
+ *     ones; b_kn with N = 100 falls back to mma.sync), bf16 and fp16, the persistent grid capped
+ *     to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS) with the dynamic and the static tile order, the real
+ *     forward and dX GEMMs at T=1024 (sampled), determinism, and the unaligned-K fallback named
+ *     in the report;
  *   - the tiny presets' shapes (H=37,I=23,E=7,k=3 and H=41,I=19,E=5,k=1) and the real ones at
  *     T=1024 (Qwen3-30B-A3B, Llama-4-Scout): all six GEMMs of forward + backward, checked on a
  *     sample of experts/rows (weights too large for a full double loop);
@@ -1348,6 +1349,13 @@ static int wg_configs(const moe_kernel_config **out)
     return m;
 }
 
+/* The kernel a ",tma" request must run: the wgmma one on an sm_90 GPU, except b_kn with rows
+ * of N elements that are not a multiple of 16 bytes (its tensor map's stride): mma.sync. */
+static const char *wg_expected(bool hopper, bool bkn, int N)
+{
+    return hopper && (!bkn || (N * 2) % 16 == 0) ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+}
+
 static const shape k_wg_shapes[] = {
     /* partial tiles in M, N (SiLU I = 200: a partial second column tile), K = 136 (K tail of
      * 8 inside the second 64-wide step); fewer routed rows than max_rows */
@@ -1364,9 +1372,10 @@ static const shape k_wg_shapes[] = {
     {"odd-N", 420, 1, 2, R_RANDOM, 100, 72, false},
 };
 
-/* Every forward flag combination with B [N,K] through every wgmma configuration, bf16 and fp16,
- * on the shapes above; then b_kn and an unaligned K with a ",tma" request (the mma.sync
- * fallbacks, named in the report). */
+/* Every forward flag combination, B [N,K] and B [K,N] (b_kn, the backward dX GEMMs), through
+ * every wgmma configuration, bf16 and fp16, on the shapes above (b_kn with N = 100 falls back to
+ * mma.sync); then an unaligned K with a ",tma" request (the narrow fallback, named in the
+ * report). */
 static void test_wgmma_flags(void **state)
 {
     (void)state;
@@ -1385,13 +1394,14 @@ static void test_wgmma_flags(void **state)
             for (int ci = 0; ci < nwg; ci++) {
                 char cs[64];
                 moe_kernel_config_str(&wg[ci], cs, sizeof cs);
+                for (int bkn = 0; bkn < 2; bkn++)
                 for (int perm = 0; perm < 3; perm++)
                     for (int sa = 0; sa < 2; sa++)
                         for (int epi = 0; epi < 4; epi++) {
                             bool silu = epi >= 2;
                             char name[192];
-                            snprintf(name, sizeof name, "%s %s %s px%d py%d sa%d %s",
-                                     moe_dtype_name(dt), cs, sh->name, perm == 1, perm == 2, sa,
+                            snprintf(name, sizeof name, "%s %s %s bkn%d px%d py%d sa%d %s",
+                                     moe_dtype_name(dt), cs, sh->name, bkn, perm == 1, perm == 2, sa,
                                      epi == 0   ? "plain"
                                      : epi == 1 ? "scale_c"
                                      : epi == 2 ? "silu"
@@ -1408,27 +1418,12 @@ static void test_wgmma_flags(void **state)
                             c.sc = epi == 1;
                             c.silu = silu;
                             c.pre = epi == 3;
+                            c.bkn = bkn;
                             c.cfg = &wg[ci];
-                            c.expect_kernel = hopper ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+                            c.expect_kernel = wg_expected(hopper, c.bkn, c.N);
                             runs++;
                             if (!run_fwd_case(&c)) failures++;
                         }
-                /* b_kn: not a wgmma problem; the mma.sync default runs */
-                fwd_case c = {0};
-                char name[192];
-                snprintf(name, sizeof name, "%s %s %s b_kn fallback", moe_dtype_name(dt), cs, sh->name);
-                c.name = name;
-                c.dt = dt;
-                c.rt = &rt;
-                c.N = sh->N;
-                c.K = sh->K;
-                c.bkn = true;
-                c.px = true;
-                c.sa = true;
-                c.cfg = &wg[ci];
-                c.expect_kernel = "grouped_gemm_mma";
-                runs++;
-                if (!run_fwd_case(&c)) failures++;
             }
             free_route(&rt);
         }
@@ -1478,7 +1473,7 @@ static void test_wgmma_persistent(void **state)
                     char cs[64], name[192];
                     snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
                              moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
-                             cap >= 2 ? "static" : "dynamic", v ? "px+sa+silu+preact" : "py+sc");
+                             cap >= 2 ? "static" : "dynamic", v ? "px+sa+silu+preact" : "py+bkn+sc");
                     fwd_case c = {0};
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
@@ -1486,9 +1481,9 @@ static void test_wgmma_persistent(void **state)
                     c.N = v ? 2 * sh->N : sh->N;
                     c.K = sh->K;
                     c.px = c.sa = c.silu = c.pre = v;
-                    c.py = c.sc = !v;
+                    c.py = c.sc = c.bkn = !v;
                     c.cfg = &wg[ci];
-                    c.expect_kernel = hopper ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+                    c.expect_kernel = wg_expected(hopper, c.bkn, c.N);
                     runs++;
                     if (!run_fwd_case(&c)) failures++;
                 }
@@ -1540,6 +1535,28 @@ static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_conf
     c2.sample_rows = sample_rows;
     c2.expect_kernel = want;
     *failures += !run_fwd_case(&c2);
+    /* the backward dX GEMMs (b_kn): dout x W2 -> [M, I] gathered, dgu x W13 -> [T*k, H] scattered */
+    fwd_case c3 = c2;
+    char name3[192];
+    snprintf(name3, sizeof name3, "%s %s T=1024 dX GEMM2 (b_kn) %s", moe_dtype_name(dt), m->name, cs);
+    c3.name = name3;
+    c3.N = m->I;
+    c3.K = m->H;
+    c3.py = c3.sc = false;
+    c3.px = true;
+    c3.sa = !m->llama;
+    c3.bkn = c3.grad = true;
+    *failures += !run_fwd_case(&c3);
+    fwd_case c4 = c2;
+    char name4[192];
+    snprintf(name4, sizeof name4, "%s %s T=1024 dX GEMM1 (b_kn) %s", moe_dtype_name(dt), m->name, cs);
+    c4.name = name4;
+    c4.N = m->H;
+    c4.K = 2 * m->I;
+    c4.py = true;
+    c4.sc = m->llama;
+    c4.bkn = c4.grad = true;
+    *failures += !run_fwd_case(&c4);
     free_route(&rt);
 }
 
@@ -1925,6 +1942,35 @@ static void bench_model(const model_dims *m, int T, bool full)
         float d1 = time_ms(run_gg, &g1, NULL, 10), d2 = time_ms(run_gg, &g2, NULL, 10);
         fprintf(stderr, "SUMMARY %-14s T=%-5d default (auto) GEMM1 %7.3f GEMM2 %7.3f sum %7.3f ms\n",
                 m->name, T, d1, d2, d1 + d2);
+    }
+    {
+        /* the backward dX GEMMs (b_kn): dA0 = dout x W2 (gathered rows, [M, I]) and dXs = dgu x
+         * W13 (scattered, [T*k, H]), the default (wgmma) against the mma.sync default */
+        moe_grouped_gemm_args g3 = g1, g4 = g1;
+        g3.N = I;
+        g3.K = H;
+        g3.A = x.dev; /* dout [T, H] */
+        g3.B = w2.dev; /* [E][H][I] = [K][N] */
+        g3.b_kn = true;
+        g3.C = act.dev;
+        g3.C_preact = NULL;
+        g3.scale_a_rows = NULL;
+        g3.epilogue = MOE_EPI_NONE;
+        g4 = g3;
+        g4.N = H;
+        g4.K = 2 * I;
+        g4.A = pre.dev; /* dgu [M, 2I] */
+        g4.B = w13.dev; /* [E][2I][H] */
+        g4.permute_x = false;
+        g4.permute_y = true;
+        g4.C = y.dev;
+        const moe_kernel_config mma = moe_kernel_config_default_mma(dt, M / m->E);
+        float w3 = time_ms(run_gg, &g3, NULL, 10), w4 = time_ms(run_gg, &g4, NULL, 10);
+        float m3 = time_ms(run_gg, &g3, &mma, 10), m4 = time_ms(run_gg, &g4, &mma, 10);
+        fprintf(stderr, "SUMMARY %-14s T=%-5d dX (b_kn) default: GEMM2-dX %7.3f GEMM1-dX %7.3f sum %7.3f ms "
+                        "(%.1f TF/s) | mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx\n",
+                m->name, T, w3, w4, w3 + w4, (f1 + f2) / (w3 + w4) * 1e-9, m3, m4, m3 + m4,
+                (m3 + m4) / (w3 + w4));
     }
     if (full) { /* the autotuner on the same problems (fresh cache) */
         char path[128];

@@ -30,7 +30,7 @@ static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_F
 
 /* The automatic choice for bf16/fp16 (moe_kernel_config_resolve with no request): the Hopper
  * wgmma kernel (it falls back to moe_kernel_config_default_mma by itself on other GPUs, for
- * b_kn and unaligned problems, and for dW) when experts average at least
+ * unaligned problems, b_kn with N * 2 bytes not a multiple of 16, and dW) when experts average at least
  * MOE_GG_WGMMA_MIN_AVG_ROWS rows, else the mma.sync default. Measured on an H100
  * (docs/KERNELS.md): 128x256x64,w12,s4,tma beat every mma.sync configuration on Qwen3-30B-A3B
  * and Llama-4-Scout GEMM1/GEMM2 from T=256 (16 rows per expert: 1.07x / 1.14x) to T=16384

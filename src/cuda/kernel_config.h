@@ -33,7 +33,8 @@ const char *moe_kernel_config_str(const moe_kernel_config *cfg, char *buf, size_
 moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
                                      moe_kernel_config *out, moe_error *err);
 /* The mma.sync (bf16/fp16) or FFMA (fp32) configuration the automatic choice falls back to: what
- * a ",tma" request runs where the wgmma kernel cannot (b_kn, dW, unaligned rows, not sm_90). */
+ * a ",tma" request runs where the wgmma kernel cannot (dW, unaligned rows, b_kn with N * 2 bytes
+ * not a multiple of 16, not sm_90). */
 moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows);
 
 #ifdef __cplusplus
