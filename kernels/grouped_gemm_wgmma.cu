@@ -1211,8 +1211,11 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     /* TMA: base and row stride 16-byte aligned; cp.async of A rows: the same for A. */
     if (!aligned16_wg(a->A) || !aligned16_wg(a->B) || (a->K * es) % 16 != 0) return false;
     if (a->b_kn) {
-        /* B [E][K][N]: its rows of N elements are the tensor map's stride */
+        /* B [E][K][N]: its rows of N elements are the tensor map's stride, and a box's first
+         * column must sit on 16 bytes too (with SiLU the up half starts at column N/2; an
+         * unaligned one faulted as an illegal instruction on an H200) */
         if ((a->N * es) % 16 != 0) return false;
+        if (a->epilogue == MOE_EPI_SILU_MUL && (a->N / 2 * es) % 16 != 0) return false;
     } else if ((long long)a->num_experts * a->N >= ((long long)1 << 31)) {
         return false; /* tensor-map row coordinates of [E*N, K] are 32-bit */
     }

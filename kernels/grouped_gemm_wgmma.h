@@ -12,8 +12,9 @@
 
 /* Whether the wgmma kernel of configuration c (a ",tma" entry of MOE_GG_WGMMA_CONFIGS) can run
  * this already-validated problem here: bf16/fp16, A and B 16-byte aligned with K * 2 bytes a
- * multiple of 16, and B_e [N, K] with E*N < 2^31 or (b_kn) B_e [K, N] with N * 2 bytes a
- * multiple of 16 (b_kn runs without clusters), a compute-capability 9.0 device, the
+ * multiple of 16, and B_e [N, K] with E*N < 2^31 or (b_kn) B_e [K, N] with N * 2 bytes (with
+ * SiLU also N/2 * 2 bytes) a multiple of 16 (b_kn runs without clusters), a compute-capability
+ * 9.0 device, the
  * build holding the sm_90a kernel, the driver providing cuTensorMapEncodeTiled, and the shared
  * memory (stages + (E+1) offsets) within the device's opt-in limit. Launches nothing. */
 bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_config *c);
