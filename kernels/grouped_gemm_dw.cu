@@ -25,6 +25,7 @@ extern "C" {
 }
 #include "gemm_common.cuh"
 #include "grouped_gemm_configs.h"
+#include "grouped_gemm_dw_wgmma.h"
 #include "cuda/kernel_config.h"
 #include "moe_kernels.h"
 
@@ -459,7 +460,22 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     const int avg_rows = a->max_rows / a->num_experts;
     moe_status st = moe_kernel_config_resolve(cfg, a->dtype, avg_rows, &c, err);
     if (st != MOE_OK) return moe_error_prefix(err, "%s", fn);
-    /* The wgmma (",tma") kernels are forward-only: dW runs the mma.sync default then. */
+    /* A ",tma" configuration runs the wgmma dW kernel (its own 128x256 tile) where it can,
+     * else the mma.sync default. */
+    if (c.use_tma && moe_gg_dw_wgmma_applicable(a)) {
+        if (report) {
+            report->kernel = moe_gg_dw_wgmma_kernel_name(a->dtype);
+            report->config = c;
+            report->used_tma = 0;
+        }
+        cudaError_t we = moe_gg_dw_wgmma_launch(a, stream);
+        char wb[64];
+        if (we != cudaSuccess)
+            return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
+                            moe_gg_dw_wgmma_kernel_name(a->dtype),
+                            moe_kernel_config_str(&c, wb, sizeof wb), cudaGetErrorString(we));
+        return MOE_OK;
+    }
     if (c.use_tma) c = moe_kernel_config_default_mma(a->dtype, avg_rows);
 
     const size_t es = moe_dtype_size(a->dtype);

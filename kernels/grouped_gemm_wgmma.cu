@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                     for (int kk = 0; kk < WG_BK / 16; kk++)
 #pragma unroll
                         for (int m = 0; m < NM; m++) /* 64 rows x 128 B = 8 KB: +512 (>>4) */
-                            Wgmma<T, BN, BKN>::run(acc[m], da + 512 * m + 2 * kk,
+                            Wgmma<T, BN, 0, BKN>::run(acc[m], da + 512 * m + 2 * kk,
                                                    db + (BKN ? 128 : 2) * kk,
                                               (kt > 0 || kk > 0) ? 1 : 0);
                     wgmma_commit();
@@ -697,20 +697,6 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
     const long long a = ((long long)max_rows + bm - 1) / bm + E;
     return a < max_rows ? a : max_rows;
 }
-
-/* An integer setting from the environment: dflt when unset or empty, else atoi clamped into
- * [lo, hi]. */
-int env_int(const char *name, int dflt, int lo, int hi)
-{
-    const char *s = getenv(name);
-    if (!s || !*s) return dflt;
-    const int v = atoi(s);
-    return v < lo ? lo : v > hi ? hi : v;
-}
-
-/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
- * walk many tiles and wrap its stage ring many times); 0 = no cap. */
-int max_ctas_override() { return env_int("MOE_WGMMA_MAX_CTAS", 0, 0, INT_MAX); }
 
 /* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
 int env_flag(const char *name)

@@ -12,7 +12,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE_WG_DEVICE 1
@@ -231,11 +233,12 @@ __device__ __forceinline__ uint64_t sw128_desc_mn(uint32_t smem_addr)
     return d;
 }
 
-/* D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, A K-major in shared memory, B K-major (TB = 0) or
- * N-major (TB = 1: the transpose bit of wgmma, for b_kn); acc = 0 overwrites.
+/* D[64 x N] (+)= A[64 x 16] * B[N x 16]^T from shared memory, A K-major (TA = 0) or M-major
+ * (TA = 1, the dW kernel), B K-major (TB = 0) or N-major (TB = 1: b_kn and dW), through wgmma's
+ * transpose bits; acc = 0 overwrites.
  * Per thread: d[4i + q] holds row 16*warp + lane/4 (+8 for q >= 2), column 8i + 2*(lane%4) +
  * (q & 1) of the warpgroup's 64 x N block. */
-template <typename T, int N, int TB> struct Wgmma;
+template <typename T, int N, int TA, int TB> struct Wgmma;
 /* The four instantiations differ only in the PTX type and N: one macro writes them. The
  * accumulator operand lists are spelt out 8 at a time (inline asm takes no arrays). */
 #define MOE_WG_D8(i)                                                                           \
@@ -261,30 +264,32 @@ template <typename T, int N, int TB> struct Wgmma;
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
     "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 /* operands after the accumulators: descriptor A, descriptor B, acc (N/2 = accumulator count) */
-#define MOE_WG_TAIL_128(TB) "%64, %65, p, 1, 1, 0, " #TB ";\n}\n"
-#define MOE_WG_TAIL_256(TB) "%128, %129, p, 1, 1, 0, " #TB ";\n}\n"
+#define MOE_WG_TAIL_128(TA, TB) "%64, %65, p, 1, 1, " #TA ", " #TB ";\n}\n"
+#define MOE_WG_TAIL_256(TA, TB) "%128, %129, p, 1, 1, " #TA ", " #TB ";\n}\n"
 #define MOE_WG_PRED_128 "%66"
 #define MOE_WG_PRED_256 "%130"
-#define MOE_WGMMA(CT, PTXT, N, TB)                                                             \
-    template <> struct Wgmma<CT, N, TB> {                                                      \
+#define MOE_WGMMA(CT, PTXT, N, TA, TB)                                                         \
+    template <> struct Wgmma<CT, N, TA, TB> {                                                  \
         static __device__ __forceinline__ void run(float (&d)[N / 2], uint64_t da, uint64_t db, \
                                                    int acc)                                    \
         {                                                                                      \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " MOE_WG_PRED_##N ", 0;\n"          \
                          "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTXT "." PTXT " "    \
-                         MOE_WG_REGS_##N ", " MOE_WG_TAIL_##N(TB)                              \
+                         MOE_WG_REGS_##N ", " MOE_WG_TAIL_##N(TA, TB)                          \
                          : MOE_WG_OUT_##N                                                      \
                          : "l"(da), "l"(db), "r"(acc));                                        \
         }                                                                                      \
     };
-MOE_WGMMA(__nv_bfloat16, "bf16", 128, 0)
-MOE_WGMMA(__half, "f16", 128, 0)
-MOE_WGMMA(__nv_bfloat16, "bf16", 256, 0)
-MOE_WGMMA(__half, "f16", 256, 0)
-MOE_WGMMA(__nv_bfloat16, "bf16", 128, 1)
-MOE_WGMMA(__half, "f16", 128, 1)
-MOE_WGMMA(__nv_bfloat16, "bf16", 256, 1)
-MOE_WGMMA(__half, "f16", 256, 1)
+MOE_WGMMA(__nv_bfloat16, "bf16", 128, 0, 0)
+MOE_WGMMA(__half, "f16", 128, 0, 0)
+MOE_WGMMA(__nv_bfloat16, "bf16", 256, 0, 0)
+MOE_WGMMA(__half, "f16", 256, 0, 0)
+MOE_WGMMA(__nv_bfloat16, "bf16", 128, 0, 1)
+MOE_WGMMA(__half, "f16", 128, 0, 1)
+MOE_WGMMA(__nv_bfloat16, "bf16", 256, 0, 1)
+MOE_WGMMA(__half, "f16", 256, 0, 1)
+MOE_WGMMA(__nv_bfloat16, "bf16", 256, 1, 1)
+MOE_WGMMA(__half, "f16", 256, 1, 1)
 
 /* 4x4 transpose of 32-bit words inside a quad (the 4 lanes that share an accumulator row):
  * on entry lane q holds w[j] = the packed column pair 2q, 2q+1 of 8-column group j; on exit
@@ -353,6 +358,20 @@ inline bool dev_info(DevInfo *out)
     *out = d;
     return true;
 }
+
+/* An integer setting from the environment: dflt when unset or empty, else atoi clamped into
+ * [lo, hi]. */
+inline int env_int(const char *name, int dflt, int lo, int hi)
+{
+    const char *s = getenv(name);
+    if (!s || !*s) return dflt;
+    const int v = atoi(s);
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
+ * walk many tiles and wrap its stage ring many times); 0 = no cap. */
+inline int max_ctas_override() { return env_int("MOE_WGMMA_MAX_CTAS", 0, 0, INT_MAX); }
 
 } // namespace moe_wgp
 

@@ -1498,6 +1498,122 @@ static void test_wgmma_persistent(void **state)
     assert_int_equal(failures, 0);
 }
 
+/* The wgmma dW kernel (a ",tma" configuration): every flag combination (permute_dy x permute_x
+ * x scale_dy x scale_x) on the wgmma shapes, bf16 and fp16, expecting grouped_gemm_dw_wgmma where
+ * it applies (N and K rows of 16-byte multiples, at most one row scale) and the mma.sync dW
+ * elsewhere; the one-expert shape runs 5 row stages in one tile (the 4-stage ring wraps); then
+ * grids capped to 1 and 3 CTAs; then Qwen3-30B-A3B's dW13 / dW2 and Llama-4-Scout's at T=1024
+ * (sampled) and two runs bitwise equal. */
+static void test_wgmma_dw(void **state)
+{
+    (void)state;
+    const bool hopper = gpu_is_hopper();
+    const moe_kernel_config *wg;
+    assert_true(wg_configs(&wg) > 0);
+    int failures = 0, runs = 0;
+    for (int cap = 0; cap < 3; cap++) {
+        const char *caps[3] = {"", "1", "3"};
+        if (cap) setenv("MOE_WGMMA_MAX_CTAS", caps[cap], 1);
+        for (int d = 0; d < 2; d++) {
+            if (cap && d) continue; /* capped grids: bf16 only */
+            moe_dtype dt = k_dtypes[d];
+            for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
+                const shape *sh = &k_wg_shapes[si];
+                route rt;
+                make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+                for (int f = 0; f < 16; f++) {
+                    if (cap && f != 5 && f != 10) continue; /* capped: pdy+sdy and px+sx */
+                    char name[192];
+                    dw_case c = {0};
+                    c.dt = dt;
+                    c.rt = &rt;
+                    c.N = sh->N;
+                    c.K = sh->K;
+                    c.pdy = f & 1;
+                    c.px = (f >> 1) & 1;
+                    c.sdy = (f >> 2) & 1;
+                    c.sx = (f >> 3) & 1;
+                    c.cfg = &wg[0];
+                    snprintf(name, sizeof name, "%s %s wgmma dW pdy%d px%d sdy%d sx%d max_ctas=%s",
+                             moe_dtype_name(dt), sh->name, c.pdy, c.px, c.sdy, c.sx,
+                             cap ? caps[cap] : "-");
+                    c.name = name;
+                    const bool fits = (c.N * 2) % 16 == 0 && (c.K * 2) % 16 == 0 && !(c.sdy && c.sx);
+                    c.expect_kernel = hopper && fits ? "grouped_gemm_dw_wgmma" : "grouped_gemm_dw_mma";
+                    runs++;
+                    if (!run_dw_case(&c)) failures++;
+                }
+                free_route(&rt);
+            }
+        }
+    }
+    unsetenv("MOE_WGMMA_MAX_CTAS");
+    fprintf(stderr, "wgmma dW flag combinations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+    if (small_only()) return;
+
+    const model_dims *models[2] = {&k_qwen, &k_llama};
+    for (int mi = 0; mi < 2; mi++) {
+        const model_dims *m = models[mi];
+        route rt;
+        make_route(&rt, 1024, m->k, m->E, R_RANDOM);
+        char name[192];
+        /* dW2 [E,H,I] = sum dY^T act: dY = dout gathered (Qwen3: times the weight) */
+        dw_case w = {0};
+        w.dt = MOE_DTYPE_BF16;
+        w.rt = &rt;
+        w.sample_experts = 3;
+        w.sample_n = 4;
+        w.cfg = &wg[0];
+        w.expect_kernel = hopper ? "grouped_gemm_dw_wgmma" : "grouped_gemm_dw_mma";
+        snprintf(name, sizeof name, "bf16 %s T=1024 wgmma dW2", m->name);
+        w.name = name;
+        w.N = m->H;
+        w.K = m->I;
+        w.pdy = true;
+        w.sdy = !m->llama;
+        failures += !run_dw_case(&w);
+        /* dW13 [E,2I,H] = sum dgu^T x: x gathered (Llama-4: times the score) */
+        dw_case w2 = w;
+        snprintf(name, sizeof name, "bf16 %s T=1024 wgmma dW13", m->name);
+        w2.name = name;
+        w2.N = 2 * m->I;
+        w2.K = m->H;
+        w2.pdy = false;
+        w2.sdy = false;
+        w2.px = true;
+        w2.sx = m->llama;
+        failures += !run_dw_case(&w2);
+        free_route(&rt);
+    }
+    assert_int_equal(failures, 0);
+
+    /* determinism: Qwen3 dW13 twice, bitwise equal */
+    route rt;
+    make_route(&rt, 1024, 8, 128, R_RANDOM);
+    dw_case c = {0};
+    c.dt = MOE_DTYPE_BF16;
+    c.rt = &rt;
+    c.N = 1536;
+    c.K = 2048;
+    c.px = true;
+    dw_bufs b;
+    dw_alloc(&c, &b);
+    moe_grouped_gemm_dw_args a = dw_args(&c, &b);
+    tt W2;
+    tt_out(&W2, c.dt, b.W.n);
+    moe_error err;
+    moe_error_clear(&err);
+    assert_int_equal(moe_cuda_grouped_gemm_dw(&a, &wg[0], 0, NULL, &err), MOE_OK);
+    a.dW = W2.dev;
+    assert_int_equal(moe_cuda_grouped_gemm_dw(&a, &wg[0], 0, NULL, &err), MOE_OK);
+    CK(cudaDeviceSynchronize());
+    assert_true(dev_equal(&b.W, &W2));
+    tt_free(&W2);
+    dw_free(&b);
+    free_route(&rt);
+}
+
 /* The real forward GEMMs at T=1024 through the wgmma kernels (sampled experts and rows), and
  * two runs of Qwen3's GEMM1 bitwise equal. */
 static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_config *cfg,
@@ -1768,6 +1884,15 @@ static moe_status run_gg(const void *a, const moe_kernel_config *cfg)
     return st;
 }
 
+static moe_status run_dw(const void *p, const moe_kernel_config *cfg)
+{
+    moe_error err;
+    moe_error_clear(&err);
+    moe_status st = moe_cuda_grouped_gemm_dw((const moe_grouped_gemm_dw_args *)p, cfg, 0, NULL, &err);
+    if (st != MOE_OK) fprintf(stderr, "bench: %s\n", err.msg);
+    return st;
+}
+
 /* time_ms of the grouped GEMM g with configuration c while the environment variable var is
  * val (the wgmma kernel's diagnostic switches, read per launch); var is unset afterwards. */
 static float time_gg_env(const char *var, const char *val, const moe_grouped_gemm_args *g,
@@ -1974,6 +2099,41 @@ static void bench_model(const model_dims *m, int T, bool full)
                 m->name, T, w3, w4, w3 + w4, (f1 + f2) / (w3 + w4) * 1e-9, m3, m4, m3 + m4,
                 (m3 + m4) / (w3 + w4));
     }
+    {
+        /* the weight gradients: dW13 = dgu^T x (x gathered; Llama-4: times the score) and dW2 =
+         * dout^T act (dout gathered; Qwen3: times the weight), the default (wgmma) against the
+         * mma.sync default; written over the weight buffers (timing only) */
+        moe_grouped_gemm_dw_args d13, d2;
+        memset(&d13, 0, sizeof d13);
+        d13.dtype = dt;
+        d13.num_experts = m->E;
+        d13.expert_offsets = rt.d_offsets;
+        d13.max_rows = rt.max_rows;
+        d13.topk = m->k;
+        d13.gather_idx = rt.d_gather;
+        d2 = d13;
+        d13.N = 2 * I;
+        d13.K = H;
+        d13.dY = pre.dev;
+        d13.X = x.dev;
+        d13.permute_x = true;
+        d13.scale_x_rows = m->llama ? sc.dev : NULL;
+        d13.dW = w13.dev;
+        d2.N = H;
+        d2.K = I;
+        d2.dY = x.dev; /* dout [T, H] */
+        d2.permute_dy = true;
+        d2.scale_dy_rows = m->llama ? NULL : sc.dev;
+        d2.X = act.dev;
+        d2.dW = w2.dev;
+        const moe_kernel_config mma = moe_kernel_config_default_mma(dt, M / m->E);
+        float w13t = time_ms(run_dw, &d13, NULL, 10), w2t = time_ms(run_dw, &d2, NULL, 10);
+        float m13t = time_ms(run_dw, &d13, &mma, 10), m2t = time_ms(run_dw, &d2, &mma, 10);
+        fprintf(stderr, "SUMMARY %-14s T=%-5d dW default: dW13 %7.3f dW2 %7.3f sum %7.3f ms (%.1f TF/s) | "
+                        "mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx\n",
+                m->name, T, w13t, w2t, w13t + w2t, (f1 + f2) / (w13t + w2t) * 1e-9, m13t, m2t,
+                m13t + m2t, (m13t + m2t) / (w13t + w2t));
+    }
     if (full) { /* the autotuner on the same problems (fresh cache) */
         char path[128];
         snprintf(path, sizeof path, "/tmp/moe-gg-bench-%d.json", (int)getpid());
@@ -2051,6 +2211,7 @@ int main(void)
         cmocka_unit_test(test_wgmma_flags),
         cmocka_unit_test(test_wgmma_persistent),
         cmocka_unit_test(test_wgmma_real),
+        cmocka_unit_test(test_wgmma_dw),
     };
     const char *b = getenv("MOE_GG_BENCH");
     if (b && strcmp(b, "1") == 0) { /* timing only */

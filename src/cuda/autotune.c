@@ -302,9 +302,13 @@ static moe_status tune(const char *path, const char *key, const at_problem *p, m
     char buf[64];
     if (!quiet()) fprintf(stderr, "moe-ep autotune: tuning %s (%d candidates)\n", key, n);
     for (int i = 0; i < n; i++) {
-        /* The wgmma (",tma") kernels do not take dW (there they would just run the mma.sync
-         * default again), and b_kn runs a ",c2" tile without clusters (its ",c1" twin). */
-        if (list[i].use_tma && (p->dw || (p->fwd->b_kn && list[i].cluster > 1))) continue;
+        /* Every ",tma" configuration runs the same wgmma dW kernel (its own 128x256 tile): time
+         * it once, as 128x256x64,w12,s4,tma; b_kn runs a ",c2" tile without clusters (its ",c1"
+         * twin). */
+        const moe_kernel_config *lc = &list[i];
+        if (lc->use_tma && p->dw && !(lc->tile_m == 128 && lc->tile_n == 256 && lc->cluster <= 1))
+            continue;
+        if (lc->use_tma && !p->dw && p->fwd->b_kn && lc->cluster > 1) continue;
         float ms = 0;
         moe_kernel_report rep = {0};
         moe_error e2;

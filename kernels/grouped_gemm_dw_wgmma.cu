@@ -1,0 +1,379 @@
+/*
+ * grouped_gemm_dw_wgmma.cu — the Hopper (sm_90a) weight gradient of a grouped GEMM with warpgroup
+ * MMA (wgmma): for every expert e,
+ *   dW_e [N, K] = sum over rows r of expert e of  dY_r^T (N)  x  X_r (K)
+ * with the semantics of grouped_gemm_dw.cu (moe_stages.h, moe_grouped_gemm_dw_args): permute_dy /
+ * permute_x read token-order row gather_idx[r] / topk, scale_dy_rows / scale_x_rows multiply the
+ * row by scale[gather_idx[r]] and round it to the dtype before the MMA, fp32 accumulation, an
+ * expert with no rows gets exact zeros. grouped_gemm_dw.cu's launcher calls it for a ",tma"
+ * configuration where moe_gg_dw_wgmma_applicable says yes.
+ *
+ * The reduction runs over the routed rows, so both operands arrive row-major with the MMA's k
+ * (the row) as their slow dimension: a stage holds 64 rows of dY's 128 columns of this tile (the
+ * MMA's M, two 64-column boxes) and of X's 256 columns (its N, four boxes), each box 64 rows x
+ * 128 bytes with the 128-byte swizzle, and wgmma reads both transposed (M-major A, N-major B:
+ * the descriptors of wgmma_ptx.cuh). The rows are gathered with cp.async (16-byte chunks) by the
+ * producer warpgroup; the two consumer warpgroups own 64 of the 128 dW rows each (128 fp32
+ * accumulators per thread, one m64n256k16 per 16 rows).
+ * Row scales: the producer puts each stage's 64 scales into shared memory (plain stores, then a
+ * plain arrival that releases them: the full barrier then counts 2 x 128 arrivals); after the
+ * full wait each consumer warpgroup multiplies and rounds its own dY box (scale_dy) or its half
+ * of the X boxes, which both warpgroups read (scale_x: a 256-thread barrier after the pass), and
+ * fences the async proxy before its wgmma.
+ * Tiles: (expert, 128-row block of dW_e, 256-column block), expert-major, the column blocks
+ * innermost (they share the expert's dY rows in L2); CTA b takes tiles b, b + grid, ... ; each
+ * tile loops over all the expert's rows, so every output is summed in one fixed order by one
+ * thread: deterministic, no atomics. A tile of an expert without rows stores zeros.
+ */
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+#include "common.h"
+#include "moe_stages.h"
+}
+#include "gemm_common.cuh"
+#include "grouped_gemm_dw_wgmma.h"
+#include "wgmma_ptx.cuh"
+
+using namespace moe_gg;
+using namespace moe_wgp;
+
+namespace {
+
+constexpr int DW_BM = 128;      /* dW rows (the MMA's M) per tile */
+constexpr int DW_BN = 256;      /* dW columns (the MMA's N) per tile */
+constexpr int DW_BK = 64;       /* routed rows per stage */
+constexpr int DW_S = 4;         /* stages */
+constexpr int DW_THREADS = 384; /* producer warpgroup + two consumer warpgroups */
+constexpr uint32_t DW_BOX = 64 * 128;               /* one box: 64 rows x 128 bytes */
+constexpr uint32_t DW_A_BYTES = (DW_BM / 64) * DW_BOX; /* 16 KB */
+constexpr uint32_t DW_B_BYTES = (DW_BN / 64) * DW_BOX; /* 32 KB */
+/* as the forward kernel: 128*56 + 256*224 = 64512 registers, one CTA per SM */
+constexpr int DW_PRODUCER_REGS = 56;
+constexpr int DW_CONSUMER_REGS = 224;
+
+struct DwWgParams {
+    const int32_t *offsets;
+    const int32_t *gather; /* NULL when no permute/scale needs it */
+    const void *dY;
+    const void *X;
+    void *dW;
+    const void *scale_dy;
+    const void *scale_x;
+    int E, N, K, max_rows, topk;
+    int permute_dy, permute_x;
+    int n_tiles, k_tiles; /* 128-row and 256-column blocks of one dW_e */
+};
+
+/* 1024 bytes of alignment slack, the stages, 2*S mbarriers, the stage row scales (dY then X,
+ * S x 64 floats each: SCALED only); the clamped offsets follow ((E+1) ints, added by the host). */
+template <bool SCALED>
+constexpr size_t dw_smem_bytes()
+{
+    return 1024 + (size_t)DW_S * (DW_A_BYTES + DW_B_BYTES) + (size_t)2 * DW_S * 8 +
+           (SCALED ? (size_t)2 * DW_S * DW_BK * 4 : 0);
+}
+
+#ifdef MOE_WG_DEVICE
+
+/* Multiply the 16-byte chunks `nch` (each 8 elements of one row, row index `row[i]` within the
+ * stage) at `at[i]` by that row's scale and round them to T: the scale_dy / scale_x pass. */
+template <typename T>
+__device__ __forceinline__ void dw_scale_chunk(unsigned char *at, float sc)
+{
+    uint4 *q = reinterpret_cast<uint4 *>(at);
+    uint4 v = *q;
+    v.x = scale2<T>(v.x, sc);
+    v.y = scale2<T>(v.y, sc);
+    v.z = scale2<T>(v.z, sc);
+    v.w = scale2<T>(v.w, sc);
+    *q = v;
+}
+
+template <typename T, bool SDY, bool SX>
+__global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
+{
+    constexpr bool SCALED = SDY || SX;
+    extern __shared__ __align__(1024) unsigned char dw_smem[];
+    const uint32_t raw = smem_u32(dw_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    const uint32_t sA = base, sB = base + DW_S * DW_A_BYTES;
+    const uint32_t bars = sB + DW_S * DW_B_BYTES;
+    unsigned char *gbase = dw_smem + (base - raw);
+    float *s_scale = reinterpret_cast<float *>(dw_smem + (bars - raw) + 16 * DW_S); /* [2][S][64] */
+    int *s_off = reinterpret_cast<int *>(dw_smem + (bars - raw) + 16 * DW_S +
+                                         (SCALED ? 2 * DW_S * DW_BK * 4 : 0));
+    auto full = [&](uint32_t s) { return bars + 8 * s; };
+    auto empty = [&](uint32_t s) { return bars + 8 * (DW_S + s); };
+
+    for (int i = threadIdx.x; i <= p.E; i += DW_THREADS) s_off[i] = min(max(p.offsets[i], 0), p.max_rows);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < DW_S; s++) {
+            /* 128 cp.async arrivals (+ 128 plain ones releasing the scales) */
+            mbar_init(full(s), SCALED ? 256 : 128);
+            mbar_init(empty(s), 8); /* the 8 consumer warps */
+        }
+        fence_barrier_init();
+    }
+    __syncthreads();
+
+    const int tiles = p.E * p.n_tiles * p.k_tiles;
+    if (threadIdx.x < 128) {
+        /* ================= producer warpgroup ================= */
+        setmaxnreg_dec<DW_PRODUCER_REGS>();
+        const int pt = threadIdx.x;
+        const int chunk = pt & 7, rsub = pt >> 3; /* rows rsub + 16 i of a stage, chunk `chunk` */
+        const T *dY = static_cast<const T *>(p.dY);
+        const T *X = static_cast<const T *>(p.X);
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            const int e = t / (p.n_tiles * p.k_tiles);
+            const int rem = t - e * p.n_tiles * p.k_tiles;
+            const int n0 = (rem / p.k_tiles) * DW_BM, k0 = (rem % p.k_tiles) * DW_BN;
+            const int lo = s_off[e], hi = max(s_off[e + 1], lo);
+            for (int r0 = lo; r0 < hi; r0 += DW_BK, it++) {
+                const uint32_t s = it % DW_S;
+                if (it >= DW_S) mbar_wait(empty(s), ((it / DW_S) + 1) & 1);
+#pragma unroll
+                for (int i = 0; i < DW_BK / 16; i++) {
+                    const int rl = rsub + 16 * i, r = r0 + rl;
+                    int ry = -1, rx = -1, g = 0;
+                    if (r < hi) {
+                        g = p.gather ? p.gather[r] : r;
+                        if (g >= 0 && g < p.max_rows) {
+                            ry = p.permute_dy ? g / p.topk : r;
+                            rx = p.permute_x ? g / p.topk : r;
+                        }
+                    }
+                    if (SCALED && chunk == 0) {
+                        s_scale[s * DW_BK + rl] =
+                            SDY && ry >= 0 ? load_f(static_cast<const T *>(p.scale_dy) + g) : 1.f;
+                        s_scale[(DW_S + s) * DW_BK + rl] =
+                            SX && rx >= 0 ? load_f(static_cast<const T *>(p.scale_x) + g) : 1.f;
+                    }
+                    const uint32_t swz = (uint32_t)(rl * 128 + ((chunk ^ (rl & 7)) << 4));
+#pragma unroll
+                    for (int b = 0; b < DW_BM / 64; b++) {
+                        const int n = n0 + 64 * b + 8 * chunk;
+                        const bool v = ry >= 0 && n < p.N;
+                        const T *src = v ? dY + (int64_t)ry * p.N + n : dY;
+                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                         sA + s * DW_A_BYTES + b * DW_BOX + swz),
+                                     "l"(src), "r"(v ? 16 : 0)
+                                     : "memory");
+                    }
+#pragma unroll
+                    for (int b = 0; b < DW_BN / 64; b++) {
+                        const int k = k0 + 64 * b + 8 * chunk;
+                        const bool v = rx >= 0 && k < p.K;
+                        const T *src = v ? X + (int64_t)rx * p.K + k : X;
+                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                         sB + s * DW_B_BYTES + b * DW_BOX + swz),
+                                     "l"(src), "r"(v ? 16 : 0)
+                                     : "memory");
+                    }
+                }
+                cp_async_mbar_arrive(full(s));
+                if (SCALED) mbar_arrive(full(s)); /* releases this thread's scale stores */
+            }
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else {
+        /* ================= consumer warpgroups ================= */
+        setmaxnreg_inc<DW_CONSUMER_REGS>();
+        const int cw = threadIdx.x / 128 - 1; /* dW rows 64 cw .. 64 cw + 63 of the tile */
+        const int tw = threadIdx.x & 127, warp = tw >> 5, lane = tw & 31, q = lane & 3;
+        T *dW = static_cast<T *>(p.dW);
+        float acc[DW_BN / 2];
+        uint32_t it = 0;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+            const int e = t / (p.n_tiles * p.k_tiles);
+            const int rem = t - e * p.n_tiles * p.k_tiles;
+            const int n0 = (rem / p.k_tiles) * DW_BM, k0 = (rem % p.k_tiles) * DW_BN;
+            const int lo = s_off[e], hi = max(s_off[e + 1], lo);
+#pragma unroll
+            for (int i = 0; i < DW_BN / 2; i++) acc[i] = 0.f; /* an expert without rows: zeros */
+            for (int r0 = lo; r0 < hi; r0 += DW_BK, it++) {
+                const uint32_t s = it % DW_S;
+                mbar_wait(full(s), (it / DW_S) & 1);
+                if (SDY) {
+                    /* this warpgroup's dY box: rows tw/8 + 16 i, chunk tw%8 */
+#pragma unroll
+                    for (int i = 0; i < DW_BK / 16; i++) {
+                        const int rl = (tw >> 3) + 16 * i;
+                        dw_scale_chunk<T>(gbase + s * DW_A_BYTES + cw * DW_BOX + rl * 128 +
+                                              (((tw & 7) ^ (rl & 7)) << 4),
+                                          s_scale[s * DW_BK + rl]);
+                    }
+                }
+                if (SX) {
+                    /* this warpgroup's half of the X boxes (2 of 4), rows tw/8 + 16 i */
+#pragma unroll
+                    for (int b = 0; b < 2; b++)
+#pragma unroll
+                        for (int i = 0; i < DW_BK / 16; i++) {
+                            const int rl = (tw >> 3) + 16 * i;
+                            dw_scale_chunk<T>(gbase + (sB - sA) + s * DW_B_BYTES +
+                                                  (2 * cw + b) * DW_BOX + rl * 128 +
+                                                  (((tw & 7) ^ (rl & 7)) << 4),
+                                              s_scale[(DW_S + s) * DW_BK + rl]);
+                        }
+                }
+                if (SCALED) {
+                    fence_proxy_async(); /* the generic-proxy writes, visible to the tensor cores */
+                    if (SX)
+                        asm volatile("bar.sync 3, 256;\n" ::: "memory"); /* both halves of X */
+                    else
+                        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+                }
+                const uint64_t da = sw128_desc_mn(sA + s * DW_A_BYTES + cw * DW_BOX);
+                const uint64_t db = sw128_desc_mn(sB + s * DW_B_BYTES);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < DW_BK / 16; kk++) /* 16 rows = 2048 bytes: +128 (>>4) */
+                    Wgmma<T, DW_BN, 1, 1>::run(acc, da + 128 * kk, db + 128 * kk,
+                                              (r0 > lo || kk > 0) ? 1 : 0);
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (r0 > lo && lane == 0) mbar_arrive(empty((it - 1) % DW_S));
+            }
+            if (hi > lo) {
+                wgmma_wait<0>();
+                fence_regs(acc);
+                if (lane == 0) mbar_arrive(empty((it - 1) % DW_S));
+            }
+            /* acc[4i + 2h + c]: dW row n0 + 64 cw + 16 warp + lane/4 + 8h, column k0 + 8i + 2q + c;
+             * quad-transposed so each lane stores 8 consecutive columns (16 bytes) */
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int n = n0 + 64 * cw + 16 * warp + (lane >> 2) + 8 * h;
+                T *row = dW + ((int64_t)e * p.N + (n < p.N ? n : 0)) * p.K;
+#pragma unroll
+                for (int g = 0; g < DW_BN / 32; g++) {
+                    uint32_t w[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h], acc[4 * (4 * g + j) + 2 * h + 1]));
+                    quad_transpose(w, q);
+                    const int k = k0 + 8 * (4 * g + q);
+                    if (n < p.N && k < p.K)
+                        *reinterpret_cast<uint4 *>(row + k) = make_uint4(w[0], w[1], w[2], w[3]);
+                }
+            }
+        }
+    }
+}
+
+#else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
+
+template <typename T, bool SDY, bool SX>
+__global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
+{
+    __shared__ int dw_stub_marker[32];
+    if (threadIdx.x < 32) reinterpret_cast<volatile int *>(dw_stub_marker)[threadIdx.x] = p.E;
+}
+
+#endif /* MOE_WG_DEVICE */
+
+/* ---- host side ---- */
+
+template <typename T, bool SDY, bool SX>
+bool dw_kernel_is_real()
+{
+    static const bool real = []() {
+        cudaFuncAttributes at;
+        if (cudaFuncGetAttributes(&at, moe_gg_dw_wgmma_kernel<T, SDY, SX>) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return at.sharedSizeBytes == 0;
+    }();
+    return real;
+}
+
+bool aligned16_dw(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
+
+template <typename T, bool SDY, bool SX>
+cudaError_t launch_dw_wg(const DwWgParams &p, int sms, cudaStream_t s)
+{
+    auto kern = moe_gg_dw_wgmma_kernel<T, SDY, SX>;
+    const size_t smem = dw_smem_bytes<SDY || SX>() + (size_t)(p.E + 1) * 4;
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+    const long long tiles = (long long)p.E * p.n_tiles * p.k_tiles;
+    long long grid = tiles < sms ? tiles : sms;
+    const int cap = max_ctas_override(); /* the tests' MOE_WGMMA_MAX_CTAS */
+    if (cap > 0 && grid > cap) grid = cap;
+    kern<<<(unsigned)grid, DW_THREADS, smem, s>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, int sms, cudaStream_t s)
+{
+    if (sdy) return launch_dw_wg<T, true, false>(p, sms, s);
+    if (sx) return launch_dw_wg<T, false, true>(p, sms, s);
+    return launch_dw_wg<T, false, false>(p, sms, s);
+}
+
+template <typename T>
+bool dw_real_for(bool sdy, bool sx)
+{
+    if (sdy) return dw_kernel_is_real<T, true, false>();
+    if (sx) return dw_kernel_is_real<T, false, true>();
+    return dw_kernel_is_real<T, false, false>();
+}
+
+} // namespace
+
+bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a)
+{
+    if (!a || (a->dtype != MOE_DTYPE_BF16 && a->dtype != MOE_DTYPE_F16)) return false;
+    if (a->scale_dy_rows && a->scale_x_rows) return false; /* not instantiated: mma.sync */
+    const size_t es = 2;
+    /* 16-byte cp.async chunks of dY and X rows, 16-byte stores of dW rows */
+    if (!aligned16_dw(a->dY) || !aligned16_dw(a->X) || !aligned16_dw(a->dW)) return false;
+    if ((a->N * es) % 16 != 0 || (a->K * es) % 16 != 0) return false;
+    DevInfo d;
+    if (!dev_info(&d) || !d.hopper) return false;
+    const bool scaled = a->scale_dy_rows || a->scale_x_rows;
+    const size_t need = (scaled ? dw_smem_bytes<true>() : dw_smem_bytes<false>()) +
+                        (size_t)(a->num_experts + 1) * 4;
+    if (need > (size_t)d.smem_optin) return false;
+    const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
+    return a->dtype == MOE_DTYPE_BF16 ? dw_real_for<__nv_bfloat16>(sdy, sx) : dw_real_for<__half>(sdy, sx);
+}
+
+const char *moe_gg_dw_wgmma_kernel_name(moe_dtype dt)
+{
+    return dt == MOE_DTYPE_F16 ? "grouped_gemm_dw_wgmma_fp16" : "grouped_gemm_dw_wgmma_bf16";
+}
+
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream_t stream)
+{
+    DevInfo d;
+    if (!dev_info(&d)) return cudaErrorInvalidDevice;
+    const bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
+    DwWgParams p;
+    p.offsets = a->expert_offsets;
+    p.gather = need_gather ? a->gather_idx : nullptr;
+    p.dY = a->dY;
+    p.X = a->X;
+    p.dW = a->dW;
+    p.scale_dy = a->scale_dy_rows;
+    p.scale_x = a->scale_x_rows;
+    p.E = a->num_experts;
+    p.N = a->N;
+    p.K = a->K;
+    p.max_rows = a->max_rows;
+    p.topk = a->topk >= 1 ? a->topk : 1;
+    p.permute_dy = a->permute_dy;
+    p.permute_x = a->permute_x;
+    p.n_tiles = (a->N + DW_BM - 1) / DW_BM;
+    p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
+    const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d.sms, stream)
+                                      : dispatch_dw_wg<__half>(p, sdy, sx, d.sms, stream);
+}
