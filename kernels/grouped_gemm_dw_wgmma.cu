@@ -27,6 +27,7 @@
  */
 #include <limits.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern "C" {
@@ -65,6 +66,7 @@ struct DwWgParams {
     int E, N, K, max_rows, topk;
     int permute_dy, permute_x;
     int n_tiles, k_tiles; /* 128-row and 256-column blocks of one dW_e */
+    int skip_epilogue;    /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
 };
 
 /* 1024 bytes of alignment slack, the stages, 2*S mbarriers, the stage row scales (dY then X,
@@ -133,32 +135,51 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
             const int rem = t - e * p.n_tiles * p.k_tiles;
             const int n0 = (rem / p.k_tiles) * DW_BM, k0 = (rem % p.k_tiles) * DW_BN;
             const int lo = s_off[e], hi = max(s_off[e + 1], lo);
+            /* The gather indices of a stage's 4 rows are loaded one stage ahead (gnext), so the
+             * L2 latency of those loads overlaps the previous stage's copies instead of
+             * stalling each stage (the cp.async asm statements are compiler barriers: loads
+             * written between them are issued in order). -1: no row. */
+            int gnext[DW_BK / 16];
+            auto load_rows = [&](int r0, int (&gv)[DW_BK / 16]) {
+#pragma unroll
+                for (int i = 0; i < DW_BK / 16; i++) {
+                    const int r = r0 + rsub + 16 * i;
+                    gv[i] = r < hi ? (p.gather ? p.gather[r] : r) : -1;
+                }
+            };
+            if (lo < hi) load_rows(lo, gnext);
             for (int r0 = lo; r0 < hi; r0 += DW_BK, it++) {
+                int ry[DW_BK / 16], rx[DW_BK / 16], gcur[DW_BK / 16];
+#pragma unroll
+                for (int i = 0; i < DW_BK / 16; i++) {
+                    const int r = r0 + rsub + 16 * i, g = gnext[i];
+                    gcur[i] = g;
+                    ry[i] = rx[i] = -1;
+                    if (r < hi && g >= 0 && g < p.max_rows) {
+                        ry[i] = p.permute_dy ? g / p.topk : r;
+                        rx[i] = p.permute_x ? g / p.topk : r;
+                    }
+                }
+                if (r0 + DW_BK < hi) load_rows(r0 + DW_BK, gnext);
+                float sc[DW_BK / 16];
+                if (SCALED && chunk == 0) {
+#pragma unroll
+                    for (int i = 0; i < DW_BK / 16; i++) {
+                        const int ok = SDY ? ry[i] >= 0 : rx[i] >= 0;
+                        sc[i] = ok ? load_f(static_cast<const T *>(SDY ? p.scale_dy : p.scale_x) + gcur[i]) : 1.f;
+                    }
+                }
                 const uint32_t s = it % DW_S;
                 if (it >= DW_S) mbar_wait(empty(s), ((it / DW_S) + 1) & 1);
 #pragma unroll
                 for (int i = 0; i < DW_BK / 16; i++) {
-                    const int rl = rsub + 16 * i, r = r0 + rl;
-                    int ry = -1, rx = -1, g = 0;
-                    if (r < hi) {
-                        g = p.gather ? p.gather[r] : r;
-                        if (g >= 0 && g < p.max_rows) {
-                            ry = p.permute_dy ? g / p.topk : r;
-                            rx = p.permute_x ? g / p.topk : r;
-                        }
-                    }
-                    if (SCALED && chunk == 0) {
-                        s_scale[s * DW_BK + rl] =
-                            SDY && ry >= 0 ? load_f(static_cast<const T *>(p.scale_dy) + g) : 1.f;
-                        s_scale[(DW_S + s) * DW_BK + rl] =
-                            SX && rx >= 0 ? load_f(static_cast<const T *>(p.scale_x) + g) : 1.f;
-                    }
+                    const int rl = rsub + 16 * i;
                     const uint32_t swz = (uint32_t)(rl * 128 + ((chunk ^ (rl & 7)) << 4));
 #pragma unroll
                     for (int b = 0; b < DW_BM / 64; b++) {
                         const int n = n0 + 64 * b + 8 * chunk;
-                        const bool v = ry >= 0 && n < p.N;
-                        const T *src = v ? dY + (int64_t)ry * p.N + n : dY;
+                        const bool v = ry[i] >= 0 && n < p.N;
+                        const T *src = v ? dY + (int64_t)ry[i] * p.N + n : dY;
                         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                          sA + s * DW_A_BYTES + b * DW_BOX + swz),
                                      "l"(src), "r"(v ? 16 : 0)
@@ -167,13 +188,19 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                     for (int b = 0; b < DW_BN / 64; b++) {
                         const int k = k0 + 64 * b + 8 * chunk;
-                        const bool v = rx >= 0 && k < p.K;
-                        const T *src = v ? X + (int64_t)rx * p.K + k : X;
+                        const bool v = rx[i] >= 0 && k < p.K;
+                        const T *src = v ? X + (int64_t)rx[i] * p.K + k : X;
                         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                          sB + s * DW_B_BYTES + b * DW_BOX + swz),
                                      "l"(src), "r"(v ? 16 : 0)
                                      : "memory");
                     }
+                }
+                if (SCALED && chunk == 0) {
+                    /* one operand is scaled (SDY or SX, not both): its slot, the other stays unused */
+#pragma unroll
+                    for (int i = 0; i < DW_BK / 16; i++)
+                        s_scale[((SDY ? 0 : DW_S) + s) * DW_BK + rsub + 16 * i] = sc[i];
                 }
                 cp_async_mbar_arrive(full(s));
                 if (SCALED) mbar_arrive(full(s)); /* releases this thread's scale stores */
@@ -244,6 +271,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                 fence_regs(acc);
                 if (lane == 0) mbar_arrive(empty((it - 1) % DW_S));
             }
+            if (p.skip_epilogue) continue;
             /* acc[4i + 2h + c]: dW row n0 + 64 cw + 16 warp + lane/4 + 8h, column k0 + 8i + 2q + c;
              * quad-transposed so each lane stores 8 consecutive columns (16 bytes) */
 #pragma unroll
@@ -373,6 +401,8 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream
     p.permute_x = a->permute_x;
     p.n_tiles = (a->N + DW_BM - 1) / DW_BM;
     p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
+    const char *skip = getenv("MOE_WGMMA_SKIP_EPILOGUE");
+    p.skip_epilogue = skip && strcmp(skip, "1") == 0;
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
     return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d.sms, stream)
                                       : dispatch_dw_wg<__half>(p, sdy, sx, d.sms, stream);
