@@ -261,6 +261,27 @@ template <class P> inline void fill_gemm_params(P &p, const moe_grouped_gemm_arg
     p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
 }
 
+/* The same for the dW kernels' structs (DWParams in grouped_gemm_dw.cu, DwWgParams in
+ * grouped_gemm_dw_wgmma.cu). */
+template <class P> inline void fill_dw_params(P &p, const moe_grouped_gemm_dw_args *a)
+{
+    const bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
+    p.offsets = a->expert_offsets;
+    p.gather = need_gather ? a->gather_idx : nullptr;
+    p.dY = a->dY;
+    p.X = a->X;
+    p.dW = a->dW;
+    p.scale_dy = a->scale_dy_rows;
+    p.scale_x = a->scale_x_rows;
+    p.E = a->num_experts;
+    p.N = a->N;
+    p.K = a->K;
+    p.max_rows = a->max_rows;
+    p.topk = a->topk >= 1 ? a->topk : 1;
+    p.permute_dy = a->permute_dy;
+    p.permute_x = a->permute_x;
+}
+
 } // namespace moe_gg
 
 #endif /* MOE_GEMM_COMMON_CUH */

@@ -482,20 +482,7 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     const bool aligned = a->dtype != MOE_DTYPE_F32 && aligned16(a->dY) && aligned16(a->X) &&
                          (a->N * es) % 16 == 0 && (a->K * es) % 16 == 0;
     DWParams p;
-    p.offsets = a->expert_offsets;
-    p.gather = need_gather ? a->gather_idx : nullptr;
-    p.dY = a->dY;
-    p.X = a->X;
-    p.dW = a->dW;
-    p.scale_dy = a->scale_dy_rows;
-    p.scale_x = a->scale_x_rows;
-    p.E = a->num_experts;
-    p.N = a->N;
-    p.K = a->K;
-    p.max_rows = a->max_rows;
-    p.topk = a->topk >= 1 ? a->topk : 1;
-    p.permute_dy = a->permute_dy;
-    p.permute_x = a->permute_x;
+    fill_dw_params(p, a);
     p.w_pair = ((uintptr_t)a->dW % (2 * es)) == 0 && a->K % 2 == 0;
 
     const bool fast = aligned || a->dtype == MOE_DTYPE_F32;

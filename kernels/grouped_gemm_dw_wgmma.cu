@@ -94,6 +94,22 @@ __device__ __forceinline__ void dw_scale_chunk(unsigned char *at, float sc)
     *q = v;
 }
 
+/* The producer's copies of one operand row into NB boxes of a stage: 16 bytes at columns
+ * col0 + 64 b (b < NB) of source row `row` (of `ld` elements) to dst + b boxes; zeros where the
+ * row is -1 or the column is past ld. */
+template <typename T, int NB>
+__device__ __forceinline__ void dw_copy_boxes(uint32_t dst, const T *src, int row, int ld, int col0)
+{
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        const int c = col0 + 64 * b;
+        const bool v = row >= 0 && c < ld;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + b * DW_BOX),
+                     "l"(v ? src + (int64_t)row * ld + c : src), "r"(v ? 16 : 0)
+                     : "memory");
+    }
+}
+
 template <typename T, bool SDY, bool SX>
 __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
 {
@@ -175,26 +191,8 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                 for (int i = 0; i < DW_BK / 16; i++) {
                     const int rl = rsub + 16 * i;
                     const uint32_t swz = (uint32_t)(rl * 128 + ((chunk ^ (rl & 7)) << 4));
-#pragma unroll
-                    for (int b = 0; b < DW_BM / 64; b++) {
-                        const int n = n0 + 64 * b + 8 * chunk;
-                        const bool v = ry[i] >= 0 && n < p.N;
-                        const T *src = v ? dY + (int64_t)ry[i] * p.N + n : dY;
-                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                                         sA + s * DW_A_BYTES + b * DW_BOX + swz),
-                                     "l"(src), "r"(v ? 16 : 0)
-                                     : "memory");
-                    }
-#pragma unroll
-                    for (int b = 0; b < DW_BN / 64; b++) {
-                        const int k = k0 + 64 * b + 8 * chunk;
-                        const bool v = rx[i] >= 0 && k < p.K;
-                        const T *src = v ? X + (int64_t)rx[i] * p.K + k : X;
-                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                                         sB + s * DW_B_BYTES + b * DW_BOX + swz),
-                                     "l"(src), "r"(v ? 16 : 0)
-                                     : "memory");
-                    }
+                    dw_copy_boxes<T, DW_BM / 64>(sA + s * DW_A_BYTES + swz, dY, ry[i], p.N, n0 + 8 * chunk);
+                    dw_copy_boxes<T, DW_BN / 64>(sB + s * DW_B_BYTES + swz, X, rx[i], p.K, k0 + 8 * chunk);
                 }
                 if (SCALED && chunk == 0) {
                     /* one operand is scaled (SDY or SX, not both): its slot, the other stays unused */
@@ -383,22 +381,8 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream
 {
     DevInfo d;
     if (!dev_info(&d)) return cudaErrorInvalidDevice;
-    const bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
     DwWgParams p;
-    p.offsets = a->expert_offsets;
-    p.gather = need_gather ? a->gather_idx : nullptr;
-    p.dY = a->dY;
-    p.X = a->X;
-    p.dW = a->dW;
-    p.scale_dy = a->scale_dy_rows;
-    p.scale_x = a->scale_x_rows;
-    p.E = a->num_experts;
-    p.N = a->N;
-    p.K = a->K;
-    p.max_rows = a->max_rows;
-    p.topk = a->topk >= 1 ? a->topk : 1;
-    p.permute_dy = a->permute_dy;
-    p.permute_x = a->permute_x;
+    fill_dw_params(p, a);
     p.n_tiles = (a->N + DW_BM - 1) / DW_BM;
     p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
     const char *skip = getenv("MOE_WGMMA_SKIP_EPILOGUE");
