@@ -12,7 +12,11 @@
 # SWEEP="-b 1024 -e 16384 -f 2" (the layer sweep), MODELS="qwen3-30b-a3b llama4-scout",
 # GG_T="4096 16384 1024" (the GEMM bench's token counts), PROFILE=1 (ncu),
 # TEST_ENV="VAR=1 ..." (environment of the GPU tests only), VARIANT_ENV="VAR=1 ..." (each layer
-# sweep is repeated with that environment, as mlp_*_variant).
+# sweep is repeated with that environment, as mlp_*_variant), SAN=1 (compute-sanitizer memcheck
+# and racecheck on the grouped-GEMM test's small cases), CHECKS="qwen3-30b-a3b llama4-scout"
+# (moe-ep check --backward of each at CHECK_T tokens, default 4096, --sample 32, after the sweeps).
+# (This script took over launch/device_gg_wgmma.sh of rounds 1-2: its old-vs-new layer benches
+# are CONFIGS="128x128x64,w8,s3", its checks CHECKS=..., its sanitizers SAN=1.)
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -60,6 +64,14 @@ if [ "${TESTS:-1}" = 1 ]; then
     summary+=("$t rc=$? at $(el) s: $(grep -E '^\[  (PASSED|FAILED) \]' "$log/$t.txt" | tr '\n' ' ')")
   done
 fi
+if [ "${SAN:-0}" = 1 ]; then
+  for tool in memcheck racecheck; do
+    room 200 || { summary+=("sanitizer $tool skipped (budget)"); continue; }
+    MOE_GG_TEST_SMALL=1 timeout -s KILL ${SAN_TIMEOUT:-100} compute-sanitizer --tool $tool --error-exitcode 9 \
+      build-gpu/tests/test_gpu_grouped_gemm > "$log/san_$tool.txt" 2>&1
+    summary+=("sanitizer $tool rc=$? at $(el) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log/san_$tool.txt" | tail -1)")
+  done
+fi
 if [ "${GG:-1}" = 1 ]; then
   for T in ${GG_T:-4096 16384 1024}; do
     room 200 || { summary+=("gg bench T=$T skipped (budget)"); continue; }
@@ -92,6 +104,13 @@ if [ "${MLP:-1}" = 1 ]; then
   done
   run_bench fwdbwd_qwen3 --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10
 fi
+
+for m in ${CHECKS:-}; do
+  room 60 || { summary+=("check $m skipped (budget)"); continue; }
+  timeout -s KILL 120 $ep check --backend cuda --model $m --tokens ${CHECK_T:-4096} --dtype bf16 --backward \
+    --sample 32 > "$log/check_$m.txt" 2>&1
+  summary+=("check $m T=${CHECK_T:-4096} --backward rc=$? at $(el) s: $(tail -1 "$log/check_$m.txt")")
+done
 
 echo "---- summary ($(el) s)"
 printf '%s\n' "${summary[@]}"
