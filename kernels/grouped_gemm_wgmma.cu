@@ -46,6 +46,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <mutex>
+#include <new>
+
 extern "C" {
 #include "common.h"
 #include "moe_stages.h"
@@ -100,10 +103,14 @@ struct WgParams {
 
 /* Dynamic scheduling state: per slot {next tile - grid, CTAs finished}. The last CTA of a
  * launch to finish puts both back to zero, so the next launch that uses the slot (stream order,
- * or a CUDA-graph replay) starts clean without a memset. The host hands slots out round-robin:
- * only launches in flight at the same time on different streams must not share one, i.e. fewer
- * than WG_SCHED_SLOTS of them may overlap. */
-constexpr int WG_SCHED_SLOTS = 64;
+ * or a CUDA-graph replay) starts clean without a memset. Two launches that may run at the same
+ * time must never share a slot (each would skip the tiles the other took, and unequal grids
+ * could leave the slot dirty for later launches), so the host keys them (sched_slot_for): one
+ * slot per (device, stream) for eager launches, which stream order keeps apart, and a slot of
+ * its own for every launch captured into a CUDA graph (replays of one executable graph are
+ * ordered by CUDA). cudaStreamPerThread (one handle, a stream per host thread) and launches
+ * finding no free slot run the static tile order instead. */
+constexpr int WG_SCHED_SLOTS = 4096;
 __device__ int g_wg_sched[WG_SCHED_SLOTS][2];
 
 /* ---- tile search, one warp at a time ----
@@ -415,7 +422,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 const uint32_t s = it % S;
                 /* use it/S - 1 released (by both CTAs' consumers with CL = 2) */
                 if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
-                if (pt == 0 && p.prefetch > 0) {
+                if (!BKN && pt == 0 && p.prefetch > 0) { /* a 2-D map only */
                     /* MOE_WGMMA_PREFETCH=n (off by default): L2 prefetch of the B boxes n
                      * steps ahead (at the tile's first step also the ones before that), so the
                      * TMA loads, issued only S steps ahead, would find them in L2. Measured
@@ -487,6 +494,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
              * count in resets the slot for the next launch */
             __threadfence();
             if (atomicAdd(&p.sched[1], 1) == (int)gridDim.x - 1) {
+                __threadfence(); /* the others' fetches, seen through their count-ins, come first */
                 atomicExch(&p.sched[0], 0);
                 atomicExch(&p.sched[1], 0);
             }
@@ -630,6 +638,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             for (int m = 0; m < MB; m++)
                 if (m < nact)
                     wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], s_tile + 4 * last + 2, lane, cvec, pvec);
+            __syncwarp(); /* every lane has read the column before lane 0 hands the stage back */
             release(last);
         }
     }
@@ -712,18 +721,33 @@ int prefetch_steps() { return env_int("MOE_WGMMA_PREFETCH", WG_PREFETCH_DEFAULT,
 /* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
 int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
 
-/* The dynamic scheduler's counter pair for the next launch on this device (round-robin over
- * g_wg_sched's slots); NULL (static order) if the symbol's address is not available. */
-int *next_sched_slot()
+/* The dynamic scheduler's counter pair for a launch on stream st of the current device (see
+ * g_wg_sched), or NULL: the static tile order. */
+int *sched_slot_for(cudaStream_t st)
 {
     constexpr int kMaxDev = 64;
-    static int *base[kMaxDev]; /* benign race: every thread finds the same address */
-    static unsigned next = 0;
+    struct Key {
+        int dev;
+        cudaStream_t stream;
+    };
+    static std::mutex mu;
+    static int *base[kMaxDev];
+    static Key *owner[kMaxDev]; /* per slot: the stream of an eager slot (allocated on first use) */
+    static int used[kMaxDev];                  /* slots handed out (eager and graph) */
+    if (st == cudaStreamPerThread) return nullptr;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDev) {
         cudaGetLastError();
         return nullptr;
     }
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(st, &cap) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (!owner[dev]) owner[dev] = new (std::nothrow) Key[WG_SCHED_SLOTS]();
+    if (!owner[dev]) return nullptr;
     if (!base[dev]) {
         void *a = nullptr;
         if (cudaGetSymbolAddress(&a, g_wg_sched) != cudaSuccess) {
@@ -732,7 +756,14 @@ int *next_sched_slot()
         }
         base[dev] = static_cast<int *>(a);
     }
-    return base[dev] + 2 * (__atomic_fetch_add(&next, 1u, __ATOMIC_RELAXED) % WG_SCHED_SLOTS);
+    const bool graph = cap == cudaStreamCaptureStatusActive;
+    if (!graph)
+        for (int i = 0; i < used[dev]; i++)
+            if (owner[dev][i].dev == dev + 1 && owner[dev][i].stream == st) return base[dev] + 2 * i;
+    if (used[dev] >= WG_SCHED_SLOTS) return nullptr;
+    const int i = used[dev]++;
+    owner[dev][i] = {graph ? 0 : dev + 1, st}; /* dev + 1: an eager slot (0 never matches) */
+    return base[dev] + 2 * i;
 }
 
 /* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
@@ -912,7 +943,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.scale_a_acc = a->scale_a_rows != nullptr && (a->b_kn || !env_flag("MOE_WGMMA_SCALE_A_SMEM"));
     p.l2_hints = l2_hint_mode();
     p.prefetch = prefetch_steps();
-    p.sched = next_sched_slot();
+    p.sched = sched_slot_for(stream);
     p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
     p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
