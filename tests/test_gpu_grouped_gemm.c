@@ -1614,6 +1614,70 @@ static void test_wgmma_dw(void **state)
     free_route(&rt);
 }
 
+/* Launches on two streams at the same time (the dynamic scheduler's counters are per stream:
+ * sharing one would make each launch skip the other's tiles): two different problems queued
+ * alternately, 8 times each, on two non-blocking streams, then both checked (sampled); and the
+ * same problem on cudaStreamPerThread (the static tile order). */
+static void test_wgmma_two_streams(void **state)
+{
+    (void)state;
+    if (small_only()) skip();
+    const bool hopper = gpu_is_hopper();
+    const moe_kernel_config *wg;
+    assert_true(wg_configs(&wg) > 0);
+    route r1, r2;
+    make_route(&r1, 2048, 8, 64, R_RANDOM);
+    make_route(&r2, 1536, 4, 32, R_RANDOM);
+    fwd_case c1 = {0}, c2 = {0};
+    c1.name = "stream 1: px+silu+preact";
+    c1.dt = c2.dt = MOE_DTYPE_BF16;
+    c1.rt = &r1;
+    c1.N = 1024;
+    c1.K = 1024;
+    c1.px = c1.silu = c1.pre = true;
+    c2.name = "stream 2: py+bkn+sc";
+    c2.rt = &r2;
+    c2.N = 768;
+    c2.K = 1536;
+    c2.py = c2.sc = c2.bkn = true;
+    c1.sample_experts = c2.sample_experts = 6;
+    c1.sample_rows = c2.sample_rows = 8;
+    c1.cfg = c2.cfg = &wg[0];
+    fwd_bufs b1, b2;
+    fwd_alloc(&c1, &b1);
+    fwd_alloc(&c2, &b2);
+    moe_grouped_gemm_args a1 = fwd_args(&c1, &b1), a2 = fwd_args(&c2, &b2);
+    cudaStream_t s1, s2;
+    CK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
+    CK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+    moe_kernel_report rep1, rep2;
+    memset(&rep1, 0, sizeof rep1);
+    memset(&rep2, 0, sizeof rep2);
+    moe_error err;
+    moe_error_clear(&err);
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(moe_cuda_grouped_gemm(&a1, &wg[0], s1, &rep1, &err), MOE_OK);
+        assert_int_equal(moe_cuda_grouped_gemm(&a2, &wg[0], s2, &rep2, &err), MOE_OK);
+    }
+    CK(cudaDeviceSynchronize());
+    const char *want = hopper ? "grouped_gemm_wgmma" : "grouped_gemm_mma";
+    bool ok = kernel_is(&rep1, want, c1.name) && kernel_is(&rep2, want, c2.name);
+    ok = fwd_check(&c1, &b1) && ok;
+    ok = fwd_check(&c2, &b2) && ok;
+    /* cudaStreamPerThread: no counter of its own, the static order */
+    CK(cudaMemset(b1.C.dev, 0xff, b1.C.n * 2)); /* NaN again, so an unwritten row fails */
+    assert_int_equal(moe_cuda_grouped_gemm(&a1, &wg[0], cudaStreamPerThread, NULL, &err), MOE_OK);
+    CK(cudaDeviceSynchronize());
+    ok = fwd_check(&c1, &b1) && ok;
+    CK(cudaStreamDestroy(s1));
+    CK(cudaStreamDestroy(s2));
+    fwd_free(&b1);
+    fwd_free(&b2);
+    free_route(&r1);
+    free_route(&r2);
+    assert_true(ok);
+}
+
 /* The real forward GEMMs at T=1024 through the wgmma kernels (sampled experts and rows), and
  * two runs of Qwen3's GEMM1 bitwise equal. */
 static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_config *cfg,
@@ -2216,6 +2280,7 @@ int main(void)
         cmocka_unit_test(test_wgmma_persistent),
         cmocka_unit_test(test_wgmma_real),
         cmocka_unit_test(test_wgmma_dw),
+        cmocka_unit_test(test_wgmma_two_streams),
     };
     const char *b = getenv("MOE_GG_BENCH");
     if (b && strcmp(b, "1") == 0) { /* timing only */
