@@ -94,6 +94,23 @@ __device__ __forceinline__ void dw_scale_chunk(unsigned char *at, float sc)
     *q = v;
 }
 
+/* Tile t (expert-major, then the dW row block, the column blocks innermost): its expert, first
+ * dW row and column, and the expert's routed rows [lo, hi) (clamped offsets in shared memory). */
+struct DwTile {
+    int e, n0, k0, lo, hi;
+};
+__device__ __forceinline__ DwTile dw_tile(const DwWgParams &p, const int *s_off, int t)
+{
+    DwTile tl;
+    tl.e = t / (p.n_tiles * p.k_tiles);
+    const int rem = t - tl.e * p.n_tiles * p.k_tiles;
+    tl.n0 = (rem / p.k_tiles) * DW_BM;
+    tl.k0 = (rem % p.k_tiles) * DW_BN;
+    tl.lo = s_off[tl.e];
+    tl.hi = max(s_off[tl.e + 1], tl.lo);
+    return tl;
+}
+
 /* The producer's copies of one operand row into NB boxes of a stage: 16 bytes at columns
  * col0 + 64 b (b < NB) of source row `row` (of `ld` elements) to dst + b boxes; zeros where the
  * row is -1 or the column is past ld. */
@@ -147,10 +164,8 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
         const T *X = static_cast<const T *>(p.X);
         uint32_t it = 0;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-            const int e = t / (p.n_tiles * p.k_tiles);
-            const int rem = t - e * p.n_tiles * p.k_tiles;
-            const int n0 = (rem / p.k_tiles) * DW_BM, k0 = (rem % p.k_tiles) * DW_BN;
-            const int lo = s_off[e], hi = max(s_off[e + 1], lo);
+            const DwTile tl = dw_tile(p, s_off, t);
+            const int e = tl.e, n0 = tl.n0, k0 = tl.k0, lo = tl.lo, hi = tl.hi;
             /* The gather indices of a stage's 4 rows are loaded one stage ahead (gnext), so the
              * L2 latency of those loads overlaps the previous stage's copies instead of
              * stalling each stage (the cp.async asm statements are compiler barriers: loads
@@ -214,10 +229,8 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
         float acc[DW_BN / 2];
         uint32_t it = 0;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-            const int e = t / (p.n_tiles * p.k_tiles);
-            const int rem = t - e * p.n_tiles * p.k_tiles;
-            const int n0 = (rem / p.k_tiles) * DW_BM, k0 = (rem % p.k_tiles) * DW_BN;
-            const int lo = s_off[e], hi = max(s_off[e + 1], lo);
+            const DwTile tl = dw_tile(p, s_off, t);
+            const int e = tl.e, n0 = tl.n0, k0 = tl.k0, lo = tl.lo, hi = tl.hi;
 #pragma unroll
             for (int i = 0; i < DW_BN / 2; i++) acc[i] = 0.f; /* an expert without rows: zeros */
             for (int r0 = lo; r0 < hi; r0 += DW_BK, it++) {
