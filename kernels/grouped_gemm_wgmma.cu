@@ -109,7 +109,8 @@ struct WgParams {
  * slot per (device, stream) for eager launches, which stream order keeps apart, and a slot of
  * its own for every launch captured into a CUDA graph (replays of one executable graph are
  * ordered by CUDA). cudaStreamPerThread (one handle, a stream per host thread) and launches
- * finding no free slot run the static tile order instead. */
+ * finding no free slot run the static tile order instead. (Left open: a stream destroyed with
+ * launches still pending whose handle comes back for a new stream at once shares its slot.) */
 constexpr int WG_SCHED_SLOTS = 4096;
 __device__ int g_wg_sched[WG_SCHED_SLOTS][2];
 
@@ -726,14 +727,11 @@ int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
 int *sched_slot_for(cudaStream_t st)
 {
     constexpr int kMaxDev = 64;
-    struct Key {
-        int dev;
-        cudaStream_t stream;
-    };
     static std::mutex mu;
     static int *base[kMaxDev];
-    static Key *owner[kMaxDev]; /* per slot: the stream of an eager slot (allocated on first use) */
-    static int used[kMaxDev];                  /* slots handed out (eager and graph) */
+    /* eager slots from the front (eager_stream[i] owns slot i), graph slots from the back */
+    static cudaStream_t *eager_stream[kMaxDev]; /* allocated on first use */
+    static int n_eager[kMaxDev], n_graph[kMaxDev];
     if (st == cudaStreamPerThread) return nullptr;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDev) {
@@ -746,8 +744,8 @@ int *sched_slot_for(cudaStream_t st)
         return nullptr;
     }
     std::lock_guard<std::mutex> lock(mu);
-    if (!owner[dev]) owner[dev] = new (std::nothrow) Key[WG_SCHED_SLOTS]();
-    if (!owner[dev]) return nullptr;
+    if (!eager_stream[dev]) eager_stream[dev] = new (std::nothrow) cudaStream_t[WG_SCHED_SLOTS];
+    if (!eager_stream[dev]) return nullptr;
     if (!base[dev]) {
         void *a = nullptr;
         if (cudaGetSymbolAddress(&a, g_wg_sched) != cudaSuccess) {
@@ -756,14 +754,14 @@ int *sched_slot_for(cudaStream_t st)
         }
         base[dev] = static_cast<int *>(a);
     }
-    const bool graph = cap == cudaStreamCaptureStatusActive;
-    if (!graph)
-        for (int i = 0; i < used[dev]; i++)
-            if (owner[dev][i].dev == dev + 1 && owner[dev][i].stream == st) return base[dev] + 2 * i;
-    if (used[dev] >= WG_SCHED_SLOTS) return nullptr;
-    const int i = used[dev]++;
-    owner[dev][i] = {graph ? 0 : dev + 1, st}; /* dev + 1: an eager slot (0 never matches) */
-    return base[dev] + 2 * i;
+    if (cap != cudaStreamCaptureStatusActive)
+        for (int i = 0; i < n_eager[dev]; i++)
+            if (eager_stream[dev][i] == st) return base[dev] + 2 * i;
+    if (n_eager[dev] + n_graph[dev] >= WG_SCHED_SLOTS) return nullptr;
+    if (cap == cudaStreamCaptureStatusActive)
+        return base[dev] + 2 * (WG_SCHED_SLOTS - 1 - n_graph[dev]++);
+    eager_stream[dev][n_eager[dev]] = st;
+    return base[dev] + 2 * n_eager[dev]++;
 }
 
 /* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
