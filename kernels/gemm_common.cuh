@@ -234,6 +234,9 @@ __device__ __forceinline__ float silu_f(float g)
     return g / (1.0f + expf(-g));
 }
 
+/* Whether a pointer sits on 16 bytes (cp.async / TMA / 16-byte stores need it). */
+__host__ __device__ inline bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
+
 /* Host side: the launch parameters that the forward/dX kernels' structs (GGParams in
  * grouped_gemm.cu, WgParams in grouped_gemm_wgmma.cu) share under the same names, from the C
  * arguments (moe_stages.h, included before this file); es = element size in bytes. */

@@ -521,8 +521,6 @@ int row_tile_slots(int max_rows, int E, int BM)
     return (int)(a < max_rows ? a : max_rows);
 }
 
-bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
-
 template <typename T, bool BKN>
 cudaError_t dispatch_mma(const GGParams &p, const moe_kernel_config &c, bool aligned,
                          cudaStream_t s, bool *found)

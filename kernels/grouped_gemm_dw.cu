@@ -425,8 +425,6 @@ const char *dw_kernel_name(moe_dtype dt, bool aligned)
     }
 }
 
-bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
-
 } // namespace
 
 extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a,

@@ -80,8 +80,8 @@ constexpr size_t dw_smem_bytes()
 
 #ifdef MOE_WG_DEVICE
 
-/* Multiply the 16-byte chunks `nch` (each 8 elements of one row, row index `row[i]` within the
- * stage) at `at[i]` by that row's scale and round them to T: the scale_dy / scale_x pass. */
+/* Multiply the 16-byte chunk at `at` (8 elements of one stage row) by that row's scale `sc` and
+ * round it to T: one step of the scale_dy / scale_x pass. */
 template <typename T>
 __device__ __forceinline__ void dw_scale_chunk(unsigned char *at, float sc)
 {
@@ -319,22 +319,6 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 /* ---- host side ---- */
 
 template <typename T, bool SDY, bool SX>
-bool dw_kernel_is_real()
-{
-    static const bool real = []() {
-        cudaFuncAttributes at;
-        if (cudaFuncGetAttributes(&at, moe_gg_dw_wgmma_kernel<T, SDY, SX>) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        return at.sharedSizeBytes == 0;
-    }();
-    return real;
-}
-
-bool aligned16_dw(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
-
-template <typename T, bool SDY, bool SX>
 cudaError_t launch_dw_wg(const DwWgParams &p, int sms, cudaStream_t s)
 {
     auto kern = moe_gg_dw_wgmma_kernel<T, SDY, SX>;
@@ -360,9 +344,9 @@ cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, int sms, cuda
 template <typename T>
 bool dw_real_for(bool sdy, bool sx)
 {
-    if (sdy) return dw_kernel_is_real<T, true, false>();
-    if (sx) return dw_kernel_is_real<T, false, true>();
-    return dw_kernel_is_real<T, false, false>();
+    if (sdy) return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, true, false>>();
+    if (sx) return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, false, true>>();
+    return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, false, false>>();
 }
 
 } // namespace
@@ -373,7 +357,7 @@ bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a)
     if (a->scale_dy_rows && a->scale_x_rows) return false; /* not instantiated: mma.sync */
     const size_t es = 2;
     /* 16-byte cp.async chunks of dY and X rows, 16-byte stores of dW rows */
-    if (!aligned16_dw(a->dY) || !aligned16_dw(a->X) || !aligned16_dw(a->dW)) return false;
+    if (!aligned16(a->dY) || !aligned16(a->X) || !aligned16(a->dW)) return false;
     if ((a->N * es) % 16 != 0 || (a->K * es) % 16 != 0) return false;
     DevInfo d;
     if (!dev_info(&d) || !d.hopper) return false;
@@ -398,8 +382,7 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream
     fill_dw_params(p, a);
     p.n_tiles = (a->N + DW_BM - 1) / DW_BM;
     p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
-    const char *skip = getenv("MOE_WGMMA_SKIP_EPILOGUE");
-    p.skip_epilogue = skip && strcmp(skip, "1") == 0;
+    p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
     return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d.sms, stream)
                                       : dispatch_dw_wg<__half>(p, sdy, sx, d.sms, stream);

@@ -685,20 +685,10 @@ EncodeTiledFn tensor_map_encoder()
     return fn;
 }
 
-/* Whether this build holds the real sm_90a kernel (the stub for other targets declares static
- * shared memory; the real one uses dynamic shared memory only). */
 template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN>
 bool kernel_is_real()
 {
-    static const bool real = []() {
-        cudaFuncAttributes at;
-        if (cudaFuncGetAttributes(&at, moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        return at.sharedSizeBytes == 0;
-    }();
-    return real;
+    return sm90a_kernel_built<moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>>();
 }
 
 /* Row-tile slots for BM-row tiles: every expert wastes at most one partial tile. */
@@ -706,13 +696,6 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
 {
     const long long a = ((long long)max_rows + bm - 1) / bm + E;
     return a < max_rows ? a : max_rows;
-}
-
-/* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
-int env_flag(const char *name)
-{
-    const char *s = getenv(name);
-    return s && strcmp(s, "1") == 0;
 }
 
 /* MOE_WGMMA_PREFETCH=n: B tiles prefetched into L2 n k steps ahead; 0 turns it off. */
@@ -782,8 +765,6 @@ cudaLaunchConfig_t cluster_launch_config(cudaLaunchAttribute *at, unsigned grid,
     cfg.numAttrs = 1;
     return cfg;
 }
-
-bool aligned16_wg(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 /* How many clusters of CL CTAs of this kernel (with smem bytes each) can be resident at once:
  * the persistent grid's size. Asked once per instantiation and shared-memory size. */
@@ -890,7 +871,7 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     if (a->dtype != MOE_DTYPE_BF16 && a->dtype != MOE_DTYPE_F16) return false;
     const size_t es = 2;
     /* TMA: base and row stride 16-byte aligned; cp.async of A rows: the same for A. */
-    if (!aligned16_wg(a->A) || !aligned16_wg(a->B) || (a->K * es) % 16 != 0) return false;
+    if (!aligned16(a->A) || !aligned16(a->B) || (a->K * es) % 16 != 0) return false;
     if (a->b_kn) {
         /* B [E][K][N]: its rows of N elements are the tensor map's stride, and a box's first
          * column must sit on 16 bytes too (with SiLU the up half starts at column N/2; an
@@ -943,8 +924,8 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.prefetch = prefetch_steps();
     p.sched = sched_slot_for(stream);
     p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
-    p.c_vec = aligned16_wg(a->C) && p.n_out % 8 == 0;
-    p.p_vec = a->C_preact && aligned16_wg(a->C_preact) && p.n_out % 8 == 0;
+    p.c_vec = aligned16(a->C) && p.n_out % 8 == 0;
+    p.p_vec = a->C_preact && aligned16(a->C_preact) && p.n_out % 8 == 0;
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 

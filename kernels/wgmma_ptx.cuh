@@ -359,6 +359,29 @@ inline bool dev_info(DevInfo *out)
     return true;
 }
 
+/* Whether this build holds the real sm_90a code of kernel Kern: the stub compiled for other
+ * targets declares static shared memory, the real kernels use dynamic shared memory only.
+ * Asked once per kernel. */
+template <auto Kern> bool sm90a_kernel_built()
+{
+    static const bool real = []() {
+        cudaFuncAttributes at;
+        if (cudaFuncGetAttributes(&at, Kern) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        return at.sharedSizeBytes == 0;
+    }();
+    return real;
+}
+
+/* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
+inline int env_flag(const char *name)
+{
+    const char *s = getenv(name);
+    return s && s[0] == '1' && s[1] == '\0';
+}
+
 /* An integer setting from the environment: dflt when unset or empty, else atoi clamped into
  * [lo, hi]. */
 inline int env_int(const char *name, int dflt, int lo, int hi)
