@@ -3,8 +3,9 @@
  * disassemble this very executable (which links the kernels, see `keep` below) with
  * `cuobjdump --dump-sass` and require an HMMA (mma.sync) or HGMMA (wgmma) instruction in every
  * tensor-core grouped GEMM kernel (moe_gg_mma_kernel<...>, moe_gg_dw_mma_kernel<...>), and at
- * least one of each family; the Hopper kernels (moe_gg_wgmma_kernel<...>) must show HGMMA in
- * their sm_90a code, and there must be some. Needs no GPU: it reads the embedded cubins.
+ * least one of each family; the Hopper kernels (moe_gg_wgmma_kernel<...> forward/dX,
+ * moe_gg_dw_wgmma_kernel<...> dW) must show HGMMA in their sm_90a code, and there must be some
+ * of each. Needs no GPU: it reads the embedded cubins.
  *
  * Exit 77 (skip) on a build without CUDA. cuobjdump is looked up in $CUOBJDUMP, $PATH,
  * $CUDA_HOME/bin, $CUDA_PATH/bin and /usr/local/cuda/bin (it needs nvdisasm beside it or on
@@ -114,7 +115,7 @@ static void test_grouped_gemm_sass(void **state)
             fn += strlen("Function : ");
             cur = -1;
             if (strstr(fn, "moe_gg_ffma_kernel") || strstr(fn, "moe_gg_dw_ffma_kernel")) ffma_kernels++;
-            const bool wg = strstr(fn, "moe_gg_wgmma_kernel") != NULL && sm90a;
+            const bool wg = (strstr(fn, "moe_gg_wgmma_kernel") || strstr(fn, "moe_gg_dw_wgmma_kernel")) && sm90a;
             if ((strstr(fn, "moe_gg_mma_kernel") || strstr(fn, "moe_gg_dw_mma_kernel") || wg) &&
                 nk < MAX_KERNELS) {
                 cur = nk++;
@@ -137,24 +138,29 @@ static void test_grouped_gemm_sass(void **state)
         g_skip_reason = 1;
         skip();
     }
-    int fwd = 0, dw = 0, wg = 0, without = 0;
+    int fwd = 0, dw = 0, wg = 0, wg_dw = 0, without = 0;
     for (int i = 0; i < nk; i++) {
         bool is_dw = strstr(names[i], "moe_gg_dw_mma_kernel") != NULL;
         fwd += !is_dw && !wgmma[i];
         dw += is_dw;
-        wg += wgmma[i];
+        wg += wgmma[i] && !strstr(names[i], "moe_gg_dw_wgmma_kernel");
+        wg_dw += wgmma[i] && strstr(names[i], "moe_gg_dw_wgmma_kernel");
         if (hmma[i] == 0) {
             fprintf(stderr, "NO %s instruction in %s\n", wgmma[i] ? "HGMMA" : "tensor-core",
                     names[i]);
             without++;
         }
     }
-    fprintf(stderr, "%d SASS lines; %d forward (mma.sync), %d wgmma (sm_90a) and %d dW tensor-core "
-                    "grouped GEMM kernels, %d without HMMA/HGMMA; %d FFMA (fp32) kernels\n",
-            lines, fwd, wg, dw, without, ffma_kernels);
+    fprintf(stderr, "%d SASS lines; %d forward (mma.sync), %d wgmma forward/dX and %d wgmma dW "
+                    "(sm_90a), %d dW (mma.sync) tensor-core grouped GEMM kernels, %d without "
+                    "HMMA/HGMMA; %d FFMA (fp32) kernels\n",
+            lines, fwd, wg, wg_dw, dw, without, ffma_kernels);
     assert_true(fwd > 0);
     assert_true(dw > 0);
-    if (any90a) assert_true(wg > 0); /* a build for other targets has no wgmma kernels */
+    if (any90a) { /* a build for other targets has no wgmma kernels */
+        assert_true(wg > 0);
+        assert_true(wg_dw > 0);
+    }
     assert_int_equal(without, 0);
 }
 
