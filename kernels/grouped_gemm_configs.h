@@ -10,15 +10,22 @@
  * The narrow (unaligned rows) fallback runs one fixed configuration, MOE_GG_NARROW_CONFIG.
  * fp32 runs the FFMA kernels, X(BM, BN): 256 threads, BK 16, one shared-memory stage.
  *
- * Hopper wgmma path (bf16, fp16 forward with B_e [N, K]; grouped_gemm_wgmma.cu), selected by
- * the ",tma" configurations, X(BM, BN, BK, WARPS, STAGES, CLUSTER): CLUSTER 1, or 2 for pairs
- * of CTAs (",c2": a cluster of two row tiles of one expert and column multicasting the weight
- * tile to both); BM-row tiles (128: 64 rows per
- * consumer warpgroup; the kernel also takes 256: 128 rows each, two m64 wgmmas per k16, e.g.
- * X(256, 128, 64, 12, 4), measured 1.5-2x slower on an H100 and so not listed), BK 64 (one 128-byte swizzle row), 12 warps = one producer warpgroup (TMA
- * for B, cp.async gather for A) + two consumer warpgroups (wgmma m64nBNk16), STAGES mbarrier
- * stages; BM/128 * BN/2 <= 128 fp32 accumulators per consumer thread. Problems it cannot take (b_kn,
- * unaligned rows, fp32, not an sm_90 device) run the mma.sync default instead.
+ * Hopper wgmma path (bf16, fp16; forward and dX with B_e [N, K] or [K, N]; grouped_gemm_wgmma.cu,
+ * and the dW kernel of grouped_gemm_dw_wgmma.cu with its own 128x256 tile), selected by the
+ * ",tma" configurations, X(BM, BN, BK, WARPS, STAGES, CLUSTER):
+ *   BM-row tiles: 128, 64 rows per consumer warpgroup (the kernel also takes 256, two m64
+ *     wgmmas per k16, e.g. X(256, 128, 64, 12, 4, 1): measured 1.5-2x slower on an H100, not
+ *     listed); BN 128 or 256 output columns; BK 64 (one 128-byte swizzle row);
+ *   12 warps = one producer warpgroup (TMA for B, cp.async gather for A) + two consumer
+ *     warpgroups (wgmma m64nBNk16, BM/128 * BN/2 <= 128 fp32 accumulators per thread);
+ *   STAGES mbarrier stages;
+ *   CLUSTER 1, or 2 for pairs of CTAs (",c2": two row tiles of one expert and column,
+ *     multicasting the weight tile to both).
+ * A configuration whose stages leave room for a 128-row output tile in shared memory (128x256
+ * with 3 stages: 144 KB + 66 KB) stages its epilogue there and stores it with bulk copies while
+ * the next tile's MMAs run (grouped_gemm_wgmma.cu, wg_stages_out); the others store from
+ * registers. Problems the wgmma kernels cannot take (rows not on 16 bytes, fp32, not an sm_90
+ * device) run the mma.sync default instead.
  */
 #ifndef MOE_GROUPED_GEMM_CONFIGS_H
 #define MOE_GROUPED_GEMM_CONFIGS_H
@@ -39,6 +46,7 @@
 
 #define MOE_GG_WGMMA_CONFIGS(X) \
     X(128, 256, 64, 12, 4, 1)   \
+    X(128, 256, 64, 12, 3, 1)   \
     X(128, 128, 64, 12, 6, 1)   \
     X(128, 256, 64, 12, 4, 2)
 

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
         uint32_t it = 0;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
             const DwTile tl = dw_tile(p, s_off, t);
-            const int e = tl.e, n0 = tl.n0, k0 = tl.k0, lo = tl.lo, hi = tl.hi;
+            const int n0 = tl.n0, k0 = tl.k0, lo = tl.lo, hi = tl.hi;
             /* The gather indices of a stage's 4 rows are loaded one stage ahead (gnext), so the
              * L2 latency of those loads overlaps the previous stage's copies instead of
              * stalling each stage (the cp.async asm statements are compiler barriers: loads

@@ -18,8 +18,11 @@
  *     (BN/2 per thread), then writes its rows straight from the accumulators: the 4 lanes that
  *     share a row swap their packed pairs (quad transpose, 4 shuffles per 4 words) so each
  *     writes 8 consecutive outputs with one 16-byte store (4-byte pairs where rows are not
- *     16-byte aligned). The kernel also takes BM = 256 (128 rows per consumer warpgroup, two
- *     m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
+ *     16-byte aligned). Configurations with room beside their stages (wg_stages_out: 128x256
+ *     with 3 stages) stage those rows in a shared output tile instead and hand them to bulk
+ *     copies, so the consumers return to the MMAs without waiting on global stores
+ *     (wg_epilogue_staged). The kernel also takes BM = 256 (128 rows per consumer warpgroup,
+ *     two m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
  * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
  * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals that fire when
@@ -98,6 +101,8 @@ struct WgParams {
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
+    int stage_out;     /* staged epilogue (configurations with wg_stages_out; C rows 16-byte
+                          aligned, no C_preact): outputs through shared memory and bulk copies */
     int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
 };
 
@@ -184,27 +189,52 @@ __device__ __forceinline__ void wg_store2(T *row, int col, int ncols, bool pair,
 
 /* BM = 256: the producer keeps its 16 gathered row indices per tile in shared memory (its own
  * 16 words, thread-major) instead of registers: at 56 registers, 16 more live values spilled. */
-template <int BM>
-constexpr size_t wg_arow_smem_bytes()
+constexpr size_t wg_arow_smem_bytes(int bm)
 {
-    return BM > 128 ? (size_t)128 * (BM / 16) * 4 : 0;
+    return bm > 128 ? (size_t)128 * (bm / 16) * 4 : 0;
 }
 
 /* The tile of each stage (s_tile[S][4]: row0 (-1: no more tiles), row_end, column, posted
  * by the producer with every stage) and the producer's two slots for the next tile's index (s_next[2]). */
-template <int S>
-constexpr size_t wg_sched_smem_bytes()
+constexpr size_t wg_sched_smem_bytes(int s)
 {
-    return (size_t)(4 * S + 2) * 4;
+    return (size_t)(4 * s + 2) * 4;
 }
 
-template <int BM, int BN, int S>
-constexpr size_t wg_smem_bytes()
+/* Shared memory of a configuration without its output tile: 1024 bytes of slack to align the
+ * tiles to the 1024-byte swizzle period, the stages, the 2*S mbarriers, the stage posts and
+ * (BM = 256) the producer's row indices. The clamped offsets, (E+1) ints, come on top (host).
+ * Plain constexpr functions of runtime-typed arguments: the kernels' layout and the host's
+ * "does it fit" check (moe_gg_wgmma_applicable) are the same arithmetic. */
+constexpr size_t wg_core_smem(int bm, int bn, int s)
 {
-    /* 1024 bytes of slack to align the tiles to the 1024-byte swizzle period, the stages, the
-     * 2*S mbarriers; the clamped offsets follow (added by the host: (E+1) ints). */
-    return 1024 + (size_t)S * (BM + BN) * WG_BK * 2 + (size_t)2 * S * 8 + wg_sched_smem_bytes<S>() +
-           wg_arow_smem_bytes<BM>();
+    return 1024 + (size_t)s * (bm + bn) * WG_BK * 2 + (size_t)2 * s * 8 + wg_sched_smem_bytes(s) +
+           wg_arow_smem_bytes(bm);
+}
+
+/* The staged epilogue's output tile: 128 rows of up to BN outputs, each row 16 bytes longer
+ * than its BN * 2 bytes, so that the 8 rows one warp's 4-byte stores touch at once start 4
+ * banks apart (row pitch = 16 mod 128 bytes: 32 distinct banks, no conflicts) while every row
+ * start stays 16-byte aligned for the bulk copy. */
+constexpr size_t wg_out_pitch(int bn) { return (size_t)bn * 2 + 16; }
+constexpr size_t wg_out_smem(int bn) { return (size_t)128 * wg_out_pitch(bn); }
+
+/* sm_90's opt-in shared memory per block (227 KB); the host checks the device's own value. */
+constexpr size_t WG_SMEM_OPTIN_SM90 = 232448;
+
+/* Whether configuration (bm, bn, s) stages its epilogue through shared memory: 128-row tiles
+ * whose stages leave room for the output tile and the offsets of up to 1024 experts (with
+ * 48 KB stages of 128x256 tiles: 3 stages, not 4). Such a configuration writes its rounded
+ * outputs to shared memory and hands them to bulk copies, so its consumers go back to the next
+ * tile's MMAs without waiting on global stores (WgParams.stage_out). */
+constexpr bool wg_stages_out(int bm, int bn, int s)
+{
+    return bm == 128 && wg_core_smem(bm, bn, s) + wg_out_smem(bn) + 4 * (1024 + 1) <= WG_SMEM_OPTIN_SM90;
+}
+
+constexpr size_t wg_config_smem(int bm, int bn, int s)
+{
+    return wg_core_smem(bm, bn, s) + (wg_stages_out(bm, bn, s) ? wg_out_smem(bn) : 0);
 }
 
 #ifdef MOE_WG_DEVICE
@@ -310,6 +340,60 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
     }
 }
 
+/* The staged epilogue of one m64 block (wg_stages_out configurations, WgParams.stage_out):
+ * the warp writes its 16 rows' rounded outputs (same values as wg_epilogue: scale_c in fp32,
+ * SiLU-and-mul) into its own 16 rows of the shared output tile, `rows` (generic address) /
+ * `rows_s` (shared address), one 4-byte pair per store (conflict-free with wg_out_pitch), then
+ * 16 of its lanes each hand one row to a 1-D bulk copy into C (row crow, so permute_y's
+ * scatter costs nothing extra) and the warp goes back to the MMAs while the copies run. The
+ * warp's rows are its own: the only wait is for its previous tile's copies to have read them,
+ * one tile of MMAs later. Needs 16-byte-aligned C rows (n_out % 8 == 0) and no C_preact. */
+template <typename T, int BN>
+__device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const float (&acc)[BN / 2],
+                                                   const int (&crow)[2], const float (&csc)[2],
+                                                   const volatile int *col_tile_at, int lane,
+                                                   unsigned char *rows, uint32_t rows_s)
+{
+    constexpr int PITCH = (int)wg_out_pitch(BN);
+    const int q = lane & 3, r = lane >> 2;
+    if (lane < 16) bulk_wait_read<0>(); /* this warp's previous copies are done reading */
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        /* row r + 8h; the pair of columns 8i + 2q (gate/plain) sits at byte 16i + 4q */
+        uint32_t *dst = reinterpret_cast<uint32_t *>(rows + (r + 8 * h) * PITCH) + q;
+        if (!p.silu) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; i++)
+                dst[4 * i] = pack2<T>(make_float2(acc[4 * i + 2 * h] * csc[h], acc[4 * i + 2 * h + 1] * csc[h]));
+        } else {
+#pragma unroll
+            for (int i = 0; i < BN / 16; i++) {
+                const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+                const float u0 = acc[4 * (i + BN / 16) + 2 * h];
+                const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
+                dst[4 * i] = pack2<T>(make_float2(silu_wg(g0, p.exact_silu) * u0, silu_wg(g1, p.exact_silu) * u1));
+            }
+        }
+    }
+    fence_proxy_async(); /* this thread's shared writes, visible to the bulk copies */
+    __syncwarp();
+    /* lane l < 16 copies row l: held (crow) by lane 4 (l % 8), as its h = l / 8 */
+    const int l = lane & 15;
+    const int c0 = __shfl_sync(0xffffffffu, crow[0], 4 * (l & 7));
+    const int c1 = __shfl_sync(0xffffffffu, crow[1], 4 * (l & 7));
+    const int row = l < 8 ? c0 : c1;
+    const int width = p.silu ? BN / 2 : BN; /* outputs per tile row */
+    const int col0 = *col_tile_at * width;
+    const int n = min(width, p.n_out - col0); /* a multiple of 8: n_out % 8 == 0 */
+    if (lane < 16) {
+        if (row >= 0 && n > 0)
+            bulk_store(static_cast<T *>(p.C) + (int64_t)row * p.n_out + col0, rows_s + (uint32_t)(l * PITCH),
+                       (uint32_t)n * 2);
+        bulk_commit();
+    }
+}
+
 template <int N> struct WgCount {
     static constexpr int value = N;
 };
@@ -342,14 +426,16 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const uint32_t raw = smem_u32(wg_smem);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzle period */
+    constexpr bool STAGE_OUT = wg_stages_out(BM, BN, S);
     const uint32_t sA = base, sB = base + S * A_BYTES;
-    const uint32_t bars = sB + S * B_BYTES; /* full[S], then empty[S], 8 bytes each */
+    const uint32_t sOut = sB + S * B_BYTES; /* STAGE_OUT: the output tile, 128 x wg_out_pitch */
+    const uint32_t bars = sOut + (uint32_t)(STAGE_OUT ? wg_out_smem(BN) : 0); /* full[S], then empty[S] */
     unsigned char *gbase = wg_smem + (base - raw);
     volatile int *s_tile = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S);
     volatile int *s_next = s_tile + 4 * S;
-    int *s_arow = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes<S>()); /* BM = 256 only */
-    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes<S>() +
-                                         wg_arow_smem_bytes<BM>());
+    int *s_arow = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes(S)); /* BM = 256 only */
+    int *s_off = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S + wg_sched_smem_bytes(S) +
+                                         wg_arow_smem_bytes(BM));
     constexpr bool AROW_SMEM = BM > 128;
     auto full = [&](uint32_t s) { return bars + 8 * s; };
     auto empty = [&](uint32_t s) { return bars + 8 * (S + s); };
@@ -635,13 +721,24 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 #pragma unroll
                     for (int j = 0; j < BN / 2; j++) acc[m][j] *= asc[m][(j >> 1) & 1];
             }
+            if (STAGE_OUT && p.stage_out) {
+                /* MB = 1: the warp's 16 rows of the tile are rows 64 cw + 16 warp .. of sOut */
+                const uint32_t wrows = (uint32_t)((64 * cw + 16 * warp) * wg_out_pitch(BN));
+                if (nact > 0)
+                    wg_epilogue_staged<T, BN>(p, acc[0], crow[0], csc[0], s_tile + 4 * last + 2, lane,
+                                              gbase + (sOut - base) + wrows, sOut + wrows);
+            } else {
 #pragma unroll
-            for (int m = 0; m < MB; m++)
-                if (m < nact)
-                    wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], s_tile + 4 * last + 2, lane, cvec, pvec);
+                for (int m = 0; m < MB; m++)
+                    if (m < nact)
+                        wg_epilogue<T, BN>(p, acc[m], crow[m], csc[m], s_tile + 4 * last + 2, lane, cvec, pvec);
+            }
             __syncwarp(); /* every lane has read the column before lane 0 hands the stage back */
             release(last);
         }
+        /* the output tile must outlive the bulk copies that read it (and their writes land
+         * before the kernel ends) */
+        if (STAGE_OUT && lane < 16) bulk_wait_all<0>();
     }
     /* CL = 2: no CTA leaves while its peer may still arrive on its barriers */
     if (CL > 1) cluster_sync();
@@ -785,7 +882,7 @@ template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN = false>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
 {
     auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>;
-    const size_t smem = wg_smem_bytes<BM, BN, S>() + (size_t)(p.E + 1) * 4;
+    const size_t smem = wg_config_smem(BM, BN, S) + (size_t)(p.E + 1) * 4;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
     /* units: every expert's row tiles in groups of CL (each expert wastes at most one group) */
@@ -885,10 +982,7 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     if (!dev_info(&d) || !d.hopper) return false;
     if (!tensor_map_encoder()) return false;
     if (!config_listed(*c)) return false;
-    size_t need = 1024 + (size_t)c->stages * (c->tile_m + c->tile_n) * WG_BK * 2 + (size_t)16 * c->stages +
-                  (size_t)(4 * c->stages + 2) * 4; /* wg_sched_smem_bytes */
-    if (c->tile_m > 128) need += (size_t)128 * (c->tile_m / 16) * 4; /* wg_arow_smem_bytes */
-    need += (size_t)(a->num_experts + 1) * 4;
+    const size_t need = wg_config_smem(c->tile_m, c->tile_n, c->stages) + (size_t)(a->num_experts + 1) * 4;
     if (need > (size_t)d.smem_optin) return false;
     return a->dtype == MOE_DTYPE_BF16 ? real_for<__nv_bfloat16>(*c) : real_for<__half>(*c);
 }
@@ -926,6 +1020,10 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
     p.c_vec = aligned16(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16(a->C_preact) && p.n_out % 8 == 0;
+    /* the staged epilogue (configurations with room for it, wg_stages_out) where C rows take
+     * 16-byte bulk copies and there is no C_preact (its 2x wider rows do not fit beside);
+     * MOE_WGMMA_DIRECT_EPILOGUE=1 stores from the registers as the other configurations do */
+    p.stage_out = p.c_vec && !a->C_preact && !p.narrow_stores && !env_flag("MOE_WGMMA_DIRECT_EPILOGUE");
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
 

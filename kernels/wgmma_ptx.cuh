@@ -79,6 +79,29 @@ __device__ __forceinline__ void fence_proxy_async()
 {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+/* ---- bulk stores shared -> global (the staged epilogues) ----
+ * One 1-D copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared memory
+ * to global memory by the async proxy, in this thread's current bulk group; the writer of the
+ * shared bytes must have run fence_proxy_async() after writing them. commit closes the group;
+ * wait_read<N> returns once at most N of this thread's groups still read shared memory (their
+ * source may then be rewritten), wait_all<N> once at most N are incomplete (global writes done). */
+__device__ __forceinline__ void bulk_store(void *gdst, uint32_t ssrc, uint32_t bytes)
+{
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst),
+                 "r"(ssrc), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read()
+{
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait_all()
+{
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
 __device__ __forceinline__ void fence_barrier_init()
 {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");

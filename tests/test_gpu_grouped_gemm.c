@@ -1450,8 +1450,11 @@ static void test_wgmma_flags(void **state)
 }
 
 /* The persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS): one CTA walks every tile of
- * every expert, wrapping the stage ring and the mbarrier phases many times across tiles; each
- * with the dynamic tile scheduler (the default) and the static order (MOE_WGMMA_STATIC_SCHED). */
+ * every expert, wrapping the stage ring and the mbarrier phases many times across tiles (and,
+ * in configurations that stage their epilogue, reusing the shared output tile while the bulk
+ * copies of the tile before may still read it); each with the dynamic tile scheduler (the
+ * default), the static order (MOE_WGMMA_STATIC_SCHED) and the dynamic one with the epilogue
+ * from registers (MOE_WGMMA_DIRECT_EPILOGUE: the staging configurations' other path). */
 static void test_wgmma_persistent(void **state)
 {
     (void)state;
@@ -1460,13 +1463,19 @@ static void test_wgmma_persistent(void **state)
     const int nwg = wg_configs(&wg);
     int failures = 0, runs = 0;
     const char *caps[2] = {"1", "3"};
+    const char *modes[3] = {"dynamic", "static", "dynamic+direct-epilogue"};
     for (int ci = 0; ci < nwg; ci++)
-        for (int cap = 0; cap < 4; cap++) {
+        for (int cap = 0; cap < 6; cap++) {
+            const int mode = cap / 2;
             setenv("MOE_WGMMA_MAX_CTAS", caps[cap % 2], 1);
-            if (cap >= 2)
+            if (mode == 1)
                 setenv("MOE_WGMMA_STATIC_SCHED", "1", 1);
             else
                 unsetenv("MOE_WGMMA_STATIC_SCHED");
+            if (mode == 2)
+                setenv("MOE_WGMMA_DIRECT_EPILOGUE", "1", 1);
+            else
+                unsetenv("MOE_WGMMA_DIRECT_EPILOGUE");
             for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
                 const shape *sh = &k_wg_shapes[si];
                 route rt;
@@ -1475,7 +1484,7 @@ static void test_wgmma_persistent(void **state)
                     char cs[64], name[192];
                     snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
                              moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
-                             cap >= 2 ? "static" : "dynamic", v ? "px+sa+silu+preact" : "py+bkn+sc");
+                             modes[mode], v ? "px+sa+silu+preact" : "py+bkn+sc");
                     fwd_case c = {0};
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
@@ -1494,6 +1503,7 @@ static void test_wgmma_persistent(void **state)
         }
     unsetenv("MOE_WGMMA_MAX_CTAS");
     unsetenv("MOE_WGMMA_STATIC_SCHED");
+    unsetenv("MOE_WGMMA_DIRECT_EPILOGUE");
     fprintf(stderr, "wgmma persistent (capped grid): %d of %d failed\n", failures, runs);
     assert_int_equal(failures, 0);
 }
@@ -1678,8 +1688,9 @@ static void test_wgmma_two_streams(void **state)
     assert_true(ok);
 }
 
-/* The real forward GEMMs at T=1024 through the wgmma kernels (sampled experts and rows), and
- * two runs of Qwen3's GEMM1 bitwise equal. */
+/* The real forward GEMMs at T=1024 through the wgmma kernels (sampled experts and rows): GEMM1
+ * with and without C_preact, GEMM2, the two dX GEMMs; and two runs of Qwen3's GEMM1 bitwise
+ * equal. */
 static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_config *cfg,
                         int sample_experts, int sample_rows, int *failures)
 {
@@ -1702,6 +1713,13 @@ static void run_wg_real(const model_dims *m, moe_dtype dt, const moe_kernel_conf
     c.sample_rows = sample_rows;
     c.expect_kernel = want;
     *failures += !run_fwd_case(&c);
+    /* inference's GEMM1 writes no C_preact (the staging configurations then stage it) */
+    fwd_case c1 = c;
+    char name1[192];
+    snprintf(name1, sizeof name1, "%s %s T=1024 GEMM1 without C_preact %s", moe_dtype_name(dt), m->name, cs);
+    c1.name = name1;
+    c1.pre = false;
+    *failures += !run_fwd_case(&c1);
     fwd_case c2 = {0};
     char name2[192];
     snprintf(name2, sizeof name2, "%s %s T=1024 GEMM2 %s", moe_dtype_name(dt), m->name, cs);
@@ -2097,7 +2115,10 @@ static void bench_model(const model_dims *m, int T, bool full)
             g1.C_preact = NULL;
             float i1t = time_ms(run_gg, &g1, c, 10);
             float ie1t = time_gg_env("MOE_WGMMA_SKIP_EPILOGUE", "1", &g1, c);
+            /* the staged epilogue (configurations with room for it) against the register one */
+            float id1t = time_gg_env("MOE_WGMMA_DIRECT_EPILOGUE", "1", &g1, c);
             g1.C_preact = pre_saved;
+            float id2t = time_gg_env("MOE_WGMMA_DIRECT_EPILOGUE", "1", &g2, c);
             float h1[2], h2[2];
             const char *hv[2] = {"0", "2"}; /* the default is 1 */
             for (int v = 0; v < 2; v++) {
@@ -2121,6 +2142,11 @@ static void bench_model(const model_dims *m, int T, bool full)
                             "mainloop alone %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), d1t, d2t, x1t,
                     i1t, ie1t);
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s epilogue as configured: GEMM1 without "
+                            "C_preact %7.3f GEMM2 %7.3f | from registers %7.3f %7.3f | no "
+                            "epilogue %7.3f %7.3f ms\n",
+                    m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), i1t, d2t, id1t, id2t,
+                    ie1t, e2t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s with proxy fence GEMM1 %7.3f GEMM2 %7.3f | "
                             "no epilogue GEMM1 %7.3f GEMM2 %7.3f | GEMM1 ungathered A %7.3f ms | "
                             "4-byte stores GEMM1 %7.3f GEMM2 %7.3f\n",
