@@ -18,9 +18,9 @@
  *     (BN/2 per thread), then writes its rows straight from the accumulators: the 4 lanes that
  *     share a row swap their packed pairs (quad transpose, 4 shuffles per 4 words) so each
  *     writes 8 consecutive outputs with one 16-byte store (4-byte pairs where rows are not
- *     16-byte aligned). Configurations with room beside their stages (wg_stages_out: 128x256
- *     with 3 stages) stage those rows in a shared output tile instead and hand them to bulk
- *     copies, so the consumers return to the MMAs without waiting on global stores
+ *     16-byte aligned). Where the output tile fits beside the stages (wg_out_pitch: e.g.
+ *     128x256 with 3 stages), they stage those rows in shared memory instead and hand them to
+ *     bulk copies, so they return to the MMAs without waiting on global stores
  *     (wg_epilogue_staged). The kernel also takes BM = 256 (128 rows per consumer warpgroup,
  *     two m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
@@ -101,8 +101,8 @@ struct WgParams {
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
-    int stage_out;     /* staged epilogue (configurations with wg_stages_out; C rows 16-byte
-                          aligned, no C_preact): outputs through shared memory and bulk copies */
+    int out_pitch;     /* > 0: the staged epilogue, through a shared output tile of 128 rows of
+                          this many bytes and bulk copies (wg_out_pitch); 0: from registers */
     int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
 };
 
@@ -212,31 +212,6 @@ constexpr size_t wg_core_smem(int bm, int bn, int s)
            wg_arow_smem_bytes(bm);
 }
 
-/* The staged epilogue's output tile: 128 rows of up to BN outputs, each row 16 bytes longer
- * than its BN * 2 bytes, so that the 8 rows one warp's 4-byte stores touch at once start 4
- * banks apart (row pitch = 16 mod 128 bytes: 32 distinct banks, no conflicts) while every row
- * start stays 16-byte aligned for the bulk copy. */
-constexpr size_t wg_out_pitch(int bn) { return (size_t)bn * 2 + 16; }
-constexpr size_t wg_out_smem(int bn) { return (size_t)128 * wg_out_pitch(bn); }
-
-/* sm_90's opt-in shared memory per block (227 KB); the host checks the device's own value. */
-constexpr size_t WG_SMEM_OPTIN_SM90 = 232448;
-
-/* Whether configuration (bm, bn, s) stages its epilogue through shared memory: 128-row tiles
- * whose stages leave room for the output tile and the offsets of up to 1024 experts (with
- * 48 KB stages of 128x256 tiles: 3 stages, not 4). Such a configuration writes its rounded
- * outputs to shared memory and hands them to bulk copies, so its consumers go back to the next
- * tile's MMAs without waiting on global stores (WgParams.stage_out). */
-constexpr bool wg_stages_out(int bm, int bn, int s)
-{
-    return bm == 128 && wg_core_smem(bm, bn, s) + wg_out_smem(bn) + 4 * (1024 + 1) <= WG_SMEM_OPTIN_SM90;
-}
-
-constexpr size_t wg_config_smem(int bm, int bn, int s)
-{
-    return wg_core_smem(bm, bn, s) + (wg_stages_out(bm, bn, s) ? wg_out_smem(bn) : 0);
-}
-
 #ifdef MOE_WG_DEVICE
 /* SiLU in the epilogue: g * sigmoid(g) with the hardware exp2 and reciprocal (__expf,
  * __fdividef: two MUFU operations, a few ulp of fp32, far below the bf16/fp16 rounding that
@@ -246,6 +221,35 @@ constexpr size_t wg_config_smem(int bm, int bn, int s)
 __device__ __forceinline__ float silu_wg(float g, int exact)
 {
     return exact ? silu_f(g) : __fdividef(g, 1.0f + __expf(-g));
+}
+
+/* The packed outputs of 8-column group j of row h (acc[4i + 2h + q]: see wg_epilogue), as
+ * lane q holds them before the quad transpose: w[jj] = columns 2q, 2q+1 of group 4g + jj.
+ * Plain: times the row's output scale; SiLU-and-mul: silu(gate) * up of gate group i and up
+ * group i + BN/16, and the rounded gate and up themselves (C_preact; dropped by the compiler
+ * where not stored). One definition for the register and the staged epilogue. */
+template <typename T, int BN>
+__device__ __forceinline__ void wg_pack_plain(const float (&acc)[BN / 2], int g, int h, float sc,
+                                              uint32_t (&w)[4])
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * sc, acc[4 * (4 * g + j) + 2 * h + 1] * sc));
+}
+template <typename T, int BN>
+__device__ __forceinline__ void wg_pack_silu(const float (&acc)[BN / 2], int g, int h, int exact,
+                                             uint32_t (&wc)[4], uint32_t (&wg_)[4], uint32_t (&wu)[4])
+{
+#pragma unroll
+    for (int jj = 0; jj < 4; jj++) {
+        const int i = 4 * g + jj;
+        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
+        const float u0 = acc[4 * (i + BN / 16) + 2 * h];
+        const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
+        wc[jj] = pack2<T>(make_float2(silu_wg(g0, exact) * u0, silu_wg(g1, exact) * u1));
+        wg_[jj] = pack2<T>(make_float2(g0, g1));
+        wu[jj] = pack2<T>(make_float2(u0, u1));
+    }
 }
 
 /* Epilogue of one m64 block from its accumulators (acc[4i + 2h + q]: row lane/4 + 8h, column
@@ -272,10 +276,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
 #pragma unroll
                 for (int g = 0; g < BN / 32; g++) {
                     uint32_t w[4];
-#pragma unroll
-                    for (int j = 0; j < 4; j++)
-                        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * csc[h],
-                                                    acc[4 * (4 * g + j) + 2 * h + 1] * csc[h]));
+                    wg_pack_plain<T, BN>(acc, g, h, csc[h], w);
                     quad_transpose(w, q);
                     const int col = *col_tile_at * BN + 8 * (4 * g + q);
                     if (live && col < p.n_out)
@@ -297,17 +298,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
 #pragma unroll
                 for (int g = 0; g < BN / 64; g++) {
                     uint32_t wc[4], wg_[4], wu[4];
-#pragma unroll
-                    for (int jj = 0; jj < 4; jj++) {
-                        const int i = 4 * g + jj;
-                        const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
-                        const float u0 = acc[4 * (i + BN / 16) + 2 * h];
-                        const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
-                        wc[jj] = pack2<T>(make_float2(silu_wg(g0, p.exact_silu) * u0,
-                                                      silu_wg(g1, p.exact_silu) * u1));
-                        wg_[jj] = pack2<T>(make_float2(g0, g1));
-                        wu[jj] = pack2<T>(make_float2(u0, u1));
-                    }
+                    wg_pack_silu<T, BN>(acc, g, h, p.exact_silu, wc, wg_, wu);
                     const int j = *col_tile_at * (BN / 2) + 8 * (4 * g + q);
                     quad_transpose(wc, q);
                     if (live && j < I)
@@ -340,39 +331,41 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
     }
 }
 
-/* The staged epilogue of one m64 block (wg_stages_out configurations, WgParams.stage_out):
- * the warp writes its 16 rows' rounded outputs (same values as wg_epilogue: scale_c in fp32,
- * SiLU-and-mul) into its own 16 rows of the shared output tile, `rows` (generic address) /
- * `rows_s` (shared address), one 4-byte pair per store (conflict-free with wg_out_pitch), then
- * 16 of its lanes each hand one row to a 1-D bulk copy into C (row crow, so permute_y's
- * scatter costs nothing extra) and the warp goes back to the MMAs while the copies run. The
- * warp's rows are its own: the only wait is for its previous tile's copies to have read them,
- * one tile of MMAs later. Needs 16-byte-aligned C rows (n_out % 8 == 0) and no C_preact. */
+/* The staged epilogue of one m64 block (WgParams.out_pitch > 0): the warp writes its 16 rows'
+ * rounded outputs (wg_pack_*: the values of wg_epilogue) into its own 16 rows of the shared
+ * output tile, `rows` (generic address) / `rows_s` (shared address), `pitch` bytes apart, with
+ * the same quad-transposed 16-byte stores; then 16 of its lanes each hand one row to a 1-D bulk
+ * copy into C (to row crow, so permute_y's scatter costs nothing extra) and the warp goes back
+ * to the MMAs while the copies run. The rows are the warp's own: the only wait is for its
+ * previous tile's copies to have read them, a tile of MMAs later. Needs 16-byte-aligned C rows
+ * (n_out % 8 == 0) and no C_preact. */
 template <typename T, int BN>
 __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const float (&acc)[BN / 2],
                                                    const int (&crow)[2], const float (&csc)[2],
                                                    const volatile int *col_tile_at, int lane,
-                                                   unsigned char *rows, uint32_t rows_s)
+                                                   unsigned char *rows, uint32_t rows_s, int pitch)
 {
-    constexpr int PITCH = (int)wg_out_pitch(BN);
-    const int q = lane & 3, r = lane >> 2;
+    const int q = lane & 3;
     if (lane < 16) bulk_wait_read<0>(); /* this warp's previous copies are done reading */
     __syncwarp();
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        /* row r + 8h; the pair of columns 8i + 2q (gate/plain) sits at byte 16i + 4q */
-        uint32_t *dst = reinterpret_cast<uint32_t *>(rows + (r + 8 * h) * PITCH) + q;
+        unsigned char *row = rows + ((lane >> 2) + 8 * h) * pitch; /* this lane's row lane/4 + 8h */
         if (!p.silu) {
 #pragma unroll
-            for (int i = 0; i < BN / 8; i++)
-                dst[4 * i] = pack2<T>(make_float2(acc[4 * i + 2 * h] * csc[h], acc[4 * i + 2 * h + 1] * csc[h]));
+            for (int g = 0; g < BN / 32; g++) {
+                uint32_t w[4];
+                wg_pack_plain<T, BN>(acc, g, h, csc[h], w);
+                quad_transpose(w, q);
+                *reinterpret_cast<uint4 *>(row + 16 * (4 * g + q)) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
         } else {
 #pragma unroll
-            for (int i = 0; i < BN / 16; i++) {
-                const float g0 = acc[4 * i + 2 * h], g1 = acc[4 * i + 2 * h + 1];
-                const float u0 = acc[4 * (i + BN / 16) + 2 * h];
-                const float u1 = acc[4 * (i + BN / 16) + 2 * h + 1];
-                dst[4 * i] = pack2<T>(make_float2(silu_wg(g0, p.exact_silu) * u0, silu_wg(g1, p.exact_silu) * u1));
+            for (int g = 0; g < BN / 64; g++) {
+                uint32_t wc[4], wg_[4], wu[4];
+                wg_pack_silu<T, BN>(acc, g, h, p.exact_silu, wc, wg_, wu);
+                quad_transpose(wc, q);
+                *reinterpret_cast<uint4 *>(row + 16 * (4 * g + q)) = make_uint4(wc[0], wc[1], wc[2], wc[3]);
             }
         }
     }
@@ -388,7 +381,7 @@ __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const floa
     const int n = min(width, p.n_out - col0); /* a multiple of 8: n_out % 8 == 0 */
     if (lane < 16) {
         if (row >= 0 && n > 0)
-            bulk_store(static_cast<T *>(p.C) + (int64_t)row * p.n_out + col0, rows_s + (uint32_t)(l * PITCH),
+            bulk_store(static_cast<T *>(p.C) + (int64_t)row * p.n_out + col0, rows_s + (uint32_t)(l * pitch),
                        (uint32_t)n * 2);
         bulk_commit();
     }
@@ -426,10 +419,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const uint32_t raw = smem_u32(wg_smem);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzle period */
-    constexpr bool STAGE_OUT = wg_stages_out(BM, BN, S);
     const uint32_t sA = base, sB = base + S * A_BYTES;
-    const uint32_t sOut = sB + S * B_BYTES; /* STAGE_OUT: the output tile, 128 x wg_out_pitch */
-    const uint32_t bars = sOut + (uint32_t)(STAGE_OUT ? wg_out_smem(BN) : 0); /* full[S], then empty[S] */
+    const uint32_t sOut = sB + S * B_BYTES; /* staged epilogue: the output tile, 128 rows */
+    const uint32_t bars = sOut + 128u * (uint32_t)p.out_pitch; /* full[S], then empty[S] */
     unsigned char *gbase = wg_smem + (base - raw);
     volatile int *s_tile = reinterpret_cast<int *>(wg_smem + (bars - raw) + 16 * S);
     volatile int *s_next = s_tile + 4 * S;
@@ -721,12 +713,12 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 #pragma unroll
                     for (int j = 0; j < BN / 2; j++) acc[m][j] *= asc[m][(j >> 1) & 1];
             }
-            if (STAGE_OUT && p.stage_out) {
-                /* MB = 1: the warp's 16 rows of the tile are rows 64 cw + 16 warp .. of sOut */
-                const uint32_t wrows = (uint32_t)((64 * cw + 16 * warp) * wg_out_pitch(BN));
+            if (MB == 1 && p.out_pitch > 0) {
+                /* the warp's 16 rows of the tile are rows 64 cw + 16 warp .. of sOut */
+                const uint32_t wrows = (uint32_t)((64 * cw + 16 * warp) * p.out_pitch);
                 if (nact > 0)
                     wg_epilogue_staged<T, BN>(p, acc[0], crow[0], csc[0], s_tile + 4 * last + 2, lane,
-                                              gbase + (sOut - base) + wrows, sOut + wrows);
+                                              gbase + (sOut - base) + wrows, sOut + wrows, p.out_pitch);
             } else {
 #pragma unroll
                 for (int m = 0; m < MB; m++)
@@ -738,7 +730,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
         /* the output tile must outlive the bulk copies that read it (and their writes land
          * before the kernel ends) */
-        if (STAGE_OUT && lane < 16) bulk_wait_all<0>();
+        if (p.out_pitch > 0 && lane < 16) bulk_wait_all<0>();
     }
     /* CL = 2: no CTA leaves while its peer may still arrive on its barriers */
     if (CL > 1) cluster_sync();
@@ -793,6 +785,29 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
 {
     const long long a = ((long long)max_rows + bm - 1) / bm + E;
     return a < max_rows ? a : max_rows;
+}
+
+/* The staged epilogue's row pitch for a launch (WgParams.out_pitch; 0: the register epilogue).
+ * The output tile is 128 rows of out_cols outputs. A pitch of its row bytes + 64 puts the two
+ * rows that one quarter-warp's 16-byte stores reach at once in different halves of the 128-byte
+ * bank line (no conflicts); that is what MOE_WGMMA_EPILOGUE=auto (the default) asks for, so it
+ * stages wherever that tile fits beside the configuration's stages, e.g. 128x256 with 3
+ * stages. =staged also takes the unpadded pitch (2-way conflicts) where only that fits (e.g.
+ * 128x256 with 4 stages and SiLU: 32 KB); =direct never stages. The staged epilogue needs
+ * 16-byte C rows, no C_preact and 128-row tiles. */
+int wg_out_pitch(const moe_kernel_config &c, int out_cols, int E, int smem_optin, bool possible)
+{
+    static const char *const modes[] = {"auto", "staged", "direct"};
+    const char *m = getenv("MOE_WGMMA_EPILOGUE");
+    int mode = 0;
+    for (int i = 0; m && i < 3; i++)
+        if (strcmp(m, modes[i]) == 0) mode = i;
+    if (!possible || c.tile_m != 128 || mode == 2) return 0;
+    const size_t core = wg_core_smem(c.tile_m, c.tile_n, c.stages) + (size_t)(E + 1) * 4;
+    const size_t row = (size_t)out_cols * 2;
+    if (core + 128 * (row + 64) <= (size_t)smem_optin) return (int)(row + 64);
+    if (mode == 1 && core + 128 * row <= (size_t)smem_optin) return (int)row;
+    return 0;
 }
 
 /* MOE_WGMMA_PREFETCH=n: B tiles prefetched into L2 n k steps ahead; 0 turns it off. */
@@ -882,7 +897,7 @@ template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN = false>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
 {
     auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>;
-    const size_t smem = wg_config_smem(BM, BN, S) + (size_t)(p.E + 1) * 4;
+    const size_t smem = wg_core_smem(BM, BN, S) + (size_t)128 * p.out_pitch + (size_t)(p.E + 1) * 4;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
     /* units: every expert's row tiles in groups of CL (each expert wastes at most one group) */
@@ -982,7 +997,7 @@ bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_co
     if (!dev_info(&d) || !d.hopper) return false;
     if (!tensor_map_encoder()) return false;
     if (!config_listed(*c)) return false;
-    const size_t need = wg_config_smem(c->tile_m, c->tile_n, c->stages) + (size_t)(a->num_experts + 1) * 4;
+    const size_t need = wg_core_smem(c->tile_m, c->tile_n, c->stages) + (size_t)(a->num_experts + 1) * 4;
     if (need > (size_t)d.smem_optin) return false;
     return a->dtype == MOE_DTYPE_BF16 ? real_for<__nv_bfloat16>(*c) : real_for<__half>(*c);
 }
@@ -1020,12 +1035,10 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
     p.c_vec = aligned16(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16(a->C_preact) && p.n_out % 8 == 0;
-    /* the staged epilogue (configurations with room for it, wg_stages_out) where C rows take
-     * 16-byte bulk copies and there is no C_preact (its 2x wider rows do not fit beside);
-     * MOE_WGMMA_DIRECT_EPILOGUE=1 stores from the registers as the other configurations do */
-    p.stage_out = p.c_vec && !a->C_preact && !p.narrow_stores && !env_flag("MOE_WGMMA_DIRECT_EPILOGUE");
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
+    p.out_pitch = wg_out_pitch(*c, out_per_tile, a->num_experts, d.smem_optin,
+                               p.c_vec && !a->C_preact && !p.narrow_stores);
 
     /* B [N, K]: one tensor map over every expert's weights stacked as [E*N, K] (K contiguous):
      * a box of 64 x BN/2 rows (two boxes per stage: gate and up with SiLU, else the two halves;

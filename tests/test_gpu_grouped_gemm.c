@@ -1451,10 +1451,11 @@ static void test_wgmma_flags(void **state)
 
 /* The persistent grid capped to 1 and 3 CTAs (MOE_WGMMA_MAX_CTAS): one CTA walks every tile of
  * every expert, wrapping the stage ring and the mbarrier phases many times across tiles (and,
- * in configurations that stage their epilogue, reusing the shared output tile while the bulk
- * copies of the tile before may still read it); each with the dynamic tile scheduler (the
- * default), the static order (MOE_WGMMA_STATIC_SCHED) and the dynamic one with the epilogue
- * from registers (MOE_WGMMA_DIRECT_EPILOGUE: the staging configurations' other path). */
+ * where the epilogue is staged, reusing the shared output tile while the bulk copies of the
+ * tile before may still read it); each with the dynamic tile scheduler (the default), the
+ * static order (MOE_WGMMA_STATIC_SCHED) and the dynamic one with the epilogue from registers
+ * everywhere (MOE_WGMMA_EPILOGUE=direct) and staged wherever it fits at all (=staged: also
+ * 128x256 with 4 stages and SiLU, unpadded). */
 static void test_wgmma_persistent(void **state)
 {
     (void)state;
@@ -1463,9 +1464,9 @@ static void test_wgmma_persistent(void **state)
     const int nwg = wg_configs(&wg);
     int failures = 0, runs = 0;
     const char *caps[2] = {"1", "3"};
-    const char *modes[3] = {"dynamic", "static", "dynamic+direct-epilogue"};
+    const char *modes[4] = {"dynamic", "static", "dynamic+direct-epilogue", "dynamic+staged-epilogue"};
     for (int ci = 0; ci < nwg; ci++)
-        for (int cap = 0; cap < 6; cap++) {
+        for (int cap = 0; cap < 8; cap++) {
             const int mode = cap / 2;
             setenv("MOE_WGMMA_MAX_CTAS", caps[cap % 2], 1);
             if (mode == 1)
@@ -1473,26 +1474,32 @@ static void test_wgmma_persistent(void **state)
             else
                 unsetenv("MOE_WGMMA_STATIC_SCHED");
             if (mode == 2)
-                setenv("MOE_WGMMA_DIRECT_EPILOGUE", "1", 1);
+                setenv("MOE_WGMMA_EPILOGUE", "direct", 1);
+            else if (mode == 3)
+                setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
             else
-                unsetenv("MOE_WGMMA_DIRECT_EPILOGUE");
+                unsetenv("MOE_WGMMA_EPILOGUE");
             for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
                 const shape *sh = &k_wg_shapes[si];
                 route rt;
                 make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
-                for (int v = 0; v < 2; v++) {
+                /* v: 0 py+bkn+sc, 1 px+sa+silu+preact, 2 px+silu (inference's GEMM1: no
+                 * C_preact, so the SiLU output is staged where it fits) */
+                static const char *const vname[3] = {"py+bkn+sc", "px+sa+silu+preact", "px+silu"};
+                for (int v = 0; v < 3; v++) {
                     char cs[64], name[192];
                     snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
                              moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
-                             modes[mode], v ? "px+sa+silu+preact" : "py+bkn+sc");
+                             modes[mode], vname[v]);
                     fwd_case c = {0};
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
                     c.rt = &rt;
                     c.N = v ? 2 * sh->N : sh->N;
                     c.K = sh->K;
-                    c.px = c.sa = c.silu = c.pre = v;
-                    c.py = c.sc = c.bkn = !v;
+                    c.px = c.silu = v >= 1;
+                    c.sa = c.pre = v == 1;
+                    c.py = c.sc = c.bkn = v == 0;
                     c.cfg = &wg[ci];
                     c.expect_kernel = wg_expected(hopper, c.bkn, c.silu, c.N);
                     runs++;
@@ -1503,7 +1510,7 @@ static void test_wgmma_persistent(void **state)
         }
     unsetenv("MOE_WGMMA_MAX_CTAS");
     unsetenv("MOE_WGMMA_STATIC_SCHED");
-    unsetenv("MOE_WGMMA_DIRECT_EPILOGUE");
+    unsetenv("MOE_WGMMA_EPILOGUE");
     fprintf(stderr, "wgmma persistent (capped grid): %d of %d failed\n", failures, runs);
     assert_int_equal(failures, 0);
 }
@@ -2115,10 +2122,13 @@ static void bench_model(const model_dims *m, int T, bool full)
             g1.C_preact = NULL;
             float i1t = time_ms(run_gg, &g1, c, 10);
             float ie1t = time_gg_env("MOE_WGMMA_SKIP_EPILOGUE", "1", &g1, c);
-            /* the staged epilogue (configurations with room for it) against the register one */
-            float id1t = time_gg_env("MOE_WGMMA_DIRECT_EPILOGUE", "1", &g1, c);
+            /* the epilogue from registers and staged wherever it fits (the default, auto,
+             * stages where the padded output tile fits: 128x256 with 3 stages) */
+            float id1t = time_gg_env("MOE_WGMMA_EPILOGUE", "direct", &g1, c);
+            float is1t = time_gg_env("MOE_WGMMA_EPILOGUE", "staged", &g1, c);
             g1.C_preact = pre_saved;
-            float id2t = time_gg_env("MOE_WGMMA_DIRECT_EPILOGUE", "1", &g2, c);
+            float id2t = time_gg_env("MOE_WGMMA_EPILOGUE", "direct", &g2, c);
+            float is2t = time_gg_env("MOE_WGMMA_EPILOGUE", "staged", &g2, c);
             float h1[2], h2[2];
             const char *hv[2] = {"0", "2"}; /* the default is 1 */
             for (int v = 0; v < 2; v++) {
@@ -2142,11 +2152,11 @@ static void bench_model(const model_dims *m, int T, bool full)
                             "mainloop alone %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), d1t, d2t, x1t,
                     i1t, ie1t);
-            fprintf(stderr, "SUMMARY %-14s T=%-5d %s epilogue as configured: GEMM1 without "
-                            "C_preact %7.3f GEMM2 %7.3f | from registers %7.3f %7.3f | no "
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s epilogue auto: GEMM1 without C_preact "
+                            "%7.3f GEMM2 %7.3f | direct %7.3f %7.3f | staged %7.3f %7.3f | no "
                             "epilogue %7.3f %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), i1t, d2t, id1t, id2t,
-                    ie1t, e2t);
+                    is1t, is2t, ie1t, e2t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s with proxy fence GEMM1 %7.3f GEMM2 %7.3f | "
                             "no epilogue GEMM1 %7.3f GEMM2 %7.3f | GEMM1 ungathered A %7.3f ms | "
                             "4-byte stores GEMM1 %7.3f GEMM2 %7.3f\n",
