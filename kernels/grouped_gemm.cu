@@ -636,12 +636,15 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
                             : kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32);
         report->config = ran;
         report->used_tma = wg ? 1 : 0;
+        report->staged_epilogue = 0;
+        report->a_tma = 0;
     }
     if (a->max_rows == 0) return MOE_OK; /* no rows can exist: nothing to compute or store */
 
     char buf[64];
     if (wg) {
-        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream);
+        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream, report ? &report->staged_epilogue : NULL,
+                                             report ? &report->a_tma : NULL);
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_wgmma_kernel_name(a->dtype),

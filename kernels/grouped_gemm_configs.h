@@ -21,10 +21,10 @@
  *   STAGES mbarrier stages;
  *   CLUSTER 1, or 2 for pairs of CTAs (",c2": two row tiles of one expert and column,
  *     multicasting the weight tile to both).
- * A configuration whose stages leave room for the 128-row output tile in shared memory (128x256
- * with 3 stages: 144 KB + 72 KB) stages its epilogue there and stores it with bulk copies while
- * the next tile's MMAs run (grouped_gemm_wgmma.cu, wg_out_pitch); the others store from
- * registers. Problems the wgmma kernels cannot take (rows not on 16 bytes, fp32, not an sm_90
+ * Where a configuration's stages leave room for the 128-row output tile in shared memory
+ * (128x256 with 3 stages: 144 KB + 72 KB; 128x128 with 6 stages and SiLU's half-width rows) the
+ * epilogue is staged there and stored with bulk copies while the next tile's MMAs run
+ * (grouped_gemm_wgmma.cu, wg_out_pitch, MOE_WGMMA_EPILOGUE); elsewhere it stores from registers. Problems the wgmma kernels cannot take (rows not on 16 bytes, fp32, not an sm_90
  * device) run the mma.sync default instead.
  */
 #ifndef MOE_GROUPED_GEMM_CONFIGS_H

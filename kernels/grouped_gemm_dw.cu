@@ -465,6 +465,8 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
             report->kernel = moe_gg_dw_wgmma_kernel_name(a->dtype);
             report->config = c;
             report->used_tma = 0;
+            report->staged_epilogue = 0;
+            report->a_tma = 0;
         }
         cudaError_t we = moe_gg_dw_wgmma_launch(a, stream);
         char wb[64];
@@ -489,6 +491,8 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
         report->kernel = dw_kernel_name(a->dtype, fast);
         report->config = ran;
         report->used_tma = 0;
+        report->staged_epilogue = 0;
+        report->a_tma = 0;
     }
     /* Even with max_rows == 0 the launch runs: every expert is empty and dW must be zeros. */
     cudaError_t e = cudaSuccess;

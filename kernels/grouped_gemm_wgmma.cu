@@ -46,6 +46,7 @@
                      cudaGetDriverEntryPointByVersion, never from linking -lcuda */
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,6 +102,8 @@ struct WgParams {
                           2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
+    int a_tma;         /* A rows by TMA (tmap_a), not the cp.async gather: no permute_x, no
+                          clusters (MOE_WGMMA_A_TMA=1; off until measured) */
     int out_pitch;     /* > 0: the staged epilogue, through a shared output tile of 128 rows of
                           this many bytes and bulk copies (wg_out_pitch); 0: from registers */
     int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
@@ -387,6 +390,38 @@ __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const floa
     }
 }
 
+/* Thread 0 of the producer: the B tile of stage `dst` for tile tl, k step kt, completing on
+ * `bar`. Two boxes of BN/2 rows: with SiLU the gate rows j0.. and the up rows I + j0.., else the
+ * two halves of the BN rows; CL = 1 loads both, with CL = 2 CTA `rank` loads box `rank` and
+ * multicasts it to the pair. b_kn: BN/64 boxes of 64 columns x 64 k rows per half, from the
+ * 3-D map [E][K][N]. */
+template <int BN, int CL, bool BKN>
+__device__ __forceinline__ void wg_load_b(const CUtensorMap *tmap, const WgParams &p, uint32_t dst,
+                                          const WgTile &tl, int kt, int rank, uint32_t bar, bool hint,
+                                          uint64_t pol)
+{
+    constexpr uint32_t B_BYTES = BN * WG_BK * 2;
+    const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
+    const int box_step = p.silu ? p.N / 2 : BN / 2;
+    const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
+    for (int b = box_lo; b < box_hi; b++) {
+        if (BKN) {
+            /* half b: columns n0.. (gate or up with SiLU), 64 per box */
+            const int n0 = p.silu ? b * (p.N / 2) + tl.col * (BN / 2) : tl.col * BN + b * (BN / 2);
+#pragma unroll
+            for (int j = 0; j < BN / 128; j++)
+                tma_load_3d(dst + b * (B_BYTES / 2) + j * WG_KN_BOX_BYTES, tmap, n0 + 64 * j, kt * WG_BK,
+                            tl.expert, bar, hint, pol);
+        } else if (CL > 1)
+            tma_load_2d_multicast(dst + b * (B_BYTES / 2), tmap, kt * WG_BK, brow + b * box_step, bar,
+                                  (1u << CL) - 1);
+        else if (hint)
+            tma_load_2d_hint(dst + b * (B_BYTES / 2), tmap, kt * WG_BK, brow + b * box_step, bar, pol);
+        else
+            tma_load_2d(dst + b * (B_BYTES / 2), tmap, kt * WG_BK, brow + b * box_step, bar);
+    }
+}
+
 template <int N> struct WgCount {
     static constexpr int value = N;
 };
@@ -404,7 +439,8 @@ template <int N> struct WgCount {
  * traffic: 48 KB per k step per CTA without, 32 KB with). */
 template <typename T, int BM, int BN, int S, bool SCALE_A, int CL, bool BKN>
 __global__ void __launch_bounds__(WG_THREADS, 1)
-    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
+    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap,
+                        const __grid_constant__ CUtensorMap tmap_a)
 {
     constexpr int MB = BM / 128;                  /* m64 blocks per consumer warpgroup */
     constexpr uint32_t A_BYTES = BM * WG_BK * 2; /* 16 / 32 KB: BM rows x 128 bytes */
@@ -438,7 +474,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         s_off[i] = min(max(p.offsets[i], 0), p.max_rows);
     if (threadIdx.x == 0) {
         for (int s = 0; s < S; s++) {
-            mbar_init(full(s), 128 + 1); /* 128 producer threads + the TMA byte-count arrival */
+            /* 128 producer threads + the TMA byte-count arrival; with A by TMA too, thread 0's
+             * byte-count arrival alone */
+            mbar_init(full(s), CL == 1 && p.a_tma ? 1 : 128 + 1);
             mbar_init(empty(s), 8 * CL); /* the 8 consumer warps of each CTA of the cluster */
         }
         fence_barrier_init();
@@ -461,6 +499,49 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         uint32_t it = 0; /* k steps issued by this CTA so far (all tiles) */
         const bool dyn = CL == 1 && p.dyn_sched;
         int t = unit0;
+        /* the tile, with every stage (released to the consumers by the stage's arrival): they
+         * read its rows at the first stage and its column at the last */
+        auto post_tile = [&](uint32_t s, const WgTile &tl) {
+            s_tile[4 * s] = tl.row0;
+            s_tile[4 * s + 1] = tl.row_end;
+            s_tile[4 * s + 2] = tl.col;
+        };
+        if (CL == 1 && p.a_tma) {
+            /* A by TMA as well (no permute_x; MOE_WGMMA_A_TMA=1): warp 0 alone produces,
+             * lane 0 issuing both operands' loads; the full barriers count its one
+             * byte-count arrival. A's box: the tile's BM rows from row0 on (rows past the
+             * tile's end are multiplied and never stored; zeros past max_rows and K). */
+            for (uint32_t nt = 0; pt < 32; nt++) {
+                WgTile tl;
+                const bool more = wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl);
+                if (pt == 0) {
+                    const bool hint = CL == 1 && p.l2_hints > 0 && (tl.last || p.l2_hints == 1);
+                    const uint64_t pol = l2_policy(tl.last);
+                    for (int kt = 0; more && kt < KT; kt++, it++) {
+                        const uint32_t s = it % S;
+                        if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
+                        post_tile(s, tl);
+                        mbar_arrive_expect_tx(full(s), A_BYTES + B_BYTES);
+                        tma_load_2d(sA + s * A_BYTES, &tmap_a, kt * WG_BK, tl.row0, full(s));
+                        wg_load_b<BN, CL, BKN>(&tmap, p, sB + s * B_BYTES, tl, kt, rank, full(s), hint, pol);
+                    }
+                    if (!more) { /* the end: stage `it` carries tile -1 */
+                        const uint32_t s = it % S;
+                        if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
+                        s_tile[4 * s] = -1;
+                        mbar_arrive(full(s));
+                    }
+                }
+                if (!more) break;
+                if (dyn) {
+                    int nx = 0;
+                    if (pt == 0) nx = (int)gridDim.x + atomicAdd(&p.sched[0], 1);
+                    t = __shfl_sync(0xffffffffu, nx, 0);
+                } else {
+                    t += units_step;
+                }
+            }
+        } else
         for (uint32_t nt = 0;; nt++) {
             WgTile tl;
             if (!wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl)) {
@@ -489,12 +570,6 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 else
                     arow[AROW_SMEM ? 0 : i] = ar;
             }
-            /* The B tile is two boxes of BN/2 rows: with SiLU the gate rows j0.. and the up rows
-             * I + j0.., else the two halves of the BN rows. CL = 1 loads both; with CL = 2 CTA
-             * `rank` loads box `rank` and multicasts it to the pair. */
-            const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
-            const int box_step = p.silu ? p.N / 2 : BN / 2;
-            const int box_lo = CL > 1 ? rank : 0, box_hi = CL > 1 ? rank + 1 : 2;
             const bool hint = CL == 1 && p.l2_hints > 0 && (tl.last || p.l2_hints == 1);
             const uint64_t pol = l2_policy(tl.last);
             for (int kt = 0; kt < KT; kt++, it++) {
@@ -506,40 +581,19 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                      * steps ahead (at the tile's first step also the ones before that), so the
                      * TMA loads, issued only S steps ahead, would find them in L2. Measured
                      * 1.2-1.8x slower on an H100 (docs/KERNELS.md): kept as an experiment. */
+                    const int brow = tl.expert * p.N + tl.col * (p.silu ? BN / 2 : BN);
+                    const int box_step = p.silu ? p.N / 2 : BN / 2;
                     const int k0 = kt == 0 ? 1 : kt + p.prefetch;
                     const int k1 = min(kt + p.prefetch, KT - 1);
                     for (int kp = k0; kp <= k1; kp++)
-                        for (int b = box_lo; b < box_hi; b++)
+                        for (int b = CL > 1 ? rank : 0; b < (CL > 1 ? rank + 1 : 2); b++)
                             tma_prefetch_2d(&tmap, kp * WG_BK, brow + b * box_step);
                 }
                 if (pt == 0) {
-                    /* the tile, with every stage (released to the consumers by the arrival):
-                     * they read its rows at the first stage and its column at the last */
-                    s_tile[4 * s] = tl.row0;
-                    s_tile[4 * s + 1] = tl.row_end;
-                    s_tile[4 * s + 2] = tl.col;
+                    post_tile(s, tl);
                     /* this CTA's barrier expects the whole tile, both halves */
                     mbar_arrive_expect_tx(full(s), B_BYTES);
-                    const uint32_t dst = sB + s * B_BYTES;
-                    for (int b = box_lo; b < box_hi; b++) {
-                        if (BKN) {
-                            /* half b: columns n0.. (gate or up with SiLU), 64 per box */
-                            const int n0 = p.silu ? b * (p.N / 2) + tl.col * (BN / 2)
-                                                  : tl.col * BN + b * (BN / 2);
-#pragma unroll
-                            for (int j = 0; j < BN / 128; j++)
-                                tma_load_3d(dst + b * (B_BYTES / 2) + j * WG_KN_BOX_BYTES, &tmap,
-                                            n0 + 64 * j, kt * WG_BK, tl.expert, full(s), hint, pol);
-                        } else if (CL > 1)
-                            tma_load_2d_multicast(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
-                                                  brow + b * box_step, full(s), (1u << CL) - 1);
-                        else if (hint)
-                            tma_load_2d_hint(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
-                                             brow + b * box_step, full(s), pol);
-                        else
-                            tma_load_2d(dst + b * (B_BYTES / 2), &tmap, kt * WG_BK,
-                                        brow + b * box_step, full(s));
-                    }
+                    wg_load_b<BN, CL, BKN>(&tmap, p, sB + s * B_BYTES, tl, kt, rank, full(s), hint, pol);
                 }
                 const int k = kt * WG_BK + chunk * 8;
                 const uint32_t dst = sA + s * A_BYTES + a_off;
@@ -568,7 +622,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             }
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
-        if (dyn && pt == 0) {
+        if (dyn && pt == 0) { /* (thread 0 fetched for every tile this CTA took, either path) */
             /* every counter fetch of this CTA is ordered before its count-in; the last CTA to
              * count in resets the slot for the next launch */
             __threadfence();
@@ -740,11 +794,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 
 template <typename T, int BM, int BN, int S, bool SCALE_A, int CL, bool BKN>
 __global__ void __launch_bounds__(WG_THREADS, 1)
-    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap)
+    moe_gg_wgmma_kernel(const WgParams p, const __grid_constant__ CUtensorMap tmap,
+                        const __grid_constant__ CUtensorMap tmap_a)
 {
     __shared__ int wg_stub_marker[32];
     if (threadIdx.x < 32) reinterpret_cast<volatile int *>(wg_stub_marker)[threadIdx.x] = p.E;
     (void)tmap;
+    (void)tmap_a;
 }
 
 #endif /* MOE_WG_DEVICE */
@@ -774,6 +830,20 @@ EncodeTiledFn tensor_map_encoder()
     return fn;
 }
 
+/* A 2-D tensor map over `rows` rows of `cols` 16-bit elements (row stride cols * 2 bytes) in
+ * boxes of 64 columns (one 128-byte swizzle row) x box_rows rows, zeros outside: the weights
+ * [E*N, K] and, for TMA loads of A, [max_rows, K]. */
+CUresult encode_rows_map(EncodeTiledFn encode, CUtensorMap *map, CUtensorMapDataType ty, const void *base,
+                         uint64_t rows, int cols, int box_rows)
+{
+    const cuuint64_t gdim[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    const cuuint64_t gstride[1] = {(cuuint64_t)cols * 2};
+    const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)box_rows};
+    const cuuint32_t estride[2] = {1, 1};
+    return encode(map, ty, 2, const_cast<void *>(base), gdim, gstride, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
 template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN>
 bool kernel_is_real()
 {
@@ -799,9 +869,17 @@ int wg_out_pitch(const moe_kernel_config &c, int out_cols, int E, int smem_optin
 {
     static const char *const modes[] = {"auto", "staged", "direct"};
     const char *m = getenv("MOE_WGMMA_EPILOGUE");
-    int mode = 0;
+    int mode = -1;
     for (int i = 0; m && i < 3; i++)
         if (strcmp(m, modes[i]) == 0) mode = i;
+    if (mode < 0) {
+        static bool warned = false; /* once per process (a benign race at worst: two lines) */
+        if (m && *m && !warned) {
+            fprintf(stderr, "moe-ep: MOE_WGMMA_EPILOGUE=%s is not auto, staged or direct; using auto\n", m);
+            warned = true;
+        }
+        mode = 0;
+    }
     if (!possible || c.tile_m != 128 || mode == 2) return 0;
     const size_t core = wg_core_smem(c.tile_m, c.tile_n, c.stages) + (size_t)(E + 1) * 4;
     const size_t row = (size_t)out_cols * 2;
@@ -894,11 +972,16 @@ int resident_clusters(K kern, int cl, size_t smem, int sms)
 }
 
 template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN = false>
-cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d, cudaStream_t s)
+cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorMap &map_a, const DevInfo &d,
+                      cudaStream_t s)
 {
     auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>;
     const size_t smem = wg_core_smem(BM, BN, S) + (size_t)128 * p.out_pitch + (size_t)(p.E + 1) * 4;
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    /* The kernel's cap on dynamic shared memory: the device's whole opt-in, the same value on
+     * every launch (one CTA per SM anyway). Setting each launch's own size would let a
+     * concurrent launch on another host thread, with a smaller output tile (GEMM2 vs GEMM1
+     * share an instantiation), lower the cap between this one's set and launch. */
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin);
     if (e != cudaSuccess) return e;
     /* units: every expert's row tiles in groups of CL (each expert wastes at most one group) */
     const long long units =
@@ -908,27 +991,32 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &
         const int cap = max_ctas_override();
         if (cap > 0 && grid > cap) grid = cap;
         if (grid < 1) grid = 1;
-        kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map);
+        kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map, map_a);
         return cudaGetLastError();
     }
     /* Clusters: as many as can be resident together (a GPU that cannot co-schedule a pair
      * runs the one-CTA kernel of the same tile instead: same results, no weight sharing). */
+    static std::mutex mu; /* launches from several host threads, with different tile sizes */
     static size_t known_smem = 0;
-    static int known_sms = 0, known_clusters = 0; /* benign race: all compute the same values */
-    if (known_smem != smem || known_sms != d.sms) {
-        known_clusters = resident_clusters(kern, CL, smem, d.sms);
-        known_smem = smem;
-        known_sms = d.sms;
+    static int known_sms = 0, known_clusters = 0;
+    long long clusters;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (known_smem != smem || known_sms != d.sms) {
+            known_clusters = resident_clusters(kern, CL, smem, d.sms);
+            known_smem = smem;
+            known_sms = d.sms;
+        }
+        clusters = known_clusters;
     }
-    long long clusters = known_clusters;
-    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1, BKN>(p, map, d, s);
+    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1, BKN>(p, map, map_a, d, s);
     if (units < clusters) clusters = units;
     const int cap = max_ctas_override();
     if (cap > 0 && clusters * CL > cap) clusters = cap / CL;
     if (clusters < 1) clusters = 1;
     cudaLaunchAttribute at;
     const cudaLaunchConfig_t cfg = cluster_launch_config(&at, (unsigned)(clusters * CL), CL, smem, s);
-    e = cudaLaunchKernelEx(&cfg, kern, p, map);
+    e = cudaLaunchKernelEx(&cfg, kern, p, map, map_a);
     return e != cudaSuccess ? e : cudaGetLastError();
 }
 
@@ -962,14 +1050,14 @@ bool real_for(const moe_kernel_config &c)
 /* b_kn runs the one-CTA kernel of the configuration's tile (no clusters), scale_a on the
  * accumulators. */
 template <typename T>
-cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const DevInfo &d,
+cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorMap &map_a, const DevInfo &d,
                         const moe_kernel_config &c, bool sa, bool bkn, cudaStream_t s)
 {
 #define MOE_WG_LAUNCH(bm, bn, bk, w, st, cl)                                                    \
     if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
-        return bkn  ? launch_wg<T, bm, bn, st, false, 1, true>(p, map, d, s)                      \
-               : sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, d, s)                            \
-                    : launch_wg<T, bm, bn, st, false, cl>(p, map, d, s);
+        return bkn  ? launch_wg<T, bm, bn, st, false, 1, true>(p, map, map_a, d, s)               \
+               : sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, map_a, d, s)                     \
+                    : launch_wg<T, bm, bn, st, false, cl>(p, map, map_a, d, s);
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
 #undef MOE_WG_LAUNCH
     return cudaErrorInvalidConfiguration;
@@ -1008,7 +1096,7 @@ const char *moe_gg_wgmma_kernel_name(moe_dtype dt)
 }
 
 cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel_config *c,
-                                cudaStream_t stream)
+                                cudaStream_t stream, int *staged_epilogue, int *a_tma)
 {
     DevInfo d;
     if (!dev_info(&d)) return cudaErrorInvalidDevice;
@@ -1038,7 +1126,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
     p.col_tiles = (p.n_out + out_per_tile - 1) / out_per_tile;
     p.out_pitch = wg_out_pitch(*c, out_per_tile, a->num_experts, d.smem_optin,
-                               p.c_vec && !a->C_preact && !p.narrow_stores);
+                               p.c_vec && !p.C_preact && !p.narrow_stores);
 
     /* B [N, K]: one tensor map over every expert's weights stacked as [E*N, K] (K contiguous):
      * a box of 64 x BN/2 rows (two boxes per stage: gate and up with SiLU, else the two halves;
@@ -1059,17 +1147,20 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     } else {
-        const cuuint64_t gdim[2] = {(cuuint64_t)a->K, (cuuint64_t)a->num_experts * (cuuint64_t)a->N};
-        const cuuint64_t gstride[1] = {(cuuint64_t)a->K * es};
-        const cuuint32_t box[2] = {(cuuint32_t)WG_BK, (cuuint32_t)(c->tile_n / 2)};
-        const cuuint32_t estride[2] = {1, 1};
-        r = encode(&map, ty, 2, const_cast<void *>(a->B), gdim, gstride, box, estride,
-                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+        r = encode_rows_map(encode, &map, ty, a->B, (uint64_t)a->num_experts * a->N, a->K, c->tile_n / 2);
     }
     if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+    /* A [max_rows, K] in expert order (no permute_x) by TMA: boxes of 64 x BM rows; one-CTA
+     * kernels only (b_kn runs without clusters) */
+    CUtensorMap map_a;
+    memset(&map_a, 0, sizeof map_a);
+    p.a_tma = !a->permute_x && (c->cluster <= 1 || a->b_kn) && env_flag("MOE_WGMMA_A_TMA");
+    if (p.a_tma && encode_rows_map(encode, &map_a, ty, a->A, (uint64_t)a->max_rows, a->K, c->tile_m) != CUDA_SUCCESS)
+        return cudaErrorInvalidValue;
 
     const bool sa = a->scale_a_rows != nullptr && !p.scale_a_acc;
-    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, d, *c, sa, a->b_kn, stream)
-                                      : dispatch_wg<__half>(p, map, d, *c, sa, a->b_kn, stream);
+    if (staged_epilogue) *staged_epilogue = p.out_pitch > 0;
+    if (a_tma) *a_tma = p.a_tma;
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, map_a, d, *c, sa, a->b_kn, stream)
+                                      : dispatch_wg<__half>(p, map, map_a, d, *c, sa, a->b_kn, stream);
 }

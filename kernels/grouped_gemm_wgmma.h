@@ -19,9 +19,11 @@
  * memory (stages + (E+1) offsets) within the device's opt-in limit. Launches nothing. */
 bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_config *c);
 
-/* Launch it (after moe_gg_wgmma_applicable said yes, with max_rows > 0). */
+/* Launch it (after moe_gg_wgmma_applicable said yes, with max_rows > 0). *staged_epilogue and
+ * *a_tma (either may be NULL) say whether this launch staged its outputs in shared memory and
+ * loaded A by TMA (moe_kernel_report). */
 cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel_config *c,
-                                cudaStream_t stream);
+                                cudaStream_t stream, int *staged_epilogue, int *a_tma);
 
 /* "grouped_gemm_wgmma_bf16" / "grouped_gemm_wgmma_fp16" (moe_kernel_report.kernel). */
 const char *moe_gg_wgmma_kernel_name(moe_dtype dt);

@@ -30,6 +30,8 @@ typedef struct moe_kernel_report {
     const char *kernel; /* e.g. "grouped_gemm_mma_bf16" */
     moe_kernel_config config;
     int used_tma;
+    int staged_epilogue; /* wgmma: outputs went through shared memory and bulk copies */
+    int a_tma;           /* wgmma: A rows came by TMA (MOE_WGMMA_A_TMA=1, no permute_x) */
 } moe_kernel_report;
 
 /* Parse "128x128x64,w8,s3,tma" style strings; a reason in err when invalid. */

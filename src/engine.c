@@ -511,9 +511,11 @@ void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len)
         const moe_kernel_report *r = cuda_block_gemm_report(e->blk, (cuda_gemm_stage)st);
         if (!r || !r->kernel) continue;
         const moe_kernel_config *c = &r->config;
-        used += (size_t)snprintf(buf + used, len - used, "%s%s: %s %dx%dx%d,w%d,s%d%s", used ? "; " : "",
+        used += (size_t)snprintf(buf + used, len - used, "%s%s: %s %dx%dx%d,w%d,s%d%s%s%s%s", used ? "; " : "",
                                  stage_names[st], r->kernel, c->tile_m, c->tile_n, c->tile_k,
-                                 c->warps, c->stages, r->used_tma ? ",tma" : "");
+                                 c->warps, c->stages, r->used_tma ? ",tma" : "",
+                                 c->cluster > 1 ? ",c2" : "", r->staged_epilogue ? " (staged epilogue)" : "",
+                                 r->a_tma ? " (A by TMA)" : "");
     }
 #else
     (void)e;

@@ -1453,9 +1453,10 @@ static void test_wgmma_flags(void **state)
  * every expert, wrapping the stage ring and the mbarrier phases many times across tiles (and,
  * where the epilogue is staged, reusing the shared output tile while the bulk copies of the
  * tile before may still read it); each with the dynamic tile scheduler (the default), the
- * static order (MOE_WGMMA_STATIC_SCHED) and the dynamic one with the epilogue from registers
+ * static order (MOE_WGMMA_STATIC_SCHED), the dynamic one with the epilogue from registers
  * everywhere (MOE_WGMMA_EPILOGUE=direct) and staged wherever it fits at all (=staged: also
- * 128x256 with 4 stages and SiLU, unpadded). */
+ * 128x256 with 4 stages and SiLU, unpadded), and both orders with A by TMA where there is no
+ * permute_x (MOE_WGMMA_A_TMA=1: warp 0 alone produces). */
 static void test_wgmma_persistent(void **state)
 {
     (void)state;
@@ -1464,21 +1465,35 @@ static void test_wgmma_persistent(void **state)
     const int nwg = wg_configs(&wg);
     int failures = 0, runs = 0;
     const char *caps[2] = {"1", "3"};
-    const char *modes[4] = {"dynamic", "static", "dynamic+direct-epilogue", "dynamic+staged-epilogue"};
+    static const struct {
+        const char *name;
+        bool static_order;
+        const char *epilogue; /* MOE_WGMMA_EPILOGUE, NULL: unset (auto) */
+        bool a_tma;
+    } modes[6] = {
+        {"dynamic", false, NULL, false},
+        {"static", true, NULL, false},
+        {"dynamic+direct-epilogue", false, "direct", false},
+        {"dynamic+staged-epilogue", false, "staged", false},
+        {"dynamic+A-by-TMA", false, NULL, true},
+        {"static+A-by-TMA", true, NULL, true},
+    };
     for (int ci = 0; ci < nwg; ci++)
-        for (int cap = 0; cap < 8; cap++) {
+        for (int cap = 0; cap < 12; cap++) {
             const int mode = cap / 2;
             setenv("MOE_WGMMA_MAX_CTAS", caps[cap % 2], 1);
-            if (mode == 1)
+            if (modes[mode].static_order)
                 setenv("MOE_WGMMA_STATIC_SCHED", "1", 1);
             else
                 unsetenv("MOE_WGMMA_STATIC_SCHED");
-            if (mode == 2)
-                setenv("MOE_WGMMA_EPILOGUE", "direct", 1);
-            else if (mode == 3)
-                setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
+            if (modes[mode].epilogue)
+                setenv("MOE_WGMMA_EPILOGUE", modes[mode].epilogue, 1);
             else
                 unsetenv("MOE_WGMMA_EPILOGUE");
+            if (modes[mode].a_tma)
+                setenv("MOE_WGMMA_A_TMA", "1", 1);
+            else
+                unsetenv("MOE_WGMMA_A_TMA");
             for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
                 const shape *sh = &k_wg_shapes[si];
                 route rt;
@@ -1490,7 +1505,7 @@ static void test_wgmma_persistent(void **state)
                     char cs[64], name[192];
                     snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
                              moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
-                             modes[mode], vname[v]);
+                             modes[mode].name, vname[v]);
                     fwd_case c = {0};
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
@@ -1511,7 +1526,115 @@ static void test_wgmma_persistent(void **state)
     unsetenv("MOE_WGMMA_MAX_CTAS");
     unsetenv("MOE_WGMMA_STATIC_SCHED");
     unsetenv("MOE_WGMMA_EPILOGUE");
+    unsetenv("MOE_WGMMA_A_TMA");
     fprintf(stderr, "wgmma persistent (capped grid): %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+}
+
+/* Which launches stage their epilogue in shared memory (MOE_WGMMA_EPILOGUE=auto|staged|direct)
+ * and load A by TMA (MOE_WGMMA_A_TMA=1), as the report says, against the rules in
+ * docs/KERNELS.md; and that those paths write exactly the bytes of the register epilogue and
+ * the cp.async gather: the same inputs through every mode, outputs compared bitwise with the
+ * direct / cp.async run, which itself is checked against the reference. Every wgmma
+ * configuration, four problems: GEMM2 (py + scale_c), inference GEMM1 (px + SiLU, no
+ * C_preact), training GEMM1 (+ C_preact: never staged), dX (b_kn + py). */
+static void test_wgmma_epilogue_paths(void **state)
+{
+    (void)state;
+    const bool hopper = gpu_is_hopper();
+    const moe_kernel_config *wg;
+    const int nwg = wg_configs(&wg);
+    route rt;
+    make_route(&rt, 300, 2, 3, R_DROP); /* ~100-200 rows per expert, fewer routed than max_rows */
+    int failures = 0, runs = 0;
+    for (int ci = 0; ci < nwg; ci++) {
+        const moe_kernel_config *cfg = &wg[ci];
+        char cs[64];
+        moe_kernel_config_str(cfg, cs, sizeof cs);
+        for (int v = 0; v < 4; v++) {
+            static const char *const vname[4] = {"GEMM2 py+sc", "GEMM1 px+silu", "GEMM1 px+silu+preact",
+                                                 "dX bkn+py"};
+            fwd_case c = {0};
+            char name[192];
+            snprintf(name, sizeof name, "bf16 %s %s (direct, cp.async)", cs, vname[v]);
+            c.name = name;
+            c.dt = MOE_DTYPE_BF16;
+            c.rt = &rt;
+            c.silu = v == 1 || v == 2;
+            c.px = c.silu;
+            c.pre = v == 2;
+            c.py = v == 0 || v == 3;
+            c.sc = v == 0;
+            c.bkn = v == 3;
+            c.grad = c.bkn;
+            c.N = c.silu ? 2 * 200 : 264; /* n_out 200 / 264: partial column tiles, 16-byte rows */
+            c.K = 136;
+            c.cfg = cfg;
+            c.expect_kernel = wg_expected(hopper, c.bkn, c.silu, c.N);
+            fwd_bufs b;
+            fwd_alloc(&c, &b);
+            moe_grouped_gemm_args a = fwd_args(&c, &b);
+            moe_error err;
+            moe_error_clear(&err);
+            /* the reference run: register epilogue, A gathered by cp.async */
+            setenv("MOE_WGMMA_EPILOGUE", "direct", 1);
+            unsetenv("MOE_WGMMA_A_TMA");
+            moe_kernel_report rep;
+            memset(&rep, 0, sizeof rep);
+            assert_int_equal(moe_cuda_grouped_gemm(&a, cfg, 0, &rep, &err), MOE_OK);
+            CK(cudaDeviceSynchronize());
+            runs++;
+            bool ok = kernel_is(&rep, c.expect_kernel, name) && fwd_check(&c, &b);
+            if (rep.staged_epilogue || rep.a_tma) {
+                fprintf(stderr, "%s: direct/cp.async run reports staged %d, A by TMA %d\n", name,
+                        rep.staged_epilogue, rep.a_tma);
+                ok = false;
+            }
+            failures += !ok;
+            tt C2;
+            tt_out(&C2, c.dt, b.C.n);
+            a.C = C2.dev;
+            for (int m = 0; m < 6; m++) {
+                static const char *const mode[3] = {"auto", "staged", "direct"};
+                const bool atma = m >= 3;
+                setenv("MOE_WGMMA_EPILOGUE", mode[m % 3], 1);
+                if (atma)
+                    setenv("MOE_WGMMA_A_TMA", "1", 1);
+                else
+                    unsetenv("MOE_WGMMA_A_TMA");
+                /* the rules: auto stages where the padded tile fits (128x256 s3; 128x128 s6
+                 * with SiLU), staged also unpadded (all but 128x256 s4 without SiLU), never
+                 * with C_preact; A by TMA without permute_x in one-CTA launches (b_kn has none) */
+                const bool wgk = hopper && strstr(c.expect_kernel, "wgmma") != NULL;
+                const bool s3 = cfg->tile_n == 256 && cfg->stages == 3;
+                const bool n128 = cfg->tile_n == 128;
+                bool want_staged = m % 3 == 0 ? s3 || (n128 && c.silu)
+                                 : m % 3 == 1 ? !(cfg->tile_n == 256 && cfg->stages == 4 && !c.silu)
+                                              : false;
+                want_staged = want_staged && wgk && !c.pre;
+                const bool want_atma = atma && wgk && !c.px && (cfg->cluster <= 1 || c.bkn);
+                CK(cudaMemset(C2.dev, 0xff, b.C.n * moe_dtype_size(c.dt)));
+                memset(&rep, 0, sizeof rep);
+                assert_int_equal(moe_cuda_grouped_gemm(&a, cfg, 0, &rep, &err), MOE_OK);
+                CK(cudaDeviceSynchronize());
+                runs++;
+                bool same = dev_equal(&b.C, &C2);
+                if (!same || rep.staged_epilogue != want_staged || rep.a_tma != want_atma) {
+                    fprintf(stderr, "%s: MOE_WGMMA_EPILOGUE=%s A_TMA=%d: output %s, staged %d (want %d), "
+                                    "A by TMA %d (want %d)\n",
+                            name, mode[m % 3], atma, same ? "identical" : "DIFFERS", rep.staged_epilogue,
+                            want_staged, rep.a_tma, want_atma);
+                    failures++;
+                }
+            }
+            tt_free(&C2);
+            fwd_free(&b);
+        }
+    }
+    unsetenv("MOE_WGMMA_EPILOGUE");
+    unsetenv("MOE_WGMMA_A_TMA");
+    free_route(&rt);
+    fprintf(stderr, "wgmma epilogue / A paths: %d of %d failed\n", failures, runs);
     assert_int_equal(failures, 0);
 }
 
@@ -2129,6 +2252,7 @@ static void bench_model(const model_dims *m, int T, bool full)
             g1.C_preact = pre_saved;
             float id2t = time_gg_env("MOE_WGMMA_EPILOGUE", "direct", &g2, c);
             float is2t = time_gg_env("MOE_WGMMA_EPILOGUE", "staged", &g2, c);
+            float ta2t = time_gg_env("MOE_WGMMA_A_TMA", "1", &g2, c); /* GEMM2's A: no gather */
             float h1[2], h2[2];
             const char *hv[2] = {"0", "2"}; /* the default is 1 */
             for (int v = 0; v < 2; v++) {
@@ -2154,9 +2278,9 @@ static void bench_model(const model_dims *m, int T, bool full)
                     i1t, ie1t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s epilogue auto: GEMM1 without C_preact "
                             "%7.3f GEMM2 %7.3f | direct %7.3f %7.3f | staged %7.3f %7.3f | no "
-                            "epilogue %7.3f %7.3f ms\n",
+                            "epilogue %7.3f %7.3f | GEMM2 with A by TMA %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), i1t, d2t, id1t, id2t,
-                    is1t, is2t, ie1t, e2t);
+                    is1t, is2t, ie1t, e2t, ta2t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s with proxy fence GEMM1 %7.3f GEMM2 %7.3f | "
                             "no epilogue GEMM1 %7.3f GEMM2 %7.3f | GEMM1 ungathered A %7.3f ms | "
                             "4-byte stores GEMM1 %7.3f GEMM2 %7.3f\n",
@@ -2194,10 +2318,12 @@ static void bench_model(const model_dims *m, int T, bool full)
         const moe_kernel_config mma = moe_kernel_config_default_mma(dt, M / m->E);
         float w3 = time_ms(run_gg, &g3, NULL, 10), w4 = time_ms(run_gg, &g4, NULL, 10);
         float m3 = time_ms(run_gg, &g3, &mma, 10), m4 = time_ms(run_gg, &g4, &mma, 10);
+        float a4 = time_gg_env("MOE_WGMMA_A_TMA", "1", &g4, NULL); /* dgu in expert order */
         fprintf(stderr, "SUMMARY %-14s T=%-5d dX (b_kn) default: GEMM2-dX %7.3f GEMM1-dX %7.3f sum %7.3f ms "
-                        "(%.1f TF/s) | mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx\n",
+                        "(%.1f TF/s) | mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx | "
+                        "GEMM1-dX with A by TMA %7.3f ms\n",
                 m->name, T, w3, w4, w3 + w4, (f1 + f2) / (w3 + w4) * 1e-9, m3, m4, m3 + m4,
-                (m3 + m4) / (w3 + w4));
+                (m3 + m4) / (w3 + w4), a4);
     }
     {
         /* the weight gradients: dW13 = dgu^T x (x gathered; Llama-4: times the score) and dW2 =
@@ -2314,6 +2440,7 @@ int main(void)
         cmocka_unit_test(test_real_llama4),
         cmocka_unit_test(test_wgmma_flags),
         cmocka_unit_test(test_wgmma_persistent),
+        cmocka_unit_test(test_wgmma_epilogue_paths),
         cmocka_unit_test(test_wgmma_real),
         cmocka_unit_test(test_wgmma_dw),
         cmocka_unit_test(test_wgmma_two_streams),
