@@ -468,7 +468,7 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
             report->staged_epilogue = 0;
             report->a_tma = 0;
         }
-        cudaError_t we = moe_gg_dw_wgmma_launch(a, stream);
+        cudaError_t we = moe_gg_dw_wgmma_launch(a, stream, report ? &report->staged_epilogue : NULL);
         char wb[64];
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,

@@ -46,7 +46,8 @@ namespace {
 constexpr int DW_BM = 128;      /* dW rows (the MMA's M) per tile */
 constexpr int DW_BN = 256;      /* dW columns (the MMA's N) per tile */
 constexpr int DW_BK = 64;       /* routed rows per stage */
-constexpr int DW_S = 4;         /* stages */
+constexpr int DW_S = 4;         /* stages (3 with the staged epilogue: DW_S_STAGED) */
+constexpr int DW_S_STAGED = 3;
 constexpr int DW_THREADS = 384; /* producer warpgroup + two consumer warpgroups */
 constexpr uint32_t DW_BOX = 64 * 128;               /* one box: 64 rows x 128 bytes */
 constexpr uint32_t DW_A_BYTES = (DW_BM / 64) * DW_BOX; /* 16 KB */
@@ -69,13 +70,18 @@ struct DwWgParams {
     int skip_epilogue;    /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
 };
 
-/* 1024 bytes of alignment slack, the stages, 2*S mbarriers, the stage row scales (dY then X,
- * S x 64 floats each: SCALED only); the clamped offsets follow ((E+1) ints, added by the host). */
-template <bool SCALED>
-constexpr size_t dw_smem_bytes()
+/* The staged epilogue's output tile: 128 dW rows of 256 outputs, each row 64 bytes longer (the
+ * two rows of a quarter-warp's 16-byte stores in different halves of the bank line). */
+constexpr int DW_OUT_PITCH = DW_BN * 2 + 64;
+constexpr size_t DW_OUT_BYTES = (size_t)DW_BM * DW_OUT_PITCH;
+
+/* 1024 bytes of alignment slack, the s stages, the staged epilogue's output tile, 2*s
+ * mbarriers, the stage row scales (dY then X, s x 64 floats each: scaled only); the clamped
+ * offsets follow ((E+1) ints, added by the host). */
+constexpr size_t dw_smem_bytes(bool scaled, int s, bool staged)
 {
-    return 1024 + (size_t)DW_S * (DW_A_BYTES + DW_B_BYTES) + (size_t)2 * DW_S * 8 +
-           (SCALED ? (size_t)2 * DW_S * DW_BK * 4 : 0);
+    return 1024 + (size_t)s * (DW_A_BYTES + DW_B_BYTES) + (staged ? DW_OUT_BYTES : 0) + (size_t)2 * s * 8 +
+           (scaled ? (size_t)2 * s * DW_BK * 4 : 0);
 }
 
 #ifdef MOE_WG_DEVICE
@@ -127,25 +133,36 @@ __device__ __forceinline__ void dw_copy_boxes(uint32_t dst, const T *src, int ro
     }
 }
 
-template <typename T, bool SDY, bool SX>
+/* The packed dW values of 8-column group j = 4g + jj (jj < 4) of the lane's row lane/4 + 8h,
+ * before the quad transpose (acc[4i + 2h + c]: column 8i + 2q + c). */
+template <typename T>
+__device__ __forceinline__ void dw_pack_t(const float (&acc)[DW_BN / 2], int g, int h, uint32_t (&w)[4])
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h], acc[4 * (4 * g + j) + 2 * h + 1]));
+}
+
+template <typename T, bool SDY, bool SX, int S, bool STAGED>
 __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
 {
     constexpr bool SCALED = SDY || SX;
     extern __shared__ __align__(1024) unsigned char dw_smem[];
     const uint32_t raw = smem_u32(dw_smem);
     const uint32_t base = (raw + 1023u) & ~1023u;
-    const uint32_t sA = base, sB = base + DW_S * DW_A_BYTES;
-    const uint32_t bars = sB + DW_S * DW_B_BYTES;
+    const uint32_t sA = base, sB = base + S * DW_A_BYTES;
+    const uint32_t sOut = sB + S * DW_B_BYTES; /* STAGED: the output tile */
+    const uint32_t bars = sOut + (STAGED ? (uint32_t)DW_OUT_BYTES : 0u);
     unsigned char *gbase = dw_smem + (base - raw);
-    float *s_scale = reinterpret_cast<float *>(dw_smem + (bars - raw) + 16 * DW_S); /* [2][S][64] */
-    int *s_off = reinterpret_cast<int *>(dw_smem + (bars - raw) + 16 * DW_S +
-                                         (SCALED ? 2 * DW_S * DW_BK * 4 : 0));
+    float *s_scale = reinterpret_cast<float *>(dw_smem + (bars - raw) + 16 * S); /* [2][S][64] */
+    int *s_off = reinterpret_cast<int *>(dw_smem + (bars - raw) + 16 * S +
+                                         (SCALED ? 2 * S * DW_BK * 4 : 0));
     auto full = [&](uint32_t s) { return bars + 8 * s; };
-    auto empty = [&](uint32_t s) { return bars + 8 * (DW_S + s); };
+    auto empty = [&](uint32_t s) { return bars + 8 * (S + s); };
 
     for (int i = threadIdx.x; i <= p.E; i += DW_THREADS) s_off[i] = min(max(p.offsets[i], 0), p.max_rows);
     if (threadIdx.x == 0) {
-        for (int s = 0; s < DW_S; s++) {
+        for (int s = 0; s < S; s++) {
             /* 128 cp.async arrivals (+ 128 plain ones releasing the scales) */
             mbar_init(full(s), SCALED ? 256 : 128);
             mbar_init(empty(s), 8); /* the 8 consumer warps */
@@ -200,8 +217,8 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                         sc[i] = ok ? load_f(static_cast<const T *>(SDY ? p.scale_dy : p.scale_x) + gcur[i]) : 1.f;
                     }
                 }
-                const uint32_t s = it % DW_S;
-                if (it >= DW_S) mbar_wait(empty(s), ((it / DW_S) + 1) & 1);
+                const uint32_t s = it % S;
+                if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
 #pragma unroll
                 for (int i = 0; i < DW_BK / 16; i++) {
                     const int rl = rsub + 16 * i;
@@ -213,7 +230,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                     /* one operand is scaled (SDY or SX, not both): its slot, the other stays unused */
 #pragma unroll
                     for (int i = 0; i < DW_BK / 16; i++)
-                        s_scale[((SDY ? 0 : DW_S) + s) * DW_BK + rsub + 16 * i] = sc[i];
+                        s_scale[((SDY ? 0 : S) + s) * DW_BK + rsub + 16 * i] = sc[i];
                 }
                 cp_async_mbar_arrive(full(s));
                 if (SCALED) mbar_arrive(full(s)); /* releases this thread's scale stores */
@@ -234,8 +251,8 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
             for (int i = 0; i < DW_BN / 2; i++) acc[i] = 0.f; /* an expert without rows: zeros */
             for (int r0 = lo; r0 < hi; r0 += DW_BK, it++) {
-                const uint32_t s = it % DW_S;
-                mbar_wait(full(s), (it / DW_S) & 1);
+                const uint32_t s = it % S;
+                mbar_wait(full(s), (it / S) & 1);
                 if (SDY) {
                     /* this warpgroup's dY box: rows tw/8 + 16 i, chunk tw%8 */
 #pragma unroll
@@ -256,7 +273,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                             dw_scale_chunk<T>(gbase + (sB - sA) + s * DW_B_BYTES +
                                                   (2 * cw + b) * DW_BOX + rl * 128 +
                                                   (((tw & 7) ^ (rl & 7)) << 4),
-                                              s_scale[(DW_S + s) * DW_BK + rl]);
+                                              s_scale[(S + s) * DW_BK + rl]);
                         }
                 }
                 if (SCALED) {
@@ -275,14 +292,33 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                                               (r0 > lo || kk > 0) ? 1 : 0);
                 wgmma_commit();
                 wgmma_wait<1>();
-                if (r0 > lo && lane == 0) mbar_arrive(empty((it - 1) % DW_S));
+                if (r0 > lo && lane == 0) mbar_arrive(empty((it - 1) % S));
             }
             if (hi > lo) {
                 wgmma_wait<0>();
                 fence_regs(acc);
-                if (lane == 0) mbar_arrive(empty((it - 1) % DW_S));
+                if (lane == 0) mbar_arrive(empty((it - 1) % S));
             }
             if (p.skip_epilogue) continue;
+            if (STAGED) {
+                /* through the warp's 16 rows of the output tile (64 cw + 16 warp ..) and one
+                 * bulk copy per dW row, while the next tile's MMAs run (wgmma_ptx.cuh) */
+                const uint32_t wrows = (uint32_t)((64 * cw + 16 * warp) * DW_OUT_PITCH);
+                unsigned char *rows = gbase + (sOut - base) + wrows;
+                staged_rows_begin(lane);
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+#pragma unroll
+                    for (int g = 0; g < DW_BN / 32; g++) {
+                        uint32_t w[4];
+                        dw_pack_t<T>(acc, g, h, w);
+                        staged_rows_put(rows, DW_OUT_PITCH, lane, h, g, w);
+                    }
+                const int n = n0 + 64 * cw + 16 * warp + (lane & 15); /* lane l < 16: row l */
+                const int cols = min(DW_BN, p.K - k0);
+                staged_rows_flush(lane, n < p.N ? dW + ((int64_t)e * p.N + n) * p.K + k0 : nullptr,
+                                  sOut + wrows, DW_OUT_PITCH, (uint32_t)cols * 2);
+            } else {
             /* acc[4i + 2h + c]: dW row n0 + 64 cw + 16 warp + lane/4 + 8h, column k0 + 8i + 2q + c;
              * quad-transposed so each lane stores 8 consecutive columns (16 bytes) */
 #pragma unroll
@@ -292,22 +328,22 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                 for (int g = 0; g < DW_BN / 32; g++) {
                     uint32_t w[4];
-#pragma unroll
-                    for (int j = 0; j < 4; j++)
-                        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h], acc[4 * (4 * g + j) + 2 * h + 1]));
+                    dw_pack_t<T>(acc, g, h, w);
                     quad_transpose(w, q);
                     const int k = k0 + 8 * (4 * g + q);
                     if (n < p.N && k < p.K)
                         *reinterpret_cast<uint4 *>(row + k) = make_uint4(w[0], w[1], w[2], w[3]);
                 }
             }
+            }
         }
+        if (STAGED) staged_rows_end(lane); /* the tile outlives the copies reading it */
     }
 }
 
 #else /* not sm_90a: a stub the host recognises by its static shared memory (never launched) */
 
-template <typename T, bool SDY, bool SX>
+template <typename T, bool SDY, bool SX, int S, bool STAGED>
 __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
 {
     __shared__ int dw_stub_marker[32];
@@ -318,35 +354,52 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 
 /* ---- host side ---- */
 
-template <typename T, bool SDY, bool SX>
-cudaError_t launch_dw_wg(const DwWgParams &p, int sms, cudaStream_t s)
+template <typename T, bool SDY, bool SX, int S, bool STAGED>
+cudaError_t launch_dw_wg(const DwWgParams &p, const DevInfo &d, cudaStream_t s)
 {
-    auto kern = moe_gg_dw_wgmma_kernel<T, SDY, SX>;
-    const size_t smem = dw_smem_bytes<SDY || SX>() + (size_t)(p.E + 1) * 4;
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    auto kern = moe_gg_dw_wgmma_kernel<T, SDY, SX, S, STAGED>;
+    const size_t smem = dw_smem_bytes(SDY || SX, S, STAGED) + (size_t)(p.E + 1) * 4;
+    /* the cap: the device's whole opt-in, one value for every launch (see launch_wg) */
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin);
     if (e != cudaSuccess) return e;
     const long long tiles = (long long)p.E * p.n_tiles * p.k_tiles;
-    long long grid = tiles < sms ? tiles : sms;
+    long long grid = tiles < d.sms ? tiles : d.sms;
     const int cap = max_ctas_override(); /* the tests' MOE_WGMMA_MAX_CTAS */
     if (cap > 0 && grid > cap) grid = cap;
     kern<<<(unsigned)grid, DW_THREADS, smem, s>>>(p);
     return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, int sms, cudaStream_t s)
+/* staged: the 3-stage kernel with the staged epilogue (MOE_WGMMA_EPILOGUE=staged, where it
+ * fits), else the 4-stage one storing from registers */
+template <typename T, bool SDY, bool SX>
+cudaError_t launch_dw_wg_epi(const DwWgParams &p, const DevInfo &d, bool staged, cudaStream_t s)
 {
-    if (sdy) return launch_dw_wg<T, true, false>(p, sms, s);
-    if (sx) return launch_dw_wg<T, false, true>(p, sms, s);
-    return launch_dw_wg<T, false, false>(p, sms, s);
+    return staged ? launch_dw_wg<T, SDY, SX, DW_S_STAGED, true>(p, d, s)
+                  : launch_dw_wg<T, SDY, SX, DW_S, false>(p, d, s);
+}
+
+template <typename T>
+cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, const DevInfo &d, bool staged, cudaStream_t s)
+{
+    if (sdy) return launch_dw_wg_epi<T, true, false>(p, d, staged, s);
+    if (sx) return launch_dw_wg_epi<T, false, true>(p, d, staged, s);
+    return launch_dw_wg_epi<T, false, false>(p, d, staged, s);
+}
+
+template <typename T, bool SDY, bool SX>
+bool dw_built()
+{
+    return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, SDY, SX, DW_S, false>>() &&
+           sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, SDY, SX, DW_S_STAGED, true>>();
 }
 
 template <typename T>
 bool dw_real_for(bool sdy, bool sx)
 {
-    if (sdy) return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, true, false>>();
-    if (sx) return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, false, true>>();
-    return sm90a_kernel_built<moe_gg_dw_wgmma_kernel<T, false, false>>();
+    if (sdy) return dw_built<T, true, false>();
+    if (sx) return dw_built<T, false, true>();
+    return dw_built<T, false, false>();
 }
 
 } // namespace
@@ -362,8 +415,7 @@ bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a)
     DevInfo d;
     if (!dev_info(&d) || !d.hopper) return false;
     const bool scaled = a->scale_dy_rows || a->scale_x_rows;
-    const size_t need = (scaled ? dw_smem_bytes<true>() : dw_smem_bytes<false>()) +
-                        (size_t)(a->num_experts + 1) * 4;
+    const size_t need = dw_smem_bytes(scaled, DW_S, false) + (size_t)(a->num_experts + 1) * 4;
     if (need > (size_t)d.smem_optin) return false;
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
     return a->dtype == MOE_DTYPE_BF16 ? dw_real_for<__nv_bfloat16>(sdy, sx) : dw_real_for<__half>(sdy, sx);
@@ -374,7 +426,7 @@ const char *moe_gg_dw_wgmma_kernel_name(moe_dtype dt)
     return dt == MOE_DTYPE_F16 ? "grouped_gemm_dw_wgmma_fp16" : "grouped_gemm_dw_wgmma_bf16";
 }
 
-cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream_t stream)
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream_t stream, int *staged_epilogue)
 {
     DevInfo d;
     if (!dev_info(&d)) return cudaErrorInvalidDevice;
@@ -384,6 +436,11 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream
     p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
     p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
-    return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d.sms, stream)
-                                      : dispatch_dw_wg<__half>(p, sdy, sx, d.sms, stream);
+    /* the staged epilogue only on request until measured (auto: the 4-stage kernel) */
+    const bool staged = wg_epilogue_mode() == WG_EPI_STAGED &&
+                        dw_smem_bytes(sdy || sx, DW_S_STAGED, true) + (size_t)(a->num_experts + 1) * 4 <=
+                            (size_t)d.smem_optin;
+    if (staged_epilogue) *staged_epilogue = staged;
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d, staged, stream)
+                                      : dispatch_dw_wg<__half>(p, sdy, sx, d, staged, stream);
 }

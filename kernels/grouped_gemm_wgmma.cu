@@ -348,32 +348,25 @@ __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const floa
                                                    const volatile int *col_tile_at, int lane,
                                                    unsigned char *rows, uint32_t rows_s, int pitch)
 {
-    const int q = lane & 3;
-    if (lane < 16) bulk_wait_read<0>(); /* this warp's previous copies are done reading */
-    __syncwarp();
+    staged_rows_begin(lane);
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        unsigned char *row = rows + ((lane >> 2) + 8 * h) * pitch; /* this lane's row lane/4 + 8h */
         if (!p.silu) {
 #pragma unroll
             for (int g = 0; g < BN / 32; g++) {
                 uint32_t w[4];
                 wg_pack_plain<T, BN>(acc, g, h, csc[h], w);
-                quad_transpose(w, q);
-                *reinterpret_cast<uint4 *>(row + 16 * (4 * g + q)) = make_uint4(w[0], w[1], w[2], w[3]);
+                staged_rows_put(rows, pitch, lane, h, g, w);
             }
         } else {
 #pragma unroll
             for (int g = 0; g < BN / 64; g++) {
                 uint32_t wc[4], wg_[4], wu[4];
                 wg_pack_silu<T, BN>(acc, g, h, p.exact_silu, wc, wg_, wu);
-                quad_transpose(wc, q);
-                *reinterpret_cast<uint4 *>(row + 16 * (4 * g + q)) = make_uint4(wc[0], wc[1], wc[2], wc[3]);
+                staged_rows_put(rows, pitch, lane, h, g, wc);
             }
         }
     }
-    fence_proxy_async(); /* this thread's shared writes, visible to the bulk copies */
-    __syncwarp();
     /* lane l < 16 copies row l: held (crow) by lane 4 (l % 8), as its h = l / 8 */
     const int l = lane & 15;
     const int c0 = __shfl_sync(0xffffffffu, crow[0], 4 * (l & 7));
@@ -382,12 +375,8 @@ __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const floa
     const int width = p.silu ? BN / 2 : BN; /* outputs per tile row */
     const int col0 = *col_tile_at * width;
     const int n = min(width, p.n_out - col0); /* a multiple of 8: n_out % 8 == 0 */
-    if (lane < 16) {
-        if (row >= 0 && n > 0)
-            bulk_store(static_cast<T *>(p.C) + (int64_t)row * p.n_out + col0, rows_s + (uint32_t)(l * pitch),
-                       (uint32_t)n * 2);
-        bulk_commit();
-    }
+    T *dst = row >= 0 && n > 0 ? static_cast<T *>(p.C) + (int64_t)row * p.n_out + col0 : nullptr;
+    staged_rows_flush(lane, dst, rows_s, pitch, (uint32_t)n * 2);
 }
 
 /* Thread 0 of the producer: the B tile of stage `dst` for tile tl, k step kt, completing on
@@ -784,7 +773,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
         /* the output tile must outlive the bulk copies that read it (and their writes land
          * before the kernel ends) */
-        if (p.out_pitch > 0 && lane < 16) bulk_wait_all<0>();
+        if (p.out_pitch > 0) staged_rows_end(lane);
     }
     /* CL = 2: no CTA leaves while its peer may still arrive on its barriers */
     if (CL > 1) cluster_sync();
@@ -867,24 +856,12 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
  * 16-byte C rows, no C_preact and 128-row tiles. */
 int wg_out_pitch(const moe_kernel_config &c, int out_cols, int E, int smem_optin, bool possible)
 {
-    static const char *const modes[] = {"auto", "staged", "direct"};
-    const char *m = getenv("MOE_WGMMA_EPILOGUE");
-    int mode = -1;
-    for (int i = 0; m && i < 3; i++)
-        if (strcmp(m, modes[i]) == 0) mode = i;
-    if (mode < 0) {
-        static bool warned = false; /* once per process (a benign race at worst: two lines) */
-        if (m && *m && !warned) {
-            fprintf(stderr, "moe-ep: MOE_WGMMA_EPILOGUE=%s is not auto, staged or direct; using auto\n", m);
-            warned = true;
-        }
-        mode = 0;
-    }
-    if (!possible || c.tile_m != 128 || mode == 2) return 0;
+    const int mode = wg_epilogue_mode();
+    if (!possible || c.tile_m != 128 || mode == WG_EPI_DIRECT) return 0;
     const size_t core = wg_core_smem(c.tile_m, c.tile_n, c.stages) + (size_t)(E + 1) * 4;
     const size_t row = (size_t)out_cols * 2;
     if (core + 128 * (row + 64) <= (size_t)smem_optin) return (int)(row + 64);
-    if (mode == 1 && core + 128 * row <= (size_t)smem_optin) return (int)row;
+    if (mode == WG_EPI_STAGED && core + 128 * row <= (size_t)smem_optin) return (int)row;
     return 0;
 }
 

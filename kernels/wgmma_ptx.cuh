@@ -14,7 +14,9 @@
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE_WG_DEVICE 1
@@ -342,6 +344,42 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q)
         w[3] = r1;
     }
 }
+
+/* ---- the staged epilogue's row protocol (forward and dW kernels) ----
+ * A warp owns 16 rows of a shared output tile, `pitch` bytes apart (a multiple of 16). Per tile:
+ * staged_rows_begin (its lanes 0-15 wait until their bulk copies of the previous tile have read
+ * the rows), staged_rows_put for each 8-column group of packed outputs, staged_rows_flush (every
+ * lane's writes made visible to the async proxy, then lane l < 16 copies row l to dst_l, a global
+ * row start, NULL: none, `bytes` long, a multiple of 16). staged_rows_end before the CTA exits. */
+__device__ __forceinline__ void staged_rows_begin(int lane)
+{
+    if (lane < 16) bulk_wait_read<0>();
+    __syncwarp();
+}
+/* w: this lane's 4 packed pairs of 8-column group j = 4g + jj (jj < 4) of its row lane/4 + 8h,
+ * as the accumulator layout holds them; stored quad-transposed as one 16-byte chunk per lane. */
+__device__ __forceinline__ void staged_rows_put(unsigned char *rows, int pitch, int lane, int h, int g,
+                                                uint32_t (&w)[4])
+{
+    const int q = lane & 3;
+    quad_transpose(w, q);
+    *reinterpret_cast<uint4 *>(rows + ((lane >> 2) + 8 * h) * pitch + 16 * (4 * g + q)) =
+        make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void staged_rows_flush(int lane, void *dst_l, uint32_t rows_s, int pitch,
+                                                  uint32_t bytes)
+{
+    fence_proxy_async();
+    __syncwarp();
+    if (lane < 16) {
+        if (dst_l) bulk_store(dst_l, rows_s + (uint32_t)(lane * pitch), bytes);
+        bulk_commit();
+    }
+}
+__device__ __forceinline__ void staged_rows_end(int lane)
+{
+    if (lane < 16) bulk_wait_all<0>();
+}
 #endif /* MOE_WG_DEVICE */
 
 /* Per-device facts, cached: compute capability 9.0, SM count, opt-in shared memory. */
@@ -413,6 +451,24 @@ inline int env_int(const char *name, int dflt, int lo, int hi)
     if (!s || !*s) return dflt;
     const int v = atoi(s);
     return v < lo ? lo : v > hi ? hi : v;
+}
+
+/* MOE_WGMMA_EPILOGUE: 0 auto (unset, empty or "auto"), 1 "staged", 2 "direct"; any other value
+ * is auto, with one warning per process (a benign race at worst: two lines). */
+enum { WG_EPI_AUTO = 0, WG_EPI_STAGED = 1, WG_EPI_DIRECT = 2 };
+inline int wg_epilogue_mode()
+{
+    static const char *const modes[] = {"auto", "staged", "direct"};
+    const char *m = getenv("MOE_WGMMA_EPILOGUE");
+    if (!m || !*m) return WG_EPI_AUTO;
+    for (int i = 0; i < 3; i++)
+        if (strcmp(m, modes[i]) == 0) return i;
+    static bool warned = false;
+    if (!warned) {
+        fprintf(stderr, "moe-ep: MOE_WGMMA_EPILOGUE=%s is not auto, staged or direct; using auto\n", m);
+        warned = true;
+    }
+    return WG_EPI_AUTO;
 }
 
 /* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA

@@ -1638,6 +1638,66 @@ static void test_wgmma_epilogue_paths(void **state)
     assert_int_equal(failures, 0);
 }
 
+/* The dW kernel's staged epilogue (MOE_WGMMA_EPILOGUE=staged: the 3-stage kernel, outputs
+ * through shared memory and bulk row copies) against the default 4-stage one on the same inputs:
+ * the report says which ran, and dW is bitwise equal (one fixed summation order in both). The
+ * partial and one-expert shapes, every flag set the kernel takes. Returns the failures. */
+static int wgmma_dw_staged_bitwise(bool hopper, const moe_kernel_config *cfg)
+{
+    int failures = 0;
+    for (size_t si = 0; si < 2; si++) {
+        const shape *sh = &k_wg_shapes[si];
+        route rt;
+        make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
+        for (int f = 0; f < 12; f++) { /* (both scales, f >= 12, run mma.sync) */
+            dw_case c = {0};
+            char name[160];
+            c.dt = MOE_DTYPE_BF16;
+            c.rt = &rt;
+            c.N = sh->N;
+            c.K = sh->K;
+            c.pdy = f & 1;
+            c.px = (f >> 1) & 1;
+            c.sdy = (f >> 2) & 1;
+            c.sx = (f >> 3) & 1;
+            c.cfg = cfg;
+            snprintf(name, sizeof name, "bf16 %s wgmma dW pdy%d px%d sdy%d sx%d staged vs direct", sh->name,
+                     c.pdy, c.px, c.sdy, c.sx);
+            c.name = name;
+            const bool fits = (c.N * 2) % 16 == 0 && (c.K * 2) % 16 == 0;
+            const bool wgk = hopper && fits;
+            dw_bufs b;
+            dw_alloc(&c, &b);
+            moe_grouped_gemm_dw_args a = dw_args(&c, &b);
+            moe_error err;
+            moe_error_clear(&err);
+            moe_kernel_report r1, r2;
+            memset(&r1, 0, sizeof r1);
+            memset(&r2, 0, sizeof r2);
+            unsetenv("MOE_WGMMA_EPILOGUE");
+            assert_int_equal(moe_cuda_grouped_gemm_dw(&a, cfg, 0, &r1, &err), MOE_OK);
+            tt W2;
+            tt_out(&W2, c.dt, b.W.n);
+            a.dW = W2.dev;
+            setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
+            assert_int_equal(moe_cuda_grouped_gemm_dw(&a, cfg, 0, &r2, &err), MOE_OK);
+            unsetenv("MOE_WGMMA_EPILOGUE");
+            CK(cudaDeviceSynchronize());
+            const bool same = dev_equal(&b.W, &W2);
+            if (!same || r1.staged_epilogue || r2.staged_epilogue != wgk) {
+                fprintf(stderr, "%s: dW %s, staged %d then %d (want 0 then %d)\n", name,
+                        same ? "identical" : "DIFFERS", r1.staged_epilogue, r2.staged_epilogue, wgk);
+                failures++;
+            }
+            tt_free(&W2);
+            dw_free(&b);
+        }
+        free_route(&rt);
+    }
+    fprintf(stderr, "wgmma dW staged vs direct: %d failed\n", failures);
+    return failures;
+}
+
 /* The wgmma dW kernel (a ",tma" configuration): every flag combination (permute_dy x permute_x
  * x scale_dy x scale_x) on the wgmma shapes, bf16 and fp16, expecting grouped_gemm_dw_wgmma where
  * it applies (N and K rows of 16-byte multiples, at most one row scale) and the mma.sync dW
@@ -1651,9 +1711,14 @@ static void test_wgmma_dw(void **state)
     const moe_kernel_config *wg;
     assert_true(wg_configs(&wg) > 0);
     int failures = 0, runs = 0;
-    for (int cap = 0; cap < 3; cap++) {
-        const char *caps[3] = {"", "1", "3"};
+    for (int cap = 0; cap < 5; cap++) {
+        /* 3, 4: the capped grids again with the staged epilogue (3-stage kernel) */
+        const char *caps[5] = {"", "1", "3", "1", "3"};
         if (cap) setenv("MOE_WGMMA_MAX_CTAS", caps[cap], 1);
+        if (cap >= 3)
+            setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
+        else
+            unsetenv("MOE_WGMMA_EPILOGUE");
         for (int d = 0; d < 2; d++) {
             if (cap && d) continue; /* capped grids: bf16 only */
             moe_dtype dt = k_dtypes[d];
@@ -1674,9 +1739,9 @@ static void test_wgmma_dw(void **state)
                     c.sdy = (f >> 2) & 1;
                     c.sx = (f >> 3) & 1;
                     c.cfg = &wg[0];
-                    snprintf(name, sizeof name, "%s %s wgmma dW pdy%d px%d sdy%d sx%d max_ctas=%s",
+                    snprintf(name, sizeof name, "%s %s wgmma dW pdy%d px%d sdy%d sx%d max_ctas=%s%s",
                              moe_dtype_name(dt), sh->name, c.pdy, c.px, c.sdy, c.sx,
-                             cap ? caps[cap] : "-");
+                             cap ? caps[cap] : "-", cap >= 3 ? " staged" : "");
                     c.name = name;
                     const bool fits = (c.N * 2) % 16 == 0 && (c.K * 2) % 16 == 0 && !(c.sdy && c.sx);
                     c.expect_kernel = hopper && fits ? "grouped_gemm_dw_wgmma" : "grouped_gemm_dw_mma";
@@ -1688,7 +1753,10 @@ static void test_wgmma_dw(void **state)
         }
     }
     unsetenv("MOE_WGMMA_MAX_CTAS");
+    unsetenv("MOE_WGMMA_EPILOGUE");
     fprintf(stderr, "wgmma dW flag combinations: %d of %d failed\n", failures, runs);
+    assert_int_equal(failures, 0);
+    failures += wgmma_dw_staged_bitwise(hopper, &wg[0]);
     assert_int_equal(failures, 0);
     if (small_only()) return;
 
