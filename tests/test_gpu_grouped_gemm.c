@@ -2426,11 +2426,14 @@ static void bench_model(const model_dims *m, int T, bool full)
         setenv("MOE_WGMMA_SKIP_EPILOGUE", "1", 1); /* the wgmma dW without its stores */
         float e13t = time_ms(run_dw, &d13, NULL, 10), e2t = time_ms(run_dw, &d2, NULL, 10);
         unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
+        setenv("MOE_WGMMA_EPILOGUE", "staged", 1); /* the 3-stage dW with the staged epilogue */
+        float s13t = time_ms(run_dw, &d13, NULL, 10), s2t = time_ms(run_dw, &d2, NULL, 10);
+        unsetenv("MOE_WGMMA_EPILOGUE");
         fprintf(stderr, "SUMMARY %-14s T=%-5d dW default: dW13 %7.3f dW2 %7.3f sum %7.3f ms (%.1f TF/s) | "
                         "mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx | without the "
-                        "stores %7.3f %7.3f ms\n",
+                        "stores %7.3f %7.3f | staged epilogue %7.3f %7.3f ms\n",
                 m->name, T, w13t, w2t, w13t + w2t, (f1 + f2) / (w13t + w2t) * 1e-9, m13t, m2t,
-                m13t + m2t, (m13t + m2t) / (w13t + w2t), e13t, e2t);
+                m13t + m2t, (m13t + m2t) / (w13t + w2t), e13t, e2t, s13t, s2t);
     }
     if (full) { /* the autotuner on the same problems (fresh cache) */
         char path[128];
