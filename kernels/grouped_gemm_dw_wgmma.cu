@@ -294,11 +294,13 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
                 wgmma_wait<1>();
                 if (r0 > lo && lane == 0) mbar_arrive(empty((it - 1) % S));
             }
-            if (hi > lo) {
-                wgmma_wait<0>();
-                fence_regs(acc);
-                if (lane == 0) mbar_arrive(empty((it - 1) % S));
-            }
+            /* Unconditional (nothing is in flight after an expert with no rows): behind an
+             * `if (hi > lo)`, ptxas saw a path from the wgmma-defined accumulators to the
+             * stores without a wait, injected one and serialized every wgmma of the kernel
+             * (ptxas info C7517 / C7512, in every dW instantiation up to round 4). */
+            wgmma_wait<0>();
+            fence_regs(acc);
+            if (hi > lo && lane == 0) mbar_arrive(empty((it - 1) % S));
             if (p.skip_epilogue) continue;
             if (STAGED) {
                 /* through the warp's 16 rows of the output tile (64 cw + 16 warp ..) and one

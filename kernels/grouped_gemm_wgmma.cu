@@ -440,6 +440,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     static_assert(S >= 3, "at least three stages");
     static_assert(CL == 1 || CL == 2, "clusters of one or two CTAs");
     static_assert(!BKN || CL == 1, "b_kn: no clusters");
+    /* A by TMA is compiled into the one-CTA kernels without the shared-memory scale_a pass (in
+     * the others its producer loop made ptxas spill at 56 registers; the host never asks them) */
+    constexpr bool A_TMA_PATH = CL == 1 && !SCALE_A;
 
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const uint32_t raw = smem_u32(wg_smem);
@@ -465,7 +468,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         for (int s = 0; s < S; s++) {
             /* 128 producer threads + the TMA byte-count arrival; with A by TMA too, thread 0's
              * byte-count arrival alone */
-            mbar_init(full(s), CL == 1 && p.a_tma ? 1 : 128 + 1);
+            mbar_init(full(s), A_TMA_PATH && p.a_tma ? 1 : 128 + 1);
             mbar_init(empty(s), 8 * CL); /* the 8 consumer warps of each CTA of the cluster */
         }
         fence_barrier_init();
@@ -495,13 +498,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             s_tile[4 * s + 1] = tl.row_end;
             s_tile[4 * s + 2] = tl.col;
         };
-        if (CL == 1 && p.a_tma) {
+        if (A_TMA_PATH && p.a_tma) {
             /* A by TMA as well (no permute_x; MOE_WGMMA_A_TMA=1): warp 0 alone produces,
              * lane 0 issuing both operands' loads; the full barriers count its one
              * byte-count arrival. A's box: the tile's BM rows from row0 on (rows past the
              * tile's end are multiplied and never stored; zeros past max_rows and K). */
             for (uint32_t nt = 0; pt < 32; nt++) {
-                WgTile tl;
+                WgTile tl = {};
                 const bool more = wg_find_tile<BM, CL>(s_off, p.E, p.col_tiles, t, rank, &tl);
                 if (pt == 0) {
                     const bool hint = CL == 1 && p.l2_hints > 0 && (tl.last || p.l2_hints == 1);
@@ -1128,10 +1131,11 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     }
     if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
     /* A [max_rows, K] in expert order (no permute_x) by TMA: boxes of 64 x BM rows; one-CTA
-     * kernels only (b_kn runs without clusters) */
+     * kernels (b_kn runs without clusters) without the shared-memory scale_a pass only */
     CUtensorMap map_a;
     memset(&map_a, 0, sizeof map_a);
-    p.a_tma = !a->permute_x && (c->cluster <= 1 || a->b_kn) && env_flag("MOE_WGMMA_A_TMA");
+    p.a_tma = !a->permute_x && (c->cluster <= 1 || a->b_kn) && !(a->scale_a_rows && !p.scale_a_acc) &&
+              env_flag("MOE_WGMMA_A_TMA");
     if (p.a_tma && encode_rows_map(encode, &map_a, ty, a->A, (uint64_t)a->max_rows, a->K, c->tile_m) != CUDA_SUCCESS)
         return cudaErrorInvalidValue;
 

@@ -5,7 +5,10 @@
  * tensor-core grouped GEMM kernel (moe_gg_mma_kernel<...>, moe_gg_dw_mma_kernel<...>), and at
  * least one of each family; the Hopper kernels (moe_gg_wgmma_kernel<...> forward/dX,
  * moe_gg_dw_wgmma_kernel<...> dW) must show HGMMA in their sm_90a code, and there must be some
- * of each. Needs no GPU: it reads the embedded cubins.
+ * of each, and their wgmmas must be batched: at least one HGMMA without the `gsb0` wait flag
+ * (a kernel whose every HGMMA carries it runs them one at a time: ptxas does that when it
+ * cannot keep the accumulators in flight, "wgmma.mma_async instructions are serialized",
+ * which the round-4 dW kernels did unnoticed). Needs no GPU: it reads the embedded cubins.
  *
  * Exit 77 (skip) on a build without CUDA. cuobjdump is looked up in $CUOBJDUMP, $PATH,
  * $CUDA_HOME/bin, $CUDA_PATH/bin and /usr/local/cuda/bin (it needs nvdisasm beside it or on
@@ -95,6 +98,7 @@ static void test_grouped_gemm_sass(void **state)
 
     static char names[MAX_KERNELS][512];
     static int hmma[MAX_KERNELS];
+    static int batched[MAX_KERNELS]; /* HGMMAs that do not wait for themselves (no gsb0) */
     static bool wgmma[MAX_KERNELS];
     int nk = 0, cur = -1, lines = 0, ffma_kernels = 0;
     bool sm90a = false, any90a = false; /* the cubin being listed is sm_90a code; any was */
@@ -122,6 +126,7 @@ static void test_grouped_gemm_sass(void **state)
                 snprintf(names[cur], sizeof names[cur], "%s", fn);
                 names[cur][strcspn(names[cur], "\n")] = '\0';
                 hmma[cur] = 0;
+                batched[cur] = 0;
                 wgmma[cur] = wg;
             }
             continue;
@@ -129,6 +134,7 @@ static void test_grouped_gemm_sass(void **state)
         if (cur >= 0 && (wgmma[cur] ? strstr(line, "HGMMA") != NULL
                                     : (strstr(line, "HMMA") || strstr(line, "HGMMA"))))
             hmma[cur]++;
+        if (cur >= 0 && wgmma[cur] && strstr(line, "HGMMA") && !strstr(line, "gsb0")) batched[cur]++;
     }
     int rc = pclose(f);
     if (tool_broken || (rc != 0 && nk == 0)) {
@@ -138,7 +144,7 @@ static void test_grouped_gemm_sass(void **state)
         g_skip_reason = 1;
         skip();
     }
-    int fwd = 0, dw = 0, wg = 0, wg_dw = 0, without = 0;
+    int fwd = 0, dw = 0, wg = 0, wg_dw = 0, without = 0, serialized = 0;
     for (int i = 0; i < nk; i++) {
         bool is_dw = strstr(names[i], "moe_gg_dw_mma_kernel") != NULL;
         fwd += !is_dw && !wgmma[i];
@@ -150,11 +156,15 @@ static void test_grouped_gemm_sass(void **state)
                     names[i]);
             without++;
         }
+        if (wgmma[i] && hmma[i] > 0 && batched[i] == 0) {
+            fprintf(stderr, "SERIALIZED wgmma (every HGMMA waits, gsb0) in %s\n", names[i]);
+            serialized++;
+        }
     }
     fprintf(stderr, "%d SASS lines; %d forward (mma.sync), %d wgmma forward/dX and %d wgmma dW "
                     "(sm_90a), %d dW (mma.sync) tensor-core grouped GEMM kernels, %d without "
-                    "HMMA/HGMMA; %d FFMA (fp32) kernels\n",
-            lines, fwd, wg, wg_dw, dw, without, ffma_kernels);
+                    "HMMA/HGMMA, %d with serialized wgmma; %d FFMA (fp32) kernels\n",
+            lines, fwd, wg, wg_dw, dw, without, serialized, ffma_kernels);
     assert_true(fwd > 0);
     assert_true(dw > 0);
     if (any90a) { /* a build for other targets has no wgmma kernels */
@@ -162,6 +172,7 @@ static void test_grouped_gemm_sass(void **state)
         assert_true(wg_dw > 0);
     }
     assert_int_equal(without, 0);
+    assert_int_equal(serialized, 0);
 }
 
 int main(void)
