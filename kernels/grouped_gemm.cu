@@ -635,6 +635,7 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
         report->kernel = wg ? moe_gg_wgmma_kernel_name(a->dtype)
                             : kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32);
         report->config = ran;
+        if (wg && a->b_kn) report->config.cluster = 0; /* b_kn runs the one-CTA kernel */
         report->used_tma = wg ? 1 : 0;
         report->staged_epilogue = 0;
         report->a_tma = 0;

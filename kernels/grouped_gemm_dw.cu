@@ -463,7 +463,14 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     if (c.use_tma && moe_gg_dw_wgmma_applicable(a)) {
         if (report) {
             report->kernel = moe_gg_dw_wgmma_kernel_name(a->dtype);
+            /* the dW kernel's own tile (stages: 3 when staged, set after the launch) */
             report->config = c;
+            report->config.tile_m = 128;
+            report->config.tile_n = 256;
+            report->config.tile_k = 64;
+            report->config.warps = 12;
+            report->config.stages = 4;
+            report->config.cluster = 0;
             report->used_tma = 0;
             report->staged_epilogue = 0;
             report->a_tma = 0;
@@ -474,6 +481,7 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_dw_wgmma_kernel_name(a->dtype),
                             moe_kernel_config_str(&c, wb, sizeof wb), cudaGetErrorString(we));
+        if (report && report->staged_epilogue) report->config.stages = 3;
         return MOE_OK;
     }
     if (c.use_tma) c = moe_kernel_config_default_mma(a->dtype, avg_rows);

@@ -23,6 +23,8 @@
  *     bulk copies, so they return to the MMAs without waiting on global stores
  *     (wg_epilogue_staged). The kernel also takes BM = 256 (128 rows per consumer warpgroup,
  *     two m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
+ *   (MOE_WGMMA_A_TMA=1 and no permute_x: A comes by TMA too, one box of 64 x BM per stage,
+ *   and producer warp 0 alone runs; the full barriers then count its one byte-count arrival.)
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
  * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
  * full[s] mbarrier: 1 arrival with the TMA byte count + 128 producer arrivals that fire when

@@ -39,7 +39,9 @@ typedef enum moe_epilogue {
  *   C_preact (MOE_EPI_SILU_MUL only; rejected otherwise) is stored with the same row
  *      permutation as C.
  *   max_rows: with gather_idx, its entries are flat indices in [0, max_rows), so max_rows is
- *      T*k there. The CPU twin requires expert_offsets[num_experts] <= max_rows and rejects an
+ *      T*k there. Without permute_x, A must hold max_rows rows when the CUDA wgmma kernel
+ *      loads it by TMA (MOE_WGMMA_A_TMA=1: whole boxes from the tile's first row, up to
+ *      max_rows; rows past the experts' end are read, multiplied and never stored). The CPU twin requires expert_offsets[num_experts] <= max_rows and rejects an
  *      out-of-range gather index (and, with permute_y, a flat index stored twice); the CUDA
  *      kernel, which cannot check on the host, skips such a row.
  * Rows of C (or flat rows with permute_y) that no expert row maps to are left untouched. */

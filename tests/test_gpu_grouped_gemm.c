@@ -1499,9 +1499,10 @@ static void test_wgmma_persistent(void **state)
                 route rt;
                 make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
                 /* v: 0 py+bkn+sc, 1 px+sa+silu+preact, 2 px+silu (inference's GEMM1: no
-                 * C_preact, so the SiLU output is staged where it fits) */
-                static const char *const vname[3] = {"py+bkn+sc", "px+sa+silu+preact", "px+silu"};
-                for (int v = 0; v < 3; v++) {
+                 * C_preact, so the SiLU output is staged where it fits), 3 py+sc (GEMM2: A by
+                 * TMA through the 2-D weight map, many tiles per CTA) */
+                static const char *const vname[4] = {"py+bkn+sc", "px+sa+silu+preact", "px+silu", "py+sc"};
+                for (int v = 0; v < 4; v++) {
                     char cs[64], name[192];
                     snprintf(name, sizeof name, "bf16 %s %s max_ctas=%s %s %s",
                              moe_kernel_config_str(&wg[ci], cs, sizeof cs), sh->name, caps[cap % 2],
@@ -1510,11 +1511,12 @@ static void test_wgmma_persistent(void **state)
                     c.name = name;
                     c.dt = MOE_DTYPE_BF16;
                     c.rt = &rt;
-                    c.N = v ? 2 * sh->N : sh->N;
+                    c.N = v == 1 || v == 2 ? 2 * sh->N : sh->N;
                     c.K = sh->K;
-                    c.px = c.silu = v >= 1;
+                    c.px = c.silu = v == 1 || v == 2;
                     c.sa = c.pre = v == 1;
-                    c.py = c.sc = c.bkn = v == 0;
+                    c.py = c.sc = v == 0 || v == 3;
+                    c.bkn = v == 0;
                     c.cfg = &wg[ci];
                     c.expect_kernel = wg_expected(hopper, c.bkn, c.silu, c.N);
                     runs++;

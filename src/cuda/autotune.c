@@ -306,7 +306,8 @@ static moe_status tune(const char *path, const char *key, const at_problem *p, m
          * it once, as 128x256x64,w12,s4,tma; b_kn runs a ",c2" tile without clusters (its ",c1"
          * twin). */
         const moe_kernel_config *lc = &list[i];
-        if (lc->use_tma && p->dw && !(lc->tile_m == 128 && lc->tile_n == 256 && lc->cluster <= 1))
+        if (lc->use_tma && p->dw &&
+            !(lc->tile_m == 128 && lc->tile_n == 256 && lc->stages == 4 && lc->cluster <= 1))
             continue;
         if (lc->use_tma && !p->dw && p->fwd->b_kn && lc->cluster > 1) continue;
         float ms = 0;
