@@ -723,6 +723,22 @@ static bool run_dw_case(const dw_case *c)
     return ok;
 }
 
+/* The dW case of flag set f (bit 0 permute_dy, 1 permute_x, 2 scale_dy, 3 scale_x) on an N x K
+ * problem routed by rt. */
+static dw_case dw_flag_case(moe_dtype dt, const route *rt, int N, int K, int f)
+{
+    dw_case c = {0};
+    c.dt = dt;
+    c.rt = rt;
+    c.N = N;
+    c.K = K;
+    c.pdy = f & 1;
+    c.px = (f >> 1) & 1;
+    c.sdy = (f >> 2) & 1;
+    c.sx = (f >> 3) & 1;
+    return c;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* small shapes, every flag                                                                   */
 
@@ -803,15 +819,7 @@ static void test_dw_flags(void **state)
             make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
             for (int f = 0; f < 16; f++) {
                 char name[160];
-                dw_case c = {0};
-                c.dt = dt;
-                c.rt = &rt;
-                c.N = sh->N;
-                c.K = sh->K;
-                c.pdy = f & 1;
-                c.px = (f >> 1) & 1;
-                c.sdy = (f >> 2) & 1;
-                c.sx = (f >> 3) & 1;
+                dw_case c = dw_flag_case(dt, &rt, sh->N, sh->K, f);
                 snprintf(name, sizeof name, "%s %s dW pdy%d px%d sdy%d sx%d", moe_dtype_name(dt),
                          sh->name, c.pdy, c.px, c.sdy, c.sx);
                 c.name = name;
@@ -1652,16 +1660,8 @@ static int wgmma_dw_staged_bitwise(bool hopper, const moe_kernel_config *cfg)
         route rt;
         make_route(&rt, sh->T, sh->k, sh->E, sh->mode);
         for (int f = 0; f < 12; f++) { /* (both scales, f >= 12, run mma.sync) */
-            dw_case c = {0};
+            dw_case c = dw_flag_case(MOE_DTYPE_BF16, &rt, sh->N, sh->K, f);
             char name[160];
-            c.dt = MOE_DTYPE_BF16;
-            c.rt = &rt;
-            c.N = sh->N;
-            c.K = sh->K;
-            c.pdy = f & 1;
-            c.px = (f >> 1) & 1;
-            c.sdy = (f >> 2) & 1;
-            c.sx = (f >> 3) & 1;
             c.cfg = cfg;
             snprintf(name, sizeof name, "bf16 %s wgmma dW pdy%d px%d sdy%d sx%d staged vs direct", sh->name,
                      c.pdy, c.px, c.sdy, c.sx);
@@ -1731,15 +1731,7 @@ static void test_wgmma_dw(void **state)
                 for (int f = 0; f < 16; f++) {
                     if (cap && f != 5 && f != 10) continue; /* capped: pdy+sdy and px+sx */
                     char name[192];
-                    dw_case c = {0};
-                    c.dt = dt;
-                    c.rt = &rt;
-                    c.N = sh->N;
-                    c.K = sh->K;
-                    c.pdy = f & 1;
-                    c.px = (f >> 1) & 1;
-                    c.sdy = (f >> 2) & 1;
-                    c.sx = (f >> 3) & 1;
+                    dw_case c = dw_flag_case(dt, &rt, sh->N, sh->K, f);
                     c.cfg = &wg[0];
                     snprintf(name, sizeof name, "%s %s wgmma dW pdy%d px%d sdy%d sx%d max_ctas=%s%s",
                              moe_dtype_name(dt), sh->name, c.pdy, c.px, c.sdy, c.sx,
