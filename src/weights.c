@@ -503,8 +503,8 @@ static moe_status load_whole(wsrc *s, const char *prefix, const char *name, moe_
 {
     char full[NAME_LEN];
     MOE_TRY(mkname(full, prefix, name, err));
-    const moe_st_file *f;
-    const moe_st_entry *e;
+    const moe_st_file *f = NULL;
+    const moe_st_entry *e = NULL;
     MOE_TRY(src_get(s, full, dst->ndim, dst->shape, &f, &e, err));
     convert_contig(e->dtype, entry_bytes(f, e), dst->dtype, dst->data, moe_tensor_numel(dst));
     return MOE_OK;
@@ -523,8 +523,8 @@ static moe_status load_qwen3_per_expert(wsrc *s, const char *prefix, moe_weights
             char rel[NAME_LEN], full[NAME_LEN];
             snprintf(rel, sizeof rel, "experts.%d.%s.weight", e, proj[p]);
             MOE_TRY(mkname(full, prefix, rel, err));
-            const moe_st_file *f;
-            const moe_st_entry *en;
+            const moe_st_file *f = NULL;
+            const moe_st_entry *en = NULL;
             MOE_TRY(src_get(s, full, 2, p == 2 ? hi : ih, &f, &en, err));
             /* gate -> w13[l, 0:I, :], up -> w13[l, I:2I, :], down -> w2[l] */
             uint8_t *dst = p == 2 ? (uint8_t *)w->w2.data + (size_t)(l * H * I) * es
@@ -545,8 +545,8 @@ static moe_status load_fused_slice(wsrc *s, const char *prefix, const char *name
     char full[NAME_LEN];
     MOE_TRY(mkname(full, prefix, name, err));
     const int64_t shape[3] = {w->cfg.num_experts, a, bdim};
-    const moe_st_file *f;
-    const moe_st_entry *e;
+    const moe_st_file *f = NULL;
+    const moe_st_entry *e = NULL;
     MOE_TRY(src_get(s, full, 3, shape, &f, &e, err));
     const size_t ses = moe_dtype_size(e->dtype), des = moe_dtype_size(dst->dtype);
     const size_t per = (size_t)(a * bdim);

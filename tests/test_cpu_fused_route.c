@@ -318,7 +318,7 @@ static void check_route_backward(const moe_config *c, moe_dtype dt, uint64_t tag
     tl_poison(dt, dl, (size_t)T * E);
     assert_int_equal(cpu_route_backward(c, dt, T, logits, ids, dtop, dl, &err), MOE_OK);
     double *got = tl_alloc((size_t)T * E, 8), *ref = tl_alloc((size_t)T * E, 8);
-    double *l = tl_alloc((size_t)E, 8), dw[16];
+    double *l = tl_alloc((size_t)E, 8), dw[16] = {0};
     for (int t = 0; t < T; t++) {
         for (int e = 0; e < E; e++) l[e] = tl_ld(dt, logits, (size_t)t * E + e);
         for (int j = 0; j < k; j++) dw[j] = dtop[t * k + j];
