@@ -2290,6 +2290,8 @@ static void bench_model(const model_dims *m, int T, bool full)
     if (full) {
         /* diagnostics of the wgmma kernel (docs/KERNELS.md): the consumers' async-proxy fence
          * after every stage wait, and the share of the epilogue (stores skipped: timing only) */
+        tt xperm; /* x already permuted into expert order [M, H]: would a permute pass pay off? */
+        tt_pooled(&xperm, dt, (size_t)M * H, 0);
         for (int i = 0; i < n; i++) {
             if (!list[i].use_tma) continue;
             char cs[64];
@@ -2315,6 +2317,17 @@ static void bench_model(const model_dims *m, int T, bool full)
             float id2t = time_gg_env("MOE_WGMMA_EPILOGUE", "direct", &g2, c);
             float is2t = time_gg_env("MOE_WGMMA_EPILOGUE", "staged", &g2, c);
             float ta2t = time_gg_env("MOE_WGMMA_A_TMA", "1", &g2, c); /* GEMM2's A: no gather */
+            /* GEMM1 (inference: no C_preact) on x pre-permuted into expert order: A rows by
+             * cp.async without the gather's scatter, and by TMA; against i1t (gathered) */
+            moe_grouped_gemm_args g1p = g1;
+            g1p.permute_x = false;
+            g1p.A = xperm.dev;
+            g1p.C_preact = NULL;
+            float pp1t = time_ms(run_gg, &g1p, c, 10);
+            float pt1t = time_gg_env("MOE_WGMMA_A_TMA", "1", &g1p, c);
+            fprintf(stderr, "SUMMARY %-14s T=%-5d %s GEMM1 without C_preact: gathered x %7.3f | x "
+                            "pre-permuted [M,H], cp.async %7.3f, by TMA %7.3f ms\n",
+                    m->name, T, moe_kernel_config_str(c, cs, sizeof cs), i1t, pp1t, pt1t);
             float h1[2], h2[2];
             const char *hv[2] = {"0", "2"}; /* the default is 1 */
             for (int v = 0; v < 2; v++) {
@@ -2349,6 +2362,7 @@ static void bench_model(const model_dims *m, int T, bool full)
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), f1t, f2t, e1t, e2t,
                     n1t, w1t, w2t);
         }
+        tt_free(&xperm);
     }
     {
         /* the automatic choice (what the engine runs without --kernel-config) */
