@@ -67,6 +67,19 @@ __device__ __forceinline__ uint32_t scale2(uint32_t r, float s)
     f.y *= s;
     return pack2<T>(f);
 }
+/* scale2 on the 8 elements of the 16-byte chunk at `at` (shared memory), in place: one row's
+ * slice of a staged operand (scale_a_rows / scale_dy_rows / scale_x_rows passes). */
+template <typename T>
+__device__ __forceinline__ void scale8_inplace(void *at, float s)
+{
+    uint4 *q = reinterpret_cast<uint4 *>(at);
+    uint4 v = *q;
+    v.x = scale2<T>(v.x, s);
+    v.y = scale2<T>(v.y, s);
+    v.z = scale2<T>(v.z, s);
+    v.w = scale2<T>(v.w, s);
+    *q = v;
+}
 template <typename T>
 __device__ __forceinline__ uint32_t scale2(uint32_t r, float s0, float s1)
 {

@@ -290,14 +290,7 @@ __global__ void __launch_bounds__(WM *WN * 32, (mma_min_blocks<BM, BN, WM * WN *
 #pragma unroll
             for (int it = 0; it < A_IT; it++) {
                 const int row = a_row0 + it * A_ROWSTEP;
-                uint4 *q = reinterpret_cast<uint4 *>(a_st + row * LDA + a_kc);
-                const float sc = s_ascale[row];
-                uint4 v = *q;
-                v.x = scale2<T>(v.x, sc);
-                v.y = scale2<T>(v.y, sc);
-                v.z = scale2<T>(v.z, sc);
-                v.w = scale2<T>(v.w, sc);
-                *q = v;
+                scale8_inplace<T>(a_st + row * LDA + a_kc, s_ascale[row]);
             }
         }
         __syncthreads(); /* stage kt landed (and scaled) for everyone; stage kt-1 consumed */

@@ -212,22 +212,12 @@ __global__ void __launch_bounds__(WM *WN * 32, (dw_min_blocks<BM, BN, WM * WN * 
             if (has_sdy)
                 for (int c = tid; c < BK * A_CPR; c += NT) {
                     const int rr = c / A_CPR;
-                    uint4 *q = reinterpret_cast<uint4 *>(a_w + rr * LDA + (c % A_CPR) * 8);
-                    const float sc = s_sdy[st * BK + rr];
-                    uint4 v = *q;
-                    v.x = scale2<T>(v.x, sc); v.y = scale2<T>(v.y, sc);
-                    v.z = scale2<T>(v.z, sc); v.w = scale2<T>(v.w, sc);
-                    *q = v;
+                    scale8_inplace<T>(a_w + rr * LDA + (c % A_CPR) * 8, s_sdy[st * BK + rr]);
                 }
             if (has_sx)
                 for (int c = tid; c < BK * B_CPR; c += NT) {
                     const int rr = c / B_CPR;
-                    uint4 *q = reinterpret_cast<uint4 *>(b_w + rr * LDB + (c % B_CPR) * 8);
-                    const float sc = s_sx[st * BK + rr];
-                    uint4 v = *q;
-                    v.x = scale2<T>(v.x, sc); v.y = scale2<T>(v.y, sc);
-                    v.z = scale2<T>(v.z, sc); v.w = scale2<T>(v.w, sc);
-                    *q = v;
+                    scale8_inplace<T>(b_w + rr * LDB + (c % B_CPR) * 8, s_sx[st * BK + rr]);
                 }
             __syncthreads();
         }

@@ -86,20 +86,6 @@ constexpr size_t dw_smem_bytes(bool scaled, int s, bool staged)
 
 #ifdef MOE_WG_DEVICE
 
-/* Multiply the 16-byte chunk at `at` (8 elements of one stage row) by that row's scale `sc` and
- * round it to T: one step of the scale_dy / scale_x pass. */
-template <typename T>
-__device__ __forceinline__ void dw_scale_chunk(unsigned char *at, float sc)
-{
-    uint4 *q = reinterpret_cast<uint4 *>(at);
-    uint4 v = *q;
-    v.x = scale2<T>(v.x, sc);
-    v.y = scale2<T>(v.y, sc);
-    v.z = scale2<T>(v.z, sc);
-    v.w = scale2<T>(v.w, sc);
-    *q = v;
-}
-
 /* Tile t (expert-major, then the dW row block, the column blocks innermost): its expert, first
  * dW row and column, and the expert's routed rows [lo, hi) (clamped offsets in shared memory). */
 struct DwTile {
@@ -258,7 +244,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                     for (int i = 0; i < DW_BK / 16; i++) {
                         const int rl = (tw >> 3) + 16 * i;
-                        dw_scale_chunk<T>(gbase + s * DW_A_BYTES + cw * DW_BOX + rl * 128 +
+                        scale8_inplace<T>(gbase + s * DW_A_BYTES + cw * DW_BOX + rl * 128 +
                                               (((tw & 7) ^ (rl & 7)) << 4),
                                           s_scale[s * DW_BK + rl]);
                     }
@@ -270,7 +256,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                         for (int i = 0; i < DW_BK / 16; i++) {
                             const int rl = (tw >> 3) + 16 * i;
-                            dw_scale_chunk<T>(gbase + (sB - sA) + s * DW_B_BYTES +
+                            scale8_inplace<T>(gbase + (sB - sA) + s * DW_B_BYTES +
                                                   (2 * cw + b) * DW_BOX + rl * 128 +
                                                   (((tw & 7) ^ (rl & 7)) << 4),
                                               s_scale[(S + s) * DW_BK + rl]);

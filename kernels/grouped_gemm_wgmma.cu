@@ -709,15 +709,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                          * its 128 threads; meanwhile the previous stage's MMAs still run. */
                         unsigned char *st = gbase + s * A_BYTES + sa_off;
 #pragma unroll
-                        for (int i = 0; i < 4 * NM; i++) {
-                            uint4 *qv = reinterpret_cast<uint4 *>(st + i * 16 * 128);
-                            uint4 v = *qv;
-                            v.x = scale2<T>(v.x, sa[i]);
-                            v.y = scale2<T>(v.y, sa[i]);
-                            v.z = scale2<T>(v.z, sa[i]);
-                            v.w = scale2<T>(v.w, sa[i]);
-                            *qv = v;
-                        }
+                        for (int i = 0; i < 4 * NM; i++) scale8_inplace<T>(st + i * 16 * 128, sa[i]);
                         fence_proxy_async();
                         asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
                     } else if (p.proxy_fence) {
