@@ -277,9 +277,21 @@ template <class P> inline void fill_gemm_params(P &p, const moe_grouped_gemm_arg
     p.p_pair = a->C_preact && ((uintptr_t)a->C_preact % (2 * es)) == 0 && p.n_out % 2 == 0;
 }
 
-/* The same for the dW kernels' structs (DWParams in grouped_gemm_dw.cu, DwWgParams in
- * grouped_gemm_dw_wgmma.cu). */
-template <class P> inline void fill_dw_params(P &p, const moe_grouped_gemm_dw_args *a)
+/* The launch parameters every dW kernel takes (the base of DWParams in grouped_gemm_dw.cu and of
+ * DwWgParams in grouped_gemm_dw_wgmma.cu), filled from the C arguments by fill_dw_params. */
+struct DwParamsCommon {
+    const int32_t *offsets;
+    const int32_t *gather; /* NULL when no permute/scale needs it */
+    const void *dY;
+    const void *X;
+    void *dW;
+    const void *scale_dy;
+    const void *scale_x;
+    int E, N, K, max_rows, topk;
+    int permute_dy, permute_x;
+};
+
+inline void fill_dw_params(DwParamsCommon &p, const moe_grouped_gemm_dw_args *a)
 {
     const bool need_gather = a->permute_dy || a->permute_x || a->scale_dy_rows || a->scale_x_rows;
     p.offsets = a->expert_offsets;

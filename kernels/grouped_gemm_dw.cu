@@ -33,16 +33,7 @@ using namespace moe_gg;
 
 namespace {
 
-struct DWParams {
-    const int32_t *offsets;
-    const int32_t *gather; /* NULL when no permute/scale needs it */
-    const void *dY;
-    const void *X;
-    void *dW;
-    const void *scale_dy;
-    const void *scale_x;
-    int E, N, K, max_rows, topk;
-    int permute_dy, permute_x;
+struct DWParams : DwParamsCommon {
     int w_pair; /* dW rows allow 2-element stores */
 };
 

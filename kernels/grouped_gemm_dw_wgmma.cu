@@ -56,16 +56,7 @@ constexpr uint32_t DW_B_BYTES = (DW_BN / 64) * DW_BOX; /* 32 KB */
 constexpr int DW_PRODUCER_REGS = 56;
 constexpr int DW_CONSUMER_REGS = 224;
 
-struct DwWgParams {
-    const int32_t *offsets;
-    const int32_t *gather; /* NULL when no permute/scale needs it */
-    const void *dY;
-    const void *X;
-    void *dW;
-    const void *scale_dy;
-    const void *scale_x;
-    int E, N, K, max_rows, topk;
-    int permute_dy, permute_x;
+struct DwWgParams : DwParamsCommon {
     int n_tiles, k_tiles; /* 128-row and 256-column blocks of one dW_e */
     int skip_epilogue;    /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
 };
