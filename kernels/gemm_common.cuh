@@ -80,6 +80,16 @@ __device__ __forceinline__ void scale8_inplace(void *at, float s)
     v.w = scale2<T>(v.w, s);
     *q = v;
 }
+/* The packed outputs of 8-column group j = 4g + jj (jj < 4) of row h of a wgmma m64 fragment
+ * (R fp32 accumulators, acc[4i + 2h + c]: column 8i + 2(lane%4) + c), as lane q holds them
+ * before the quad transpose, times sc (the forward's row scale; 1 for dW). */
+template <typename T, int R>
+__device__ __forceinline__ void pack_acc_group(const float (&acc)[R], int g, int h, float sc, uint32_t (&w)[4])
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * sc, acc[4 * (4 * g + j) + 2 * h + 1] * sc));
+}
 template <typename T>
 __device__ __forceinline__ uint32_t scale2(uint32_t r, float s0, float s1)
 {

@@ -110,16 +110,6 @@ __device__ __forceinline__ void dw_copy_boxes(uint32_t dst, const T *src, int ro
     }
 }
 
-/* The packed dW values of 8-column group j = 4g + jj (jj < 4) of the lane's row lane/4 + 8h,
- * before the quad transpose (acc[4i + 2h + c]: column 8i + 2q + c). */
-template <typename T>
-__device__ __forceinline__ void dw_pack_t(const float (&acc)[DW_BN / 2], int g, int h, uint32_t (&w)[4])
-{
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h], acc[4 * (4 * g + j) + 2 * h + 1]));
-}
-
 template <typename T, bool SDY, bool SX, int S, bool STAGED>
 __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const DwWgParams p)
 {
@@ -290,7 +280,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                     for (int g = 0; g < DW_BN / 32; g++) {
                         uint32_t w[4];
-                        dw_pack_t<T>(acc, g, h, w);
+                        pack_acc_group<T, DW_BN / 2>(acc, g, h, 1.f, w);
                         staged_rows_put(rows, DW_OUT_PITCH, lane, h, g, w);
                     }
                 const int n = n0 + 64 * cw + 16 * warp + (lane & 15); /* lane l < 16: row l */
@@ -307,7 +297,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 #pragma unroll
                 for (int g = 0; g < DW_BN / 32; g++) {
                     uint32_t w[4];
-                    dw_pack_t<T>(acc, g, h, w);
+                    pack_acc_group<T, DW_BN / 2>(acc, g, h, 1.f, w);
                     quad_transpose(w, q);
                     const int k = k0 + 8 * (4 * g + q);
                     if (n < p.N && k < p.K)

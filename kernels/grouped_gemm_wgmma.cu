@@ -228,19 +228,10 @@ __device__ __forceinline__ float silu_wg(float g, int exact)
     return exact ? silu_f(g) : __fdividef(g, 1.0f + __expf(-g));
 }
 
-/* The packed outputs of 8-column group j of row h (acc[4i + 2h + q]: see wg_epilogue), as
- * lane q holds them before the quad transpose: w[jj] = columns 2q, 2q+1 of group 4g + jj.
- * Plain: times the row's output scale; SiLU-and-mul: silu(gate) * up of gate group i and up
- * group i + BN/16, and the rounded gate and up themselves (C_preact; dropped by the compiler
- * where not stored). One definition for the register and the staged epilogue. */
-template <typename T, int BN>
-__device__ __forceinline__ void wg_pack_plain(const float (&acc)[BN / 2], int g, int h, float sc,
-                                              uint32_t (&w)[4])
-{
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-        w[j] = pack2<T>(make_float2(acc[4 * (4 * g + j) + 2 * h] * sc, acc[4 * (4 * g + j) + 2 * h + 1] * sc));
-}
+/* SiLU-and-mul's packed outputs of 8-column group j = 4g + jj of row h (pack_acc_group's
+ * layout): silu(gate) * up of gate group i and up group i + BN/16, and the rounded gate and up
+ * themselves (C_preact; dropped by the compiler where not stored). One definition for the
+ * register and the staged epilogue. */
 template <typename T, int BN>
 __device__ __forceinline__ void wg_pack_silu(const float (&acc)[BN / 2], int g, int h, int exact,
                                              uint32_t (&wc)[4], uint32_t (&wg_)[4], uint32_t (&wu)[4])
@@ -281,7 +272,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
 #pragma unroll
                 for (int g = 0; g < BN / 32; g++) {
                     uint32_t w[4];
-                    wg_pack_plain<T, BN>(acc, g, h, csc[h], w);
+                    pack_acc_group<T, BN / 2>(acc, g, h, csc[h], w);
                     quad_transpose(w, q);
                     const int col = *col_tile_at * BN + 8 * (4 * g + q);
                     if (live && col < p.n_out)
@@ -337,7 +328,7 @@ __device__ __forceinline__ void wg_epilogue(const WgParams &p, const float (&acc
 }
 
 /* The staged epilogue of one m64 block (WgParams.out_pitch > 0): the warp writes its 16 rows'
- * rounded outputs (wg_pack_*: the values of wg_epilogue) into its own 16 rows of the shared
+ * rounded outputs (pack_acc_group, wg_pack_silu: the values of wg_epilogue) into its own 16 rows of the shared
  * output tile, `rows` (generic address) / `rows_s` (shared address), `pitch` bytes apart, with
  * the same quad-transposed 16-byte stores; then 16 of its lanes each hand one row to a 1-D bulk
  * copy into C (to row crow, so permute_y's scatter costs nothing extra) and the warp goes back
@@ -357,7 +348,7 @@ __device__ __forceinline__ void wg_epilogue_staged(const WgParams &p, const floa
 #pragma unroll
             for (int g = 0; g < BN / 32; g++) {
                 uint32_t w[4];
-                wg_pack_plain<T, BN>(acc, g, h, csc[h], w);
+                pack_acc_group<T, BN / 2>(acc, g, h, csc[h], w);
                 staged_rows_put(rows, pitch, lane, h, g, w);
             }
         } else {
