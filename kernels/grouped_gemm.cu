@@ -630,6 +630,8 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
         report->config = ran;
         if (wg && a->b_kn) report->config.cluster = 0; /* b_kn runs the one-CTA kernel */
         report->used_tma = wg ? 1 : 0;
+        report->config.epilogue = MOE_GG_EPILOGUE_AUTO; /* set below to what ran */
+        report->config.a_load = MOE_GG_A_AUTO;
         report->staged_epilogue = 0;
         report->a_tma = 0;
     }
@@ -637,12 +639,18 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
 
     char buf[64];
     if (wg) {
-        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream, report ? &report->staged_epilogue : NULL,
-                                             report ? &report->a_tma : NULL);
+        int staged = 0, a_tma = 0;
+        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream, &staged, &a_tma);
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_wgmma_kernel_name(a->dtype),
                             moe_kernel_config_str(&c, buf, sizeof buf), cudaGetErrorString(we));
+        if (report) { /* the paths that ran, whatever the configuration asked for */
+            report->staged_epilogue = staged;
+            report->a_tma = a_tma;
+            report->config.epilogue = staged ? MOE_GG_EPILOGUE_STAGED : MOE_GG_EPILOGUE_DIRECT;
+            report->config.a_load = a_tma ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
+        }
         return MOE_OK;
     }
 

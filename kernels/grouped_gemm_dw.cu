@@ -456,13 +456,19 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
             report->staged_epilogue = 0;
             report->a_tma = 0;
         }
-        cudaError_t we = moe_gg_dw_wgmma_launch(a, stream, report ? &report->staged_epilogue : NULL);
+        int staged = 0;
+        cudaError_t we = moe_gg_dw_wgmma_launch(a, c.epilogue, stream, &staged);
         char wb[64];
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_dw_wgmma_kernel_name(a->dtype),
                             moe_kernel_config_str(&c, wb, sizeof wb), cudaGetErrorString(we));
-        if (report && report->staged_epilogue) report->config.stages = 3;
+        if (report) {
+            report->staged_epilogue = staged;
+            report->config.stages = staged ? 3 : 4;
+            report->config.epilogue = staged ? MOE_GG_EPILOGUE_STAGED : MOE_GG_EPILOGUE_DIRECT;
+            report->config.a_load = MOE_GG_A_AUTO; /* no A-load choice in the dW kernel */
+        }
         return MOE_OK;
     }
     if (c.use_tma) c = moe_kernel_config_default_mma(a->dtype, avg_rows);

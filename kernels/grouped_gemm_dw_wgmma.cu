@@ -395,7 +395,8 @@ const char *moe_gg_dw_wgmma_kernel_name(moe_dtype dt)
     return dt == MOE_DTYPE_F16 ? "grouped_gemm_dw_wgmma_fp16" : "grouped_gemm_dw_wgmma_bf16";
 }
 
-cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream_t stream, int *staged_epilogue)
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue, cudaStream_t stream,
+                                   int *staged_epilogue)
 {
     DevInfo d;
     if (!dev_info(&d)) return cudaErrorInvalidDevice;
@@ -406,7 +407,7 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream
     p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
     /* the staged epilogue only on request until measured (auto: the 4-stage kernel) */
-    const bool staged = wg_epilogue_mode() == WG_EPI_STAGED &&
+    const bool staged = wg_epilogue_mode(epilogue) == MOE_GG_EPILOGUE_STAGED &&
                         dw_smem_bytes(sdy || sx, DW_S_STAGED, true) + (size_t)(a->num_experts + 1) * 4 <=
                             (size_t)d.smem_optin;
     if (staged_epilogue) *staged_epilogue = staged;

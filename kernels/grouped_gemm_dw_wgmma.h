@@ -15,9 +15,12 @@
  * within the device's opt-in limit. Launches nothing. */
 bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a);
 
-/* Launch it (after moe_gg_dw_wgmma_applicable said yes). *staged_epilogue (may be NULL): whether
- * this launch ran the 3-stage kernel with the staged epilogue (MOE_WGMMA_EPILOGUE=staged). */
-cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, cudaStream_t stream, int *staged_epilogue);
+/* Launch it (after moe_gg_dw_wgmma_applicable said yes). epilogue: the configuration's
+ * moe_gg_epilogue option (",staged": the 3-stage kernel with the staged epilogue, where its
+ * shared memory fits; auto: MOE_WGMMA_EPILOGUE, else the 4-stage kernel). *staged_epilogue (may
+ * be NULL): whether this launch ran the staged kernel. */
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue, cudaStream_t stream,
+                                   int *staged_epilogue);
 
 /* "grouped_gemm_dw_wgmma_bf16" / "grouped_gemm_dw_wgmma_fp16" (moe_kernel_report.kernel). */
 const char *moe_gg_dw_wgmma_kernel_name(moe_dtype dt);

@@ -23,7 +23,7 @@
  *     bulk copies, so they return to the MMAs without waiting on global stores
  *     (wg_epilogue_staged). The kernel also takes BM = 256 (128 rows per consumer warpgroup,
  *     two m64 wgmmas per k16), not in the compiled list: measured slower (docs/KERNELS.md).
- *   (MOE_WGMMA_A_TMA=1 and no permute_x: A comes by TMA too, one box of 64 x BM per stage,
+ *   (",atma" and no permute_x: A comes by TMA too, one box of 64 x BM per stage,
  *   and producer warp 0 alone runs; the full barriers then count its one byte-count arrival.)
  * Pipeline: S stages, each [A 128x64 | B BNx64] bf16/fp16, 128 bytes per row, 16-byte chunks
  * swizzled (chunk ^ row%8), the layout wgmma's 128B-swizzle K-major descriptors describe.
@@ -105,7 +105,7 @@ struct WgParams {
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
     int a_tma;         /* A rows by TMA (tmap_a), not the cp.async gather: no permute_x, no
-                          clusters (MOE_WGMMA_A_TMA=1; off until measured) */
+                          clusters (",atma" or MOE_WGMMA_A_TMA=1; off until measured) */
     int out_pitch;     /* > 0: the staged epilogue, through a shared output tile of 128 rows of
                           this many bytes and bulk copies (wg_out_pitch); 0: from registers */
     int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             s_tile[4 * s + 2] = tl.col;
         };
         if (A_TMA_PATH && p.a_tma) {
-            /* A by TMA as well (no permute_x; MOE_WGMMA_A_TMA=1): warp 0 alone produces,
+            /* A by TMA as well (no permute_x; ",atma"): warp 0 alone produces,
              * lane 0 issuing both operands' loads; the full barriers count its one
              * byte-count arrival. A's box: the tile's BM rows from row0 on (rows past the
              * tile's end are multiplied and never stored; zeros past max_rows and K). */
@@ -837,19 +837,20 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
 /* The staged epilogue's row pitch for a launch (WgParams.out_pitch; 0: the register epilogue).
  * The output tile is 128 rows of out_cols outputs. A pitch of its row bytes + 64 puts the two
  * rows that one quarter-warp's 16-byte stores reach at once in different halves of the 128-byte
- * bank line (no conflicts); that is what MOE_WGMMA_EPILOGUE=auto (the default) asks for, so it
- * stages wherever that tile fits beside the configuration's stages, e.g. 128x256 with 3
- * stages. =staged also takes the unpadded pitch (2-way conflicts) where only that fits (e.g.
- * 128x256 with 4 stages and SiLU: 32 KB); =direct never stages. The staged epilogue needs
+ * bank line (no conflicts); that is what the automatic choice (no option, the default) asks
+ * for, so it stages wherever that tile fits beside the configuration's stages, e.g. 128x256 with
+ * 3 stages. ",staged" (or MOE_WGMMA_EPILOGUE=staged) also takes the unpadded pitch (2-way
+ * conflicts) where only that fits (e.g. 128x256 with 4 stages and SiLU: 32 KB); ",direct"
+ * never stages. The staged epilogue needs
  * 16-byte C rows, no C_preact and 128-row tiles. */
 int wg_out_pitch(const moe_kernel_config &c, int out_cols, int E, int smem_optin, bool possible)
 {
-    const int mode = wg_epilogue_mode();
-    if (!possible || c.tile_m != 128 || mode == WG_EPI_DIRECT) return 0;
+    const int mode = wg_epilogue_mode(c.epilogue);
+    if (!possible || c.tile_m != 128 || mode == MOE_GG_EPILOGUE_DIRECT) return 0;
     const size_t core = wg_core_smem(c.tile_m, c.tile_n, c.stages) + (size_t)(E + 1) * 4;
     const size_t row = (size_t)out_cols * 2;
     if (core + 128 * (row + 64) <= (size_t)smem_optin) return (int)(row + 64);
-    if (mode == WG_EPI_STAGED && core + 128 * row <= (size_t)smem_optin) return (int)row;
+    if (mode == MOE_GG_EPILOGUE_STAGED && core + 128 * row <= (size_t)smem_optin) return (int)row;
     return 0;
 }
 
@@ -1120,7 +1121,7 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
     CUtensorMap map_a;
     memset(&map_a, 0, sizeof map_a);
     p.a_tma = !a->permute_x && (c->cluster <= 1 || a->b_kn) && !(a->scale_a_rows && !p.scale_a_acc) &&
-              env_flag("MOE_WGMMA_A_TMA");
+              wg_a_tma_wanted(c->a_load);
     if (p.a_tma && encode_rows_map(encode, &map_a, ty, a->A, (uint64_t)a->max_rows, a->K, c->tile_m) != CUDA_SUCCESS)
         return cudaErrorInvalidValue;
 

@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe_kernels.h" /* moe_gg_epilogue, moe_gg_a_load */
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE_WG_DEVICE 1
 #endif
@@ -453,14 +455,16 @@ inline int env_int(const char *name, int dflt, int lo, int hi)
     return v < lo ? lo : v > hi ? hi : v;
 }
 
-/* MOE_WGMMA_EPILOGUE: 0 auto (unset, empty or "auto"), 1 "staged", 2 "direct"; any other value
- * is auto, with one warning per process (a benign race at worst: two lines). */
-enum { WG_EPI_AUTO = 0, WG_EPI_STAGED = 1, WG_EPI_DIRECT = 2 };
-inline int wg_epilogue_mode()
+/* The epilogue a launch asks for (moe_gg_epilogue): the configuration's option (",staged" /
+ * ",direct") if it names one, else MOE_WGMMA_EPILOGUE (a diagnostic: "auto", "staged" or
+ * "direct"; any other value is auto, with one warning per process, a benign race at worst: two
+ * lines), else MOE_GG_EPILOGUE_AUTO. */
+inline int wg_epilogue_mode(int config_option)
 {
-    static const char *const modes[] = {"auto", "staged", "direct"};
+    if (config_option != MOE_GG_EPILOGUE_AUTO) return config_option;
+    static const char *const modes[] = {"auto", "direct", "staged"}; /* moe_gg_epilogue order */
     const char *m = getenv("MOE_WGMMA_EPILOGUE");
-    if (!m || !*m) return WG_EPI_AUTO;
+    if (!m || !*m) return MOE_GG_EPILOGUE_AUTO;
     for (int i = 0; i < 3; i++)
         if (strcmp(m, modes[i]) == 0) return i;
     static bool warned = false;
@@ -468,7 +472,16 @@ inline int wg_epilogue_mode()
         fprintf(stderr, "moe-ep: MOE_WGMMA_EPILOGUE=%s is not auto, staged or direct; using auto\n", m);
         warned = true;
     }
-    return WG_EPI_AUTO;
+    return MOE_GG_EPILOGUE_AUTO;
+}
+
+/* Whether a launch asks for A by TMA (moe_gg_a_load): the configuration's option (",atma" /
+ * ",acp") if it names one, else the MOE_WGMMA_A_TMA=1 diagnostic; off otherwise (the default
+ * until measured). The kernel still takes it only where A needs no gather. */
+inline bool wg_a_tma_wanted(int config_option)
+{
+    if (config_option != MOE_GG_A_AUTO) return config_option == MOE_GG_A_TMA;
+    return env_flag("MOE_WGMMA_A_TMA");
 }
 
 /* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA

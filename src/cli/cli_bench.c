@@ -110,7 +110,7 @@ int cli_bench(int argc, char **argv)
         {"routed-only", OPT_FLAG, NULL, "leave Llama-4's shared expert out: time the routed experts alone (routing, both grouped GEMMs, combine), as the anchors' fused-MLP figures do (default off)", .flag = &routed_only},
         {"seed", OPT_U64, "S", "generator seed (default 1)", .u64 = &seed},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores)", .i = &threads, .min = 0},
-        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         {0},

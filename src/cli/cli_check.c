@@ -39,7 +39,7 @@ int cli_check(int argc, char **argv)
         {"backward", OPT_FLAG, NULL, "also check the backward pass (dX, router and expert gradients)", .flag = &backward},
         {"sample", OPT_INT, "N", "verify N random tokens / rows / experts instead of all (default 0 = all; single-rank runs only)", .i = &sample, .min = 0},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &threads, .min = 0},
-        {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA, single-rank runs: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         CLI_EP_OPTIONS(ep),

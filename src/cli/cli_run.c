@@ -74,7 +74,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         {"backend", OPT_STRING, "cpu|cuda|auto", "where to run (default auto: cuda when a GPU is usable)", .str = &a.backend_s},
         {"dtype", OPT_STRING, "bf16|fp16|fp32", "compute dtype (default: the config's dtype)", .str = &a.dtype_s},
         {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &a.threads, .min = 0},
-        {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3; default auto)", .str = &kcfg},
+        {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA, single-rank runs: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
         CLI_EP_OPTIONS(ep),

@@ -257,12 +257,10 @@ static moe_status run_once(const at_problem *p, const moe_kernel_config *c, cuda
                   : moe_cuda_grouped_gemm_dw(p->dw, c, s, rep, err);
 }
 
-/* Median time (ms) of one configuration: 1 warm-up launch, AT_REPS timed launches. */
+/* Median time (ms) of AT_REPS timed launches of one configuration (after its warm-up). */
 static moe_status time_config(const at_problem *p, const moe_kernel_config *c, cudaStream_t s,
-                              cudaEvent_t ev[2], float *ms_out, moe_kernel_report *rep,
-                              moe_error *err)
+                              cudaEvent_t ev[2], float *ms_out, moe_error *err)
 {
-    MOE_TRY(run_once(p, c, s, rep, err));
     float t[AT_REPS];
     for (int i = 0; i < AT_REPS; i++) {
         cudaError_t e = cudaEventRecord(ev[0], s);
@@ -281,14 +279,71 @@ static moe_status time_config(const at_problem *p, const moe_kernel_config *c, c
     return MOE_OK;
 }
 
+/* The wgmma run-time options tried on every ",tma" configuration (moe_kernel_config.epilogue,
+ * .a_load): the automatic choice first, then each forced path. Options a problem cannot take
+ * run the same kernel path as another candidate; the launch report shows that and the
+ * duplicate is not timed. */
+static const int k_epilogue_options[] = {MOE_GG_EPILOGUE_AUTO, MOE_GG_EPILOGUE_DIRECT,
+                                         MOE_GG_EPILOGUE_STAGED};
+static const int k_a_load_options[] = {MOE_GG_A_AUTO, MOE_GG_A_TMA};
+#define AT_MAX_CANDIDATES 256
+
+/* Every candidate for p: the compiled list, with the option variants of the wgmma entries. */
+static int list_candidates(const at_problem *p, const moe_kernel_config *list, int n,
+                           moe_kernel_config *out)
+{
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        const moe_kernel_config *lc = &list[i];
+        /* Every ",tma" configuration runs the same wgmma dW kernel (its own 128x256 tile): try
+         * it once, as 128x256x64,w12,s4,tma; b_kn runs a ",c2" tile without clusters (its ",c1"
+         * twin). */
+        if (lc->use_tma && p->dw &&
+            !(lc->tile_m == 128 && lc->tile_n == 256 && lc->stages == 4 && lc->cluster <= 1))
+            continue;
+        if (lc->use_tma && !p->dw && p->fwd->b_kn && lc->cluster > 1) continue;
+        if (!lc->use_tma) {
+            if (count < AT_MAX_CANDIDATES) out[count++] = *lc;
+            continue;
+        }
+        const int n_a = p->dw ? 1 : (int)(sizeof k_a_load_options / sizeof k_a_load_options[0]);
+        for (size_t ep = 0; ep < sizeof k_epilogue_options / sizeof k_epilogue_options[0]; ep++)
+            for (int al = 0; al < n_a && count < AT_MAX_CANDIDATES; al++) {
+                out[count] = *lc;
+                out[count].epilogue = k_epilogue_options[ep];
+                out[count].a_load = k_a_load_options[al];
+                count++;
+            }
+    }
+    return count;
+}
+
+/* What a candidate's warm-up launch ran: its tile as listed, the options as reported (explicit,
+ * so the cache entry means the same path whatever the defaults or the environment later). */
+static moe_kernel_config ran_as(const moe_kernel_config *cand, const moe_kernel_report *rep)
+{
+    moe_kernel_config r = *cand;
+    if (cand->use_tma && rep->kernel && strstr(rep->kernel, "wgmma")) {
+        r.epilogue = rep->config.epilogue;
+        r.a_load = rep->config.a_load;
+    } else {
+        r.epilogue = MOE_GG_EPILOGUE_AUTO;
+        r.a_load = MOE_GG_A_AUTO;
+    }
+    return r;
+}
+
 static moe_status tune(const char *path, const char *key, const at_problem *p, moe_dtype dt,
                        cudaStream_t s, moe_kernel_config *out, moe_error *err)
 {
     const moe_kernel_config *list;
-    int n = moe_kernel_configs(dt, &list);
-    if (n == 0)
+    int n_list = moe_kernel_configs(dt, &list);
+    if (n_list == 0)
         return moe_fail(err, MOE_ERR_UNSUPPORTED, "autotune: no kernels for dtype %s",
                         moe_dtype_name(dt) ? moe_dtype_name(dt) : "?");
+    moe_kernel_config cand[AT_MAX_CANDIDATES], seen[AT_MAX_CANDIDATES];
+    const char *seen_kernel[AT_MAX_CANDIDATES];
+    const int n = list_candidates(p, list, n_list, cand);
     cudaEvent_t ev[2] = {NULL, NULL};
     cudaError_t e = cudaEventCreate(&ev[0]);
     if (e == cudaSuccess) e = cudaEventCreate(&ev[1]);
@@ -297,40 +352,42 @@ static moe_status tune(const char *path, const char *key, const at_problem *p, m
         return moe_fail(err, MOE_ERR_CUDA, "autotune: cudaEventCreate: %s", cudaGetErrorString(e));
     }
     moe_status st = MOE_OK;
-    int best = -1, timed = 0;
-    float best_ms = 0;
+    int timed = 0, n_seen = 0;
+    moe_kernel_config best = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    float best_ms = -1;
     char buf[64];
-    if (!quiet()) fprintf(stderr, "moe-ep autotune: tuning %s (%d candidates)\n", key, n);
+    if (!quiet()) fprintf(stderr, "moe-ep autotune: tuning %s (up to %d candidates)\n", key, n);
     for (int i = 0; i < n; i++) {
-        /* Every ",tma" configuration runs the same wgmma dW kernel (its own 128x256 tile): time
-         * it once, as 128x256x64,w12,s4,tma; b_kn runs a ",c2" tile without clusters (its ",c1"
-         * twin). */
-        const moe_kernel_config *lc = &list[i];
-        if (lc->use_tma && p->dw &&
-            !(lc->tile_m == 128 && lc->tile_n == 256 && lc->stages == 4 && lc->cluster <= 1))
-            continue;
-        if (lc->use_tma && !p->dw && p->fwd->b_kn && lc->cluster > 1) continue;
-        float ms = 0;
         moe_kernel_report rep = {0};
         moe_error e2;
         moe_error_clear(&e2);
-        moe_status ts = time_config(p, &list[i], s, ev, &ms, &rep, &e2);
+        moe_status ts = run_once(p, &cand[i], s, &rep, &e2); /* warm-up, and what ran */
+        moe_kernel_config ran = ran_as(&cand[i], &rep);
+        bool dup = false;
+        for (int j = 0; ts == MOE_OK && j < n_seen && !dup; j++)
+            dup = memcmp(&seen[j], &ran, sizeof ran) == 0 && rep.kernel && seen_kernel[j] &&
+                  strcmp(rep.kernel, seen_kernel[j]) == 0;
+        if (dup) continue; /* an option this problem cannot take: the same path as before */
+        float ms = 0;
+        if (ts == MOE_OK) ts = time_config(p, &cand[i], s, ev, &ms, &e2);
         if (ts == MOE_ERR_CUDA) { /* a broken launch: the stream may be poisoned, stop */
             st = moe_fail(err, ts, "autotune: %s", e2.msg);
             break;
         }
         if (ts != MOE_OK) {
             if (!quiet())
-                fprintf(stderr, "moe-ep autotune:   %-20s skipped: %s\n",
-                        moe_kernel_config_str(&list[i], buf, sizeof buf), e2.msg);
+                fprintf(stderr, "moe-ep autotune:   %-28s skipped: %s\n",
+                        moe_kernel_config_str(&cand[i], buf, sizeof buf), e2.msg);
             continue;
         }
+        seen[n_seen] = ran;
+        seen_kernel[n_seen++] = rep.kernel;
         timed++;
         if (!quiet())
-            fprintf(stderr, "moe-ep autotune:   %-20s %9.4f ms  (%d/%d)\n",
-                    moe_kernel_config_str(&list[i], buf, sizeof buf), ms, i + 1, n);
-        if (best < 0 || ms < best_ms) {
-            best = i;
+            fprintf(stderr, "moe-ep autotune:   %-28s %9.4f ms  (%d/%d)\n",
+                    moe_kernel_config_str(&ran, buf, sizeof buf), ms, i + 1, n);
+        if (best_ms < 0 || ms < best_ms) {
+            best = ran;
             best_ms = ms;
         }
         /* The narrow fallback ignores the configuration: one kernel, nothing to compare. */
@@ -339,12 +396,12 @@ static moe_status tune(const char *path, const char *key, const at_problem *p, m
     cudaEventDestroy(ev[0]);
     cudaEventDestroy(ev[1]);
     if (st != MOE_OK) return st;
-    if (best < 0)
+    if (best_ms < 0)
         return moe_fail(err, MOE_ERR_INTERNAL, "autotune: no candidate ran for %s", key);
-    *out = list[best];
+    *out = best;
     if (!quiet())
-        fprintf(stderr, "moe-ep autotune: picked %s (%.4f ms) -> %s\n",
-                moe_kernel_config_str(out, buf, sizeof buf), best_ms, path);
+        fprintf(stderr, "moe-ep autotune: picked %s (%.4f ms, %d timed) -> %s\n",
+                moe_kernel_config_str(out, buf, sizeof buf), best_ms, timed, path);
     moe_status ps = cache_put(path, key, out, best_ms, timed, err);
     if (ps != MOE_OK) {
         /* The choice is still good for this run; only persistence failed. */

@@ -1,8 +1,10 @@
 /*
- * kernel_config.c — grouped-GEMM kernel configurations: parsing "128x128x32,w8,s3[,tma][,c2]",
- * validation against the compiled list (kernels/grouped_gemm_configs.h), defaults.
+ * kernel_config.c — grouped-GEMM kernel configurations: parsing
+ * "128x128x32,w8,s3[,tma][,c2][,staged|,direct][,atma|,acp]", validation against the compiled
+ * list (kernels/grouped_gemm_configs.h), defaults.
  * The bf16/fp16 list is the mma.sync configurations followed by the Hopper wgmma/TMA ones
- * (use_tma = 1, e.g. "128x256x64,w12,s4,tma").
+ * (use_tma = 1, e.g. "128x256x64,w12,s4,tma"). The epilogue and A-load options are run-time
+ * choices of the wgmma kernels, valid on any ",tma" configuration (not part of the list).
  * Host C only; nothing here touches the GPU.
  */
 #include "kernel_config.h"
@@ -15,14 +17,14 @@
 
 #include "grouped_gemm_configs.h"
 
-#define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0},
-#define MOE_CFG_WG(bm, bn, bk, w, s, cl) {bm, bn, bk, w, s, 1, (cl) > 1 ? (cl) : 0},
+#define MOE_CFG_MMA(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0, 0, 0},
+#define MOE_CFG_WG(bm, bn, bk, w, s, cl) {bm, bn, bk, w, s, 1, (cl) > 1 ? (cl) : 0, 0, 0},
 static const moe_kernel_config k_mma_configs[] = {MOE_GG_MMA_CONFIGS(MOE_CFG_MMA)
                                                       MOE_GG_WGMMA_CONFIGS(MOE_CFG_WG)};
 #undef MOE_CFG_MMA
 #undef MOE_CFG_WG
 
-#define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0},
+#define MOE_CFG_FFMA(bm, bn) {bm, bn, MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0, 0, 0},
 static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_FFMA)};
 #undef MOE_CFG_FFMA
 
@@ -39,7 +41,7 @@ static const moe_kernel_config k_ffma_configs[] = {MOE_GG_FFMA_CONFIGS(MOE_CFG_F
  * (docs/KERNELS.md, round 3): the autotuner may pick them, the default does not. */
 #define MOE_GG_DEFAULT_WGMMA 1
 #define MOE_GG_WGMMA_MIN_AVG_ROWS 16
-#define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1, 0
+#define MOE_GG_DEFAULT_WGMMA_CONFIG 128, 256, 64, 12, 4, 1, 0, MOE_GG_EPILOGUE_AUTO, MOE_GG_A_AUTO
 
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 {
@@ -59,7 +61,7 @@ int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
 
 moe_kernel_config moe_kernel_config_narrow(void)
 {
-#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0}
+#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0, 0, 0}
     moe_kernel_config c = MOE_GG_NARROW_CONFIG(MOE_CFG_N);
 #undef MOE_CFG_N
     return c;
@@ -75,8 +77,12 @@ const char *moe_kernel_config_str(const moe_kernel_config *c, char *buf, size_t 
         snprintf(buf, len, "auto");
         return buf;
     }
-    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s%s", c->tile_m, c->tile_n, c->tile_k, c->warps, c->stages,
-             c->use_tma ? ",tma" : "", c->cluster > 1 ? ",c2" : "");
+    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s%s%s%s", c->tile_m, c->tile_n, c->tile_k, c->warps,
+             c->stages, c->use_tma ? ",tma" : "", c->cluster > 1 ? ",c2" : "",
+             c->epilogue == MOE_GG_EPILOGUE_STAGED   ? ",staged"
+             : c->epilogue == MOE_GG_EPILOGUE_DIRECT ? ",direct"
+                                                     : "",
+             c->a_load == MOE_GG_A_TMA ? ",atma" : c->a_load == MOE_GG_A_CPASYNC ? ",acp" : "");
     return buf;
 }
 
@@ -94,8 +100,15 @@ static bool parse_pos_int(const char **p, int *out)
 }
 
 #define CFG_SYNTAX                                                                               \
-    "expected TMxTNxTK[,wWARPS][,sSTAGES][,tma][,c1|,c2], e.g. \"128x128x32,w8,s3\" or "         \
-    "\"128x256x64,w12,s4,tma,c2\", or \"auto\""
+    "expected TMxTNxTK[,wWARPS][,sSTAGES][,tma][,c1|,c2][,staged|,direct][,atma|,acp], e.g. "   \
+    "\"128x128x32,w8,s3\" or \"128x256x64,w12,s4,tma,c2\", or \"auto\""
+
+/* Whether p starts with the option word w, followed by ',' or the end. */
+static bool option_is(const char *p, const char *w)
+{
+    size_t n = strlen(w);
+    return strncmp(p, w, n) == 0 && (p[n] == ',' || p[n] == '\0');
+}
 
 moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe_error *err)
 {
@@ -104,7 +117,7 @@ moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe
     if (!text) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_kernel_config_parse: text is NULL");
     if (*text == '\0' || strcmp(text, "auto") == 0) return MOE_OK;
 
-    moe_kernel_config c = {0, 0, 0, 0, 0, 0, 0};
+    moe_kernel_config c = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     bool cluster_given = false;
     const char *p = text;
     if (!parse_pos_int(&p, &c.tile_m) || *p++ != 'x' || !parse_pos_int(&p, &c.tile_n) ||
@@ -113,7 +126,20 @@ moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe
                         "kernel config \"%s\": bad tile sizes; " CFG_SYNTAX, text);
     while (*p == ',') {
         p++;
-        if (*p == 'w') {
+        /* option words first: "staged" must not be read as a stage count */
+        if (option_is(p, "staged") || option_is(p, "direct")) {
+            if (c.epilogue)
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "kernel config \"%s\": repeated epilogue option; " CFG_SYNTAX, text);
+            c.epilogue = *p == 's' ? MOE_GG_EPILOGUE_STAGED : MOE_GG_EPILOGUE_DIRECT;
+            p += 6;
+        } else if (option_is(p, "atma") || option_is(p, "acp")) {
+            if (c.a_load)
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "kernel config \"%s\": repeated A-load option; " CFG_SYNTAX, text);
+            c.a_load = p[1] == 't' ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
+            p += c.a_load == MOE_GG_A_TMA ? 4 : 3;
+        } else if (*p == 'w') {
             p++;
             if (c.warps || !parse_pos_int(&p, &c.warps))
                 return moe_fail(err, MOE_ERR_INVALID_ARG,
@@ -125,10 +151,10 @@ moe_status moe_kernel_config_parse(const char *text, moe_kernel_config *cfg, moe
                 return moe_fail(err, MOE_ERR_INVALID_ARG,
                                 "kernel config \"%s\": bad or repeated stage count; " CFG_SYNTAX,
                                 text);
-        } else if (strncmp(p, "tma", 3) == 0 && (p[3] == ',' || p[3] == '\0')) {
+        } else if (option_is(p, "tma")) {
             c.use_tma = 1;
             p += 3;
-        } else if (strncmp(p, "notma", 5) == 0 && (p[5] == ',' || p[5] == '\0')) {
+        } else if (option_is(p, "notma")) {
             c.use_tma = 0;
             p += 5;
         } else if (p[0] == 'c' && (p[1] == '1' || p[1] == '2') && (p[2] == ',' || p[2] == '\0')) {
@@ -187,16 +213,30 @@ moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows)
     /* Measured on an H100 (docs/KERNELS.md): 128x128x64 8 warps was the best single mma.sync
      * configuration for Qwen3-30B-A3B's GEMM1+GEMM2 and within 11% of the best for
      * Llama-4-Scout's; with few rows per expert, 64-row tiles waste fewer padded rows. */
-    moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0};
+    moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     if (dtype == MOE_DTYPE_F32) {
         want = (moe_kernel_config){avg_rows >= 128 ? 128 : 64, avg_rows >= 128 ? 128 : 64,
-                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0};
+                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0, 0, 0};
     } else if (avg_rows >= 96) {
-        want = (moe_kernel_config){128, 128, 64, 8, 3, 0, 0};
+        want = (moe_kernel_config){128, 128, 64, 8, 3, 0, 0, 0, 0};
     } else {
-        want = (moe_kernel_config){64, 128, 64, 4, 3, 0, 0};
+        want = (moe_kernel_config){64, 128, 64, 4, 3, 0, 0, 0, 0};
     }
     return want;
+}
+
+/* *out = the listed configuration matching want's tile fields, with want's run-time options. */
+static bool pick_listed(const moe_kernel_config *want, const moe_kernel_config *list, int n,
+                        moe_kernel_config *out)
+{
+    for (int i = 0; i < n; i++)
+        if (matches(want, &list[i])) {
+            *out = list[i];
+            out->epilogue = want->epilogue;
+            out->a_load = want->a_load;
+            return true;
+        }
+    return false;
 }
 
 moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
@@ -208,25 +248,30 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
         return moe_fail(err, MOE_ERR_UNSUPPORTED,
                         "grouped GEMM: dtype %s has no kernels (bf16, fp16, fp32 only)",
                         moe_dtype_name(dtype) ? moe_dtype_name(dtype) : "?");
+    char buf[96];
+    if (req && (req->epilogue < MOE_GG_EPILOGUE_AUTO || req->epilogue > MOE_GG_EPILOGUE_STAGED ||
+                req->a_load < MOE_GG_A_AUTO || req->a_load > MOE_GG_A_TMA))
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "kernel config: unknown epilogue option %d or A-load option %d",
+                        req->epilogue, req->a_load);
     if (is_auto(req)) {
-        moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0};
+        moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0, 0, 0};
         if (dtype != MOE_DTYPE_F32 && MOE_GG_DEFAULT_WGMMA && avg_rows >= MOE_GG_WGMMA_MIN_AVG_ROWS)
             want = (moe_kernel_config){MOE_GG_DEFAULT_WGMMA_CONFIG};
         else
             want = moe_kernel_config_default_mma(dtype, avg_rows);
-        for (int i = 0; i < n; i++)
-            if (matches(&want, &list[i])) {
-                *out = list[i];
-                return MOE_OK;
-            }
-        *out = list[0];
+        /* options given with the automatic choice apply where it picks a wgmma configuration */
+        if (req && want.use_tma && req->epilogue) want.epilogue = req->epilogue;
+        if (req && want.use_tma && req->a_load) want.a_load = req->a_load;
+        if (!pick_listed(&want, list, n, out)) *out = list[0];
         return MOE_OK;
     }
-    for (int i = 0; i < n; i++)
-        if (matches(req, &list[i])) {
-            *out = list[i];
-            return MOE_OK;
-        }
+    if ((req->epilogue || req->a_load) && !req->use_tma)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "kernel config %s: ,staged ,direct ,atma and ,acp are options of the "
+                        "Hopper wgmma configurations (add \",tma\")",
+                        moe_kernel_config_str(req, buf, sizeof buf));
+    if (pick_listed(req, list, n, out)) return MOE_OK;
     return no_match(req, dtype, err);
 }
 
