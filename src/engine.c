@@ -52,6 +52,41 @@ static double median_of(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* Running sums of the routed rows per local expert over input sets (moe_expert_usage). */
+typedef struct usage_sums {
+    long touched;    /* experts with rows, summed over the sets */
+    long rows;       /* routed rows */
+    long tile_slots; /* 128 x the 128-row tiles those rows need */
+    double max_over_mean; /* summed over the sets with rows */
+    int sets_with_rows;
+} usage_sums;
+
+#define USAGE_TILE_ROWS 128 /* the row tile of the default grouped GEMMs (docs/KERNELS.md) */
+
+static void usage_add(usage_sums *u, const int32_t *counts, int El)
+{
+    long rows = 0, most = 0;
+    for (int x = 0; x < El; x++) {
+        const long r = counts[x] > 0 ? counts[x] : 0;
+        u->touched += r > 0;
+        rows += r;
+        u->tile_slots += (r + USAGE_TILE_ROWS - 1) / USAGE_TILE_ROWS * USAGE_TILE_ROWS;
+        if (r > most) most = r;
+    }
+    u->rows += rows;
+    if (rows > 0) {
+        u->max_over_mean += (double)most * El / rows;
+        u->sets_with_rows++;
+    }
+}
+
+static void usage_finish(const usage_sums *u, int n, moe_expert_usage *out)
+{
+    out->mean_touched = (double)u->touched / n;
+    out->tile_fill = u->tile_slots > 0 ? (double)u->rows / (double)u->tile_slots : NAN;
+    out->max_over_mean = u->sets_with_rows > 0 ? u->max_over_mean / u->sets_with_rows : NAN;
+}
+
 #ifdef MOE_HAVE_CUDA
 #define ENG_CUDA(call, what)                                                                  \
     do {                                                                                      \
@@ -263,7 +298,7 @@ static moe_status cuda_route_state_alloc(const moe_engine *e, int T, moe_fwd_sta
 }
 
 static moe_status cuda_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
-                                           double *mean, moe_error *err)
+                                           usage_sums *u, moe_error *err)
 {
     moe_status s = cuda_engine_block(e, false, err);
     if (s != MOE_OK) return s;
@@ -276,15 +311,13 @@ static moe_status cuda_engine_expert_usage(moe_engine *e, int T, const void *con
         free(counts);
         return s;
     }
-    long touched = 0;
     for (int i = 0; i < n && s == MOE_OK; i++) {
         if ((s = cuda_block_upload(e->blk, e->d_x, xs[i], bytes, err)) != MOE_OK) break;
         if ((s = cuda_block_route(e->blk, e->d_x, T, &dev, err)) != MOE_OK) break;
         if ((s = cuda_block_download(e->blk, counts, dev.token_counts, sizeof(int32_t) * (size_t)El, err)) != MOE_OK)
             break;
-        for (int x = 0; x < El; x++) touched += counts[x] > 0;
+        usage_add(u, counts, El);
     }
-    if (s == MOE_OK) *mean = (double)touched / n;
     cuda_fwd_state_free(&dev);
     free(counts);
     return s;
@@ -617,14 +650,20 @@ moe_status moe_engine_copy_bandwidth(moe_engine *e, size_t bytes, int warmup, in
 }
 
 moe_status moe_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
-                                   double *mean_touched, moe_error *err)
+                                   moe_expert_usage *out, moe_error *err)
 {
-    *mean_touched = 0;
+    memset(out, 0, sizeof *out);
     if (T < 1 || T > e->max_T || n < 1)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "expert usage: T=%d outside 1..%d or %d inputs", T,
                         e->max_T, n);
+    usage_sums u = {0, 0, 0, 0, 0};
+    moe_status s;
 #ifdef MOE_HAVE_CUDA
-    if (e->backend == MOE_BACKEND_CUDA) return cuda_engine_expert_usage(e, T, xs, n, mean_touched, err);
+    if (e->backend == MOE_BACKEND_CUDA) {
+        s = cuda_engine_expert_usage(e, T, xs, n, &u, err);
+        if (s == MOE_OK) usage_finish(&u, n, out);
+        return s;
+    }
 #endif
     const moe_config *c = &e->w->cfg;
     const int E = c->num_experts, k = c->top_k, eb = e->w->expert_begin, El = e->w->expert_count;
@@ -632,23 +671,22 @@ moe_status moe_engine_expert_usage(moe_engine *e, int T, const void *const *xs, 
     void *logits = moe_malloc((size_t)T * E * es, "expert usage logits", err);
     void *tw = logits ? moe_malloc((size_t)T * k * es, "expert usage weights", err) : NULL;
     int32_t *ids = tw ? moe_malloc(sizeof(int32_t) * (size_t)T * k, "expert usage ids", err) : NULL;
-    char *hit = ids ? moe_malloc((size_t)(El > 0 ? El : 1), "expert usage marks", err) : NULL;
-    moe_status s = hit ? MOE_OK : MOE_ERR_NOMEM;
-    long touched = 0;
+    int32_t *counts = ids ? moe_malloc(sizeof(int32_t) * (size_t)(El > 0 ? El : 1), "expert usage counts", err) : NULL;
+    s = counts ? MOE_OK : MOE_ERR_NOMEM;
     for (int i = 0; i < n && s == MOE_OK; i++) {
         if ((s = cpu_router_logits(e->dt, T, c->hidden, E, xs[i], e->w->router.data, logits, err)) != MOE_OK ||
             (s = cpu_route_topk(c, e->dt, T, logits, ids, tw, err)) != MOE_OK)
             break;
-        memset(hit, 0, (size_t)(El > 0 ? El : 1));
+        memset(counts, 0, sizeof(int32_t) * (size_t)(El > 0 ? El : 1));
         for (long f = 0; f < (long)T * k; f++)
-            if (ids[f] >= eb && ids[f] < eb + El) hit[ids[f] - eb] = 1;
-        for (int x = 0; x < El; x++) touched += hit[x];
+            if (ids[f] >= eb && ids[f] < eb + El) counts[ids[f] - eb]++;
+        usage_add(&u, counts, El);
     }
-    if (s == MOE_OK) *mean_touched = (double)touched / n;
+    if (s == MOE_OK) usage_finish(&u, n, out);
     free(logits);
     free(tw);
     free(ids);
-    free(hit);
+    free(counts);
     return s;
 }
 

@@ -85,11 +85,20 @@ void moe_engine_device_info(const moe_engine *e, moe_device_info *out);
 moe_status moe_engine_copy_bandwidth(moe_engine *e, size_t bytes, int warmup, int iters,
                                      double *gbs, moe_error *err);
 
-/* Mean number of local experts that receive at least one routed row, over the n inputs xs
- * [n][T,H] (host): routing only (router GEMM, top-k, histogram) on the engine's backend. The
- * benchmark's weight bytes are touched * 3*H*I*dtype size. */
+/* What routing hands the grouped GEMMs, averaged over n input sets. */
+typedef struct moe_expert_usage {
+    double mean_touched; /* local experts with at least one routed row (the benchmark's weight
+                            bytes are touched * 3*H*I*dtype size) */
+    double tile_fill;    /* routed rows / (128 x the 128-row tiles they need, ceil(rows_e/128)
+                            per expert): the share of a 128-row-tile grouped GEMM's row slots
+                            that hold real rows (1 = no padding); NAN when no rows */
+    double max_over_mean; /* the busiest local expert's rows / the mean over local experts */
+} moe_expert_usage;
+
+/* Routing only (router GEMM, top-k, histogram) of the n inputs xs [n][T,H] (host) on the
+ * engine's backend, summarised as moe_expert_usage. */
 moe_status moe_engine_expert_usage(moe_engine *e, int T, const void *const *xs, int n,
-                                   double *mean_touched, moe_error *err);
+                                   moe_expert_usage *out, moe_error *err);
 
 /* CUDA only: graph-replay latency of the whole forward layer (routing included). For each of
  * the `rotate` input sets one eager forward (which also runs any autotuning), then the forward

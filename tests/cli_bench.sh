@@ -3,7 +3,8 @@
 # --check for both tiny models and all modes; every size verified (#wrong 0), one row per size,
 # valid JSON and CSV; bad arguments rejected with the argument named. The weight-streaming
 # columns (copy bandwidth, touched experts, %copy) are checked against values computed here
-# from the model's shapes; --graph is refused on the CPU backend with the option named.
+# from the model's shapes, the 128-row tile fill and the busiest expert's load from the
+# routed-row count; --graph is refused on the CPU backend with the option named.
 set -u
 ep=${MOE_EP:?MOE_EP must point at the moe-ep binary}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -37,7 +38,7 @@ if [ $rc != 0 ] || ! grep -qE '^# copy bandwidth: [0-9.]+ GB/s' <<<"$out" || ! g
 if ! python3 - "$tmp/n.csv" "$tmp/n.json" <<'PY'
 import csv, json, sys, re
 rows = list(csv.DictReader(open(sys.argv[1])))
-need = ["device", "experts_touched", "weight_bytes", "copy_gbs", "pct_copy", "graph_ms", "graph_tflops",
+need = ["device", "experts_touched", "weight_bytes", "tile_fill", "max_over_mean", "copy_gbs", "pct_copy", "graph_ms", "graph_tflops",
         "graph_pct_copy", "dense_ms", "loop_ms", "grouped_ms", "dense_tflops", "loop_tflops",
         "grouped_tflops", "x_dense", "x_loop", "x_grouped", "kernels", "wrong"]
 missing = [c for c in need if c not in rows[0]]
@@ -53,15 +54,24 @@ for r in rows:
     for c in ["graph_ms", "dense_ms", "loop_ms", "grouped_ms", "dense_tflops", "x_dense", "route_ms"]:
         assert r[c] == "", f"{c} should be empty on the CPU, is {r[c]!r}"
     assert r["kernels"] == "cpu" and r["device"] == "cpu", r
+    # T*k <= 48 rows: no expert needs a second 128-row tile, so the routed rows fill
+    # T*k / (128 * touched) of the tiles' row slots; at T=1 each touched expert has one row,
+    # the busiest one row against a mean of k/E
+    T = int(r["T"])
+    want = T * k / (128.0 * t)
+    assert abs(float(r["tile_fill"]) - want) <= 1e-3 * want + 1e-4, (T, r["tile_fill"], want)
+    mom = float(r["max_over_mean"])
+    assert 1.0 <= mom <= E and (T != 1 or abs(mom - E / k) < 1e-3), (T, mom)
 d = json.load(open(sys.argv[2]))
 assert d["copy_gbs"] > 0 and d["graph"] is False
 for r in d["rows"]:
     assert r["graph_ms"] is None and r["dense_ms"] is None and r["pct_copy"] > 0, r
+    assert 0 < r["tile_fill"] <= 1 and r["max_over_mean"] >= 1, r
 PY
 then echo "FAIL: new CSV/JSON columns"; fail=1; fi
 grep -q "(H=37 I=23 E=7 k=3)" <<<"$out" || { echo "FAIL: tiny-qwen3 shapes changed; update the test"; fail=1; }
 # the text table has the %copy and touched-experts columns
-grep -qE '^ +T +M +time\(ms\) .*%copy +exp ' <<<"$out" || { echo "FAIL: table header lacks %copy/exp"; echo "$out"; fail=1; }
+grep -qE '^ +T +M +time\(ms\) .*%copy +exp +%fill ' <<<"$out" || { echo "FAIL: table header lacks %copy/exp/%fill"; echo "$out"; fail=1; }
 # --copy-mib 0: no probe, %copy empty
 "$ep" bench --backend cpu -b 4 -e 8 -w 0 -n 1 --copy-mib 0 --csv "$tmp/z.csv" >"$tmp/out" 2>&1 || { echo "FAIL: --copy-mib 0"; fail=1; }
 grep -q "copy bandwidth: not measured" "$tmp/out" || { echo "FAIL: --copy-mib 0 header"; cat "$tmp/out"; fail=1; }

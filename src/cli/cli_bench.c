@@ -16,7 +16,10 @@
  * on the CPU; copy GB/s counts read + write bytes, i.e. DRAM traffic).
  * --graph (CUDA, fwd): each size's forward (routing included) is also captured into a CUDA
  * graph per input set and replays are timed alone with events; the graph(ms) column is their
- * median, beside (not instead of) the eager time column. */
+ * median, beside (not instead of) the eager time column.
+ * %fill: the routed rows' share of the row slots of 128-row tiles (sum over the local experts of
+ * ceil(rows_e / 128) tiles, mean over the input sets): the padding that a grouped GEMM with
+ * 128-row tiles computes or streams weights for, and a dense GEMM of the same M does not. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,10 +125,11 @@ int cli_bench(int argc, char **argv)
         "6*T*k*H*I forward, twice that backward), GB/s (touched expert weights + input + output), % of\n"
         "the roofline, %copy (fwd: touched expert weight bytes / time, as a share of the copy bandwidth\n"
         "measured once at start), the phase breakdown, and on CUDA (fwd) the cuBLAS baselines (dense\n"
-        "ceiling, per-expert loop, grouped batched) with ratios. --graph adds graph(ms): the median\n"
-        "CUDA-graph replay of the whole forward (routing included, no host sync). The header names the\n"
-        "GPU, its SM clocks, the copy bandwidth; the grouped-GEMM kernel configurations are printed as\n"
-        "'# kernels' lines whenever they change between sizes.";
+        "ceiling, per-expert loop, grouped batched) with ratios. exp = experts touched; %fill = routed\n"
+        "rows / the row slots of the 128-row tiles they need (padding a dense GEMM does not pay).\n"
+        "--graph adds graph(ms): the median CUDA-graph replay of the whole forward (routing included,\n"
+        "no host sync). The header names the GPU, its SM clocks, the copy bandwidth; the grouped-GEMM\n"
+        "kernel configurations are printed as '# kernels' lines whenever they change between sizes.";
     int rc = cli_parse("bench", syn, desc, opts, argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (tmin > tmax) {
@@ -268,7 +272,7 @@ int cli_bench(int argc, char **argv)
     if (peak_tf > 0)
         printf("# roofline: %.0f TFLOP/s, %.0f GB/s%s\n", peak_tf, peak_bw,
                peak_bw_measured ? " (the measured copy bandwidth)" : "");
-    printf("%8s %8s %10s %10s %9s %7s %7s %6s", "T", "M", "time(ms)", "TFLOP/s", "GB/s", "%roof", "%copy", "exp");
+    printf("%8s %8s %10s %10s %9s %7s %7s %6s %6s", "T", "M", "time(ms)", "TFLOP/s", "GB/s", "%roof", "%copy", "exp", "%fill");
     if (graph) printf(" %10s %7s", "graph(ms)", "%copy g");
     for (int p = 0; p < MOE_PHASE_COUNT; p++) printf(" %8s", moe_phase_names[p]);
     bool baselines = backend == MOE_BACKEND_CUDA && mode == MOE_BENCH_FWD;
@@ -276,7 +280,7 @@ int cli_bench(int argc, char **argv)
     printf(" %7s\n", "#wrong");
     if (cf) {
         fprintf(cf, "model,dtype,mode,backend,device,T,M,time_ms,tflops,gbs,pct_roofline,experts_touched,"
-                    "weight_bytes,copy_gbs,pct_copy,graph_ms,graph_tflops,graph_pct_copy");
+                    "weight_bytes,tile_fill,max_over_mean,copy_gbs,pct_copy,graph_ms,graph_tflops,graph_pct_copy");
         for (int p = 0; p < MOE_PHASE_COUNT; p++) fprintf(cf, ",%s_ms", moe_phase_names[p]);
         fprintf(cf, ",dense_ms,loop_ms,grouped_ms,dense_tflops,loop_tflops,grouped_tflops,x_dense,x_loop,x_grouped,wrong,kernels\n");
     }
@@ -324,9 +328,10 @@ int cli_bench(int argc, char **argv)
                 goto fail;
             gms = median(times, iters);
         }
-        double touched = 0;
-        if (moe_engine_expert_usage(eng, (int)T, (const void *const *)xs, rotate, &touched, &err) != MOE_OK)
+        moe_expert_usage usage;
+        if (moe_engine_expert_usage(eng, (int)T, (const void *const *)xs, rotate, &usage, &err) != MOE_OK)
             goto fail;
+        const double touched = usage.mean_touched;
         long M = T * k;
         double mult = mode == MOE_BENCH_FWD ? 1 : mode == MOE_BENCH_BWD ? 2 : 3;
         double flops = mult * 6.0 * (double)M * H * I;
@@ -363,6 +368,7 @@ int cli_bench(int argc, char **argv)
         print_cell(roof, 7, " %*.1f");
         print_cell(pcopy, 7, " %*.1f");
         printf(" %6.1f", touched);
+        print_cell(100.0 * usage.tile_fill, 6, " %*.1f");
         if (graph) {
             print_cell(gms, 10, " %*.4f");
             print_cell(gpcopy, 7, " %*.1f");
@@ -378,6 +384,8 @@ int cli_bench(int argc, char **argv)
                     backend_name, dev.name, T, M, ms, tflops, gbs);
             csv_num(cf, "%.2f", roof);
             fprintf(cf, ",%.4f,%.0f", touched, wbytes);
+            csv_num(cf, "%.4f", usage.tile_fill);
+            csv_num(cf, "%.3f", usage.max_over_mean);
             csv_num(cf, "%.2f", copy_gbs);
             csv_num(cf, "%.2f", pcopy);
             csv_num(cf, "%.6f", gms);
@@ -400,6 +408,8 @@ int cli_bench(int argc, char **argv)
                     first ? "" : ",", T, M, ms, tflops, gbs);
             json_num(jf, "pct_roofline", "%.2f", roof);
             fprintf(jf, ",\"experts_touched\":%.4f,\"weight_bytes\":%.0f", touched, wbytes);
+            json_num(jf, "tile_fill", "%.4f", usage.tile_fill);
+            json_num(jf, "max_over_mean", "%.3f", usage.max_over_mean);
             json_num(jf, "pct_copy", "%.2f", pcopy);
             json_num(jf, "graph_ms", "%.6f", gms);
             json_num(jf, "graph_tflops", "%.4f", gtflops);
