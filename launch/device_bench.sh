@@ -14,7 +14,8 @@
 # TEST_ENV="VAR=1 ..." (environment of the GPU tests only), VARIANT_ENV="VAR=1 ..." (each layer
 # sweep is repeated with that environment, as mlp_*_variant), SAN=1 (compute-sanitizer memcheck
 # and racecheck on the grouped-GEMM test's small cases), CHECKS="qwen3-30b-a3b llama4-scout"
-# (moe-ep check --backward of each at CHECK_T tokens, default 4096, --sample 32, after the sweeps).
+# (moe-ep check --backward of each at CHECK_T tokens, default 4096, --sample 32, after the sweeps),
+# AUTOTUNE=1 (each layer sweep once more with --autotune; the picks land in logs/autotune.json).
 # (This script took over launch/device_gg_wgmma.sh of rounds 1-2: its old-vs-new layer benches
 # are CONFIGS="128x128x64,w8,s3", its checks CHECKS=..., its sanitizers SAN=1.)
 set -uo pipefail
@@ -95,6 +96,9 @@ if [ "${MLP:-1}" = 1 ]; then
       (export ${VARIANT_ENV}; run_bench "mlp_${m}_variant" --model $m $sweep -w 3 -n 20 "${extra[@]}")
       summary+=("variant ($VARIANT_ENV) $m rc=$? at $(el) s")
     fi
+    # the autotuner's picks (every configuration with its epilogue / A-load options; the cache
+    # in the logs says which won for each GEMM)
+    [ "${AUTOTUNE:-0}" = 1 ] && run_bench "mlp_${m}_tuned" --model $m $sweep -w 3 -n 20 --autotune "${extra[@]}"
     i=0
     for c in ${CONFIGS:-}; do
       run_bench "mlp_${m}_cfg$i" --model $m $sweep -w 3 -n 20 --kernel-config "$c" "${extra[@]}"
@@ -120,7 +124,7 @@ done
 for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
   [ -f "$f" ] || continue
   echo "== $(basename "$f" .txt): $(grep -E '^# kernels' "$f" | tail -1 | cut -c1-150)"
-  # T time TFLOP/s %roof %copy | route permute gemm1 gemm2 combine | dense x-dense #wrong
-  grep -vE '^#' "$f" | awk 'NR==1{next} {printf "%s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", $1, $3, $4, $6, $7, $9, $10, $11, $13, $14, $15, $18, $NF}' | head -8
+  # T time TFLOP/s %roof %copy %fill | route permute gemm1 gemm2 combine | dense x-dense #wrong
+  grep -vE '^#' "$f" | awk 'NR==1{next} {printf "%s %s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", $1, $3, $4, $6, $7, $9, $10, $11, $12, $14, $15, $16, $19, $NF}' | head -8
 done
 tar -czf "$out/logs.tgz" -C "$log/.." logs 2>/dev/null
