@@ -67,6 +67,25 @@ moe_status moe_cuda_sort_by_expert(int T, int k, const int32_t *topk_ids, int ex
                                    int32_t *gather_idx, void *scratch, size_t scratch_bytes,
                                    cudaStream_t stream, moe_error *err);
 
+/* The whole route of a small batch in ONE launch (kernels/routing_small.cu): logits [T, E] =
+ * x [T, H] @ router [E, H]^T (fp32 sums, rounded to dt as the router GEMM writes them; the
+ * order of the sum differs from cuBLAS's, so a logit may differ from the per-stage path's in
+ * its last bit), then exactly moe_cuda_route_topk's top-k and moe_cuda_sort_by_expert's sort of
+ * those logits (same outputs, same contracts), H = cfg->hidden. For decode, where the
+ * per-stage path's five launches cost more than their work. Applies where
+ * moe_cuda_route_small_fits says so: 1 <= T <= MOE_ROUTE_SMALL_MAX_T, T * top_k <= 2048 (one
+ * sort chunk), and the scores or sort arrays in 48 KB of shared memory (8 E floats or 10 El
+ * ints); MOE_ERR_INVALID_ARG otherwise. counter: one int of device memory, zero before the
+ * first launch; every launch leaves it zero again, so launches on one stream (or replays of one
+ * CUDA graph) may reuse it, launches that may run at the same time may not. */
+#define MOE_ROUTE_SMALL_MAX_T 32
+bool moe_cuda_route_small_fits(const moe_config *cfg, int T, int El);
+moe_status moe_cuda_route_small(const moe_config *cfg, moe_dtype dt, int T, const void *x,
+                                const void *router, void *logits, int32_t *topk_ids, void *topk_w,
+                                int expert_begin, int El, int32_t *token_counts,
+                                int32_t *expert_offsets, int32_t *gather_idx, int *counter,
+                                cudaStream_t stream, moe_error *err);
+
 /* Router backward. Twin: the router part of cpu_block_backward.
  * logits [T, E] (dt, the forward's), topk_ids [T, k], dw [T*k] fp32: the gradient of the loss
  * with respect to each top-k weight (Qwen3) or score (Llama-4); rows of experts another rank

@@ -3,7 +3,8 @@
  * and top-k/sigmoid (Llama-4), the stable counting sort of routed rows by expert, and the
  * router backward. Declarations and contracts: kernels/moe_kernels_aux.h. CPU twins:
  * cpu_route_topk, cpu_sort_by_expert (src/cpu/cpu_fused.h). Tested against double loops in
- * tests/test_gpu_routing.c.
+ * tests/test_gpu_routing.c. The device pieces (one token's top-k, the sort's chunk histogram
+ * and ranked scatter) live in routing_device.cuh, shared with routing_small.cu.
  *
  * Shapes: logits [T, E]; topk_ids, topk_w [T, k]; flat index f = t*k + j; El local experts.
  *
@@ -23,54 +24,13 @@
  *    keep ascending f (stable), and the output depends only on the ids.
  */
 #include "moe_kernels_aux.h"
-#include "moe_aux_device.cuh"
+#include "routing_device.cuh"
 
 #include <climits>
 
 using namespace moe_aux;
 
-#define ROUTE_WARPS 4
-#define SORT_CHUNK 2048
-#define SORT_THREADS 256
-#define SORT_WARPS (SORT_THREADS / 32)
 #define SCAN_THREADS 1024
-
-/* Load one token's logits into v[E] (fp32) and, for Qwen3, turn them into softmax
- * probabilities p = exp(l - max) / sum, in the CPU twin's order: expf of the max-shifted
- * logits, summed sequentially in ascending id (one lane: E adds per token, cheap next to the
- * memory traffic), true division. Shared by the forward and the backward so both see
- * bit-identical p. Ends with __syncwarp. */
-template <typename scalar_t>
-__device__ __forceinline__ void load_scores(const scalar_t *__restrict__ row, int E, bool qwen,
-                                            float *v, int lane)
-{
-    float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) {
-        const float l = to_f(row[e]);
-        v[e] = l;
-        if (l > mx) mx = l;
-    }
-    if (qwen) {
-        mx = warp_max(mx);
-        for (int e = lane; e < E; e += 32) v[e] = expf(v[e] - mx);
-        __syncwarp();
-        float s = 0.f;
-        if (lane == 0)
-            for (int e = 0; e < E; e++) s += v[e];
-        s = __shfl_sync(0xffffffffu, s, 0);
-        for (int e = lane; e < E; e += 32) v[e] = v[e] / s;
-    }
-    __syncwarp();
-}
-
-/* a ranks before b: larger value first, on a tie the lower id; a NaN ranks below every
- * number (NaNs among themselves by id). A total order on (value, id) pairs. */
-__device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib)
-{
-    if (a != a) return b != b && ia < ib;
-    if (b != b) return true;
-    return a > b || (a == b && ia < ib);
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(ROUTE_WARPS * 32)
@@ -81,51 +41,8 @@ route_topk_kernel(int ntok, int E, int k, bool qwen, bool norm, const scalar_t *
     const int wpb = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long t = (long long)blockIdx.x * wpb + warp;
     if (t >= ntok) return; /* whole warp: t is warp-uniform */
-    float *v = route_smem + (size_t)warp * E;
-    load_scores(logits + t * E, E, qwen, v, lane);
-
-    int32_t *orow = ids + t * k;
-    float prev_v = 0.f;
-    int prev_id = -1; /* no previous round */
-    float sel_sum = 0.f; /* sum of the selected raw scores in selection order (renorm) */
-    for (int j = 0; j < k; j++) {
-        /* The best key ranking after the previous round's: INT_MAX id = none yet. */
-        float bv = 0.f;
-        int bi = INT_MAX;
-        for (int e = lane; e < E; e += 32) {
-            const float x = v[e];
-            if ((prev_id < 0 || ranks_before(prev_v, prev_id, x, e)) &&
-                (bi == INT_MAX || ranks_before(x, e, bv, bi))) {
-                bv = x;
-                bi = e;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oi != INT_MAX && (bi == INT_MAX || ranks_before(ov, oi, bv, bi))) {
-                bv = ov;
-                bi = oi;
-            }
-        }
-        /* bi is always a valid id: the order is total and k <= E keys remain. */
-        if (lane == 0) orow[j] = bi;
-        prev_v = bv;
-        prev_id = bi;
-        sel_sum += bv;
-    }
-    __syncwarp(); /* orow written by lane 0 is read by all lanes below */
-    scalar_t *wrow = w + t * k;
-    for (int j = lane; j < k; j += 32) {
-        const float x = v[orow[j]];
-        float r;
-        if (qwen)
-            r = norm ? x / sel_sum : x;
-        else
-            r = 1.f / (1.f + expf(-x));
-        wrow[j] = from_f<scalar_t>(r);
-    }
+    topk_token<scalar_t, false>(logits + t * E, E, k, qwen, norm, route_smem + (size_t)warp * E, lane,
+                                ids + t * k, w + t * k);
 }
 
 template <typename scalar_t>
@@ -287,12 +204,6 @@ extern "C" moe_status moe_cuda_router_backward(const moe_config *cfg, moe_dtype 
 
 /* ---- stable counting sort ---- */
 
-__device__ __forceinline__ int local_expert(const int32_t *ids, long long f, int begin, int El)
-{
-    const long long x = (long long)ids[f] - begin;
-    return (x >= 0 && x < El) ? (int)x : -1;
-}
-
 /* (1) chunk_counts[e * nb + b] = rows of local expert e in chunk b. */
 __global__ void __launch_bounds__(SORT_THREADS)
 sort_hist_kernel(long long M, const int32_t *__restrict__ ids, int begin, int El, int nb,
@@ -301,13 +212,7 @@ sort_hist_kernel(long long M, const int32_t *__restrict__ ids, int begin, int El
     extern __shared__ int hist[];
     for (int e = threadIdx.x; e < El; e += blockDim.x) hist[e] = 0;
     __syncthreads();
-    const long long base = (long long)blockIdx.x * SORT_CHUNK;
-    for (int i = threadIdx.x; i < SORT_CHUNK; i += blockDim.x) {
-        const long long f = base + i;
-        if (f >= M) break;
-        const int e = local_expert(ids, f, begin, El);
-        if (e >= 0) atomicAdd(&hist[e], 1); /* integer counts: order-independent */
-    }
+    sort_hist_chunk(M, ids, begin, El, (long long)blockIdx.x * SORT_CHUNK, hist);
     __syncthreads();
     for (int e = threadIdx.x; e < El; e += blockDim.x)
         chunk_counts[(size_t)e * nb + blockIdx.x] = hist[e];
@@ -363,35 +268,8 @@ sort_scatter_kernel(long long M, const int32_t *__restrict__ ids, int begin, int
     for (int e = threadIdx.x; e < El; e += blockDim.x) run[e] = bases[(size_t)e * nb + blockIdx.x];
     for (int i = threadIdx.x; i < SORT_WARPS * El; i += blockDim.x) wcnt[i] = 0;
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned lt_mask = (1u << lane) - 1u;
-    const long long base = (long long)blockIdx.x * SORT_CHUNK;
-    for (int tile = 0; tile < SORT_CHUNK && base + tile < M; tile += SORT_THREADS) {
-        const long long f = base + tile + threadIdx.x;
-        const int e = f < M ? local_expert(ids, f, begin, El) : -1;
-        const unsigned peers = __match_any_sync(0xffffffffu, e);
-        const int rank = __popc(peers & lt_mask); /* equal experts in lower lanes */
-        const bool leader = rank == 0;
-        if (e >= 0 && leader) wcnt[warp * El + e] = __popc(peers);
-        __syncthreads();
-        if (e >= 0) {
-            int pos = run[e] + rank;
-            for (int w = 0; w < warp; w++) pos += wcnt[w * El + e];
-            gather[pos] = (int32_t)f;
-        }
-        __syncthreads();
-        if (e >= 0 && leader) {
-            atomicAdd(&run[e], __popc(peers)); /* integer: the sum is order-independent */
-            wcnt[warp * El + e] = 0;
-        }
-        __syncthreads();
-    }
-    /* Rows [M_kept, T*k) of gather_idx belong to nobody: mark them. */
-    const int kept = offsets[El];
-    for (int i = threadIdx.x; i < SORT_CHUNK; i += blockDim.x) {
-        const long long p = base + i;
-        if (p < M && p >= kept) gather[p] = -1;
-    }
+    sort_scatter_chunk(M, ids, begin, El, (long long)blockIdx.x * SORT_CHUNK, run, wcnt, offsets[El],
+                       gather);
 }
 
 static int sort_chunks(long long M) { return (int)((M + SORT_CHUNK - 1) / SORT_CHUNK); }

@@ -98,7 +98,7 @@ if [ "${MLP:-1}" = 1 ]; then
     fi
     # the autotuner's picks (every configuration with its epilogue / A-load options; the cache
     # in the logs says which won for each GEMM)
-    [ "${AUTOTUNE:-0}" = 1 ] && run_bench "mlp_${m}_tuned" --model $m $sweep -w 3 -n 20 --autotune "${extra[@]}"
+    [ "${AUTOTUNE:-0}" = 1 ] && MOE_AUTOTUNE_QUIET=1 run_bench "mlp_${m}_tuned" --model $m $sweep -w 3 -n 20 --autotune "${extra[@]}"
     i=0
     for c in ${CONFIGS:-}; do
       run_bench "mlp_${m}_cfg$i" --model $m $sweep -w 3 -n 20 --kernel-config "$c" "${extra[@]}"
@@ -124,7 +124,13 @@ done
 for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
   [ -f "$f" ] || continue
   echo "== $(basename "$f" .txt): $(grep -E '^# kernels' "$f" | tail -1 | cut -c1-150)"
-  # T time TFLOP/s %roof %copy %fill | route permute gemm1 gemm2 combine | dense x-dense #wrong
-  grep -vE '^#' "$f" | awk 'NR==1{next} {printf "%s %s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", $1, $3, $4, $6, $7, $9, $10, $11, $12, $14, $15, $16, $19, $NF}' | head -8
+  # from the run's CSV, columns by name (empty where a mode has none):
+  # T time TFLOP/s %roof %copy fill | route permute gemm1 gemm2 combine | dense x-dense wrong
+  csv=${f%.txt}.csv
+  [ -f "$csv" ] && awk -F, 'NR==1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+    function v(n) { return (n in c) ? $(c[n]) : "" }
+    { printf "%s %s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", v("T"), v("time_ms"), v("tflops"),
+      v("pct_roofline"), v("pct_copy"), v("tile_fill"), v("route_ms"), v("permute_ms"), v("gemm1_ms"),
+      v("gemm2_ms"), v("combine_ms"), v("dense_ms"), v("x_dense"), v("wrong") }' "$csv" | head -8
 done
 tar -czf "$out/logs.tgz" -C "$log/.." logs 2>/dev/null

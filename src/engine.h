@@ -85,7 +85,8 @@ void moe_engine_device_info(const moe_engine *e, moe_device_info *out);
 moe_status moe_engine_copy_bandwidth(moe_engine *e, size_t bytes, int warmup, int iters,
                                      double *gbs, moe_error *err);
 
-/* What routing hands the grouped GEMMs, averaged over n input sets. */
+/* What routing hands the grouped GEMMs over n input sets (means over the sets; tile_fill
+ * pools them: all their rows over all their row slots). */
 typedef struct moe_expert_usage {
     double mean_touched; /* local experts with at least one routed row (the benchmark's weight
                             bytes are touched * 3*H*I*dtype size) */

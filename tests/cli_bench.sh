@@ -72,6 +72,18 @@ then echo "FAIL: new CSV/JSON columns"; fail=1; fi
 grep -q "(H=37 I=23 E=7 k=3)" <<<"$out" || { echo "FAIL: tiny-qwen3 shapes changed; update the test"; fail=1; }
 # the text table has the %copy and touched-experts columns
 grep -qE '^ +T +M +time\(ms\) .*%copy +exp +%fill ' <<<"$out" || { echo "FAIL: table header lacks %copy/exp/%fill"; echo "$out"; fail=1; }
+# more than 128 rows per expert (T*k = 1536 over E = 7): the second tile's padding shows; the
+# fill is bounded by rows / (rows + 127 per touched expert) below and 1 above
+"$ep" bench --backend cpu --model tiny-qwen3 -b 512 -e 512 -w 0 -n 1 --copy-mib 0 --csv "$tmp/f.csv" >"$tmp/out" 2>&1 ||
+  { echo "FAIL: bench T=512"; cat "$tmp/out"; fail=1; }
+python3 - "$tmp/f.csv" <<'PY' || { echo "FAIL: %fill at T=512"; fail=1; }
+import csv, sys
+r = list(csv.DictReader(open(sys.argv[1])))[0]
+M, t, fill = int(r["M"]), float(r["experts_touched"]), float(r["tile_fill"])
+assert M == 1536, M
+assert M / (M + 127 * t) <= fill <= 1, (fill, t)
+assert float(r["max_over_mean"]) >= 1
+PY
 # --copy-mib 0: no probe, %copy empty
 "$ep" bench --backend cpu -b 4 -e 8 -w 0 -n 1 --copy-mib 0 --csv "$tmp/z.csv" >"$tmp/out" 2>&1 || { echo "FAIL: --copy-mib 0"; fail=1; }
 grep -q "copy bandwidth: not measured" "$tmp/out" || { echo "FAIL: --copy-mib 0 header"; cat "$tmp/out"; fail=1; }

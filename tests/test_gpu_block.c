@@ -10,6 +10,7 @@
  * a shared width of 27) in bf16/fp16/fp32, fully compared; and at T=1024 in bf16 the real
  * shapes (Qwen3-30B-A3B: H=2048, I=768, E=128, k=8; Llama-4-Scout: H=5120, I=8192, E=16, k=1,
  * shared 8192), compared on 16 sampled tokens, a few experts and weight rows.
+ * The same with the one-launch route of small batches (MOE_ROUTE_SMALL=1) at T <= 32.
  * Also: two forward and two backward runs are bitwise equal; the timed path (a state with only
  * `out`) gives the same out; forward and backward captured into CUDA graphs replay bitwise.
  * Timings of the routing stage (router GEMM + top-k + sort), the forward and forward+backward
@@ -30,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/cuda_block.h"
+#include "moe_kernels_aux.h" /* moe_cuda_route_small_fits */
 #include "dtype.h"
 #include "rng.h"
 #include "tensor.h"
@@ -955,6 +957,12 @@ static void run_case(const bcase *bc, uint64_t seed, int timing_T)
     dev_state_poison(c, dt, T, r->El, &ds2);
     OK(cuda_block_forward(b, dx_in, T, &ds, true, ERR));
     OK(cuda_block_sync(b, ERR));
+    {
+        /* the routing path asked for ran (MOE_ROUTE_SMALL=1: one launch where the batch fits) */
+        const char *rs = getenv("MOE_ROUTE_SMALL");
+        const bool want_small = rs && strcmp(rs, "1") == 0 && moe_cuda_route_small_fits(c, T, r->El);
+        assert_int_equal(cuda_block_route_was_small(b), want_small);
+    }
     host_state_alloc(c, dt, T, r->El, &r->hs);
     OK(cuda_fwd_state_download(b, &ds, &r->hs, ERR));
     double t2 = moe_now();
@@ -1181,6 +1189,35 @@ static void test_tiny_llama4(void **state)
     run_case(&n, seed + 30, 0);
 }
 
+/* The one-launch route of small batches (MOE_ROUTE_SMALL=1, moe_cuda_route_small) inside the
+ * block: the same stage-by-stage checks (its logits against the double router GEMM, top-k and
+ * sort on them), two runs bitwise, CUDA-graph replays; decode-sized batches, a partial expert
+ * range, and Qwen3-30B-A3B's real router at T = 1 and 32. */
+static void test_route_small_block(void **state)
+{
+    (void)state;
+    uint64_t seed = moe_test_seed();
+    setenv("MOE_ROUTE_SMALL", "1", 1);
+    for (int d = 0; d < 3; d++) {
+        bcase a = {"tiny-qwen3 T=2, one-launch route", qwen_tiny(true), k_dtypes[d], 2, 0, 7, false};
+        run_case(&a, seed + 40 + d, 0);
+        bcase b = {"tiny-llama4 T=1, one-launch route", llama_tiny(1, 19), k_dtypes[d], 1, 0, 5, false};
+        run_case(&b, seed + 50 + d, 0);
+    }
+    bcase p = {"tiny-qwen3 experts 2..5 T=32, one-launch route", qwen_tiny(true), MOE_DTYPE_BF16, 32, 2, 3,
+               false};
+    run_case(&p, seed + 60, 0);
+    if (!small_only()) {
+        moe_config c = {.arch = MOE_ARCH_QWEN3, .hidden = 2048, .inter = 768, .num_experts = 128, .top_k = 8,
+                        .norm_topk_prob = true};
+        bcase q1 = {"qwen3-30b-a3b T=1, one-launch route", c, MOE_DTYPE_BF16, 1, 0, 128, false};
+        run_case(&q1, seed + 61, 0);
+        bcase q32 = {"qwen3-30b-a3b T=32, one-launch route", c, MOE_DTYPE_BF16, 32, 0, 128, true};
+        run_case(&q32, seed + 62, 0);
+    }
+    unsetenv("MOE_ROUTE_SMALL");
+}
+
 static void test_real_qwen3(void **state)
 {
     (void)state;
@@ -1247,7 +1284,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_invalid),      cmocka_unit_test(test_tiny_qwen3),
         cmocka_unit_test(test_tiny_llama4),  cmocka_unit_test(test_real_qwen3),
-        cmocka_unit_test(test_real_llama4),
+        cmocka_unit_test(test_real_llama4),  cmocka_unit_test(test_route_small_block),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #else

@@ -6,7 +6,9 @@
  *   a local expert range, ids outside it, one expert taking everything, many chunks), the sum
  *   over k (bit-exact with the CPU twin's fp32 order; rows of skipped experts poisoned), SiLU-
  *   and-mul forward/backward (with the fused Qwen3 weight gradient and a device row count),
- *   router backward (every logit / only the selected ones), row dot products, argument checks.
+ *   router backward (every logit / only the selected ones), row dot products, argument checks;
+ *   the one-launch route of small batches (logits against a double GEMM, everything else bit
+ *   for bit against the per-stage kernels on the same logits, its counter back at zero).
  * Outputs are poisoned (0xff bytes: NaN for bf16/fp16/fp32, -1 for int32) before each launch.
  * Skipped without a GPU (fails with MOE_REQUIRE_GPU=1). MOE_GPU_TEST_SMALL=1 leaves out the
  * largest cases (for compute-sanitizer runs).
@@ -597,6 +599,143 @@ static void test_row_dot(void **state)
 
 /* ---- argument checks ---- */
 
+/* ---- the one-launch route of small batches (moe_cuda_route_small) ---- */
+
+/* x [T,H] and router [E,H] drawn normal (logits ~ N(0,1)); the router's last row copies its
+ * first, so those two logits tie exactly in every token (the same sum in the same order). The
+ * one launch against a double-precision router GEMM (each logit within one rounding of the
+ * dtype: only the fp32 summation order differs), and bit for bit against routing.cu's top-k
+ * and sort kernels run on its own logits; launched twice (its count-in counter must be back
+ * at zero after each launch) and the second run identical. */
+static void check_route_small_case(moe_arch arch, bool norm, int E, int k, int H, int T, int begin,
+                                   int El, moe_dtype dt, uint64_t seed)
+{
+    moe_config cfg = {.arch = arch, .num_experts = E, .top_k = k, .norm_topk_prob = norm,
+                      .hidden = H, .inter = 1};
+    assert_true(moe_cuda_route_small_fits(&cfg, T, El));
+    const size_t es = moe_dtype_size(dt), nx = (size_t)T * H, nw = (size_t)E * H;
+    const size_t nl = (size_t)T * E, nk = (size_t)T * k;
+    void *hx = hmalloc(nx * es), *hw = hmalloc(nw * es);
+    fill_normal(dt, nx, moe_rng_stream(seed, "small-x"), 1.0, hx);
+    fill_normal(dt, nw, moe_rng_stream(seed, "small-router"), 1.0 / sqrt((double)H), hw);
+    if (E > 1) memcpy((char *)hw + (size_t)(E - 1) * H * es, hw, (size_t)H * es);
+    void *dx = dcopy(hx, nx * es), *drouter = dcopy(hw, nw * es);
+    void *dl = dmalloc(nl * es), *dw = dmalloc(nk * es), *dids = dmalloc(nk * 4);
+    void *dc = dmalloc((size_t)El * 4), *doff = dmalloc((size_t)(El + 1) * 4), *dg = dmalloc(nk * 4);
+    int *counter = NULL;
+    assert_int_equal(cudaSuccess, cudaMalloc((void **)&counter, sizeof(int)));
+    assert_int_equal(cudaSuccess, cudaMemset(counter, 0, sizeof(int)));
+    /* the per-stage path's outputs on the same logits */
+    void *dw2 = dmalloc(nk * es), *dids2 = dmalloc(nk * 4), *dc2 = dmalloc((size_t)El * 4);
+    void *doff2 = dmalloc((size_t)(El + 1) * 4), *dg2 = dmalloc(nk * 4);
+    const size_t sb = moe_cuda_sort_scratch_bytes(T, k, El);
+    void *scratch = dmalloc(sb);
+
+    unsigned char *first[5] = {NULL};
+    const size_t bytes[5] = {nk * 4, nk * es, (size_t)El * 4, (size_t)(El + 1) * 4, nk * 4};
+    void *const fused[5] = {dids, dw, dc, doff, dg}, *const staged[5] = {dids2, dw2, dc2, doff2, dg2};
+    static const char *const what[5] = {"topk_ids", "topk_w", "token_counts", "expert_offsets", "gather_idx"};
+    char where[160];
+    snprintf(where, sizeof where, "route_small %s E=%d k=%d H=%d T=%d local [%d,+%d) %s",
+             arch == MOE_ARCH_QWEN3 ? "qwen3" : "llama4", E, k, H, T, begin, El, moe_dtype_name(dt));
+    for (int rep = 0; rep < 2; rep++) {
+        dpoison(dl, nl * es);
+        for (int i = 0; i < 5; i++) dpoison(fused[i], bytes[i]);
+        OK(moe_cuda_route_small(&cfg, dt, T, dx, drouter, dl, dids, dw, begin, El, dc, doff, dg, counter,
+                                0, ERR));
+        int back = -1;
+        d2h(&back, counter, sizeof back);
+        if (back != 0) fail_msg("%s: count-in counter left at %d", where, back);
+        if (rep == 0) {
+            /* logits against the double-precision GEMM */
+            unsigned char *hl = hmalloc(nl * es);
+            d2h(hl, dl, nl * es);
+            for (int t = 0; t < T; t++)
+                for (int e = 0; e < E; e++) {
+                    double ref = 0;
+                    for (int h = 0; h < H; h++)
+                        ref += moe_load_elem(dt, hx, (size_t)t * H + h) * moe_load_elem(dt, hw, (size_t)e * H + h);
+                    const double got = moe_load_elem(dt, hl, (size_t)t * E + e);
+                    if (!close_rel(got, moe_round_to(dt, ref), 1.01 * ulp_tol(dt), 1e-5))
+                        fail_msg("%s: logit [%d,%d] = %.9g, double GEMM %.9g", where, t, e, got, ref);
+                    if (e == E - 1 && E > 1 &&
+                        got != moe_load_elem(dt, hl, (size_t)t * E)) /* the copied row: a tie */
+                        fail_msg("%s: tied logits [%d,0] and [%d,%d] differ", where, t, t, e);
+                }
+            free(hl);
+            /* the per-stage kernels on the same logits */
+            for (int i = 0; i < 5; i++) dpoison(staged[i], bytes[i]);
+            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids2, dw2, 0, ERR));
+            OK(moe_cuda_sort_by_expert(T, k, dids2, begin, El, dc2, doff2, dg2, scratch, sb, 0, ERR));
+        }
+        for (int i = 0; i < 5; i++) {
+            unsigned char *got = hmalloc(bytes[i]);
+            d2h(got, fused[i], bytes[i]);
+            if (rep == 0) {
+                unsigned char *want = hmalloc(bytes[i]);
+                d2h(want, staged[i], bytes[i]);
+                if (memcmp(got, want, bytes[i]) != 0)
+                    fail_msg("%s: %s differs from the per-stage kernels' on the same logits", where, what[i]);
+                free(want);
+                first[i] = got;
+            } else {
+                if (memcmp(got, first[i], bytes[i]) != 0) fail_msg("%s: %s differs run to run", where, what[i]);
+                free(got);
+            }
+        }
+    }
+    for (int i = 0; i < 5; i++) free(first[i]);
+    free(hx); free(hw);
+    cudaFree(dx); cudaFree(drouter); cudaFree(dl); cudaFree(dw); cudaFree(dids); cudaFree(dc);
+    cudaFree(doff); cudaFree(dg); cudaFree(counter); cudaFree(dw2); cudaFree(dids2); cudaFree(dc2);
+    cudaFree(doff2); cudaFree(dg2); cudaFree(scratch);
+}
+
+static void test_route_small(void **state)
+{
+    (void)state;
+    uint64_t seed = moe_test_seed();
+    /* Qwen3-30B-A3B's router (16-byte loads), decode sizes, the largest T, a local range */
+    const int qt[4] = {1, 8, 9, 32};
+    for (int i = 0; i < 4; i++)
+        check_route_small_case(MOE_ARCH_QWEN3, true, 128, 8, 2048, qt[i], 0, 128, MOE_DTYPE_BF16, seed + i);
+    check_route_small_case(MOE_ARCH_QWEN3, true, 128, 8, 2048, 9, 32, 64, MOE_DTYPE_BF16, seed + 4);
+    check_route_small_case(MOE_ARCH_QWEN3, false, 128, 8, 2048, 3, 0, 128, MOE_DTYPE_F16, seed + 5);
+    /* Llama-4-Scout's (E = 16: two blocks of experts; k = 1), bf16 and fp16 */
+    check_route_small_case(MOE_ARCH_LLAMA4, false, 16, 1, 5120, 1, 0, 16, MOE_DTYPE_BF16, seed + 6);
+    check_route_small_case(MOE_ARCH_LLAMA4, false, 16, 1, 5120, 17, 4, 8, MOE_DTYPE_F16, seed + 7);
+    /* odd H (element loads), E < 8, every dtype; fp32 with 16-byte loads; k = E */
+    for (int d = 0; d < 3; d++) {
+        check_route_small_case(MOE_ARCH_QWEN3, true, 7, 3, 37, 5, 0, 7, k_dtypes[d], seed + 8 + d);
+        check_route_small_case(MOE_ARCH_LLAMA4, false, 7, 3, 37, 1, 2, 3, k_dtypes[d], seed + 11 + d);
+    }
+    check_route_small_case(MOE_ARCH_QWEN3, true, 60, 4, 64, 32, 0, 60, MOE_DTYPE_F32, seed + 14);
+    check_route_small_case(MOE_ARCH_QWEN3, false, 60, 60, 16, 32, 0, 60, MOE_DTYPE_BF16, seed + 15);
+    /* what does not fit is refused with the reason, nothing launched */
+    moe_config cfg = {.arch = MOE_ARCH_QWEN3, .num_experts = 128, .top_k = 8, .hidden = 64, .inter = 1};
+    assert_false(moe_cuda_route_small_fits(&cfg, MOE_ROUTE_SMALL_MAX_T + 1, 128));
+    assert_false(moe_cuda_route_small_fits(&cfg, 0, 128));
+    cfg.top_k = 128;
+    assert_false(moe_cuda_route_small_fits(&cfg, 32, 128)); /* T*k = 4096 > one sort chunk */
+    cfg.top_k = 8;
+    cfg.num_experts = 4096;
+    assert_false(moe_cuda_route_small_fits(&cfg, 1, 64)); /* 8 x 4096 scores: 128 KB */
+    cfg.num_experts = 128;
+    void *d = dmalloc(1 << 20);
+    moe_error e = {0};
+    assert_int_equal(MOE_ERR_INVALID_ARG,
+                     moe_cuda_route_small(&cfg, MOE_DTYPE_BF16, MOE_ROUTE_SMALL_MAX_T + 1, d, d, d, d, d, 0,
+                                          128, d, d, d, d, 0, &e));
+    assert_non_null(strstr(e.msg, "does not fit"));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_small(&cfg, MOE_DTYPE_BF16, 4, d, d, d, d, d, 0,
+                                                               128, d, d, d, NULL, 0, &e));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_small(&cfg, MOE_DTYPE_I32, 4, d, d, d, d, d, 0,
+                                                               128, d, d, d, d, 0, &e));
+    assert_int_equal(cudaSuccess, cudaDeviceSynchronize());
+    assert_int_equal(cudaSuccess, cudaGetLastError());
+    cudaFree(d);
+}
+
 static void test_invalid_args(void **state)
 {
     (void)state;
@@ -641,7 +780,7 @@ int main(void)
         cmocka_unit_test(test_sort),             cmocka_unit_test(test_sum_topk),
         cmocka_unit_test(test_silu_mul),         cmocka_unit_test(test_silu_mul_backward),
         cmocka_unit_test(test_router_backward),  cmocka_unit_test(test_row_dot),
-        cmocka_unit_test(test_invalid_args),
+        cmocka_unit_test(test_route_small),      cmocka_unit_test(test_invalid_args),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #else

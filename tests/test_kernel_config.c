@@ -180,11 +180,13 @@ static void test_wgmma_options(void **state)
         moe_error_clear(&err);
         assert_int_equal(moe_kernel_config_resolve(&c, MOE_DTYPE_BF16, 0, &got, &err),
                          MOE_ERR_INVALID_ARG);
-        assert_non_null(strstr(err.msg, ",tma"));
+        assert_non_null(strstr(err.msg, "kernel config 128x128x64,w8,s3,")); /* names the request */
+        assert_non_null(strstr(err.msg, "which are: 128x256x64,w12,s4,tma")); /* what takes them */
     }
     assert_int_equal(moe_kernel_config_parse("64x64x16,staged", &c, &err), MOE_OK);
     moe_error_clear(&err);
     assert_int_equal(moe_kernel_config_validate(&c, MOE_DTYPE_F32, &err), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "none for fp32"));
 
     /* repeated, conflicting or misspelt options */
     const char *bad[] = {"128x256x64,tma,staged,direct", "128x256x64,tma,staged,staged",

@@ -18,7 +18,7 @@
  * graph per input set and replays are timed alone with events; the graph(ms) column is their
  * median, beside (not instead of) the eager time column.
  * %fill: the routed rows' share of the row slots of 128-row tiles (sum over the local experts of
- * ceil(rows_e / 128) tiles, mean over the input sets): the padding that a grouped GEMM with
+ * ceil(rows_e / 128) tiles; all input sets' rows over all their slots): the padding that a grouped GEMM with
  * 128-row tiles computes or streams weights for, and a dense GEMM of the same M does not. */
 #include <math.h>
 #include <stdio.h>

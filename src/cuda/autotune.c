@@ -1,8 +1,12 @@
 /*
  * autotune.c — see autotune.h. Times every compiled configuration of the grouped GEMM on the
  * real problem and keeps the fastest in a JSON cache:
- *   { "version": 1,
- *     "entries": { "<key>": { "config": "128x128x32,w8,s3", "ms": 0.123, "candidates": 9 } } }
+ *   { "version": 2,
+ *     "entries": { "<key>": { "config": "128x256x64,w12,s3,tma,staged,acp", "ms": 0.123,
+ *                             "candidates": 9, "version": 2 } } }
+ * An entry without "version": 2 was tuned before the wgmma kernels' epilogue / A-load options
+ * were candidates (its ",tma" configuration names no options): it counts as a miss and is
+ * re-tuned and replaced.
  */
 #include "autotune.h"
 
@@ -17,7 +21,9 @@
 #include "kernel_config.h"
 
 #define AT_REPS 5
-#define AT_VERSION 1
+#define AT_VERSION 2
+
+static bool quiet(void);
 
 /* ---- keys ---- */
 
@@ -175,7 +181,13 @@ static bool cache_get(const char *path, const char *key, moe_dtype dt, moe_kerne
     cJSON *entry = cJSON_GetObjectItemCaseSensitive(
         cJSON_GetObjectItemCaseSensitive(root, "entries"), key);
     cJSON *cfg = cJSON_GetObjectItemCaseSensitive(entry, "config");
-    if (cJSON_IsString(cfg)) {
+    cJSON *ver = cJSON_GetObjectItemCaseSensitive(entry, "version");
+    const bool current = cJSON_IsNumber(ver) && ver->valueint == AT_VERSION;
+    if (cJSON_IsString(cfg) && !current) {
+        if (!quiet())
+            fprintf(stderr, "moe-ep autotune: cache %s: entry \"%s\" is from an older tuner (no "
+                            "kernel options tried); re-tuning\n", path, key);
+    } else if (cJSON_IsString(cfg)) {
         moe_kernel_config c;
         moe_error e2;
         moe_error_clear(&e2);
@@ -202,6 +214,7 @@ static moe_status cache_put(const char *path, const char *key, const moe_kernel_
     cJSON_AddStringToObject(entry, "config", moe_kernel_config_str(c, buf, sizeof buf));
     cJSON_AddNumberToObject(entry, "ms", ms);
     cJSON_AddNumberToObject(entry, "candidates", candidates);
+    cJSON_AddNumberToObject(entry, "version", AT_VERSION);
     if (cJSON_GetObjectItemCaseSensitive(entries, key))
         cJSON_ReplaceItemInObjectCaseSensitive(entries, key, entry);
     else
@@ -280,12 +293,12 @@ static moe_status time_config(const at_problem *p, const moe_kernel_config *c, c
 }
 
 /* The wgmma run-time options tried on every ",tma" configuration (moe_kernel_config.epilogue,
- * .a_load): the automatic choice first, then each forced path. Options a problem cannot take
- * run the same kernel path as another candidate; the launch report shows that and the
- * duplicate is not timed. */
-static const int k_epilogue_options[] = {MOE_GG_EPILOGUE_AUTO, MOE_GG_EPILOGUE_DIRECT,
-                                         MOE_GG_EPILOGUE_STAGED};
-static const int k_a_load_options[] = {MOE_GG_A_AUTO, MOE_GG_A_TMA};
+ * .a_load), each path named explicitly, so what is timed does not depend on the environment's
+ * diagnostics (MOE_WGMMA_EPILOGUE / MOE_WGMMA_A_TMA apply only to unnamed options). Options a
+ * problem cannot take run the same kernel path as another candidate; the launch report shows
+ * that and the duplicate is not timed. */
+static const int k_epilogue_options[] = {MOE_GG_EPILOGUE_DIRECT, MOE_GG_EPILOGUE_STAGED};
+static const int k_a_load_options[] = {MOE_GG_A_CPASYNC, MOE_GG_A_TMA};
 #define AT_MAX_CANDIDATES 256
 
 /* Every candidate for p: the compiled list, with the option variants of the wgmma entries. */
@@ -311,7 +324,7 @@ static int list_candidates(const at_problem *p, const moe_kernel_config *list, i
             for (int al = 0; al < n_a && count < AT_MAX_CANDIDATES; al++) {
                 out[count] = *lc;
                 out[count].epilogue = k_epilogue_options[ep];
-                out[count].a_load = k_a_load_options[al];
+                out[count].a_load = p->dw ? MOE_GG_A_AUTO : k_a_load_options[al]; /* dW: no choice */
                 count++;
             }
     }

@@ -59,6 +59,8 @@ struct cuda_block {
     void *sgu, *sact; /* shared expert [T,2Is] and [T,Is] */
     void *sort_scratch;
     size_t sort_scratch_bytes;
+    int *route_counter; /* moe_cuda_route_small's count-in counter (zero between launches) */
+    bool route_small;   /* the last route ran as moe_cuda_route_small */
     /* the forward whose shared-expert intermediates sgu/sact hold (backward reuses them) */
     const void *last_x;
     int last_T;
@@ -296,6 +298,8 @@ static moe_status create_inner(cuda_block *b, const moe_weights *w, int max_T, b
     MOE_TRY(balloc(b, &b->gemm2_out, M * H * es, "gemm2 out", err));
     b->sort_scratch_bytes = moe_cuda_sort_scratch_bytes(max_T, b->k, b->El);
     MOE_TRY(balloc(b, &b->sort_scratch, b->sort_scratch_bytes, "sort scratch", err));
+    MOE_TRY(balloc(b, (void **)&b->route_counter, sizeof(int), "route counter", err));
+    CUDA_TRY(cudaMemset(b->route_counter, 0, sizeof(int)), "zeroing the route counter");
     if (b->shared) {
         MOE_TRY(balloc(b, &b->shared_out, T * H * es, "shared out", err));
         MOE_TRY(balloc(b, &b->sgu, T * 2 * Is * es, "shared gate|up out", err));
@@ -372,6 +376,8 @@ moe_status cuda_block_set_stream(cuda_block *b, cudaStream_t stream, moe_error *
 }
 
 const moe_config *cuda_block_config(const cuda_block *b) { return &b->cfg; }
+
+bool cuda_block_route_was_small(const cuda_block *b) { return b && b->route_small; }
 moe_dtype cuda_block_dtype(const cuda_block *b) { return b->dt; }
 void cuda_block_experts(const cuda_block *b, int *expert_begin, int *expert_count)
 {
@@ -615,10 +621,25 @@ void cuda_block_set_phase_events(cuda_block *b, cudaEvent_t *events)
     if (b) b->phase_ev = events;
 }
 
+/* MOE_ROUTE_SMALL=1: batches of up to MOE_ROUTE_SMALL_MAX_T tokens route in one launch
+ * (moe_cuda_route_small) instead of five; off until measured on a GPU (docs/KERNELS.md). */
+static bool route_small_wanted(void)
+{
+    const char *v = getenv("MOE_ROUTE_SMALL");
+    return v && strcmp(v, "1") == 0;
+}
+
 static moe_status route_into(cuda_block *b, const void *x, int T, void *logits, int32_t *ids,
                              void *w, int32_t *counts, int32_t *offsets, int32_t *gather,
                              moe_error *err)
 {
+    b->route_small = route_small_wanted() && moe_cuda_route_small_fits(&b->cfg, T, b->El);
+    if (b->route_small) {
+        MOE_TRY(moe_cuda_route_small(&b->cfg, b->dt, T, x, b->router, logits, ids, w, b->begin,
+                                     b->El, counts, offsets, gather, b->route_counter, b->s0, err));
+        MOE_TRY(mark_phase(b, 1, err)); /* routing and sorting are one launch: permute is empty */
+        return mark_phase(b, 2, err);
+    }
     /* logits [T,E] = x [T,H] @ router [E,H]^T, written in the activation dtype (rounded, as HF
      * rounds the router logits before top-k). */
     MOE_TRY(blas_gemm(b->h0, b->dt, T, b->E, b->H, x, b->H, false, b->router, b->H, false, logits,

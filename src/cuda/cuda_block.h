@@ -73,6 +73,10 @@ typedef enum cuda_gemm_stage {
 void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_kernel_config *cfg);
 /* What the last launch of that stage reported (kernel NULL before the first launch). */
 const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_stage stage);
+/* Whether the block's last route (forward or cuda_block_route) ran as one launch
+ * (moe_cuda_route_small: MOE_ROUTE_SMALL=1 and a batch it fits) rather than the router GEMM +
+ * top-k + sort kernels. */
+bool cuda_block_route_was_small(const cuda_block *b);
 /* Autotuning: with on, every stage whose configuration was not forced runs the configuration
  * the autotuner picks for its real problem (src/cuda/autotune.h), persisted in cache_path
  * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream

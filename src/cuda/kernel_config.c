@@ -266,11 +266,24 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
         if (!pick_listed(&want, list, n, out)) *out = list[0];
         return MOE_OK;
     }
-    if ((req->epilogue || req->a_load) && !req->use_tma)
+    if ((req->epilogue || req->a_load) && !req->use_tma) {
+        /* name the configurations that take them (none for fp32) */
+        char wg[400] = "";
+        size_t used = 0;
+        for (int i = 0; i < n; i++) {
+            if (!list[i].use_tma) continue;
+            char one[64];
+            int w = snprintf(wg + used, sizeof wg - used, "%s%s", used ? " | " : "",
+                             moe_kernel_config_str(&list[i], one, sizeof one));
+            if (w < 0 || (size_t)w >= sizeof wg - used) break;
+            used += (size_t)w;
+        }
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "kernel config %s: ,staged ,direct ,atma and ,acp are options of the "
-                        "Hopper wgmma configurations (add \",tma\")",
-                        moe_kernel_config_str(req, buf, sizeof buf));
+                        "kernel config %s: ,staged ,direct ,atma and ,acp are options of the Hopper "
+                        "wgmma configurations%s%s",
+                        moe_kernel_config_str(req, buf, sizeof buf),
+                        used ? ", which are: " : "; there are none for ", used ? wg : moe_dtype_name(dtype));
+    }
     if (pick_listed(req, list, n, out)) return MOE_OK;
     return no_match(req, dtype, err);
 }

@@ -20,14 +20,19 @@ extern "C" {
 int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list);
 /* The fixed configuration the narrow (rows not 16-byte aligned) fallback runs. */
 moe_kernel_config moe_kernel_config_narrow(void);
-/* "128x128x32,w8,s3" (",tma" appended when set) into buf; returns buf. */
+/* "128x128x32,w8,s3", with ",tma", ",c2" and the wgmma options (",staged"/",direct",
+ * ",atma"/",acp") appended when set, into buf; "auto" for all zeros; returns buf. */
 const char *moe_kernel_config_str(const moe_kernel_config *cfg, char *buf, size_t len);
 /* Turn a request into one compiled configuration:
- *   req NULL or all zeros -> the default for dtype given avg_rows (rows per expert, a hint);
+ *   req NULL or zero tile fields -> the default for dtype given avg_rows (rows per expert, a
+ *                           hint); epilogue / a_load options given with it are kept where the
+ *                           default is a wgmma configuration and dropped where it is not;
  *   some fields zero      -> the first listed configuration matching the non-zero fields;
  *   all fields set        -> that configuration, if compiled.
  * use_tma must match too: "128x256x64,w12,s4,tma" names a Hopper wgmma configuration (a
- * launcher that cannot run it falls back to moe_kernel_config_default_mma by itself).
+ * launcher that cannot run it falls back to moe_kernel_config_default_mma by itself). The
+ * options are copied to the result; on a request without use_tma they are an error, and so
+ * are values outside moe_gg_epilogue / moe_gg_a_load.
  * MOE_ERR_INVALID_ARG (listing the valid ones) when nothing matches, MOE_ERR_UNSUPPORTED for a
  * dtype without kernels. */
 moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dtype, int avg_rows,
