@@ -15,7 +15,8 @@
 # sweep is repeated with that environment, as mlp_*_variant), SAN=1 (compute-sanitizer memcheck
 # and racecheck on the grouped-GEMM test's small cases), CHECKS="qwen3-30b-a3b llama4-scout"
 # (moe-ep check --backward of each at CHECK_T tokens, default 4096, --sample 32, after the sweeps),
-# AUTOTUNE=1 (each layer sweep once more with --autotune; the picks land in logs/autotune.json).
+# AUTOTUNE=1 (each layer sweep once more with --autotune; the picks land in logs/autotune.json),
+# DECODE=1 (T = 1 ... 128 with --graph, with and without MOE_ROUTE_SMALL=1, both models).
 # (This script took over launch/device_gg_wgmma.sh of rounds 1-2: its old-vs-new layer benches
 # are CONFIGS="128x128x64,w8,s3", its checks CHECKS=..., its sanitizers SAN=1.)
 set -uo pipefail
@@ -108,6 +109,14 @@ if [ "${MLP:-1}" = 1 ]; then
   done
   run_bench fwdbwd_qwen3 --model qwen3-30b-a3b --mode fwdbwd -b 4096 -e 4096 -w 3 -n 10
 fi
+if [ "${DECODE:-0}" = 1 ]; then
+  # small batches with CUDA-graph replays, the per-stage route against the one-launch route
+  # (MOE_ROUTE_SMALL=1: T <= 32 in one launch), Llama-4 with its shared expert as served
+  for m in qwen3-30b-a3b llama4-scout; do
+    run_bench "decode_${m}" --model $m -b 1 -e 128 -f 2 -w 5 -n 50 --graph
+    MOE_ROUTE_SMALL=1 run_bench "decode_${m}_route_small" --model $m -b 1 -e 128 -f 2 -w 5 -n 50 --graph
+  done
+fi
 
 for m in ${CHECKS:-}; do
   room 60 || { summary+=("check $m skipped (budget)"); continue; }
@@ -121,16 +130,18 @@ printf '%s\n' "${summary[@]}"
 for T in ${GG_T:-4096 16384 1024}; do
   grep -h "SUMMARY" "$log/gg_bench_$T.txt" 2>/dev/null | grep -E "tma|cuBLAS|default" | grep -v "prefetch" | sed -e 's/  */ /g'
 done
-for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt; do
+for f in "$log"/mlp_*.txt "$log"/fwdbwd_*.txt "$log"/decode_*.txt; do
   [ -f "$f" ] || continue
   echo "== $(basename "$f" .txt): $(grep -E '^# kernels' "$f" | tail -1 | cut -c1-150)"
   # from the run's CSV, columns by name (empty where a mode has none):
-  # T time TFLOP/s %roof %copy fill | route permute gemm1 gemm2 combine | dense x-dense wrong
+  # T time TFLOP/s %roof %copy fill | route permute gemm1 gemm2 combine | dense x-dense wrong | graph %copy
+  # (graph: the CUDA-graph replay's ms and %copy, decode runs only)
   csv=${f%.txt}.csv
   [ -f "$csv" ] && awk -F, 'NR==1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
     function v(n) { return (n in c) ? $(c[n]) : "" }
-    { printf "%s %s %s %s %s %s | %s %s %s %s %s | %s %s %s\n", v("T"), v("time_ms"), v("tflops"),
+    { printf "%s %s %s %s %s %s | %s %s %s %s %s | %s %s %s | %s %s\n", v("T"), v("time_ms"), v("tflops"),
       v("pct_roofline"), v("pct_copy"), v("tile_fill"), v("route_ms"), v("permute_ms"), v("gemm1_ms"),
-      v("gemm2_ms"), v("combine_ms"), v("dense_ms"), v("x_dense"), v("wrong") }' "$csv" | head -8
+      v("gemm2_ms"), v("combine_ms"), v("dense_ms"), v("x_dense"), v("wrong"), v("graph_ms"),
+      v("graph_pct_copy") }' "$csv" | head -8
 done
 tar -czf "$out/logs.tgz" -C "$log/.." logs 2>/dev/null
