@@ -268,7 +268,7 @@ sort_scatter_kernel(long long M, const int32_t *__restrict__ ids, int begin, int
     for (int e = threadIdx.x; e < El; e += blockDim.x) run[e] = bases[(size_t)e * nb + blockIdx.x];
     for (int i = threadIdx.x; i < SORT_WARPS * El; i += blockDim.x) wcnt[i] = 0;
     __syncthreads();
-    sort_scatter_chunk(M, ids, begin, El, (long long)blockIdx.x * SORT_CHUNK, run, wcnt, offsets[El],
+    sort_scatter_chunk(M, ids, begin, El, (long long)blockIdx.x * SORT_CHUNK, run, wcnt, offsets + El,
                        gather);
 }
 

@@ -140,12 +140,12 @@ __device__ __forceinline__ void sort_hist_chunk(long long M, const int32_t *ids,
  * SORT_THREADS threads: run[El] (shared) holds each local expert's next free output row for
  * this chunk, wcnt[SORT_WARPS][El] (shared) zeros; both ready before the call (the caller's
  * __syncthreads). Each tile of SORT_THREADS entries is ranked by warp match + the counts of
- * the earlier warps + run, so equal experts keep ascending f. Then rows [kept, M) of
- * gather_idx (M = T*k flat entries, kept = rows of local experts) that fall in this chunk get
- * -1. */
+ * the earlier warps + run, so equal experts keep ascending f. Then rows [*kept, M) of
+ * gather_idx (M = T*k flat entries, *kept = rows of local experts, read only then) that fall in
+ * this chunk get -1. */
 __device__ __forceinline__ void sort_scatter_chunk(long long M, const int32_t *ids, int begin,
                                                    int El, long long base, int *run,
-                                                   int *wcnt, int kept, int32_t *__restrict__ gather)
+                                                   int *wcnt, const int *kept, int32_t *__restrict__ gather)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const unsigned lt_mask = (1u << lane) - 1u;
@@ -170,9 +170,10 @@ __device__ __forceinline__ void sort_scatter_chunk(long long M, const int32_t *i
         __syncthreads();
     }
     /* Rows [M_kept, T*k) of gather_idx belong to nobody: mark them. */
+    const int kept_rows = *kept;
     for (int i = threadIdx.x; i < SORT_CHUNK; i += blockDim.x) {
         const long long p = base + i;
-        if (p < M && p >= kept) gather[p] = -1;
+        if (p < M && p >= kept_rows) gather[p] = -1;
     }
 }
 

@@ -127,7 +127,7 @@ route_small_kernel(int T, int E, int H, int k, bool qwen, bool norm, bool vec,
         }
     }
     __syncthreads();
-    sort_scatter_chunk(M, ids, begin, El, 0, run, wcnt, s_kept, gather);
+    sort_scatter_chunk(M, ids, begin, El, 0, run, wcnt, &s_kept, gather);
     if (threadIdx.x == 0) *done = 0; /* ready for the next launch */
 }
 
