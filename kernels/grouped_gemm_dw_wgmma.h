@@ -16,9 +16,10 @@
 bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a);
 
 /* Launch it (after moe_gg_dw_wgmma_applicable said yes). epilogue: the configuration's
- * moe_gg_epilogue option (",staged": the 3-stage kernel with the staged epilogue, where its
- * shared memory fits; auto: MOE_WGMMA_EPILOGUE, else the 4-stage kernel). *staged_epilogue (may
- * be NULL): whether this launch ran the staged kernel. */
+ * moe_gg_epilogue option (",staged" or auto, the default: the 3-stage kernel with the staged
+ * epilogue, where its shared memory fits; ",direct" or MOE_WGMMA_EPILOGUE=direct: the 4-stage
+ * kernel storing from registers). *staged_epilogue (may be NULL): whether this launch ran the
+ * staged kernel. */
 cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue, cudaStream_t stream,
                                    int *staged_epilogue);
 

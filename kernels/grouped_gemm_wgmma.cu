@@ -105,7 +105,7 @@ struct WgParams {
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
     int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
     int a_tma;         /* A rows by TMA (tmap_a), not the cp.async gather: no permute_x, no
-                          clusters (",atma" or MOE_WGMMA_A_TMA=1; off until measured) */
+                          clusters (",atma", or no option: the default; wg_a_tma_wanted) */
     int out_pitch;     /* > 0: the staged epilogue, through a shared output tile of 128 rows of
                           this many bytes and bulk copies (wg_out_pitch); 0: from registers */
     int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */

@@ -476,12 +476,14 @@ inline int wg_epilogue_mode(int config_option)
 }
 
 /* Whether a launch asks for A by TMA (moe_gg_a_load): the configuration's option (",atma" /
- * ",acp") if it names one, else the MOE_WGMMA_A_TMA=1 diagnostic; off otherwise (the default
- * until measured). The kernel still takes it only where A needs no gather. */
+ * ",acp") if it names one, else the MOE_WGMMA_A_TMA diagnostic ("0": cp.async), else yes: the
+ * default since the H200 run of 2026-12-05 (docs/KERNELS.md, round 6: GEMM2 and the dX GEMM of
+ * dgu 8-17% faster, never slower). The kernel still takes it only where A needs no gather. */
 inline bool wg_a_tma_wanted(int config_option)
 {
     if (config_option != MOE_GG_A_AUTO) return config_option == MOE_GG_A_TMA;
-    return env_flag("MOE_WGMMA_A_TMA");
+    const char *v = getenv("MOE_WGMMA_A_TMA");
+    return !(v && strcmp(v, "0") == 0);
 }
 
 /* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA

@@ -1386,10 +1386,8 @@ static void test_wgmma_persistent(void **state)
                 setenv("MOE_WGMMA_EPILOGUE", modes[mode].epilogue, 1);
             else
                 unsetenv("MOE_WGMMA_EPILOGUE");
-            if (modes[mode].a_tma)
-                setenv("MOE_WGMMA_A_TMA", "1", 1);
-            else
-                unsetenv("MOE_WGMMA_A_TMA");
+            /* (A by TMA is the default where A needs no gather: "0" keeps cp.async covered) */
+            setenv("MOE_WGMMA_A_TMA", modes[mode].a_tma ? "1" : "0", 1);
             for (size_t si = 0; si < sizeof k_wg_shapes / sizeof k_wg_shapes[0]; si++) {
                 const shape *sh = &k_wg_shapes[si];
                 route rt;
@@ -1511,7 +1509,7 @@ static void test_wgmma_epilogue_paths(void **state)
                 moe_kernel_config run_cfg = *cfg;
                 if (m < 6) {
                     run_cfg.epilogue = epi[em];
-                    run_cfg.a_load = atma ? MOE_GG_A_TMA : MOE_GG_A_AUTO;
+                    run_cfg.a_load = atma ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
                 } else {
                     setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
                     setenv("MOE_WGMMA_A_TMA", "1", 1);
@@ -1634,11 +1632,12 @@ static void test_wgmma_dw(void **state)
     assert_true(wg_configs(&wg) > 0);
     int failures = 0, runs = 0;
     for (int cap = 0; cap < 5; cap++) {
-        /* 3, 4: the capped grids again with the staged epilogue (3-stage kernel) */
+        /* 0-2: the default (staged epilogue, 3-stage kernel); 3, 4: the capped grids again with
+         * the 4-stage kernel storing from registers */
         const char *caps[5] = {"", "1", "3", "1", "3"};
         if (cap) setenv("MOE_WGMMA_MAX_CTAS", caps[cap], 1);
         if (cap >= 3)
-            setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
+            setenv("MOE_WGMMA_EPILOGUE", "direct", 1);
         else
             unsetenv("MOE_WGMMA_EPILOGUE");
         for (int d = 0; d < 2; d++) {
@@ -1655,7 +1654,7 @@ static void test_wgmma_dw(void **state)
                     c.cfg = &wg[0];
                     snprintf(name, sizeof name, "%s %s wgmma dW pdy%d px%d sdy%d sx%d max_ctas=%s%s",
                              moe_dtype_name(dt), sh->name, c.pdy, c.px, c.sdy, c.sx,
-                             cap ? caps[cap] : "-", cap >= 3 ? " staged" : "");
+                             cap ? caps[cap] : "-", cap >= 3 ? " direct" : "");
                     c.name = name;
                     const bool fits = (c.N * 2) % 16 == 0 && (c.K * 2) % 16 == 0 && !(c.sdy && c.sx);
                     c.expect_kernel = hopper && fits ? "grouped_gemm_dw_wgmma" : "grouped_gemm_dw_mma";
@@ -2279,15 +2278,15 @@ static void bench_model(const model_dims *m, int T, bool full)
             g1.C_preact = pre_saved;
             float id2t = time_gg_env("MOE_WGMMA_EPILOGUE", "direct", &g2, c);
             float is2t = time_gg_env("MOE_WGMMA_EPILOGUE", "staged", &g2, c);
-            float ta2t = time_gg_env("MOE_WGMMA_A_TMA", "1", &g2, c); /* GEMM2's A: no gather */
+            float ta2t = time_gg_env("MOE_WGMMA_A_TMA", "0", &g2, c); /* GEMM2's A by cp.async */
             /* GEMM1 (inference: no C_preact) on x pre-permuted into expert order: A rows by
              * cp.async without the gather's scatter, and by TMA; against i1t (gathered) */
             moe_grouped_gemm_args g1p = g1;
             g1p.permute_x = false;
             g1p.A = xperm.dev;
             g1p.C_preact = NULL;
-            float pp1t = time_ms(run_gg, &g1p, c, 10);
-            float pt1t = time_gg_env("MOE_WGMMA_A_TMA", "1", &g1p, c);
+            float pp1t = time_gg_env("MOE_WGMMA_A_TMA", "0", &g1p, c);
+            float pt1t = time_ms(run_gg, &g1p, c, 10); /* A by TMA: the default */
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s GEMM1 without C_preact: gathered x %7.3f | x "
                             "pre-permuted [M,H], cp.async %7.3f, by TMA %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(c, cs, sizeof cs), i1t, pp1t, pt1t);
@@ -2316,7 +2315,7 @@ static void bench_model(const model_dims *m, int T, bool full)
                     i1t, ie1t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s epilogue auto: GEMM1 without C_preact "
                             "%7.3f GEMM2 %7.3f | direct %7.3f %7.3f | staged %7.3f %7.3f | no "
-                            "epilogue %7.3f %7.3f | GEMM2 with A by TMA %7.3f ms\n",
+                            "epilogue %7.3f %7.3f | GEMM2 with A by cp.async %7.3f ms\n",
                     m->name, T, moe_kernel_config_str(&list[i], cs, sizeof cs), i1t, d2t, id1t, id2t,
                     is1t, is2t, ie1t, e2t, ta2t);
             fprintf(stderr, "SUMMARY %-14s T=%-5d %s with proxy fence GEMM1 %7.3f GEMM2 %7.3f | "
@@ -2357,10 +2356,10 @@ static void bench_model(const model_dims *m, int T, bool full)
         const moe_kernel_config mma = moe_kernel_config_default_mma(dt, M / m->E);
         float w3 = time_ms(run_gg, &g3, NULL, 10), w4 = time_ms(run_gg, &g4, NULL, 10);
         float m3 = time_ms(run_gg, &g3, &mma, 10), m4 = time_ms(run_gg, &g4, &mma, 10);
-        float a4 = time_gg_env("MOE_WGMMA_A_TMA", "1", &g4, NULL); /* dgu in expert order */
+        float a4 = time_gg_env("MOE_WGMMA_A_TMA", "0", &g4, NULL); /* dgu by cp.async */
         fprintf(stderr, "SUMMARY %-14s T=%-5d dX (b_kn) default: GEMM2-dX %7.3f GEMM1-dX %7.3f sum %7.3f ms "
                         "(%.1f TF/s) | mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx | "
-                        "GEMM1-dX with A by TMA %7.3f ms\n",
+                        "GEMM1-dX with A by cp.async %7.3f ms\n",
                 m->name, T, w3, w4, w3 + w4, (f1 + f2) / (w3 + w4) * 1e-9, m3, m4, m3 + m4,
                 (m3 + m4) / (w3 + w4), a4);
     }
@@ -2397,12 +2396,12 @@ static void bench_model(const model_dims *m, int T, bool full)
         setenv("MOE_WGMMA_SKIP_EPILOGUE", "1", 1); /* the wgmma dW without its stores */
         float e13t = time_ms(run_dw, &d13, NULL, 10), e2t = time_ms(run_dw, &d2, NULL, 10);
         unsetenv("MOE_WGMMA_SKIP_EPILOGUE");
-        setenv("MOE_WGMMA_EPILOGUE", "staged", 1); /* the 3-stage dW with the staged epilogue */
+        setenv("MOE_WGMMA_EPILOGUE", "direct", 1); /* the 4-stage dW storing from registers */
         float s13t = time_ms(run_dw, &d13, NULL, 10), s2t = time_ms(run_dw, &d2, NULL, 10);
         unsetenv("MOE_WGMMA_EPILOGUE");
         fprintf(stderr, "SUMMARY %-14s T=%-5d dW default: dW13 %7.3f dW2 %7.3f sum %7.3f ms (%.1f TF/s) | "
                         "mma.sync default %7.3f %7.3f sum %7.3f ms | speedup %.2fx | without the "
-                        "stores %7.3f %7.3f | staged epilogue %7.3f %7.3f ms\n",
+                        "stores %7.3f %7.3f | direct epilogue (4 stages) %7.3f %7.3f ms\n",
                 m->name, T, w13t, w2t, w13t + w2t, (f1 + f2) / (w13t + w2t) * 1e-9, m13t, m2t,
                 m13t + m2t, (m13t + m2t) / (w13t + w2t), e13t, e2t, s13t, s2t);
     }
