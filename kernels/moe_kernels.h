@@ -48,7 +48,7 @@ typedef struct moe_kernel_report {
     moe_kernel_config config;
     int used_tma;
     int staged_epilogue; /* wgmma: outputs went through shared memory and bulk copies */
-    int a_tma;           /* wgmma: A rows came by TMA (",atma" or MOE_WGMMA_A_TMA=1, no permute_x) */
+    int a_tma;           /* wgmma: A rows came by TMA (the default without permute_x; ",acp" not) */
 } moe_kernel_report;
 
 /* Parse "128x128x64,w8,s3,tma" style strings; a reason in err when invalid. */

@@ -40,7 +40,7 @@ typedef enum moe_epilogue {
  *      permutation as C.
  *   max_rows: with gather_idx, its entries are flat indices in [0, max_rows), so max_rows is
  *      T*k there. Without permute_x, A must hold max_rows rows when the CUDA wgmma kernel
- *      loads it by TMA (MOE_WGMMA_A_TMA=1: whole boxes from the tile's first row, up to
+ *      loads it by TMA (its default there: whole boxes from the tile's first row, up to
  *      max_rows; rows past the experts' end are read, multiplied and never stored). The CPU twin requires expert_offsets[num_experts] <= max_rows and rejects an
  *      out-of-range gather index (and, with permute_y, a flat index stored twice); the CUDA
  *      kernel, which cannot check on the host, skips such a row.

@@ -622,7 +622,8 @@ void cuda_block_set_phase_events(cuda_block *b, cudaEvent_t *events)
 }
 
 /* MOE_ROUTE_SMALL=1: batches of up to MOE_ROUTE_SMALL_MAX_T tokens route in one launch
- * (moe_cuda_route_small) instead of five; off until measured on a GPU (docs/KERNELS.md). */
+ * (moe_cuda_route_small) instead of five; off by default: measured faster only at T <= 2
+ * (docs/PERF.md, round 6). */
 static bool route_small_wanted(void)
 {
     const char *v = getenv("MOE_ROUTE_SMALL");
