@@ -1427,6 +1427,24 @@ static void test_wgmma_persistent(void **state)
     assert_int_equal(failures, 0);
 }
 
+/* One launch of a with cfg, its report in rep, synchronised; with env, under
+ * MOE_WGMMA_EPILOGUE=staged and MOE_WGMMA_A_TMA=1 (cleared again after). */
+static void launch_under_staged_tma_env(const moe_grouped_gemm_args *a, const moe_kernel_config *cfg,
+                                        bool env, moe_kernel_report *rep)
+{
+    if (env) {
+        setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
+        setenv("MOE_WGMMA_A_TMA", "1", 1);
+    }
+    moe_error err;
+    moe_error_clear(&err);
+    memset(rep, 0, sizeof *rep);
+    assert_int_equal(moe_cuda_grouped_gemm(a, cfg, 0, rep, &err), MOE_OK);
+    CK(cudaDeviceSynchronize());
+    unsetenv("MOE_WGMMA_EPILOGUE");
+    unsetenv("MOE_WGMMA_A_TMA");
+}
+
 /* Which launches stage their epilogue in shared memory (the configuration's ",staged" /
  * ",direct" or neither; MOE_WGMMA_EPILOGUE where it names neither) and load A by TMA (",atma";
  * MOE_WGMMA_A_TMA=1), as the report says, against the rules in
@@ -1475,17 +1493,11 @@ static void test_wgmma_epilogue_paths(void **state)
             moe_error_clear(&err);
             /* the reference run: register epilogue, A gathered by cp.async, named by the
              * configuration's options (which win over the environment's diagnostics) */
-            setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
-            setenv("MOE_WGMMA_A_TMA", "1", 1);
             moe_kernel_config ref_cfg = *cfg;
             ref_cfg.epilogue = MOE_GG_EPILOGUE_DIRECT;
             ref_cfg.a_load = MOE_GG_A_CPASYNC;
             moe_kernel_report rep;
-            memset(&rep, 0, sizeof rep);
-            assert_int_equal(moe_cuda_grouped_gemm(&a, &ref_cfg, 0, &rep, &err), MOE_OK);
-            CK(cudaDeviceSynchronize());
-            unsetenv("MOE_WGMMA_EPILOGUE");
-            unsetenv("MOE_WGMMA_A_TMA");
+            launch_under_staged_tma_env(&a, &ref_cfg, true, &rep);
             runs++;
             bool ok = kernel_is(&rep, c.expect_kernel, name) && fwd_check(&c, &b);
             if (rep.staged_epilogue || rep.a_tma) {
@@ -1510,9 +1522,6 @@ static void test_wgmma_epilogue_paths(void **state)
                 if (m < 6) {
                     run_cfg.epilogue = epi[em];
                     run_cfg.a_load = atma ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
-                } else {
-                    setenv("MOE_WGMMA_EPILOGUE", "staged", 1);
-                    setenv("MOE_WGMMA_A_TMA", "1", 1);
                 }
                 /* the rules: auto stages where the padded tile fits (128x256 s3; 128x128 s6
                  * with SiLU), staged also unpadded (all but 128x256 s4 without SiLU), never
@@ -1526,11 +1535,7 @@ static void test_wgmma_epilogue_paths(void **state)
                 want_staged = want_staged && wgk && !c.pre;
                 const bool want_atma = atma && wgk && !c.px && (cfg->cluster <= 1 || c.bkn);
                 CK(cudaMemset(C2.dev, 0xff, b.C.n * moe_dtype_size(c.dt)));
-                memset(&rep, 0, sizeof rep);
-                assert_int_equal(moe_cuda_grouped_gemm(&a, &run_cfg, 0, &rep, &err), MOE_OK);
-                CK(cudaDeviceSynchronize());
-                unsetenv("MOE_WGMMA_EPILOGUE");
-                unsetenv("MOE_WGMMA_A_TMA");
+                launch_under_staged_tma_env(&a, &run_cfg, m == 6, &rep);
                 runs++;
                 bool same = dev_equal(&b.C, &C2);
                 /* the report's configuration names the paths that ran (wgmma only) */

@@ -191,18 +191,31 @@ static bool matches(const moe_kernel_config *req, const moe_kernel_config *c)
            (req->cluster > 1) == (c->cluster > 1);
 }
 
+/* The strings of list[0..n) ("a | b | ..."; only the ",tma" ones with wgmma_only) into buf, as
+ * many as fit; returns how many were written. */
+static int join_configs(const moe_kernel_config *list, int n, bool wgmma_only, char *buf, size_t len)
+{
+    size_t used = 0;
+    int count = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        if (wgmma_only && !list[i].use_tma) continue;
+        char one[64];
+        int w = snprintf(buf + used, len - used, "%s%s", count ? " | " : "",
+                         moe_kernel_config_str(&list[i], one, sizeof one));
+        if (w < 0 || (size_t)w >= len - used) break;
+        used += (size_t)w;
+        count++;
+    }
+    return count;
+}
+
 static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_error *err)
 {
     const moe_kernel_config *list;
     int n = moe_kernel_configs(dtype, &list);
-    char want[64], valid[900] = "", one[64];
-    size_t used = 0;
-    for (int i = 0; i < n; i++) {
-        int w = snprintf(valid + used, sizeof valid - used, "%s%s", i ? " | " : "",
-                         moe_kernel_config_str(&list[i], one, sizeof one));
-        if (w < 0 || (size_t)w >= sizeof valid - used) break;
-        used += (size_t)w;
-    }
+    char want[64], valid[900];
+    join_configs(list, n, false, valid, sizeof valid);
     return moe_fail(err, MOE_ERR_INVALID_ARG,
                     "kernel config %s is not compiled for %s grouped GEMMs; valid: %s",
                     moe_kernel_config_str(req, want, sizeof want), moe_dtype_name(dtype), valid);
@@ -268,21 +281,13 @@ moe_status moe_kernel_config_resolve(const moe_kernel_config *req, moe_dtype dty
     }
     if ((req->epilogue || req->a_load) && !req->use_tma) {
         /* name the configurations that take them (none for fp32) */
-        char wg[400] = "";
-        size_t used = 0;
-        for (int i = 0; i < n; i++) {
-            if (!list[i].use_tma) continue;
-            char one[64];
-            int w = snprintf(wg + used, sizeof wg - used, "%s%s", used ? " | " : "",
-                             moe_kernel_config_str(&list[i], one, sizeof one));
-            if (w < 0 || (size_t)w >= sizeof wg - used) break;
-            used += (size_t)w;
-        }
+        char wg[400];
+        const bool any = join_configs(list, n, true, wg, sizeof wg) > 0;
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "kernel config %s: ,staged ,direct ,atma and ,acp are options of the Hopper "
                         "wgmma configurations%s%s",
                         moe_kernel_config_str(req, buf, sizeof buf),
-                        used ? ", which are: " : "; there are none for ", used ? wg : moe_dtype_name(dtype));
+                        any ? ", which are: " : "; there are none for ", any ? wg : moe_dtype_name(dtype));
     }
     if (pick_listed(req, list, n, out)) return MOE_OK;
     return no_match(req, dtype, err);
