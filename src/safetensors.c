@@ -4,7 +4,8 @@
  *
  * Reader: the file is mapped read-only; the header is copied into a NUL-terminated buffer and
  * parsed with cJSON (so the parser can never run past the header into the data area or past
- * the end of the mapping); every entry is checked before anything points into the data area.
+ * the end of the mapping); every entry is checked before anything points into the data area,
+ * and together the entries must cover the data area exactly.
  * Writer: the header is built with cJSON (it escapes names); integers go in as raw text so a
  * byte offset of any size prints exactly (cJSON prints numbers through a double and "%d").
  */
@@ -319,9 +320,12 @@ static int cmp_entry_range(const void *a, const void *b)
     return 0;
 }
 
-/* After every entry parsed: names unique, byte ranges disjoint; fills f->by_name.
- * Bytes of the data area that no tensor covers are allowed (the reference reader insists on
- * full, gap-free coverage; we only need every tensor in bounds and no two sharing bytes). */
+/* After every entry parsed: names unique, and the byte ranges tile the data area exactly, as
+ * the reference reader requires: sorted by (begin, end), each range begins where the previous
+ * one ended (the first at 0) and the last ends at the end of the data area. So no byte of the
+ * data area belongs to two tensors or to none; an empty tensor sits at a boundary. (A header
+ * length that is off by a few bytes shifts the data area against the offsets; this is what
+ * catches it when the header's JSON still parses.) Fills f->by_name. */
 static moe_status check_entries(const char *path, moe_st_file *f, moe_error *err)
 {
     moe_status st = MOE_OK;
@@ -342,20 +346,47 @@ static moe_status check_entries(const char *path, moe_st_file *f, moe_error *err
         }
         f->by_name[i] = (int)(p[i] - f->entries);
     }
-    /* Sorted by begin, a non-empty range must start at or after the furthest end so far.
-     * Empty tensors hold no bytes and overlap nothing. */
     qsort(p, n, sizeof *p, cmp_entry_range);
-    const moe_st_entry *last = NULL;
+    uint64_t pos = 0; /* where the next range must begin: the end of the previous one */
+    const moe_st_entry *prev = NULL;
     for (size_t i = 0; i < n; i++) {
-        if (p[i]->begin == p[i]->end) continue;
-        if (last && p[i]->begin < last->end) {
+        if (p[i]->begin < pos) { /* pos > 0, so prev is set */
             st = st_fail(err, MOE_ERR_FORMAT, path, NULL,
                          "tensors '%s' [%" PRIu64 ", %" PRIu64 ") and '%s' [%" PRIu64 ", %" PRIu64
                          ") overlap in the data area",
-                         last->name, last->begin, last->end, p[i]->name, p[i]->begin, p[i]->end);
+                         prev->name, prev->begin, prev->end, p[i]->name, p[i]->begin, p[i]->end);
             goto done;
         }
-        if (!last || p[i]->end > last->end) last = p[i];
+        if (p[i]->begin > pos) {
+            if (prev)
+                st = st_fail(err, MOE_ERR_FORMAT, path, NULL,
+                             "gap in the data area: bytes [%" PRIu64 ", %" PRIu64
+                             ") between tensors '%s' (ends at %" PRIu64 ") and '%s' (begins at "
+                             "%" PRIu64 ") belong to no tensor (the tensors must cover the data "
+                             "area exactly)",
+                             pos, p[i]->begin, prev->name, pos, p[i]->name, p[i]->begin);
+            else
+                st = st_fail(err, MOE_ERR_FORMAT, path, NULL,
+                             "gap in the data area: bytes [0, %" PRIu64 ") before tensor '%s' "
+                             "belong to no tensor (the first tensor must begin at offset 0)",
+                             p[i]->begin, p[i]->name);
+            goto done;
+        }
+        pos = p[i]->end;
+        prev = p[i];
+    }
+    if (pos != (uint64_t)f->data_len) { /* pos < data_len: every end was checked in bounds */
+        if (prev)
+            st = st_fail(err, MOE_ERR_FORMAT, path, NULL,
+                         "%" PRIu64 " byte(s) after the last tensor ('%s' ends at %" PRIu64
+                         ") belong to no tensor: the data area has %zu bytes (trailing bytes, or "
+                         "a wrong header length)",
+                         (uint64_t)f->data_len - pos, prev->name, pos, f->data_len);
+        else
+            st = st_fail(err, MOE_ERR_FORMAT, path, NULL,
+                         "no tensors, but the data area has %zu bytes (trailing bytes, or a "
+                         "wrong header length)", f->data_len);
+        goto done;
     }
     /* Metadata keys are unique too (cJSON keeps both copies of a repeated key). */
     if (f->meta_count > 1) {
@@ -378,6 +409,50 @@ static moe_status check_entries(const char *path, moe_st_file *f, moe_error *err
 done:
     free(p);
     return st;
+}
+
+/* cJSON decodes the escape \u0000 into a NUL byte and keeps strings as C strings, so a name
+ * "a\u0000b" would silently become "a" (and a dtype "F32\u0000x" would read as F32). Scan the
+ * raw text of the (already parsed, so well-formed) header for a \u0000 escape inside any
+ * string and refuse it, naming the string. An escaped backslash followed by "u0000" ("\\u0000")
+ * is a backslash and five characters, not a NUL: escapes are consumed whole, left to right. */
+static moe_status check_nul_escapes(const char *path, const char *hdr, size_t hlen,
+                                    moe_error *err)
+{
+    int depth = 0; /* nesting of objects and arrays; the root object's keys are at depth 1 */
+    for (size_t i = 0; i < hlen; i++) {
+        char c = hdr[i];
+        if (c == '{' || c == '[') depth++;
+        else if (c == '}' || c == ']') depth--;
+        if (c != '"') continue;
+        size_t start = ++i; /* first character of the string's raw text */
+        bool nul = false;
+        while (i < hlen && hdr[i] != '"') {
+            if (hdr[i] == '\\' && i + 1 < hlen) {
+                /* the escaped character is skipped whole; a \uXXXX's hex digits are plain
+                 * characters and need no special step */
+                if (hdr[i + 1] == 'u' && i + 5 < hlen && memcmp(hdr + i + 2, "0000", 4) == 0)
+                    nul = true;
+                i++;
+            }
+            i++;
+        }
+        if (!nul) continue;
+        size_t len = i - start, k = i + 1;
+        while (k < hlen && (hdr[k] == ' ' || hdr[k] == '\t' || hdr[k] == '\n' || hdr[k] == '\r'))
+            k++;
+        bool key = k < hlen && hdr[k] == ':';
+        char raw[160]; /* the string as written (escapes shown), shortened if long */
+        if (len < sizeof raw) snprintf(raw, sizeof raw, "%.*s", (int)len, hdr + start);
+        else snprintf(raw, sizeof raw, "%.*s...", (int)(sizeof raw - 4), hdr + start);
+        if (key && depth == 1)
+            return st_fail(err, MOE_ERR_FORMAT, path, raw,
+                           "the name contains \\u0000 (NUL), which a tensor name cannot hold");
+        return st_fail(err, MOE_ERR_FORMAT, path, NULL,
+                       "the header %s \"%s\" (header byte %zu) contains \\u0000 (NUL), which "
+                       "moe-ep cannot hold", key ? "key" : "string", raw, start);
+    }
+    return MOE_OK;
 }
 
 static moe_status parse_header(const char *path, const char *hdr, size_t hlen, moe_st_file *f,
@@ -405,6 +480,7 @@ static moe_status parse_header(const char *path, const char *hdr, size_t hlen, m
         st = st_fail(err, MOE_ERR_FORMAT, path, NULL, "header is not a JSON object");
         goto out;
     }
+    MOE_TRY_GOTO(check_nul_escapes(path, hdr, hlen, err), st, out);
     int ntensors = 0;
     for (const cJSON *c = root->child; c; c = c->next)
         if (strcmp(c->string, ST_METADATA_KEY) != 0) ntensors++;

@@ -3,7 +3,11 @@
  *   8-byte little-endian header length N, N bytes of JSON header, then the data area.
  * The header maps tensor names to {dtype, shape, data_offsets:[begin,end)} relative to the data
  * area, plus an optional "__metadata__" object of strings. Every field is validated: a bad file
- * is an error with a reason, never a crash or an out-of-bounds read.
+ * is an error with a reason, never a crash or an out-of-bounds read. As in the reference reader,
+ * the tensors' byte ranges must cover the data area exactly (sorted by offset: contiguous from
+ * 0, no gap, no overlap, the last ending at the end of the file), so a wrong header length or
+ * trailing bytes are refused rather than read shifted; and no header string may hold a NUL
+ * (the JSON escape \u0000), which a C string would silently cut.
  *
  * Errors: MOE_ERR_IO (cannot open / map / write), MOE_ERR_FORMAT (malformed content),
  * MOE_ERR_UNSUPPORTED (a dtype safetensors knows but moe-ep does not: BOOL, U8, F8_E5M2, ...),

@@ -1,6 +1,6 @@
 /* test_safetensors.c — the safetensors reader and writer.
  *  - the reader on files built byte by byte here (independent of the writer): views, metadata,
- *    gaps in the data area, scalars, empty tensors, non-ASCII names;
+ *    offsets in an order unlike the header's, scalars, empty tensors, non-ASCII names;
  *  - every malformed kind: the expected status and a message naming the file and the problem;
  *  - every proper prefix of a valid file fails cleanly; random header corruption never crashes;
  *  - writer round trip of every dtype with random content, with the written bytes checked
@@ -147,14 +147,14 @@ static void test_read_hand_built(void **state)
 {
     (void)state;
     uint64_t stream = moe_rng_stream(moe_test_seed(), "hand_built");
-    /* Data area (48 bytes): s F64 scalar [0,8), gap [8,16), w BF16 [2,3] [16,28),
-     * z F32 [0,5] at 28 (empty), gap [28,32), i I64 [1] [32,40), u F8 [3] [40,43), tail gap. */
-    uint8_t data[48];
+    /* Data area (31 bytes, covered exactly): s F64 scalar [0,8), i I64 [1] [8,16),
+     * w BF16 [2,3] [16,28), z F32 [0,5] at 28 (empty), u F8 [3] [28,31). */
+    uint8_t data[31];
     for (size_t i = 0; i < sizeof data; i++) data[i] = (uint8_t)moe_rng_u64(stream, i);
     double scalar = 3.25;
     memcpy(data, &scalar, 8);
     int64_t i64 = -1234567890123ll;
-    memcpy(data + 32, &i64, 8);
+    memcpy(data + 8, &i64, 8);
     /* header in an order unlike the offsets, with metadata in the middle, padded with spaces
      * to a length that is not a multiple of 8 (the reader must not insist on alignment) */
     const char *json =
@@ -162,8 +162,8 @@ static void test_read_hand_built(void **state)
         " \"s\" : {\"shape\":[],\"dtype\":\"F64\",\"data_offsets\":[0,8]},"
         "\"__metadata__\":{\"format\":\"pt\",\"note\":\"hand made\"},"
         "\"z\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[28,28],\"extra\":1},"
-        "\"i\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[32,40]},"
-        "\"\xc3\xa9u\":{\"dtype\":\"F8_E4M3\",\"shape\":[3],\"data_offsets\":[40.0,43]}}   ";
+        "\"i\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[8,16]},"
+        "\"\xc3\xa9u\":{\"dtype\":\"F8_E4M3\",\"shape\":[3],\"data_offsets\":[28.0,31]}}   ";
     char path[512];
     fresh_path(path, sizeof path, "hand");
     write_st(path, json, data, sizeof data);
@@ -182,7 +182,7 @@ static void test_read_hand_built(void **state)
     static const moe_dtype dts[] = {MOE_DTYPE_BF16, MOE_DTYPE_F64, MOE_DTYPE_F32, MOE_DTYPE_I64,
                                     MOE_DTYPE_F8_E4M3};
     static const int nds[] = {2, 0, 2, 1, 1};
-    static const uint64_t begins[] = {16, 0, 28, 32, 40}, ends[] = {28, 8, 28, 40, 43};
+    static const uint64_t begins[] = {16, 0, 28, 8, 28}, ends[] = {28, 8, 28, 16, 31};
     for (int k = 0; k < 5; k++) {
         assert_string_equal(names[k], f.entries[k].name);
         const moe_st_entry *e = moe_st_find(&f, names[k]);
@@ -229,7 +229,8 @@ static void test_read_hand_built(void **state)
     moe_st_close(&f); /* twice is harmless */
 }
 
-/* An empty header object, and one with only metadata, are valid files of no tensors. */
+/* An empty header object, and one with only metadata, are valid files of no tensors (and so
+ * of an empty data area: bytes after such a header belong to no tensor and are refused). */
 static void test_read_empty(void **state)
 {
     (void)state;
@@ -237,14 +238,17 @@ static void test_read_empty(void **state)
     for (int k = 0; k < 3; k++) {
         char path[512];
         fresh_path(path, sizeof path, "empty");
-        write_st(path, jsons[k], "xyz", 3);
+        write_st(path, jsons[k], NULL, 0);
         moe_st_file f;
         moe_error err = {0};
         assert_int_equal(MOE_OK, moe_st_open(path, &f, &err));
         assert_int_equal(0, f.count);
-        assert_int_equal(3, f.data_len);
+        assert_int_equal(0, f.data_len);
         assert_null(moe_st_find(&f, "a"));
         moe_st_close(&f);
+        fresh_path(path, sizeof path, "empty_trailing");
+        write_st(path, jsons[k], "xyz", 3);
+        expect_open_fail(path, MOE_ERR_FORMAT, "no tensors, but the data area has 3 bytes", NULL);
     }
 }
 
@@ -499,7 +503,8 @@ static void test_truncated_prefixes(void **state)
 }
 
 /* Random byte changes in the header: open either fails with a reason or succeeds with every
- * entry in bounds, sized by its shape and disjoint from the others. Run under valgrind this
+ * entry in bounds, sized by its shape and disjoint from the others, together covering the data
+ * area exactly. Run under valgrind this
  * also shows no read outside the mapping. */
 static void test_corrupted_headers(void **state)
 {
@@ -510,7 +515,7 @@ static void test_corrupted_headers(void **state)
         "\"b\":{\"dtype\":\"F32\",\"shape\":[1,1],\"data_offsets\":[6,10]},"
         "\"c\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[10,18]}}";
     const char alphabet[] = "{}[]\",:0123456789-.eE abcF_\\\x80\xff";
-    uint8_t data[24] = {0};
+    uint8_t data[18] = {0};
     size_t n;
     uint8_t *full = build_bytes(strlen(json), json, strlen(json), data, sizeof data, &n);
     uint8_t *mut = malloc(n);
@@ -536,6 +541,7 @@ static void test_corrupted_headers(void **state)
             continue;
         }
         opened++;
+        size_t covered = 0;
         for (int i = 0; i < f.count; i++) {
             const moe_st_entry *e = &f.entries[i];
             assert_true(e->begin <= e->end && e->end <= f.data_len);
@@ -550,12 +556,211 @@ static void test_corrupted_headers(void **state)
             volatile uint8_t sink = 0;
             for (size_t b = 0; b < v.nbytes; b++) sink ^= ((const uint8_t *)v.data)[b];
             (void)sink;
+            covered += v.nbytes;
         }
+        assert_int_equal(f.data_len, covered);
         moe_st_close(&f);
     }
     print_message("corrupted headers: %d of 400 still valid\n", opened);
     free(mut);
     free(full);
+}
+
+/* ---- the data area must be covered exactly; names cannot hold a NUL ---- */
+
+/* A header length one byte short of the header: the header's last byte (the writer's padding)
+ * becomes the first byte of the data area, so every tensor would be read one byte off. Built
+ * from files of the project's own writer, with names of every length mod 8 so the header's
+ * padding takes every size from 0 to 7 (with no padding the cut header is not JSON; with any,
+ * the JSON still parses and only the coverage rule can catch it). One byte long is refused
+ * too (it eats a data byte), and the files as written open. */
+static void test_header_length_off_by_one(void **state)
+{
+    (void)state;
+    uint64_t stream = moe_rng_stream(moe_test_seed(), "off_by_one");
+    int padded = 0;
+    for (int len = 1; len <= 8; len++) {
+        float a[3];
+        uint16_t b[5];
+        for (int i = 0; i < 3; i++) a[i] = (float)moe_rng_u64(stream, (uint64_t)(len * 16 + i));
+        for (int i = 0; i < 5; i++) b[i] = (uint16_t)moe_rng_u64(stream, (uint64_t)(len * 16 + 8 + i));
+        int64_t sa = 3, sb = 5;
+        moe_tensor ta = moe_tensor_view_of(MOE_DTYPE_F32, 1, &sa, a);
+        moe_tensor tb = moe_tensor_view_of(MOE_DTYPE_BF16, 1, &sb, b);
+        char name[16];
+        memset(name, 'n', (size_t)len);
+        name[len] = '\0';
+        moe_error err = {0};
+        moe_st_writer w;
+        moe_st_writer_init(&w);
+        assert_int_equal(MOE_OK, moe_st_writer_add(&w, name, &ta, &err));
+        assert_int_equal(MOE_OK, moe_st_writer_add(&w, "b", &tb, &err));
+        char path[512];
+        fresh_path(path, sizeof path, "written");
+        assert_int_equal(MOE_OK, moe_st_write(&w, path, &err));
+        moe_st_writer_free(&w);
+        moe_st_file f;
+        assert_int_equal(MOE_OK, moe_st_open(path, &f, &err));
+        moe_st_close(&f);
+
+        size_t n;
+        uint8_t *bytes = read_file(path, &n);
+        uint64_t hlen = 0;
+        for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | bytes[i];
+        bool pad = bytes[8 + hlen - 1] == ' ';
+        padded += pad;
+
+        put_le64(bytes, hlen - 1);
+        fresh_path(path, sizeof path, "hlen_one_short");
+        write_file(path, bytes, n);
+        print_message("name length %d, header %llu bytes%s: one short\n", len,
+                      (unsigned long long)hlen, pad ? " (padded)" : "");
+        if (pad)
+            expect_open_fail(path, MOE_ERR_FORMAT, "1 byte(s) after the last tensor ('b' ends at 22)",
+                             "the data area has 23 bytes");
+        else
+            expect_open_fail(path, MOE_ERR_FORMAT, "not valid JSON", NULL);
+
+        put_le64(bytes, hlen + 1);
+        fresh_path(path, sizeof path, "hlen_one_long");
+        write_file(path, bytes, n);
+        expect_open_fail(path, MOE_ERR_FORMAT, NULL, NULL);
+        free(bytes);
+    }
+    assert_true(padded >= 6); /* the interesting case was exercised */
+}
+
+/* The data area is covered exactly: no gap (at the start, between tensors, after the last),
+ * no overlap (an empty tensor inside another's bytes included), nothing after a header of no
+ * tensors. What may happen: any header order, empty tensors at a boundary, at the end, or
+ * several at one offset. */
+static void test_data_area_coverage(void **state)
+{
+    (void)state;
+    const struct {
+        const char *json;
+        size_t dlen;
+        const char *n1, *n2;
+    } bad[] = {
+        {"{\"a\":" F32_2(8, 16) "}", 16, "gap in the data area: bytes [0, 8) before tensor 'a'",
+         "must begin at offset 0"},
+        {"{\"a\":" F32_2(0, 8) ",\"b\":" F32_2(12, 20) "}", 20,
+         "bytes [8, 12) between tensors 'a' (ends at 8) and 'b' (begins at 12)",
+         "cover the data area exactly"},
+        {"{\"b\":" F32_2(12, 20) ",\"c\":" F32_2(20, 28) ",\"a\":" F32_2(0, 8) "}", 28,
+         "bytes [8, 12) between tensors 'a' (ends at 8) and 'b' (begins at 12)", NULL},
+        {"{\"a\":" F32_2(0, 8) "}", 9, "1 byte(s) after the last tensor ('a' ends at 8)",
+         "the data area has 9 bytes"},
+        {"{\"a\":" F32_2(0, 8) ",\"b\":" F32_2(8, 16) "}", 24,
+         "8 byte(s) after the last tensor ('b' ends at 16)", "the data area has 24 bytes"},
+        {"{\"a\":" F32_2(0, 8) ",\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]}}",
+         8, "tensors 'a' [0, 8) and 'z' [4, 4) overlap", NULL},
+        {"{\"a\":" F32_2(0, 8) ",\"b\":" F32_2(0, 8) "}", 8,
+         "tensors 'a' [0, 8) and 'b' [0, 8) overlap", NULL},
+        {"{\"a\":" F32_2(0, 8) ",\"b\":" F32_2(4, 12) ",\"c\":" F32_2(12, 20) "}", 20,
+         "tensors 'a' [0, 8) and 'b' [4, 12) overlap", NULL},
+        {"{}", 1, "no tensors, but the data area has 1 bytes", NULL},
+        {"{\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}", 4,
+         "4 byte(s) after the last tensor ('z' ends at 0)", NULL},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        print_message("bad %zu: %s\n", k, bad[k].json);
+        expect_json_fail(bad[k].json, bad[k].dlen, MOE_ERR_FORMAT, bad[k].n1, bad[k].n2);
+    }
+    const struct {
+        const char *json;
+        size_t dlen;
+        int count;
+    } good[] = {
+        {"{\"c\":" F32_2(16, 24) ",\"a\":" F32_2(0, 8) ",\"b\":" F32_2(8, 16) "}", 24, 3},
+        {"{\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},\"a\":" F32_2(0, 8)
+         ",\"f\":{\"dtype\":\"BF16\",\"shape\":[2,0],\"data_offsets\":[8,8]},"
+         "\"g\":{\"dtype\":\"I64\",\"shape\":[0],\"data_offsets\":[8,8]},\"b\":" F32_2(8, 16)
+         ",\"h\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[16,16]}}", 16, 6},
+        {"{\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}", 0, 1},
+    };
+    for (size_t k = 0; k < sizeof good / sizeof good[0]; k++) {
+        print_message("good %zu: %s\n", k, good[k].json);
+        char path[512];
+        fresh_path(path, sizeof path, "cover");
+        uint8_t data[32] = {0};
+        write_st(path, good[k].json, data, good[k].dlen);
+        moe_st_file f;
+        moe_error err = {0};
+        moe_status st = moe_st_open(path, &f, &err);
+        if (st) print_error("%s\n", err.msg);
+        assert_int_equal(MOE_OK, st);
+        assert_int_equal(good[k].count, f.count);
+        moe_st_close(&f);
+    }
+}
+
+/* JSON's \u0000 is a NUL; cJSON would cut the name there ("a\u0000b" read as "a"), so a NUL
+ * escape in any header string is refused, naming the string. A backslash that is itself
+ * escaped, followed by the text u0000, is no NUL: such names are read as written, and the
+ * writer's files with them read back. */
+static void test_nul_in_names(void **state)
+{
+    (void)state;
+    const struct {
+        const char *json;
+        size_t dlen;
+        const char *n1, *n2;
+    } bad[] = {
+        {"{\"a\\u0000b\":" F32_2(0, 8) "}", 8, "tensor 'a\\u0000b'", "\\u0000 (NUL)"},
+        {"{\"\\u0000\":" F32_2(0, 8) "}", 8, "tensor '\\u0000'", "tensor name cannot hold"},
+        {"{\"a\":" F32_2(0, 8) ",\"a\\u0000\":" F32_2(8, 16) "}", 16, "tensor 'a\\u0000'", NULL},
+        /* an escaped backslash, then a real \u0000 */
+        {"{\"a\\\\\\u0000\":" F32_2(0, 8) "}", 8, "tensor 'a\\\\\\u0000'", "NUL"},
+        {"{\"__metadata__\\u0000\":{}}", 0, "tensor '__metadata__\\u0000'", "NUL"},
+        {"{\"a\":{\"dtype\":\"F32\\u0000x\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8,
+         "header string \"F32\\u0000x\"", "\\u0000 (NUL)"},
+        {"{\"a\":{\"dtype\\u0000\":\"F32\",\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+         8, "header key \"dtype\\u0000\"", "NUL"},
+        {"{\"__metadata__\":{\"format\":\"p\\u0000t\"}}", 0, "header string \"p\\u0000t\"", NULL},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        print_message("bad %zu: %s\n", k, bad[k].json);
+        expect_json_fail(bad[k].json, bad[k].dlen, MOE_ERR_FORMAT, bad[k].n1, bad[k].n2);
+    }
+
+    /* the text \u0000 after an escaped backslash (one, or two of them) is plain text */
+    const char *json = "{\"a\\\\u0000b\":" F32_2(0, 8) ",\"c\\\\\\\\u0000\":" F32_2(8, 16) "}";
+    char path[512];
+    fresh_path(path, sizeof path, "literal");
+    uint8_t data[16] = {0};
+    write_st(path, json, data, sizeof data);
+    moe_st_file f;
+    moe_error err = {0};
+    moe_status st = moe_st_open(path, &f, &err);
+    if (st) print_error("%s\n", err.msg);
+    assert_int_equal(MOE_OK, st);
+    assert_int_equal(2, f.count);
+    assert_non_null(moe_st_find(&f, "a\\u0000b"));
+    assert_non_null(moe_st_find(&f, "c\\\\u0000"));
+    assert_null(moe_st_find(&f, "a"));
+    moe_st_close(&f);
+
+    /* the writer escapes the backslash; the reader gives the name back whole */
+    float v[2] = {1.5f, -2.0f};
+    int64_t two = 2;
+    moe_tensor t = moe_tensor_view_of(MOE_DTYPE_F32, 1, &two, v);
+    moe_st_writer w;
+    moe_st_writer_init(&w);
+    assert_int_equal(MOE_OK, moe_st_writer_add(&w, "x\\u0000y", &t, &err));
+    assert_int_equal(MOE_OK, moe_st_writer_add(&w, "x", &t, &err));
+    fresh_path(path, sizeof path, "literal_written");
+    assert_int_equal(MOE_OK, moe_st_write(&w, path, &err));
+    moe_st_writer_free(&w);
+    st = moe_st_open(path, &f, &err);
+    if (st) print_error("%s\n", err.msg);
+    assert_int_equal(MOE_OK, st);
+    assert_int_equal(2, f.count);
+    assert_string_equal("x\\u0000y", f.entries[0].name);
+    moe_tensor got;
+    assert_int_equal(MOE_OK, moe_st_get(&f, "x\\u0000y", &got, &err));
+    assert_memory_equal(v, got.data, sizeof v);
+    moe_st_close(&f);
 }
 
 /* ---- writer ---- */
@@ -941,6 +1146,8 @@ int main(void)
         cmocka_unit_test(test_read_hand_built),   cmocka_unit_test(test_read_empty),
         cmocka_unit_test(test_malformed_json),    cmocka_unit_test(test_malformed_file),
         cmocka_unit_test(test_truncated_prefixes), cmocka_unit_test(test_corrupted_headers),
+        cmocka_unit_test(test_header_length_off_by_one), cmocka_unit_test(test_data_area_coverage),
+        cmocka_unit_test(test_nul_in_names),
         cmocka_unit_test(test_write_round_trip),  cmocka_unit_test(test_many_tensors),
         cmocka_unit_test(test_writer_errors),     cmocka_unit_test(test_read_python_written),
     };
