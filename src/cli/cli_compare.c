@@ -1,6 +1,8 @@
 /* cli_compare.c — `moe-ep compare`: one tensor of two safetensors files, by DESIGN.md's rule
  * (global relative error AND the worst row within 10x; NaN never passes). How a user checks our
- * output against HuggingFace's, and how the tests check multi-rank runs against one rank. */
+ * output against HuggingFace's, and how the tests check multi-rank runs against one rank.
+ * Nothing compared (an empty tensor, every row masked) is a failure, not a pass. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,13 +35,14 @@ int cli_compare(int argc, char **argv)
     cli_opt opts[] = {
         {"tensor", OPT_STRING, "NAME", "tensor to compare (default output)", .str = &tensor},
         {"ref-tensor", OPT_STRING, "NAME", "its name in the reference file (default: the same)", .str = &ref_tensor},
-        {"tol", OPT_STRING, "X", "relative tolerance; the worst row may reach 10x (default 1e-2)", .str = &tol_s},
+        {"tol", OPT_STRING, "X", "relative tolerance, a finite number > 0; the worst row may reach 10x (default 1e-2)", .str = &tol_s},
         {"mask", OPT_STRING, "NAME", "a [rows] tensor of the reference file; rows where it is non-zero are left out (e.g. tie_mask)", .str = &mask},
         {0},
     };
     const char *syn = "GOT.safetensors REF.safetensors [--tensor NAME] [--ref-tensor NAME] [--tol X] [--mask NAME]";
     const char *desc = "Compares one tensor of GOT against REF: ||got-ref||/||ref|| <= tol and every row within\n"
-                       "10x tol (rows = the last dimension). Exit 0 when within, 1 when not, 2 on bad usage.";
+                       "10x tol (rows = the last dimension); a NaN or Inf fails its row. Exit 0 when within,\n"
+                       "1 when not or when nothing was compared (no elements, every row masked), 2 on bad usage.";
     /* two positional file names first */
     if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
         cli_print_help("compare", syn, desc, opts);
@@ -55,8 +58,8 @@ int cli_compare(int argc, char **argv)
     if (rc) return rc == 1 ? 0 : 2;
     char *end;
     double tol = strtod(tol_s, &end);
-    if (*end || !(tol > 0)) {
-        fprintf(stderr, "moe-ep compare: --tol expects a positive number, got '%s'\n", tol_s);
+    if (end == tol_s || *end || !isfinite(tol) || !(tol > 0)) {
+        fprintf(stderr, "moe-ep compare: --tol expects a positive number (finite, > 0), got '%s'\n", tol_s);
         return 2;
     }
     if (!ref_tensor) ref_tensor = tensor;
@@ -75,6 +78,10 @@ int cli_compare(int argc, char **argv)
                  tensor, ng, (long long)cg, ref_tensor, nr, (long long)cr);
         goto fail;
     }
+    if (ng == 0) {
+        moe_fail(&err, MOE_ERR_CHECK_FAILED, "nothing compared: '%s' has no elements (%s)", tensor, got_path);
+        goto fail;
+    }
     size_t rows = cg ? ng / (size_t)cg : 0, kept = rows;
     if (mask) {
         if (!(m = load(&fr, mask, &nm, &cm, &err))) goto fail;
@@ -89,13 +96,44 @@ int cli_compare(int argc, char **argv)
             memmove(r + kept * cg, r + i * cg, (size_t)cg * sizeof(double));
             kept++;
         }
+        if (kept == 0) {
+            moe_fail(&err, MOE_ERR_CHECK_FAILED, "nothing compared: mask '%s' leaves out all %zu rows", mask, rows);
+            goto fail;
+        }
+    }
+    /* Rows that differ: a NaN or Inf in either tensor (no error can be measured there), or a
+     * relative error not within 10x tol (a zero reference row must stay zero). Counted here so
+     * the report can say how many; the verdict is the shared rule's. */
+    size_t differ = 0, nonfinite = 0;
+    for (size_t i = 0; i < kept; i++) {
+        double num = 0, den = 0;
+        bool bad = false;
+        for (size_t j = 0; j < (size_t)cg; j++) {
+            double a = g[i * cg + j], b = r[i * cg + j];
+            if (!isfinite(a) || !isfinite(b)) bad = true;
+            num += (a - b) * (a - b);
+            den += b * b;
+        }
+        double e = den == 0 ? (num == 0 ? 0 : INFINITY) : sqrt(num / den);
+        nonfinite += bad;
+        differ += bad || !(e <= 10 * tol);
     }
     moe_check_report rep;
     moe_check_report_init(&rep);
     char what[64];
     snprintf(what, sizeof what, "%zu rows x %lld%s", kept, (long long)cg, kept < rows ? " (masked)" : "");
     moe_check_compare(&rep, tensor, what, g, r, kept, (size_t)cg, tol);
+    /* A NaN makes the errors NaN, which moe_check_print takes for an exact stage's counts
+     * (printed through a (long) cast: a negative count). Report them as unbounded, next to the
+     * note that says why; a row with a NaN or Inf is the worst there is. */
+    moe_check_row *row = &rep.rows[0];
+    if (isnan(row->rel_err)) row->rel_err = INFINITY;
+    if (nonfinite || isnan(row->worst_err)) row->worst_err = INFINITY;
+    if (nonfinite && !row->note[0]) snprintf(row->note, sizeof row->note, "NaN/Inf present");
+    if (differ || nonfinite) row->pass = rep.all_pass = false;
     moe_check_print(&rep, stdout);
+    printf("%zu of %zu rows differ: %zu with NaN/Inf, %zu beyond 10x tol\n", differ, kept, nonfinite,
+           differ - nonfinite);
     status = rep.all_pass ? 0 : 1;
     goto out;
 fail:
