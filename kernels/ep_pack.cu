@@ -75,15 +75,15 @@ __device__ void zero_bytes(char *dst, size_t n)
 
 /* ---- plan ---- */
 
-__global__ void ep_plan_tokens_kernel(int T, int k, const int32_t *__restrict__ ids, int G,
-                                      int epv, int D, int32_t *__restrict__ tdest,
-                                      int32_t *__restrict__ tn, int32_t *bad)
+__global__ void ep_plan_tokens_kernel(int T, int k, const int32_t *__restrict__ ids, int E,
+                                      const int32_t *__restrict__ vowner, int D,
+                                      int32_t *__restrict__ tdest, int32_t *__restrict__ tn,
+                                      int32_t *bad)
 {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int d[MOE_EP_PACK_MAX_K];
     int nd = 0;
-    const int E = G * epv;
     for (int j = 0; j < k; j++) {
         const int e = ids[(long long)t * k + j];
         if (e < 0) continue;
@@ -91,7 +91,7 @@ __global__ void ep_plan_tokens_kernel(int T, int k, const int32_t *__restrict__ 
             if (bad) atomicOr(bad, 1);
             continue;
         }
-        const int o = e / epv;
+        const int o = vowner[e];
         bool dup = false;
         for (int a = 0; a < nd; a++) dup |= d[a] == o;
         if (dup) continue;
@@ -159,7 +159,8 @@ ep_plan_rows_kernel(int T, int D, const int32_t *__restrict__ tdest,
 /* ---- pack ---- */
 
 __global__ void __launch_bounds__(EP_THREADS)
-ep_pack_kernel(int D, int k, int epv, size_t row_bytes, size_t w_bytes,
+ep_pack_kernel(int D, int k, const int32_t *__restrict__ vowner,
+               const int32_t *__restrict__ vlocal, size_t row_bytes, size_t w_bytes,
                const char *__restrict__ x, const char *__restrict__ dout,
                const int32_t *__restrict__ ids, const char *__restrict__ w,
                const int32_t *__restrict__ tdest, const int32_t *__restrict__ tn,
@@ -177,8 +178,8 @@ ep_pack_kernel(int D, int k, int epv, size_t row_bytes, size_t w_bytes,
     if (sdout) copy_row(sdout + r * row_bytes, dout + t * row_bytes, row_bytes);
     for (int j = threadIdx.x; j < k; j += blockDim.x) {
         const int e = ids[t * k + j];
-        const bool mine = e >= 0 && e / epv == d;
-        sids[r * k + j] = mine ? e : -1;
+        const bool mine = e >= 0 && vowner[e] == d;
+        sids[r * k + j] = mine ? vlocal[e] : -1;
         char *dst = sw + (r * k + j) * (long long)w_bytes;
         const char *src = w + (t * k + j) * (long long)w_bytes;
         for (size_t b = 0; b < w_bytes; b++) dst[b] = mine ? src[b] : 0;
@@ -208,7 +209,7 @@ ep_reduce_kernel(long long n, int H, int D, const S *__restrict__ add, const S *
     st_f(out, i, acc);
 }
 
-__global__ void ep_dweights_kernel(long long n, int k, int D, int epv,
+__global__ void ep_dweights_kernel(long long n, int k, int D, const int32_t *__restrict__ vowner,
                                    const int32_t *__restrict__ ids,
                                    const float *__restrict__ back_dw,
                                    const int64_t *__restrict__ dest_base,
@@ -223,7 +224,7 @@ __global__ void ep_dweights_kernel(long long n, int k, int D, int epv,
     const int e = ids[i];
     float v = 0.0f;
     if (e >= 0) {
-        const int d = e / epv, m = tn[t];
+        const int d = vowner[e], m = tn[t];
         for (int a = 0; a < m; a++)
             if (tdest[t * D + a] == d) {
                 v = back_dw[(dest_base[d] + trow[t * D + a]) * k + j];
@@ -303,6 +304,22 @@ ep_compact_kernel(int N, long long slot_rows, const int32_t *__restrict__ rcnt, 
     }
 }
 
+/* One more row buffer of the same slots (the backward's dout rows): rows past what arrived
+ * are zero. */
+__global__ void __launch_bounds__(EP_THREADS)
+ep_compact_rows_kernel(int N, long long slot_rows, const int32_t *__restrict__ rcnt,
+                       size_t row_bytes, const char *__restrict__ src, long long cap,
+                       char *__restrict__ dst)
+{
+    __shared__ long long s_off, s_total;
+    const long long i = blockIdx.x;
+    const long long p = i / slot_rows, r = i % slot_rows;
+    slot_offsets(N, rcnt, p < N ? p : -1, &s_off, &s_total);
+    if (p < N && r < rcnt[p] && s_off + r < cap)
+        copy_row(dst + (s_off + r) * row_bytes, src + i * row_bytes, row_bytes);
+    if (i < cap && i >= s_total) zero_bytes(dst + i * row_bytes, row_bytes);
+}
+
 __global__ void __launch_bounds__(EP_THREADS)
 ep_expand_kernel(int N, long long slot_rows, const int32_t *__restrict__ rcnt, size_t row_bytes,
                  const char *__restrict__ compact, long long cap, char *__restrict__ slots)
@@ -325,14 +342,14 @@ unsigned blocks_for(long long n, int threads) { return (unsigned)((n + threads -
 
 /* ---- launchers ---- */
 
-extern "C" moe_status moe_cuda_ep_plan(int T, int k, const int32_t *ids, int G, int epv,
-                                       int32_t *tdest, int32_t *tn, int32_t *trow,
-                                       int32_t *dcount, int32_t *bad, cudaStream_t stream,
-                                       moe_error *err)
+extern "C" moe_status moe_cuda_ep_plan(int T, int k, const int32_t *ids, int E,
+                                       const int32_t *vowner, int G, int32_t *tdest,
+                                       int32_t *tn, int32_t *trow, int32_t *dcount,
+                                       int32_t *bad, cudaStream_t stream, moe_error *err)
 {
-    EP_REQUIRE(T >= 0 && k >= 1 && k <= MOE_EP_PACK_MAX_K && G >= 1 && epv >= 1,
-               "moe_cuda_ep_plan: need T >= 0, 1 <= k <= %d, G >= 1, epv >= 1 (T=%d k=%d G=%d "
-               "epv=%d)", MOE_EP_PACK_MAX_K, T, k, G, epv);
+    EP_REQUIRE(T >= 0 && k >= 1 && k <= MOE_EP_PACK_MAX_K && G >= 1 && E >= 1 && vowner,
+               "moe_cuda_ep_plan: need T >= 0, 1 <= k <= %d, G >= 1, E >= 1 and the owner "
+               "table (T=%d k=%d G=%d E=%d)", MOE_EP_PACK_MAX_K, T, k, G, E);
     EP_REQUIRE(dcount, "moe_cuda_ep_plan: dcount is NULL");
     if (T == 0) {
         cudaMemsetAsync(dcount, 0, (size_t)G * sizeof(int32_t), stream);
@@ -342,7 +359,7 @@ extern "C" moe_status moe_cuda_ep_plan(int T, int k, const int32_t *ids, int G, 
     EP_REQUIRE(ids && tdest && tn && trow, "moe_cuda_ep_plan: ids, tdest, tn and trow are required");
     const int D = k < G ? k : G;
     ep_plan_tokens_kernel<<<blocks_for(T, EP_THREADS), EP_THREADS, 0, stream>>>(
-        T, k, ids, G, epv, D, tdest, tn, bad);
+        T, k, ids, E, vowner, D, tdest, tn, bad);
     EP_CHECK_LAUNCH("ep_plan_tokens_kernel");
     const int threads = T >= EP_SCAN_THREADS ? EP_SCAN_THREADS : ((T + 31) / 32) * 32;
     ep_plan_rows_kernel<<<(unsigned)G, threads, 0, stream>>>(T, D, tdest, tn, trow, dcount);
@@ -350,7 +367,8 @@ extern "C" moe_status moe_cuda_ep_plan(int T, int k, const int32_t *ids, int G, 
     return MOE_OK;
 }
 
-extern "C" moe_status moe_cuda_ep_pack(int T, int k, int G, int epv, size_t row_bytes,
+extern "C" moe_status moe_cuda_ep_pack(int T, int k, int G, const int32_t *vowner,
+                                       const int32_t *vlocal, size_t row_bytes,
                                        size_t w_bytes, const void *x, const void *dout,
                                        const int32_t *ids, const void *w, const int32_t *tdest,
                                        const int32_t *tn, const int32_t *trow,
@@ -358,9 +376,9 @@ extern "C" moe_status moe_cuda_ep_pack(int T, int k, int G, int epv, size_t row_
                                        int32_t *send_ids, void *send_w, cudaStream_t stream,
                                        moe_error *err)
 {
-    EP_REQUIRE(T >= 0 && k >= 1 && G >= 1 && epv >= 1 && row_bytes > 0 && w_bytes > 0,
-               "moe_cuda_ep_pack: need T >= 0, k, G, epv >= 1 and non-empty rows (T=%d k=%d G=%d "
-               "epv=%d row=%zu w=%zu)", T, k, G, epv, row_bytes, w_bytes);
+    EP_REQUIRE(T >= 0 && k >= 1 && G >= 1 && vowner && vlocal && row_bytes > 0 && w_bytes > 0,
+               "moe_cuda_ep_pack: need T >= 0, k, G >= 1, the owner tables and non-empty rows "
+               "(T=%d k=%d G=%d row=%zu w=%zu)", T, k, G, row_bytes, w_bytes);
     EP_REQUIRE(!dout == !send_dout, "moe_cuda_ep_pack: dout and send_dout go together");
     if (T == 0) return MOE_OK;
     EP_REQUIRE(x && ids && w && tdest && tn && trow && dest_base && send_x && send_ids && send_w,
@@ -369,7 +387,7 @@ extern "C" moe_status moe_cuda_ep_pack(int T, int k, int G, int epv, size_t row_
     const long long n = (long long)T * D;
     EP_REQUIRE(n < 0x7fffffffLL, "moe_cuda_ep_pack: T*D = %lld rows exceed one grid", n);
     ep_pack_kernel<<<(unsigned)n, 128, 0, stream>>>(
-        D, k, epv, row_bytes, w_bytes, (const char *)x, (const char *)dout, ids,
+        D, k, vowner, vlocal, row_bytes, w_bytes, (const char *)x, (const char *)dout, ids,
         (const char *)w, tdest, tn, trow, dest_base, (char *)send_x, (char *)send_dout, send_ids,
         (char *)send_w);
     EP_CHECK_LAUNCH("ep_pack_kernel");
@@ -413,21 +431,22 @@ extern "C" moe_status moe_cuda_ep_reduce(moe_dtype dt, int T, int H, int G, int 
     return MOE_OK;
 }
 
-extern "C" moe_status moe_cuda_ep_dweights(int T, int k, int G, int epv, const int32_t *ids,
+extern "C" moe_status moe_cuda_ep_dweights(int T, int k, int G, const int32_t *vowner,
+                                           const int32_t *ids,
                                            const float *back_dw, const int64_t *dest_base,
                                            const int32_t *tdest, const int32_t *tn,
                                            const int32_t *trow, float *dw, cudaStream_t stream,
                                            moe_error *err)
 {
-    EP_REQUIRE(T >= 0 && k >= 1 && G >= 1 && epv >= 1,
-               "moe_cuda_ep_dweights: need T >= 0, k, G, epv >= 1");
+    EP_REQUIRE(T >= 0 && k >= 1 && G >= 1 && vowner,
+               "moe_cuda_ep_dweights: need T >= 0, k, G >= 1 and the owner table");
     if (T == 0) return MOE_OK;
     EP_REQUIRE(ids && back_dw && dest_base && tdest && tn && trow && dw,
                "moe_cuda_ep_dweights: a required pointer is NULL");
     const int D = k < G ? k : G;
     const long long n = (long long)T * k;
     ep_dweights_kernel<<<blocks_for(n, EP_THREADS), EP_THREADS, 0, stream>>>(
-        n, k, D, epv, ids, back_dw, dest_base, tdest, tn, trow, dw);
+        n, k, D, vowner, ids, back_dw, dest_base, tdest, tn, trow, dw);
     EP_CHECK_LAUNCH("ep_dweights_kernel");
     return MOE_OK;
 }
@@ -471,6 +490,23 @@ extern "C" moe_status moe_cuda_ep_compact(int N, int64_t slot_rows, const int32_
         N, slot_rows, rcnt, k, row_bytes, w_bytes, (const char *)slot_x, slot_ids,
         (const char *)slot_w, cap, (char *)cx, cids, (char *)cw, status);
     EP_CHECK_LAUNCH("ep_compact_kernel");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_ep_compact_rows(int N, int64_t slot_rows, const int32_t *rcnt,
+                                               size_t row_bytes, const void *slots, int64_t cap,
+                                               void *compact, cudaStream_t stream,
+                                               moe_error *err)
+{
+    EP_REQUIRE(N >= 1 && slot_rows >= 1 && cap >= 1 && row_bytes > 0 && rcnt && slots && compact,
+               "moe_cuda_ep_compact_rows: need N, slot_rows, cap >= 1 and every buffer");
+    const long long slots_n = (long long)N * slot_rows;
+    const long long n = slots_n > cap ? slots_n : cap;
+    EP_REQUIRE(n < 0x7fffffffLL, "moe_cuda_ep_compact_rows: %lld rows exceed one grid", n);
+    ep_compact_rows_kernel<<<(unsigned)n, 128, 0, stream>>>(N, slot_rows, rcnt, row_bytes,
+                                                            (const char *)slots, cap,
+                                                            (char *)compact);
+    EP_CHECK_LAUNCH("ep_compact_rows_kernel");
     return MOE_OK;
 }
 

@@ -1,160 +1,310 @@
-/* api.c — the public API of moe_ep.h on top of the internal modules: a context carries the
- * backend choice and the last error; a layer is a config, its weights and an engine. */
+/* api.c — the public calls of moe_ep.h that run a layer: forward and backward on backend
+ * memory (asynchronous) and on host memory (synchronous, staged through the workspace on
+ * CUDA), the asynchronous error query, the workspace handle, and the stage-by-stage forward of
+ * the correctness mode. Each checks its arguments, then hands over to the one driver
+ * (src/ep/ep.h). */
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <omp.h>
+#include "ep/ep.h"
+#include "layer/layer_internal.h"
 
-#include "block_state.h"
-#include "config.h"
-#include "engine.h"
-#include "moe_ep.h"
-#include "weights.h"
-
-#define MOE_CTX_MAGIC 0x4354584du   /* "MXTC" */
-#define MOE_LAYER_MAGIC 0x5259414cu /* "LAYR" */
-
-struct moe_ctx {
-    uint32_t magic;
-    moe_backend backend;
-    int threads;
-    moe_error err;
-};
-
-struct moe_layer {
-    uint32_t magic;
-    moe_ctx *ctx;
-    moe_config cfg;
-    moe_dtype dt;
-    moe_weights w;
-    moe_engine *eng;
-    int engine_T; /* the engine is rebuilt when a larger T arrives */
-};
-
-moe_status moe_ctx_create(const moe_ctx_options *opts, moe_ctx **out)
-{
-    if (!out) return MOE_ERR_INVALID_ARG;
-    *out = NULL;
-    moe_ctx_options def = MOE_CTX_OPTIONS_INIT;
-    if (!opts) opts = &def;
-    if (opts->magic != MOE_CTX_OPTIONS_MAGIC || opts->size < sizeof(moe_ctx_options))
-        return MOE_ERR_INVALID_ARG; /* not initialised with MOE_CTX_OPTIONS_INIT */
-    if (opts->backend != MOE_BACKEND_CPU && opts->backend != MOE_BACKEND_CUDA) return MOE_ERR_INVALID_ARG;
-#ifndef MOE_HAVE_CUDA
-    if (opts->backend == MOE_BACKEND_CUDA) return MOE_ERR_NO_DEVICE;
+#ifdef MOE_HAVE_CUDA
+#include <cuda_runtime.h>
 #endif
-    moe_ctx *c = calloc(1, sizeof *c);
-    if (!c) return MOE_ERR_NOMEM;
-    c->magic = MOE_CTX_MAGIC;
-    c->backend = opts->backend;
-    c->threads = opts->threads;
-    if (c->threads > 0) omp_set_num_threads(c->threads);
-    *out = c;
+
+/* ------------------------------------------------------------------ workspace ---- */
+
+moe_status moe_workspace_destroy(moe_workspace *ws)
+{
+    moe_error *err = moe_api_begin();
+    return moe_ws_destroy_checked(ws, err);
+}
+
+moe_status moe_workspace_bytes(const moe_workspace *ws, size_t *bytes)
+{
+    moe_error *err = moe_api_begin();
+    if (!moe_ws_valid(ws))
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_workspace_bytes: not a workspace");
+    if (!bytes) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_workspace_bytes: bytes is NULL");
+    *bytes = moe_ws_total_bytes(ws);
     return MOE_OK;
 }
 
-void moe_ctx_destroy(moe_ctx *ctx)
+/* ------------------------------------------------------------------ calls ---- */
+
+/* Common start of a call on backend memory: the handle, T, the stream, the thread count. */
+static moe_status begin_call(moe_layer *L, const char *fn, int64_t T, void *stream,
+                             moe_error *err)
 {
-    if (!ctx || ctx->magic != MOE_CTX_MAGIC) return;
-    ctx->magic = 0;
-    free(ctx);
+    MOE_TRY(layer_check(L, fn, err));
+    if (T < 0 || T > INT32_MAX / (L->k > 0 ? L->k : 1))
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: T = %lld: expected 0 .. %d tokens", fn,
+                        (long long)T, INT32_MAX / L->k);
+    if (L->max_tokens > 0 && T > L->max_tokens)
+        return moe_fail(err, MOE_ERR_OVERFLOW,
+                        "%s: T = %lld exceeds the layer's max_tokens = %lld (its buffers are "
+                        "sized for that)", fn, (long long)T, (long long)L->max_tokens);
+    if (L->backend == MOE_BACKEND_CPU && stream)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: stream must be NULL on the CPU backend (calls run to completion)", fn);
+    L->stream = stream;
+    if (L->backend == MOE_BACKEND_CPU) omp_set_num_threads(L->threads);
+    return MOE_OK;
 }
 
-const char *moe_last_error(const moe_ctx *ctx)
+/* A required pointer for T > 0 tokens. */
+static moe_status need(const void *p, int64_t T, const char *fn, const char *what,
+                       moe_error *err)
 {
-    if (!ctx || ctx->magic != MOE_CTX_MAGIC) return "invalid or destroyed moe_ctx";
-    return ctx->err.msg;
+    if (T > 0 && !p) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: %s is NULL", fn, what);
+    return MOE_OK;
 }
 
-static moe_status record(moe_ctx *ctx, moe_status st)
+/* With EP, a local argument error must fail every rank (not leave them in a collective):
+ * agree on it first. */
+static moe_status agree_local(moe_layer *L, moe_status st, moe_error *err)
 {
-    if (st == MOE_OK) moe_error_clear(&ctx->err);
+    if (L && L->magic == MOE_LAYER_MAGIC && L->ep && !L->plain)
+        return ep_agree(L->ep->comm->comm, st, err);
     return st;
 }
 
-moe_status moe_layer_load(moe_ctx *ctx, const char *config, const char *weights, int layer,
-                          moe_dtype dtype, moe_layer **out)
+moe_status moe_layer_forward_async(moe_layer *L, int64_t T, const void *x, void *out,
+                                   void *router_logits, void *stream)
 {
-    if (!ctx || ctx->magic != MOE_CTX_MAGIC) return MOE_ERR_INVALID_ARG;
-    moe_error *err = &ctx->err;
-    if (!out) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_load: out is NULL");
-    *out = NULL;
-    if (!config || !weights)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_load: config and weights are required");
-    moe_layer *l = moe_calloc(1, sizeof *l, "layer", err);
-    if (!l) return MOE_ERR_NOMEM;
-    l->magic = MOE_LAYER_MAGIC;
-    l->ctx = ctx;
-    moe_status st = moe_config_resolve(config, &l->cfg, err);
-    if (st == MOE_OK) {
-        l->dt = dtype == MOE_NUM_DTYPES ? l->cfg.dtype : dtype;
-        st = moe_weights_load(&l->cfg, weights, layer, 0, l->cfg.num_experts, l->dt, &l->w, err);
-    }
-    if (st != MOE_OK) {
-        moe_weights_free(&l->w);
-        free(l);
-        return st;
-    }
-    *out = l;
-    return record(ctx, MOE_OK);
+    static const char fn[] = "moe_layer_forward_async";
+    moe_error *err = moe_api_begin();
+    moe_status st = begin_call(L, fn, T, stream, err);
+    if (st == MOE_OK) st = need(x, T, fn, "x", err);
+    if (st == MOE_OK) st = need(out, T, fn, "out", err);
+    st = agree_local(L, st, err);
+    if (st != MOE_OK) return st;
+    return ep_forward(L, (int)T, x, out, router_logits, err);
 }
 
-void moe_layer_destroy(moe_layer *l)
+moe_status moe_layer_backward_async(moe_layer *L, int64_t T, const void *x, const void *dout,
+                                    const void *d_router_logits, void *dx,
+                                    const moe_layer_grads *grads, void *stream)
 {
-    if (!l || l->magic != MOE_LAYER_MAGIC) return;
-    moe_engine_destroy(l->eng);
-    moe_weights_free(&l->w);
-    l->magic = 0;
-    free(l);
+    static const char fn[] = "moe_layer_backward_async";
+    moe_error *err = moe_api_begin();
+    moe_status st = begin_call(L, fn, T, stream, err);
+    if (st == MOE_OK) st = need(x, T, fn, "x", err);
+    if (st == MOE_OK) st = need(dout, T, fn, "dout", err);
+    st = agree_local(L, st, err);
+    if (st != MOE_OK) return st;
+    return ep_backward(L, (int)T, x, dout, d_router_logits, dx, grads, err);
 }
 
+/* ---- host memory ---- */
+
+/* rows x cols elements of dt in view v (shape [rows, cols] or [B, S, cols]). */
 static bool view_is(const moe_tensor_view *v, moe_dtype dt, int64_t rows, int64_t cols)
 {
-    if (!v || !v->data || v->dtype != dt || v->ndim < 2 || v->ndim > 3) return false;
+    if (!v || !v->data || v->dtype != dt || v->ndim < 1 || v->ndim > 3) return false;
     int64_t r = 1;
     for (int i = 0; i < v->ndim - 1; i++) r *= v->shape[i];
+    if (v->ndim == 1) return rows * cols == v->shape[0];
     return r == rows && v->shape[v->ndim - 1] == cols;
 }
 
-moe_status moe_layer_forward(moe_ctx *ctx, moe_layer *l, const moe_tensor_view *hidden,
-                             moe_tensor_view *out, moe_tensor_view *router_logits)
+static moe_status tokens_of(const moe_layer *L, const moe_tensor_view *h, const char *fn,
+                            int64_t *T, moe_error *err)
 {
-    if (!ctx || ctx->magic != MOE_CTX_MAGIC) return MOE_ERR_INVALID_ARG;
-    moe_error *err = &ctx->err;
-    if (!l || l->magic != MOE_LAYER_MAGIC)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: invalid or destroyed layer");
-    const int H = l->cfg.hidden, E = l->cfg.num_experts;
-    if (!hidden || !hidden->data || hidden->ndim < 2 || hidden->ndim > 3 || hidden->shape[hidden->ndim - 1] != H)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: hidden must be [T,%d] or [B,S,%d]", H, H);
-    int64_t T64 = 1;
-    for (int i = 0; i < hidden->ndim - 1; i++) T64 *= hidden->shape[i];
-    if (T64 > 0x7fffffff) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: T too large");
-    const int T = (int)T64;
-    if (hidden->dtype != l->dt)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: hidden is %s, the layer computes in %s",
-                        moe_dtype_name(hidden->dtype) ? moe_dtype_name(hidden->dtype) : "?", moe_dtype_name(l->dt));
-    if (!view_is(out, l->dt, T, H))
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: out must be %s with %d rows of %d",
-                        moe_dtype_name(l->dt), T, H);
-    if (router_logits && !view_is(router_logits, l->dt, T, E))
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward: router_logits must be %s [%d, %d]",
-                        moe_dtype_name(l->dt), T, E);
-    if (!l->eng || l->engine_T < T) {
-        moe_engine_destroy(l->eng);
-        l->eng = NULL;
-        moe_status st = moe_engine_create(ctx->backend, &l->w, l->dt, T, &l->eng, err);
-        if (st != MOE_OK) return st;
-        l->engine_T = T;
+    if (!h)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden is NULL", fn);
+    if (h->ndim < 2 || h->ndim > 3 || h->shape[h->ndim - 1] != L->H)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden must be [T, %d] or [B, S, %d]", fn,
+                        L->H, L->H);
+    int64_t t = 1;
+    for (int i = 0; i < h->ndim - 1; i++) {
+        if (h->shape[i] < 0)
+            return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden has a negative dimension", fn);
+        t *= h->shape[i];
     }
-    moe_fwd_state st;
-    moe_status s = moe_fwd_state_alloc(&l->cfg, l->dt, T, false, &st, err);
-    if (s != MOE_OK) return s;
-    s = moe_engine_forward(l->eng, T, hidden->data, &st, err);
-    if (s == MOE_OK) {
-        size_t esz = moe_dtype_size(l->dt);
-        memcpy(out->data, st.out, (size_t)T * H * esz);
-        if (router_logits) memcpy(router_logits->data, st.router_logits, (size_t)T * E * esz);
+    if (h->dtype != L->dt)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden is %s, the layer computes in %s",
+                        fn, moe_dtype_name(h->dtype) ? moe_dtype_name(h->dtype) : "?",
+                        moe_dtype_name(L->dt));
+    if (t > 0 && !h->data) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden has no data", fn);
+    *T = t;
+    return MOE_OK;
+}
+
+/* Device copies of host data through the workspace's IO set (CUDA), or the host pointer. */
+static moe_status stage_in(moe_layer *L, int id, const void *host, size_t bytes, void **dev,
+                           moe_error *err)
+{
+    if (L->backend == MOE_BACKEND_CPU || !host) {
+        *dev = (void *)host;
+        return MOE_OK;
     }
-    moe_fwd_state_free(&st);
-    return record(ctx, s);
+    MOE_TRY(moe_ws_need(L->ws, WS_IO, id, bytes + 16, dev, err));
+    return bytes ? L->ops->upload(L, *dev, host, bytes, err) : MOE_OK;
+}
+
+static moe_status stage_out(moe_layer *L, int id, void *host, size_t bytes, void **dev,
+                            moe_error *err)
+{
+    if (L->backend == MOE_BACKEND_CPU || !host) {
+        *dev = host;
+        return MOE_OK;
+    }
+    return moe_ws_need(L->ws, WS_IO, id, bytes + 16, dev, err);
+}
+
+moe_status moe_layer_forward(moe_layer *L, const moe_tensor_view *hidden, moe_tensor_view *out,
+                             moe_tensor_view *router_logits)
+{
+    static const char fn[] = "moe_layer_forward";
+    moe_error *err = moe_api_begin();
+    moe_status st = layer_check(L, fn, err);
+    int64_t T = 0;
+    if (st == MOE_OK) st = tokens_of(L, hidden, fn, &T, err);
+    if (st == MOE_OK && !view_is(out, L->dt, T, L->H))
+        st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: out must be %s with %lld rows of %d", fn,
+                      moe_dtype_name(L->dt), (long long)T, L->H);
+    if (st == MOE_OK && router_logits && !view_is(router_logits, L->dt, T, L->E))
+        st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: router_logits must be %s [%lld, %d]", fn,
+                      moe_dtype_name(L->dt), (long long)T, L->E);
+    if (st == MOE_OK) st = begin_call(L, fn, T, NULL, err);
+    const size_t xb = (size_t)T * L->H * L->dsz, lb = (size_t)T * L->E * L->dsz;
+    void *dx = NULL, *dout = NULL, *dlog = NULL;
+    if (st == MOE_OK) st = stage_in(L, WB_IO_X, hidden->data, xb, &dx, err);
+    if (st == MOE_OK) st = stage_out(L, WB_IO_OUT, out->data, xb, &dout, err);
+    if (st == MOE_OK && router_logits) st = stage_out(L, WB_IO_LOGITS, router_logits->data, lb, &dlog, err);
+    st = agree_local(L, st, err);
+    if (st != MOE_OK) return st;
+    st = ep_forward(L, (int)T, dx, dout, dlog, err);
+    if (st == MOE_OK && L->backend == MOE_BACKEND_CUDA) {
+        st = L->ops->download(L, out->data, dout, xb, err);
+        if (st == MOE_OK && router_logits) st = L->ops->download(L, router_logits->data, dlog, lb, err);
+    }
+    return st;
+}
+
+moe_status moe_layer_backward(moe_layer *L, const moe_tensor_view *hidden,
+                              const moe_tensor_view *dout, const moe_tensor_view *d_router_logits,
+                              moe_tensor_view *dx, const moe_layer_grads *grads)
+{
+    static const char fn[] = "moe_layer_backward";
+    moe_error *err = moe_api_begin();
+    moe_status st = layer_check(L, fn, err);
+    int64_t T = 0;
+    if (st == MOE_OK) st = tokens_of(L, hidden, fn, &T, err);
+    if (st == MOE_OK && !view_is(dout, L->dt, T, L->H))
+        st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: dout must be %s with %lld rows of %d", fn,
+                      moe_dtype_name(L->dt), (long long)T, L->H);
+    if (st == MOE_OK && d_router_logits && !view_is(d_router_logits, L->dt, T, L->E))
+        st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: d_router_logits must be %s [%lld, %d]", fn,
+                      moe_dtype_name(L->dt), (long long)T, L->E);
+    if (st == MOE_OK && dx && !view_is(dx, L->dt, T, L->H))
+        st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: dx must be %s with %lld rows of %d", fn,
+                      moe_dtype_name(L->dt), (long long)T, L->H);
+    if (st == MOE_OK) st = begin_call(L, fn, T, NULL, err);
+    const size_t xb = (size_t)T * L->H * L->dsz, lb = (size_t)T * L->E * L->dsz;
+    void *dxin = NULL, *ddout = NULL, *ddlog = NULL, *ddx = NULL;
+    if (st == MOE_OK) st = stage_in(L, WB_IO_X, hidden->data, xb, &dxin, err);
+    if (st == MOE_OK) st = stage_in(L, WB_IO_DOUT, dout->data, xb, &ddout, err);
+    if (st == MOE_OK && d_router_logits)
+        st = stage_in(L, WB_IO_DLOG, d_router_logits->data, lb, &ddlog, err);
+    if (st == MOE_OK && dx) st = stage_out(L, WB_IO_DX, dx->data, xb, &ddx, err);
+    /* gradients: the caller's host buffers, or device copies of them on CUDA */
+    moe_layer_grads dg = {0};
+    const size_t dsz = L->dsz, El = (size_t)L->map.El, H = (size_t)L->H, I = (size_t)L->I;
+    const size_t Is = (size_t)L->Is;
+    struct {
+        void *const *host;
+        void **dev;
+        int id;
+        size_t bytes;
+    } g[6] = {
+        {grads ? &grads->router : NULL, &dg.router, WB_G_ROUTER, (size_t)L->E * H * dsz},
+        {grads ? &grads->w13 : NULL, &dg.w13, WB_G_W13, El * 2 * I * H * dsz},
+        {grads ? &grads->w2 : NULL, &dg.w2, WB_G_W2, El * H * I * dsz},
+        {grads ? &grads->shared_gate : NULL, &dg.shared_gate, WB_G_SG, Is * H * dsz},
+        {grads ? &grads->shared_up : NULL, &dg.shared_up, WB_G_SU, Is * H * dsz},
+        {grads ? &grads->shared_down : NULL, &dg.shared_down, WB_G_SD, H * Is * dsz},
+    };
+    for (int i = 0; i < 6 && st == MOE_OK && grads; i++)
+        if (*g[i].host) st = stage_out(L, g[i].id, *g[i].host, g[i].bytes, g[i].dev, err);
+    st = agree_local(L, st, err);
+    if (st != MOE_OK) return st;
+    st = ep_backward(L, (int)T, dxin, ddout, ddlog, ddx, grads ? &dg : NULL, err);
+    if (st == MOE_OK && L->backend == MOE_BACKEND_CUDA) {
+        if (dx) st = L->ops->download(L, dx->data, ddx, xb, err);
+        for (int i = 0; i < 6 && st == MOE_OK && grads; i++)
+            if (*g[i].host) st = L->ops->download(L, *g[i].host, *g[i].dev, g[i].bytes, err);
+    }
+    return st;
+}
+
+moe_status moe_layer_check_errors(moe_layer *L)
+{
+    moe_error *err = moe_api_begin();
+    MOE_TRY(layer_check(L, "moe_layer_check_errors", err));
+    MOE_TRY(L->ops->sync(L, err));
+    if (L->ep && L->ep->tp) MOE_TRY(L->ep->tp->sync(L->ep->tp, L->stream, err));
+    return L->ops->check_errors(L, err);
+}
+
+/* ------------------------------------------------------------------ correctness mode ---- */
+
+moe_status moe_layer_forward_stages(moe_layer *L, int T, const void *x_host,
+                                    moe_fwd_state *host, moe_error *err)
+{
+    MOE_TRY(layer_check(L, "moe_layer_forward_stages", err));
+    if (!L->plain)
+        return moe_fail(err, MOE_ERR_UNSUPPORTED,
+                        "the stage-by-stage forward runs on one rank (the plain path)");
+    if (!host || host->T != T || T < 0)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward_stages: state for T = %d", T);
+    L->stream = NULL;
+    L->ws_set = WS_FWD;
+    if (L->backend == MOE_BACKEND_CPU) {
+        omp_set_num_threads(L->threads);
+        MOE_TRY(ep_plain_forward(L, T, x_host, host, false, err));
+        host->M = T > 0 ? host->expert_offsets[L->E] : 0;
+        return MOE_OK;
+    }
+    /* CUDA: every intermediate into device buffers, then to the host */
+    const size_t t = (size_t)T, tk = t * L->k, dsz = L->dsz;
+    moe_fwd_state d;
+    memset(&d, 0, sizeof d);
+    d.T = T;
+    struct {
+        void *hostp;
+        void **devp;
+        size_t bytes;
+    } b[] = {
+        {host->router_logits, &d.router_logits, t * L->E * dsz},
+        {host->topk_ids, (void **)&d.topk_ids, tk * 4},
+        {host->topk_w, &d.topk_w, tk * dsz},
+        {host->token_counts, (void **)&d.token_counts, (size_t)L->E * 4},
+        {host->expert_offsets, (void **)&d.expert_offsets, ((size_t)L->E + 1) * 4},
+        {host->gather_idx, (void **)&d.gather_idx, tk * 4},
+        {host->gemm1_out, &d.gemm1_out, tk * 2 * L->I * dsz},
+        {host->act, &d.act, tk * L->I * dsz},
+        {host->gemm2_out, &d.gemm2_out, tk * L->H * dsz},
+        {host->shared_out, &d.shared_out, t * L->H * dsz},
+        {host->out, &d.out, t * L->H * dsz},
+    };
+    const int n = (int)(sizeof b / sizeof b[0]);
+    moe_status st = MOE_OK;
+    for (int i = 0; i < n && st == MOE_OK; i++)
+        if (b[i].hostp) st = moe_mem_alloc(L->backend, L->device, b[i].bytes + 16, "stage buffer",
+                                           b[i].devp, err);
+    void *dx = NULL;
+    if (st == MOE_OK) st = moe_mem_alloc(L->backend, L->device, t * L->H * dsz + 16, "stage input", &dx, err);
+    if (st == MOE_OK) st = L->ops->upload(L, dx, x_host, t * L->H * dsz, err);
+    if (st == MOE_OK && T > 0) st = ep_plain_forward(L, T, dx, &d, false, err);
+    for (int i = 0; i < n && st == MOE_OK; i++)
+        if (b[i].hostp) st = L->ops->download(L, b[i].hostp, *b[i].devp, b[i].bytes, err);
+    if (st == MOE_OK) host->M = T > 0 ? host->expert_offsets[L->E] : 0;
+    for (int i = 0; i < n; i++)
+        if (b[i].hostp) moe_mem_free(L->backend, L->device, *b[i].devp);
+    moe_mem_free(L->backend, L->device, dx);
+    return st;
 }

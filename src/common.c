@@ -21,6 +21,8 @@ static const char *const status_names[MOE_NUM_STATUS] = {
     [MOE_ERR_CHECK_FAILED] = "correctness check failed",
     [MOE_ERR_TIMEOUT] = "timed out",
     [MOE_ERR_INTERNAL] = "internal error",
+    [MOE_ERR_NONFINITE] = "non-finite values",
+    [MOE_ERR_OVERFLOW] = "capacity exceeded",
 };
 
 const char *moe_strerror(moe_status status)
@@ -64,6 +66,23 @@ void moe_error_clear(moe_error *err)
     err->status = MOE_OK;
     err->msg[0] = '\0';
 }
+
+/* The public API's last error, one per thread (moe_last_error). */
+static _Thread_local moe_error thread_error;
+
+moe_error *moe_thread_error(void) { return &thread_error; }
+
+const char *moe_last_error(void) { return thread_error.msg; }
+
+moe_error *moe_api_begin(void)
+{
+    thread_error.status = MOE_OK;
+    thread_error.msg[0] = '\0';
+    return &thread_error;
+}
+
+int moe_version(void) { return MOE_EP_VERSION_CODE; }
+const char *moe_version_string(void) { return MOE_EP_VERSION_STRING; }
 
 /* The rank prefix is process-wide on purpose: it labels this process's stderr, nothing else. */
 static int log_rank = -1;

@@ -29,6 +29,10 @@ moe_status moe_fail(moe_error *err, moe_status st, const char *fmt, ...)
 moe_status moe_error_prefix(moe_error *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void moe_error_clear(moe_error *err);
+/* The calling thread's error record behind moe_last_error(). moe_api_begin clears it and
+ * returns it: every public entry point starts with it and fails into it. */
+moe_error *moe_thread_error(void);
+moe_error *moe_api_begin(void);
 
 /* Propagate a failure unchanged. */
 #define MOE_TRY(call)                                                                     \

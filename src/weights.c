@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
 #include <cjson/cJSON.h>
 
 #include "dtype.h"
@@ -156,6 +158,7 @@ typedef struct wsrc {
     bool single_open;
     shard *shards;
     int nshards, cap;
+    char *resolved; /* the file a directory path stands for */
 } wsrc;
 
 static bool ends_with(const char *s, const char *suffix)
@@ -201,9 +204,35 @@ done:
     return st;
 }
 
+/* A checkpoint directory names its weights file: the index when there is one, else the single
+ * model.safetensors. *out is malloc'ed. */
+static moe_status resolve_dir(const char *path, char **out, moe_error *err)
+{
+    *out = NULL;
+    struct stat sb;
+    if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode)) return MOE_OK;
+    static const char *const names[2] = {"model.safetensors.index.json", "model.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        size_t n = strlen(path) + strlen(names[i]) + 2;
+        char *full = moe_malloc(n, "checkpoint path", err);
+        if (!full) return MOE_ERR_NOMEM;
+        snprintf(full, n, "%s/%s", path, names[i]);
+        if (stat(full, &sb) == 0 && S_ISREG(sb.st_mode)) {
+            *out = full;
+            return MOE_OK;
+        }
+        free(full);
+    }
+    return moe_fail(err, MOE_ERR_IO,
+                    "%s: a directory without model.safetensors.index.json or model.safetensors",
+                    path);
+}
+
 static moe_status src_open(wsrc *s, const char *path, moe_error *err)
 {
     memset(s, 0, sizeof *s);
+    MOE_TRY(resolve_dir(path, &s->resolved, err));
+    if (s->resolved) path = s->resolved;
     s->path = path;
     if (!ends_with(path, ".json")) {
         MOE_TRY(moe_st_open(path, &s->single, err));
@@ -237,6 +266,7 @@ static void src_close(wsrc *s)
     }
     free(s->shards);
     free(s->dir);
+    free(s->resolved);
     cJSON_Delete(s->index);
     memset(s, 0, sizeof *s);
 }
@@ -339,23 +369,47 @@ static const uint8_t *entry_bytes(const moe_st_file *f, const moe_st_entry *e)
 /* ---------------------------------------------------------------------------------------
  * Allocation of the canonical tensors.
  * --------------------------------------------------------------------------------------- */
-static moe_status check_range(const moe_config *cfg, int b, int n, moe_error *err)
+/* ids: n distinct global expert ids, ascending (NULL: the contiguous range [b, b+n)). */
+static moe_status check_ids(const moe_config *cfg, int b, int n, const int32_t *ids,
+                            moe_error *err)
 {
-    if (b < 0 || n < 1 || b > cfg->num_experts - n)
-        return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "expert range [%d, %d+%d) is not inside [0, E=%d) or is empty", b, b, n,
-                        cfg->num_experts);
+    if (!ids) {
+        if (b < 0 || n < 0 || b > cfg->num_experts - n)
+            return moe_fail(err, MOE_ERR_INVALID_ARG,
+                            "expert range [%d, %d+%d) is not inside [0, E=%d)", b, b, n,
+                            cfg->num_experts);
+        return MOE_OK;
+    }
+    for (int l = 0; l < n; l++)
+        if (ids[l] < 0 || ids[l] >= cfg->num_experts || (l > 0 && ids[l] <= ids[l - 1]))
+            return moe_fail(err, MOE_ERR_INVALID_ARG,
+                            "expert ids: entry %d is %d: expected ascending distinct ids in "
+                            "[0, E=%d)", l, ids[l], cfg->num_experts);
     return MOE_OK;
 }
 
-static moe_status alloc_canonical(const moe_config *cfg, int b, int n, moe_dtype dt,
-                                  moe_weights *w, moe_error *err)
+int moe_weights_expert_id(const moe_weights *w, int l)
+{
+    return w->expert_ids ? w->expert_ids[l] : w->expert_begin + l;
+}
+
+static moe_status alloc_canonical(const moe_config *cfg, int b, int n, const int32_t *ids,
+                                  moe_dtype dt, moe_weights *w, moe_error *err)
 {
     memset(w, 0, sizeof *w);
     w->cfg = *cfg;
     w->dtype = dt;
-    w->expert_begin = b;
+    w->expert_begin = ids ? (n > 0 ? ids[0] : 0) : b;
     w->expert_count = n;
+    /* a list that is one contiguous range is stored as the range */
+    bool contiguous = true;
+    for (int l = 1; ids && l < n; l++) contiguous &= ids[l] == ids[0] + l;
+    if (ids && !contiguous) {
+        w->expert_ids = moe_malloc((size_t)n * sizeof(int32_t), "expert ids", err);
+        if (!w->expert_ids) return MOE_ERR_NOMEM;
+        memcpy(w->expert_ids, ids, (size_t)n * sizeof(int32_t));
+        w->expert_begin = -1;
+    }
     const int64_t H = cfg->hidden, I = cfg->inter, E = cfg->num_experts, Is = cfg->shared_inter;
     moe_status st;
     MOE_TRY_GOTO(moe_tensor_alloc2(&w->router, dt, E, H, err), st, fail);
@@ -381,16 +435,17 @@ void moe_weights_free(moe_weights *w)
     moe_tensor_free(&w->shared_gate);
     moe_tensor_free(&w->shared_up);
     moe_tensor_free(&w->shared_down);
+    free(w->expert_ids);
     memset(w, 0, sizeof *w);
 }
 
-static moe_status check_common_args(const moe_config *cfg, int b, int n, moe_dtype *dt,
-                                    moe_weights *w, moe_error *err)
+static moe_status check_common_args(const moe_config *cfg, int b, int n, const int32_t *ids,
+                                    moe_dtype *dt, moe_weights *w, moe_error *err)
 {
     if (!cfg || !w) return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: NULL argument");
     memset(w, 0, sizeof *w); /* on any failure the caller holds nothing to free */
     MOE_TRY(moe_config_validate(cfg, err));
-    MOE_TRY(check_range(cfg, b, n, err));
+    MOE_TRY(check_ids(cfg, b, n, ids, err));
     /* MOE_NUM_DTYPES: the config's (checkpoint's) own dtype. */
     if (*dt == MOE_NUM_DTYPES) *dt = cfg->dtype;
     if (!is_compute_dtype(*dt))
@@ -441,18 +496,26 @@ static void fill_random(moe_tensor *t, uint64_t seed, const char *name, uint64_t
     }
 }
 
-moe_status moe_weights_random(const moe_config *cfg, uint64_t seed, int expert_begin,
-                              int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err)
+static moe_status random_impl(const moe_config *cfg, uint64_t seed, int expert_begin,
+                              int expert_count, const int32_t *ids, moe_dtype dtype,
+                              moe_weights *w, moe_error *err)
 {
-    MOE_TRY(check_common_args(cfg, expert_begin, expert_count, &dtype, w, err));
-    MOE_TRY(alloc_canonical(cfg, expert_begin, expert_count, dtype, w, err));
+    MOE_TRY(check_common_args(cfg, expert_begin, expert_count, ids, &dtype, w, err));
+    MOE_TRY(alloc_canonical(cfg, expert_begin, expert_count, ids, dtype, w, err));
     const uint64_t H = (uint64_t)cfg->hidden, I = (uint64_t)cfg->inter;
-    const uint64_t b = (uint64_t)expert_begin;
     const double sH = 1.0 / sqrt((double)H), sI = 1.0 / sqrt((double)I);
     fill_random(&w->router, seed, "router", 0, sH);
-    /* Local expert l is global expert b+l: its block starts at (b+l) * per-expert size. */
-    fill_random(&w->w13, seed, "w13", b * 2 * I * H, sH);
-    fill_random(&w->w2, seed, "w2", b * H * I, sI);
+    /* Local expert l is global expert e: its block starts at e * per-expert size (one
+     * expert at a time: the local ids need not be contiguous). */
+    const size_t es = moe_dtype_size(dtype);
+    for (int l = 0; l < expert_count; l++) {
+        const uint64_t e = (uint64_t)moe_weights_expert_id(w, l);
+        int64_t s13[2] = {2 * (int64_t)I, (int64_t)H}, s2[2] = {(int64_t)H, (int64_t)I};
+        moe_tensor v13 = moe_tensor_view_of(dtype, 2, s13, (char *)w->w13.data + (size_t)l * 2 * I * H * es);
+        moe_tensor v2 = moe_tensor_view_of(dtype, 2, s2, (char *)w->w2.data + (size_t)l * H * I * es);
+        fill_random(&v13, seed, "w13", e * 2 * I * H, sH);
+        fill_random(&v2, seed, "w2", e * H * I, sI);
+    }
     if (cfg->shared_inter > 0) {
         fill_random(&w->shared_gate, seed, "shared_gate", 0, sH);
         fill_random(&w->shared_up, seed, "shared_up", 0, sH);
@@ -465,6 +528,31 @@ moe_status moe_weights_random(const moe_config *cfg, uint64_t seed, int expert_b
     return MOE_OK;
 }
 
+moe_status moe_weights_random(const moe_config *cfg, uint64_t seed, int expert_begin,
+                              int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err)
+{
+    return random_impl(cfg, seed, expert_begin, expert_count, NULL, dtype, w, err);
+}
+
+moe_status moe_weights_random_ids(const moe_config *cfg, uint64_t seed, const int32_t *ids,
+                                  int n, moe_dtype dtype, moe_weights *w, moe_error *err)
+{
+    return random_impl(cfg, seed, 0, n, ids, dtype, w, err);
+}
+
+moe_status moe_weights_zeros_ids(const moe_config *cfg, const int32_t *ids, int n, moe_dtype dtype,
+                                 moe_weights *w, moe_error *err)
+{
+    MOE_TRY(check_common_args(cfg, 0, n, ids, &dtype, w, err));
+    MOE_TRY(alloc_canonical(cfg, 0, n, ids, dtype, w, err));
+    moe_tensor *ts[] = {&w->router, &w->w13, &w->w2, &w->shared_gate, &w->shared_up,
+                        &w->shared_down};
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
+        if (ts[i]->data) memset(ts[i]->data, 0, ts[i]->nbytes);
+    w->naming = MOE_NAMING_RANDOM;
+    return MOE_OK;
+}
+
 moe_status moe_weights_zeros_like(const moe_weights *like, moe_dtype dtype, moe_weights *w,
                                   moe_error *err)
 {
@@ -473,7 +561,8 @@ moe_status moe_weights_zeros_like(const moe_weights *like, moe_dtype dtype, moe_
     if (!is_compute_dtype(dtype))
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "weights zeros_like dtype: expected bf16/fp16/fp32/fp64");
-    MOE_TRY(alloc_canonical(&like->cfg, like->expert_begin, like->expert_count, dtype, w, err));
+    MOE_TRY(alloc_canonical(&like->cfg, like->expert_begin, like->expert_count, like->expert_ids,
+                            dtype, w, err));
     /* All-zero bits are +0.0 in every float dtype. */
     moe_tensor *ts[] = {&w->router, &w->w13, &w->w2, &w->shared_gate, &w->shared_up,
                         &w->shared_down};
@@ -518,7 +607,7 @@ static moe_status load_qwen3_per_expert(wsrc *s, const char *prefix, moe_weights
     const int64_t ih[2] = {I, H}, hi[2] = {H, I};
     static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
     for (int l = 0; l < w->expert_count; l++) {
-        int e = w->expert_begin + l;
+        int e = moe_weights_expert_id(w, l);
         for (int p = 0; p < 3; p++) {
             char rel[NAME_LEN], full[NAME_LEN];
             snprintf(rel, sizeof rel, "experts.%d.%s.weight", e, proj[p]);
@@ -550,22 +639,22 @@ static moe_status load_fused_slice(wsrc *s, const char *prefix, const char *name
     MOE_TRY(src_get(s, full, 3, shape, &f, &e, err));
     const size_t ses = moe_dtype_size(e->dtype), des = moe_dtype_size(dst->dtype);
     const size_t per = (size_t)(a * bdim);
-    const uint8_t *src = entry_bytes(f, e) + (size_t)w->expert_begin * per * ses;
-    if (!transpose) {
-        convert_contig(e->dtype, src, dst->dtype, dst->data, (size_t)w->expert_count * per);
-    } else {
-        for (int l = 0; l < w->expert_count; l++)
-            transpose_convert(e->dtype, src + (size_t)l * per * ses, a, bdim, dst->dtype,
-                              (uint8_t *)dst->data + (size_t)l * per * des);
+    const uint8_t *src = entry_bytes(f, e);
+    for (int l = 0; l < w->expert_count; l++) {
+        const uint8_t *se = src + (size_t)moe_weights_expert_id(w, l) * per * ses;
+        uint8_t *de = (uint8_t *)dst->data + (size_t)l * per * des;
+        if (!transpose) convert_contig(e->dtype, se, dst->dtype, de, per);
+        else transpose_convert(e->dtype, se, a, bdim, dst->dtype, de);
     }
     w->bytes_read += (uint64_t)w->expert_count * per * ses;
     return MOE_OK;
 }
 
-moe_status moe_weights_load(const moe_config *cfg, const char *path, int layer, int expert_begin,
-                            int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err)
+static moe_status load_impl(const moe_config *cfg, const char *path, int layer, int expert_begin,
+                            int expert_count, const int32_t *ids, moe_dtype dtype,
+                            moe_weights *w, moe_error *err)
 {
-    MOE_TRY(check_common_args(cfg, expert_begin, expert_count, &dtype, w, err));
+    MOE_TRY(check_common_args(cfg, expert_begin, expert_count, ids, &dtype, w, err));
     if (!path) return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: NULL path");
     memset(w, 0, sizeof *w);
     wsrc s;
@@ -603,7 +692,7 @@ moe_status moe_weights_load(const moe_config *cfg, const char *path, int layer, 
         }
     }
 
-    MOE_TRY_GOTO(alloc_canonical(cfg, expert_begin, expert_count, dtype, w, err), st, fail);
+    MOE_TRY_GOTO(alloc_canonical(cfg, expert_begin, expert_count, ids, dtype, w, err), st, fail);
     snprintf(w->prefix, sizeof w->prefix, "%s", prefix);
     MOE_TRY_GOTO(load_whole(&s, prefix, router_name, &w->router, err), st, fail);
     const int64_t H = cfg->hidden, I = cfg->inter;
@@ -641,6 +730,19 @@ fail:
     src_close(&s);
     moe_weights_free(w);
     return st;
+}
+
+moe_status moe_weights_load(const moe_config *cfg, const char *path, int layer, int expert_begin,
+                            int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err)
+{
+    return load_impl(cfg, path, layer, expert_begin, expert_count, NULL, dtype, w, err);
+}
+
+moe_status moe_weights_load_ids(const moe_config *cfg, const char *path, int layer,
+                                const int32_t *ids, int n, moe_dtype dtype, moe_weights *w,
+                                moe_error *err)
+{
+    return load_impl(cfg, path, layer, 0, n, ids, dtype, w, err);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -763,7 +865,7 @@ moe_status moe_weights_write_grads(const moe_weights *like, const moe_weights *g
     moe_st_writer_init(&g.wr);
     moe_status st = MOE_OK;
     const char *pre = like->prefix;
-    const int El = like->expert_count, b = like->expert_begin;
+    const int El = like->expert_count;
     const int64_t I = like->cfg.inter;
     const bool has_shared = grads->shared_gate.data != NULL;
 
@@ -784,13 +886,14 @@ moe_status moe_weights_write_grads(const moe_weights *like, const moe_weights *g
         for (int l = 0; l < El; l++) {
             char rel[NAME_LEN];
             /* gate = w13 rows [0,I), up = rows [I,2I): contiguous, so borrowed views. */
-            snprintf(rel, sizeof rel, "experts.%d.gate_proj.weight", b + l);
+            const int e = moe_weights_expert_id(like, l);
+            snprintf(rel, sizeof rel, "experts.%d.gate_proj.weight", e);
             MOE_TRY_GOTO(gout_add(&g, pre, rel, expert_rows(&grads->w13, l, 0, I), false, err),
                          st, done);
-            snprintf(rel, sizeof rel, "experts.%d.up_proj.weight", b + l);
+            snprintf(rel, sizeof rel, "experts.%d.up_proj.weight", e);
             MOE_TRY_GOTO(gout_add(&g, pre, rel, expert_rows(&grads->w13, l, I, I), false, err),
                          st, done);
-            snprintf(rel, sizeof rel, "experts.%d.down_proj.weight", b + l);
+            snprintf(rel, sizeof rel, "experts.%d.down_proj.weight", e);
             MOE_TRY_GOTO(gout_add(&g, pre, rel,
                                   expert_rows(&grads->w2, l, 0, grads->w2.shape[1]), false, err),
                          st, done);

@@ -36,7 +36,9 @@ typedef enum moe_weight_naming {
 typedef struct moe_weights {
     moe_config cfg;
     moe_dtype dtype;
-    int expert_begin, expert_count;
+    int expert_begin, expert_count; /* local experts [begin, begin+count) when contiguous */
+    int32_t *expert_ids; /* else their global ids, ascending [count] (owned; NULL when
+                            contiguous): read them with moe_weights_expert_id */
     moe_tensor router;
     moe_tensor w13;
     moe_tensor w2;
@@ -46,7 +48,8 @@ typedef struct moe_weights {
     uint64_t bytes_read;   /* expert weight bytes read from the checkpoint (EP counter) */
 } moe_weights;
 
-/* Load a block. path: a .safetensors file or a model.safetensors.index.json. layer < 0: the
+/* Load a block. path: a .safetensors file, a model.safetensors.index.json, or a checkpoint
+ * directory holding either (the index preferred). layer < 0: the
  * block's own state-dict names; layer >= 0: full checkpoint names under model.layers.N.mlp.,
  * model.layers.N.feed_forward. or language_model.model.layers.N.feed_forward.
  * Only experts [expert_begin, expert_begin+expert_count) are read. Tensors are converted to
@@ -54,9 +57,21 @@ typedef struct moe_weights {
  * tensor is an error naming it. bytes_read counts the routed experts' bytes only. */
 moe_status moe_weights_load(const moe_config *cfg, const char *path, int layer, int expert_begin,
                             int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err);
+/* The same for a list of n ascending global expert ids (an expert map's local experts; need
+ * not be contiguous; n may be 0). */
+moe_status moe_weights_load_ids(const moe_config *cfg, const char *path, int layer,
+                                const int32_t *ids, int n, moe_dtype dtype, moe_weights *w,
+                                moe_error *err);
+moe_status moe_weights_random_ids(const moe_config *cfg, uint64_t seed, const int32_t *ids,
+                                  int n, moe_dtype dtype, moe_weights *w, moe_error *err);
+/* The global id of local expert l. */
+int moe_weights_expert_id(const moe_weights *w, int l);
 /* Generate (see the header comment). */
 moe_status moe_weights_random(const moe_config *cfg, uint64_t seed, int expert_begin,
                               int expert_count, moe_dtype dtype, moe_weights *w, moe_error *err);
+/* Zero-filled canonical tensors for the experts ids [n] (ascending; NULL = [0, n)). */
+moe_status moe_weights_zeros_ids(const moe_config *cfg, const int32_t *ids, int n, moe_dtype dtype,
+                                 moe_weights *w, moe_error *err);
 /* Zero-filled tensors of the same shapes (a gradient accumulator), in dtype. */
 moe_status moe_weights_zeros_like(const moe_weights *like, moe_dtype dtype, moe_weights *w,
                                   moe_error *err);

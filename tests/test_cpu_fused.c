@@ -15,6 +15,7 @@
 #include "cpu_fused_testlib.h"
 #include "block_state.h"
 #include "cpu/cpu_fused.h"
+#include "cpu_block_ref.h"
 #include "weights.h"
 
 /* ---- set-up ---- */

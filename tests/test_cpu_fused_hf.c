@@ -12,6 +12,7 @@
 #include "cpu_fused_testlib.h"
 #include "block_state.h"
 #include "cpu/cpu_fused.h"
+#include "cpu_block_ref.h"
 #include "safetensors.h"
 #include "weights.h"
 

@@ -12,6 +12,7 @@
 #include "cpu_fused_testlib.h"
 #include "block_state.h"
 #include "cpu/cpu_fused.h"
+#include "cpu_block_ref.h"
 #include "weights.h"
 
 /* Cheap fill: uniform in [-a, a) from the counter RNG's raw bits, rounded to bf16. */

@@ -11,6 +11,7 @@
 #include "cpu_fused_testlib.h"
 #include "block_state.h"
 #include "cpu/cpu_fused.h"
+#include "cpu_block_ref.h"
 #include "cpu/reference.h"
 #include "weights.h"
 

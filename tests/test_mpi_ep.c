@@ -30,6 +30,7 @@
 #include "block_state.h"
 #include "config.h"
 #include "cpu/cpu_fused.h"
+#include "cpu_block_ref.h"
 #include "cpu/reference.h"
 #include "dtype.h"
 #include "ep/ep.h"

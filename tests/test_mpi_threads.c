@@ -18,7 +18,7 @@
 #include "mpi_test.h"
 #include "test_util.h"
 
-#include "threads.h"
+#include "moe_threads.h"
 
 #define ENV_THREADS 7 /* odd ranks' OMP_NUM_THREADS */
 
@@ -49,6 +49,7 @@ static void test_binding_share(void **state)
     /* the first call: odd ranks with OMP_NUM_THREADS set, even ranks without */
     unsetenv("OMP_NUM_THREADS");
     if (g_rank % 2) setenv("OMP_NUM_THREADS", "7", 1);
+    moe_threads_init_comm(MPI_COMM_WORLD);
     int def = moe_default_threads();
     unsetenv("OMP_NUM_THREADS");
     int bind = moe_threads_binding();

@@ -16,7 +16,7 @@
 
 #include "test_util.h"
 
-#include "threads.h"
+#include "moe_threads.h"
 
 #define NB 128 /* bytes per synthetic mask: CPUs 0..1023 */
 #define MAXP 8

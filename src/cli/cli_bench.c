@@ -30,12 +30,17 @@
 #include "block_state.h"
 #include "check.h"
 #include "cli.h"
+#include "cli_bench_time.h"
+#include "cli_layer.h"
 #include "cli_opts.h"
 #include "config.h"
 #include "dtype.h"
-#include "engine.h"
+#include "layer/layer.h"
 #include "rng.h"
 #include "weights.h"
+
+static const char *const phase_names[MOE_STATS_NUM_PHASES] = {
+    "route", "permute", "dispatch", "gemm1", "gemm2", "combine", "shared"};
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -84,14 +89,14 @@ static void print_cell(double v, int width, const char *fmt)
 
 int cli_bench(int argc, char **argv)
 {
-    const char *model = "tiny-qwen3", *dtype_s = NULL, *backend_s = "auto", *mode_s = "fwd";
+    const char *model = "tiny-qwen3", *mode_s = "fwd";
     const char *json_path = NULL, *csv_path = NULL, *peak_tf_s = NULL, *peak_bw_s = NULL;
-    int tmin = 16, tmax = 256, factor = 2, warmup = 3, iters = 10, rotate = 0, threads = 0;
+    int tmin = 16, tmax = 256, factor = 2, warmup = 3, iters = 10, rotate = 0;
     int copy_mib = -1; /* -1: the backend's default */
     uint64_t seed = 1;
     bool check = false, graph = false, routed_only = false;
-    const char *kcfg = NULL, *tcache = NULL;
-    bool autotune = false;
+    cli_layer_args la;
+    cli_layer_args_init(&la);
     cli_opt opts[] = {
         {"model", OPT_STRING, "PRESET|config.json", "model (default tiny-qwen3)", .str = &model},
         {"min-tokens", OPT_INT, "T", "smallest token count (default 16)", .alias = 'b', .i = &tmin, .min = 1},
@@ -100,8 +105,6 @@ int cli_bench(int argc, char **argv)
         {"warmup", OPT_INT, "N", "untimed repetitions per size (default 3)", .alias = 'w', .i = &warmup, .min = 0},
         {"iters", OPT_INT, "N", "timed repetitions per size; the median is reported (default 10)", .alias = 'n', .i = &iters, .min = 1},
         {"mode", OPT_STRING, "fwd|bwd|fwdbwd", "what is timed (default fwd)", .str = &mode_s},
-        {"dtype", OPT_STRING, "bf16|fp16|fp32", "dtype (default: the config's)", .str = &dtype_s},
-        {"backend", OPT_STRING, "cpu|cuda|auto", "backend (default auto)", .str = &backend_s},
         {"check", OPT_FLAG, NULL, "verify every size against the reference first (#wrong column; exit 1 if any)", .alias = 'c', .flag = &check},
         {"graph", OPT_FLAG, NULL, "CUDA, --mode fwd: also time CUDA-graph replays of the whole forward, routing included (graph(ms) column; default off)", .flag = &graph},
         {"copy-mib", OPT_INT, "N", "size of the copy-bandwidth probe for %copy in MiB; 0 skips it (default 1024 on cuda, 256 on cpu)", .i = &copy_mib, .min = 0},
@@ -112,10 +115,7 @@ int cli_bench(int argc, char **argv)
         {"peak-gbs", OPT_STRING, "X", "bandwidth ceiling in GB/s for the roofline (default: the copy bandwidth measured at start on cuda, 3000 if not measured; none on cpu)", .str = &peak_bw_s},
         {"routed-only", OPT_FLAG, NULL, "leave Llama-4's shared expert out: time the routed experts alone (routing, both grouped GEMMs, combine), as the anchors' fused-MLP figures do (default off)", .flag = &routed_only},
         {"seed", OPT_U64, "S", "generator seed (default 1)", .u64 = &seed},
-        {"threads", OPT_INT, "N", "CPU threads (default: all cores)", .i = &threads, .min = 0},
-        {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
-        {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
-        {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        CLI_LAYER_OPTIONS(la),
         {0},
     };
     const char *syn = "[--model M] [-b T] [-e T] [-f F] [-w N] [-n N] [--mode fwd|bwd|fwdbwd] [--check] [--graph] [--json F] [--csv F]";
@@ -136,11 +136,10 @@ int cli_bench(int argc, char **argv)
         fprintf(stderr, "moe-ep bench: -b %d is larger than -e %d\n", tmin, tmax);
         return 2;
     }
-    if (threads > 0) omp_set_num_threads(threads);
-    moe_bench_mode mode;
-    if (strcmp(mode_s, "fwd") == 0) mode = MOE_BENCH_FWD;
-    else if (strcmp(mode_s, "bwd") == 0) mode = MOE_BENCH_BWD;
-    else if (strcmp(mode_s, "fwdbwd") == 0) mode = MOE_BENCH_FWDBWD;
+    bench_mode mode;
+    if (strcmp(mode_s, "fwd") == 0) mode = BENCH_FWD;
+    else if (strcmp(mode_s, "bwd") == 0) mode = BENCH_BWD;
+    else if (strcmp(mode_s, "fwdbwd") == 0) mode = BENCH_FWDBWD;
     else {
         fprintf(stderr, "moe-ep bench: --mode expects fwd, bwd or fwdbwd, got '%s'\n", mode_s);
         return 2;
@@ -151,21 +150,16 @@ int cli_bench(int argc, char **argv)
         fprintf(stderr, "moe-ep bench: --model: %s\n", err.msg);
         return 2;
     }
-    moe_dtype dt = cfg.dtype;
-    if (dtype_s && (!moe_dtype_parse(dtype_s, &dt) || dt == MOE_DTYPE_F64)) {
-        fprintf(stderr, "moe-ep bench: --dtype expects bf16, fp16 or fp32, got '%s'\n", dtype_s);
-        return 2;
-    }
+    moe_layer_options lo;
+    moe_dtype dt;
+    if ((rc = cli_layer_options("bench", &la, &cfg, &lo, &dt))) return rc;
     moe_backend backend;
-    if (!cli_parse_backend(backend_s, &backend)) {
-        fprintf(stderr, "moe-ep bench: --backend expects cpu, cuda or auto, got '%s'\n", backend_s);
-        return 2;
-    }
+    if (!cli_parse_backend(la.backend_s, &backend)) return 2; /* checked above */
     if (graph && backend != MOE_BACKEND_CUDA) {
         fprintf(stderr, "moe-ep bench: --graph times CUDA-graph replays and needs the CUDA backend; this run uses the CPU backend\n");
         return 2;
     }
-    if (graph && mode != MOE_BENCH_FWD) {
+    if (graph && mode != BENCH_FWD) {
         fprintf(stderr, "moe-ep bench: --graph times the forward layer only; use it with --mode fwd (got --mode %s)\n", mode_s);
         return 2;
     }
@@ -177,7 +171,11 @@ int cli_bench(int argc, char **argv)
     const int H = cfg.hidden, I = cfg.inter, E = cfg.num_experts, k = cfg.top_k;
     const size_t esz = moe_dtype_size(dt);
     moe_weights w = {0};
-    moe_engine *eng = NULL;
+    moe_layer *L = NULL;
+    bench_inputs bin;
+    memset(&bin, 0, sizeof bin);
+    bench_usage usage;
+    memset(&usage, 0, sizeof usage);
     void **xs = NULL, *dout = NULL;
     double *times = NULL;
     FILE *jf = NULL, *cf = NULL;
@@ -185,15 +183,19 @@ int cli_bench(int argc, char **argv)
     bool any_wrong = false;
     const char *backend_name = backend == MOE_BACKEND_CUDA ? "cuda" : "cpu";
 
-    if (moe_weights_random(&cfg, seed, 0, E, dt, &w, &err) != MOE_OK) goto fail;
-    if (routed_only) { /* the engine (and --check's reference) run no shared expert then */
-        cfg.shared_inter = 0;
-        w.cfg.shared_inter = 0;
-    }
-    if (moe_engine_create(backend, &w, dt, tmax, &eng, &err) != MOE_OK) goto fail;
+    if (routed_only) cfg.shared_inter = 0; /* the layer (and --check's reference) run none */
+    if (check && moe_weights_random(&cfg, seed, 0, E, dt, &w, &err) != MOE_OK) goto fail;
     {
-        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
-        if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
+        moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
+        src.kind = MOE_WEIGHTS_RANDOM;
+        src.seed = seed;
+        lo.max_tokens = tmax;
+        lo.save_for_backward = mode != BENCH_FWD; /* bwd: times the backward of the forward */
+        moe_status s = moe_layer_create_config(NULL, &cfg, &src, &lo, &L);
+        if (s != MOE_OK) {
+            status = cli_api_fail("bench", s);
+            goto out;
+        }
     }
     if (rotate <= 0) { /* enough sets that the smallest size's inputs exceed a 50 MB L2 twice */
         size_t one = (size_t)tmin * H * esz;
@@ -214,15 +216,28 @@ int cli_bench(int argc, char **argv)
     if (json_path && !(jf = fopen(json_path, "w"))) { moe_fail(&err, MOE_ERR_IO, "cannot write %s", json_path); goto fail; }
     if (csv_path && !(cf = fopen(csv_path, "w"))) { moe_fail(&err, MOE_ERR_IO, "cannot write %s", csv_path); goto fail; }
 
-    moe_device_info dev;
-    moe_engine_device_info(eng, &dev);
+    if (bench_inputs_make(L, rotate, tmax, xs, dout, &bin) != MOE_OK) {
+        moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
+        goto fail;
+    }
+    moe_layer_info linfo = MOE_LAYER_INFO_INIT;
+    moe_layer_info_get(L, &linfo);
+    char describe[320];
+    if (backend == MOE_BACKEND_CUDA)
+        snprintf(describe, sizeof describe, "cuda: %s (device %d)", linfo.device_name, linfo.device);
+    else
+        snprintf(describe, sizeof describe, "%s", linfo.device_name);
+    bench_device dev;
+    bench_device_info(L, &dev);
     for (char *c = dev.name; *c; c++) /* the name goes into CSV fields and a plot title */
         if (*c == ',' || *c == '"' || *c == '\n') *c = ' ';
     double copy_gbs = NAN;
     if (copy_mib > 0) {
         double g = 0;
-        if (moe_engine_copy_bandwidth(eng, (size_t)copy_mib << 20, MOE_MAX(1, warmup), MOE_MAX(5, iters), &g, &err) != MOE_OK)
+        if (bench_copy_bandwidth(L, (size_t)copy_mib << 20, MOE_MAX(1, warmup), MOE_MAX(5, iters), &g) != MOE_OK) {
+            moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
             goto fail;
+        }
         if (g > 0) copy_gbs = g;
     }
     /* the roofline's bandwidth: what this GPU's copy reaches (an H100 ~3.0 TB/s, an H200 ~4.3) */
@@ -231,7 +246,7 @@ int cli_bench(int argc, char **argv)
 
     printf("# moe-ep bench: %s (H=%d I=%d E=%d k=%d%s), %s, mode %s, backend %s\n", cfg.name, H,
            I, E, k, cfg.shared_inter ? ", shared expert" : routed_only ? ", routed experts only" : "", moe_dtype_name(dt), mode_s,
-           moe_engine_describe(eng));
+           describe);
     if (backend == MOE_BACKEND_CUDA) {
         char now[32] = "n/a (no NVML)", nmax[48] = "";
         if (dev.sm_clock_now_mhz > 0) snprintf(now, sizeof now, "%d MHz", dev.sm_clock_now_mhz);
@@ -245,49 +260,50 @@ int cli_bench(int argc, char **argv)
         printf("# copy bandwidth: %.1f GB/s (%s of %d MiB, (read+write bytes) / median time); %%copy = touched\n"
                "# expert weight bytes / our time / that bandwidth%s\n",
                copy_gbs, backend == MOE_BACKEND_CUDA ? "device-to-device cudaMemcpyAsync" : "threaded memcpy",
-               copy_mib, mode == MOE_BENCH_FWD ? "" : " (fwd mode only)");
+               copy_mib, mode == BENCH_FWD ? "" : " (fwd mode only)");
     else
         printf("# copy bandwidth: not measured (--copy-mib 0): no %%copy\n");
     if (backend == MOE_BACKEND_CUDA)
         printf("# kernels: grouped-GEMM configurations as launched (%s), printed below whenever they change\n",
-               autotune ? "autotuned" : kcfg ? "forced by --kernel-config" : "default heuristics");
+               la.autotune ? "autotuned" : la.kernel_config ? "forced by --kernel-config" : "default heuristics");
     else
         printf("# kernels: the CPU twin (OpenMP), no GPU kernel configurations\n");
-    if (backend == MOE_BACKEND_CUDA && mode == MOE_BENCH_FWD)
+    if (backend == MOE_BACKEND_CUDA && mode == BENCH_FWD)
         printf("# baselines (cuBLAS, same weights, GEMM pair only, rows pre-permuted): dense = M=T*k rows vs one\n"
                "# expert's weights (ceiling), loop = one GEMM pair per expert, grouped = cublasGemmGroupedBatchedEx;\n"
                "# 'x Y' = Y's time / ours (>1: we are faster). Our time is the whole layer, routing included.\n");
-    if (backend == MOE_BACKEND_CUDA)
-        printf("# phases (ms, medians of a separate pass with events between the launches): route = router GEMM\n"
-               "# + top-k, permute = counting sort + offsets, gemm1 (SiLU-and-mul fused: act '-'), gemm2 (permute_y,\n"
-               "# weights), combine = sum over k after joining the shared expert's stream%s\n",
-               mode == MOE_BENCH_FWD ? "" : "; with a backward timed, only route");
+    if (mode == BENCH_FWD)
+        printf("# phases (ms, medians of a separate pass with the layer's timing markers%s): route = router\n"
+               "# GEMM + top-k, permute = counting sort + offsets, dispatch = the transfer to the experts (one\n"
+               "# rank: none), gemm1 (SiLU-and-mul fused), gemm2 (permute_y, weights), combine = sum over k after\n"
+               "# joining the shared expert's stream; shared = Llama-4's shared expert on its own stream\n",
+               backend == MOE_BACKEND_CUDA ? ", CUDA events" : ", host clock");
     else
-        printf("# phases: not split on the CPU backend (only the whole layer is timed)\n");
+        printf("# phases: forward mode only\n");
     if (graph)
         printf("# graph(ms): median replay of the forward captured in a CUDA graph (one graph per input set,\n"
                "# routing included, events around each cudaGraphLaunch); time(ms) stays the eager launches.\n");
     printf("# warmup %d, iters %d (median), %d rotating input sets, seed %llu; FLOPs = %s x 6*T*k*H*I\n",
-           warmup, iters, rotate, (unsigned long long)seed, mode == MOE_BENCH_FWD ? "1" : mode == MOE_BENCH_BWD ? "2" : "3");
+           warmup, iters, rotate, (unsigned long long)seed, mode == BENCH_FWD ? "1" : mode == BENCH_BWD ? "2" : "3");
     if (peak_tf > 0)
         printf("# roofline: %.0f TFLOP/s, %.0f GB/s%s\n", peak_tf, peak_bw,
                peak_bw_measured ? " (the measured copy bandwidth)" : "");
     printf("%8s %8s %10s %10s %9s %7s %7s %6s %6s", "T", "M", "time(ms)", "TFLOP/s", "GB/s", "%roof", "%copy", "exp", "%fill");
     if (graph) printf(" %10s %7s", "graph(ms)", "%copy g");
-    for (int p = 0; p < MOE_PHASE_COUNT; p++) printf(" %8s", moe_phase_names[p]);
-    bool baselines = backend == MOE_BACKEND_CUDA && mode == MOE_BENCH_FWD;
+    for (int p = 0; p < MOE_STATS_NUM_PHASES; p++) printf(" %8s", phase_names[p]);
+    bool baselines = backend == MOE_BACKEND_CUDA && mode == BENCH_FWD;
     if (baselines) printf(" %9s %9s %9s %7s %7s %7s", "dense", "loop", "grouped", "x dense", "x loop", "x grp");
     printf(" %7s\n", "#wrong");
     if (cf) {
         fprintf(cf, "model,dtype,mode,backend,device,T,M,time_ms,tflops,gbs,pct_roofline,experts_touched,"
                     "weight_bytes,tile_fill,max_over_mean,copy_gbs,pct_copy,graph_ms,graph_tflops,graph_pct_copy");
-        for (int p = 0; p < MOE_PHASE_COUNT; p++) fprintf(cf, ",%s_ms", moe_phase_names[p]);
+        for (int p = 0; p < MOE_STATS_NUM_PHASES; p++) fprintf(cf, ",%s_ms", phase_names[p]);
         fprintf(cf, ",dense_ms,loop_ms,grouped_ms,dense_tflops,loop_tflops,grouped_tflops,x_dense,x_loop,x_grouped,wrong,kernels\n");
     }
     if (jf) {
         fprintf(jf, "{\"model\":\"%s\",\"dtype\":\"%s\",\"mode\":\"%s\",\"backend\":", cfg.name,
                 moe_dtype_name(dt), mode_s);
-        put_quoted(jf, moe_engine_describe(eng), true);
+        put_quoted(jf, describe, true);
         fprintf(jf, ",\"device\":");
         put_quoted(jf, dev.name, true);
         fprintf(jf, ",\"sm_clock_now_mhz\":%d,\"sm_clock_max_mhz\":%d", dev.sm_clock_now_mhz, dev.sm_clock_max_mhz);
@@ -307,7 +323,7 @@ int cli_bench(int argc, char **argv)
             moe_check_report rep;
             moe_check_report_init(&rep);
             moe_check_options co = {.sample = 16, .seed = seed + (uint64_t)T};
-            moe_status s = moe_engine_forward(eng, (int)T, xs[0], &st, &err);
+            moe_status s = moe_layer_forward_stages(L, (int)T, xs[0], &st, &err);
             if (s == MOE_OK) s = moe_check_forward(&w, dt, (int)T, xs[0], &st, &co, &rep, &err);
             moe_fwd_state_free(&st);
             if (s != MOE_OK) goto fail;
@@ -317,23 +333,28 @@ int cli_bench(int argc, char **argv)
                 moe_check_print(&rep, stderr);
             }
         }
-        double phases[MOE_PHASE_COUNT];
-        if (moe_engine_time(eng, mode, (int)T, (const void *const *)xs, dout, rotate, warmup, iters,
-                            times, phases, &err) != MOE_OK)
+        double phases[MOE_STATS_NUM_PHASES];
+        if (bench_time_eager(L, mode, (int)T, &bin, warmup, iters, times, phases) != MOE_OK) {
+            moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
             goto fail;
+        }
         double ms = median(times, iters);
         double gms = NAN;
         if (graph) {
-            if (moe_engine_graph_time(eng, (int)T, (const void *const *)xs, rotate, warmup, iters, times, &err) != MOE_OK)
+            if (bench_time_graph(L, (int)T, &bin, warmup, iters, times) != MOE_OK) {
+                moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
                 goto fail;
+            }
             gms = median(times, iters);
         }
-        moe_expert_usage usage;
-        if (moe_engine_expert_usage(eng, (int)T, (const void *const *)xs, rotate, &usage, &err) != MOE_OK)
+        free(usage.counts);
+        if (bench_expert_usage(L, &cfg, dt, (int)T, xs, rotate, &usage) != MOE_OK) {
+            moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
             goto fail;
+        }
         const double touched = usage.mean_touched;
         long M = T * k;
-        double mult = mode == MOE_BENCH_FWD ? 1 : mode == MOE_BENCH_BWD ? 2 : 3;
+        double mult = mode == BENCH_FWD ? 1 : mode == BENCH_BWD ? 2 : 3;
         double flops = mult * 6.0 * (double)M * H * I;
         double wbytes = touched * 3.0 * H * I * esz;
         double bytes = wbytes + 2.0 * T * H * esz;
@@ -342,24 +363,22 @@ int cli_bench(int argc, char **argv)
         if (peak_tf > 0 && peak_bw > 0)
             roof = 100.0 * fmax(flops / (peak_tf * 1e12), bytes / (peak_bw * 1e9)) * 1e3 / ms;
         double pcopy = NAN, gpcopy = NAN, gtflops = NAN;
-        if (mode == MOE_BENCH_FWD && !isnan(copy_gbs)) {
+        if (mode == BENCH_FWD && !isnan(copy_gbs)) {
             pcopy = 100.0 * wbytes / (ms * 1e-3) / 1e9 / copy_gbs;
             if (graph) gpcopy = 100.0 * wbytes / (gms * 1e-3) / 1e9 / copy_gbs;
         }
         if (graph) gtflops = flops / (gms * 1e-3) / 1e12;
         double bd = NAN, bl = NAN, bg = NAN;
         if (baselines) {
-            /* the routed rows per expert of this batch, for the per-expert and grouped baselines */
-            moe_fwd_state st;
-            if (moe_fwd_state_alloc(&cfg, dt, (int)T, false, &st, &err) != MOE_OK) goto fail;
-            moe_status s = moe_engine_forward(eng, (int)T, xs[0], &st, &err);
-            if (s == MOE_OK)
-                s = moe_engine_baselines(eng, st.token_counts, warmup, iters, &bd, &bl, &bg, &err);
-            moe_fwd_state_free(&st);
-            if (s != MOE_OK) goto fail;
+            /* the routed rows per expert of the first input set, for the per-expert and grouped
+             * baselines */
+            if (bench_baselines(L, dt, usage.counts, warmup, iters, &bd, &bl, &bg) != MOE_OK) {
+                moe_fail(&err, moe_thread_error()->status, "%s", moe_last_error());
+                goto fail;
+            }
         }
         char ks[1024];
-        moe_engine_kernel_summary(eng, ks, sizeof ks);
+        cli_kernel_summary(L, ks, sizeof ks);
         if (ks[0] && strcmp(ks, prev_ks) != 0) {
             printf("# kernels from T=%ld: %s\n", T, ks);
             snprintf(prev_ks, sizeof prev_ks, "%s", ks);
@@ -373,7 +392,7 @@ int cli_bench(int argc, char **argv)
             print_cell(gms, 10, " %*.4f");
             print_cell(gpcopy, 7, " %*.1f");
         }
-        for (int p = 0; p < MOE_PHASE_COUNT; p++) print_cell(phases[p], 8, " %*.4f");
+        for (int p = 0; p < MOE_STATS_NUM_PHASES; p++) print_cell(phases[p], 8, " %*.4f");
         if (baselines) printf(" %9.4f %9.4f %9.4f %7.3f %7.3f %7.3f", bd, bl, bg, bd / ms, bl / ms, bg / ms);
         if (check) printf(" %7d\n", wrong);
         else printf(" %7s\n", "n/a");
@@ -391,7 +410,7 @@ int cli_bench(int argc, char **argv)
             csv_num(cf, "%.6f", gms);
             csv_num(cf, "%.4f", gtflops);
             csv_num(cf, "%.2f", gpcopy);
-            for (int p = 0; p < MOE_PHASE_COUNT; p++) csv_num(cf, "%.6f", phases[p]);
+            for (int p = 0; p < MOE_STATS_NUM_PHASES; p++) csv_num(cf, "%.6f", phases[p]);
             csv_num(cf, "%.6f", bd);
             csv_num(cf, "%.6f", bl);
             csv_num(cf, "%.6f", bg);
@@ -415,9 +434,9 @@ int cli_bench(int argc, char **argv)
             json_num(jf, "graph_tflops", "%.4f", gtflops);
             json_num(jf, "graph_pct_copy", "%.2f", gpcopy);
             fprintf(jf, ",\"wrong\":%d", check ? wrong : -1);
-            for (int p = 0; p < MOE_PHASE_COUNT; p++) {
+            for (int p = 0; p < MOE_STATS_NUM_PHASES; p++) {
                 char key[32];
-                snprintf(key, sizeof key, "%s_ms", moe_phase_names[p]);
+                snprintf(key, sizeof key, "%s_ms", phase_names[p]);
                 json_num(jf, key, "%.6f", phases[p]);
             }
             json_num(jf, "dense_ms", "%.6f", bd);
@@ -438,8 +457,8 @@ int cli_bench(int argc, char **argv)
     }
     if (jf) fprintf(jf, "]}\n");
     if (backend == MOE_BACKEND_CUDA) {
-        moe_device_info after;
-        moe_engine_device_info(eng, &after);
+        bench_device after;
+        bench_device_info(L, &after);
         if (after.sm_clock_now_mhz > 0) printf("# SM clock after the sweep: %d MHz\n", after.sm_clock_now_mhz);
     }
     printf("# %s\n", check ? (any_wrong ? "WRONG results: see the stage tables on stderr" : "all sizes verified against the reference (16 sampled tokens/rows per stage)") : "results not verified (add --check)");
@@ -453,7 +472,9 @@ out:
     if (cf) fclose(cf);
     for (int i = 0; i < nx; i++) free(xs[i]);
     free(xs); free(dout); free(times);
-    moe_engine_destroy(eng);
+    free(usage.counts);
+    if (L) bench_inputs_free(L, &bin);
+    moe_layer_destroy(L);
     moe_weights_free(&w);
     return status;
 }

@@ -1,20 +1,21 @@
 /* cli_check.c — `moe-ep check`: the correctness mode. Random weights and inputs from the
- * counter-based generator, one run of the fused path (CPU twin or CUDA) with every intermediate
- * kept, then each named stage against the reference (check.h). Exit 0 only if all pass. */
+ * counter-based generator, one run of the layer (CPU twin or CUDA) with every intermediate
+ * kept, then each named stage against the reference (check.h). Exit 0 only if all pass. Under
+ * mpirun (or with an EP option) cli_check_ep.c compares the expert-parallel layer with the
+ * single-rank one instead. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <omp.h>
-
 #include "block_state.h"
 #include "check.h"
 #include "cli.h"
-#include "cli_ep.h"
+#include "cli_check.h"
+#include "cli_layer.h"
 #include "cli_opts.h"
 #include "config.h"
 #include "dtype.h"
-#include "engine.h"
+#include "layer/layer.h"
 #include "rng.h"
 #include "weights.h"
 
@@ -22,27 +23,17 @@ static const char *arch_name(moe_arch a) { return a == MOE_ARCH_QWEN3 ? "Qwen3-M
 
 int cli_check(int argc, char **argv)
 {
-    const char *model = NULL, *dtype_s = NULL, *backend_s = "auto";
-    int tokens = 64, sample = 0, threads = 0;
-    uint64_t seed = 1;
-    bool backward = false;
-    const char *kcfg = NULL, *tcache = NULL;
-    bool autotune = false;
-    cli_ep_args ep;
-    cli_ep_args_init(&ep);
+    cli_check_args c = {.tokens = 64, .seed = 1};
+    cli_layer_args la;
+    cli_layer_args_init(&la);
     cli_opt opts[] = {
-        {"model", OPT_STRING, "PRESET|config.json", "preset (qwen3-30b-a3b, llama4-scout, tiny-qwen3, tiny-llama4) or an HF config.json (required)", .str = &model},
-        {"tokens", OPT_INT, "T", "number of tokens (default 64)", .i = &tokens, .min = 1},
-        {"dtype", OPT_STRING, "bf16|fp16|fp32", "activation and weight dtype (default: the config's dtype)", .str = &dtype_s},
-        {"backend", OPT_STRING, "cpu|cuda|auto", "where the fused path runs (default auto: cuda when a GPU is usable)", .str = &backend_s},
-        {"seed", OPT_U64, "S", "generator seed for weights and inputs (default 1)", .u64 = &seed},
-        {"backward", OPT_FLAG, NULL, "also check the backward pass (dX, router and expert gradients)", .flag = &backward},
-        {"sample", OPT_INT, "N", "verify N random tokens / rows / experts instead of all (default 0 = all; single-rank runs only)", .i = &sample, .min = 0},
-        {"threads", OPT_INT, "N", "CPU threads (default: all cores, or OMP_NUM_THREADS)", .i = &threads, .min = 0},
-        {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
-        {"autotune", OPT_FLAG, NULL, "CUDA, single-rank runs: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
-        {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
-        CLI_EP_OPTIONS(ep),
+        {"model", OPT_STRING, "PRESET|config.json", "preset (qwen3-30b-a3b, llama4-scout, tiny-qwen3, tiny-llama4) or an HF config.json (required)", .str = &c.model},
+        {"tokens", OPT_INT, "T", "number of tokens (default 64; with EP the global batch, spread over the ranks)", .i = &c.tokens, .min = 1},
+        {"seed", OPT_U64, "S", "generator seed for weights and inputs (default 1)", .u64 = &c.seed},
+        {"backward", OPT_FLAG, NULL, "also check the backward pass (dX, router and expert gradients)", .flag = &c.backward},
+        {"sample", OPT_INT, "N", "verify N random tokens / rows / experts instead of all (default 0 = all; single-rank runs only)", .i = &c.sample, .min = 0},
+        CLI_LAYER_OPTIONS(la),
+        CLI_EP_OPTIONS(la),
         {0},
     };
     const char *syn = "--model PRESET|config.json [--tokens T] [--dtype D] [--backend B] [--seed S] [--backward] [--sample N]";
@@ -56,92 +47,105 @@ int cli_check(int argc, char **argv)
     int rc = cli_parse("check", syn, desc, opts, argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if ((rc = cli_require("check", opts, "model"))) return rc;
-    if (threads > 0) omp_set_num_threads(threads);
-    if (cli_ep_wanted(&ep)) {
-        if ((rc = cli_ep_reject_plain_only("check", sample, kcfg, autotune, tcache))) return rc;
-        return cli_ep_check(model, tokens, dtype_s, backend_s, seed, backward, &ep);
+    if (cli_ep_wanted(&la)) {
+        if (c.sample > 0) {
+            fprintf(stderr, "moe-ep check: --sample applies to single-rank runs only; the "
+                            "expert-parallel check compares every row\n");
+            return 2;
+        }
+        return cli_check_ep(&c, &la);
     }
 
     moe_error err = {0};
     moe_config cfg;
-    if (moe_config_resolve(model, &cfg, &err) != MOE_OK) {
+    if (moe_config_resolve(c.model, &cfg, &err) != MOE_OK) {
         fprintf(stderr, "moe-ep check: --model: %s\n", err.msg);
         return 2;
     }
-    moe_dtype dt = cfg.dtype;
-    if (dtype_s && (!moe_dtype_parse(dtype_s, &dt) || dt == MOE_DTYPE_F64)) {
-        fprintf(stderr, "moe-ep check: --dtype expects bf16, fp16 or fp32, got '%s'\n", dtype_s);
-        return 2;
-    }
-    moe_backend backend;
-    if (!cli_parse_backend(backend_s, &backend)) {
-        fprintf(stderr, "moe-ep check: --backend expects cpu, cuda or auto, got '%s'\n", backend_s);
-        return 2;
-    }
+    moe_layer_options lo;
+    moe_dtype dt;
+    if ((rc = cli_layer_options("check", &la, &cfg, &lo, &dt))) return rc;
 
     int status = 1;
     moe_weights w = {0}, grads = {0};
-    moe_engine *eng = NULL;
+    moe_layer *L = NULL;
     moe_fwd_state st;
     memset(&st, 0, sizeof st);
     void *x = NULL, *dout = NULL, *dx = NULL;
-    const int T = tokens, H = cfg.hidden;
+    const int T = c.tokens, H = cfg.hidden;
     const size_t esz = moe_dtype_size(dt);
 
     printf("moe-ep check: %s (%s) H=%d I=%d E=%d k=%d%s%s, T=%d, dtype %s, seed %llu%s\n",
            cfg.name, arch_name(cfg.arch), cfg.hidden, cfg.inter, cfg.num_experts, cfg.top_k,
            cfg.arch == MOE_ARCH_QWEN3 ? (cfg.norm_topk_prob ? ", norm_topk_prob" : ", no renorm") : "",
            cfg.shared_inter ? ", shared expert" : "", T, moe_dtype_name(dt),
-           (unsigned long long)seed, sample ? "" : ", every element verified");
-    if (sample) printf("moe-ep check: --sample %d: verifying %d random tokens / rows / experts per stage\n", sample, sample);
+           (unsigned long long)c.seed, c.sample ? "" : ", every element verified");
+    if (c.sample)
+        printf("moe-ep check: --sample %d: verifying %d random tokens / rows / experts per stage\n",
+               c.sample, c.sample);
     fflush(stdout);
 
     double t0 = moe_now();
-    if (moe_weights_random(&cfg, seed, 0, cfg.num_experts, dt, &w, &err) != MOE_OK) goto fail;
+    /* the reference's weights; the layer draws the same ones from the same seed */
+    if (moe_weights_random(&cfg, c.seed, 0, cfg.num_experts, dt, &w, &err) != MOE_OK) goto fail;
     x = moe_malloc((size_t)T * H * esz, "hidden_states", &err);
     if (!x) goto fail;
-    moe_fill_normal(dt, x, (size_t)T * H, seed, "hidden_states", 0, 1.0);
-    if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
-    {
-        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
-        if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
+    moe_fill_normal(dt, x, (size_t)T * H, c.seed, "hidden_states", 0, 1.0);
+    moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
+    src.kind = MOE_WEIGHTS_RANDOM;
+    src.seed = c.seed;
+    lo.max_tokens = T;
+    moe_status s = moe_layer_create(c.model, &src, &lo, &L);
+    if (s != MOE_OK) {
+        status = cli_api_fail("check", s);
+        goto out;
     }
+    moe_layer_info info = MOE_LAYER_INFO_INIT;
+    moe_layer_info_get(L, &info);
     if (moe_fwd_state_alloc(&cfg, dt, T, true, &st, &err) != MOE_OK) goto fail;
     moe_fwd_state_poison(&cfg, dt, &st);
-    printf("moe-ep check: backend %s; weights generated in %.1f s\n", moe_engine_describe(eng), moe_now() - t0);
+    printf("moe-ep check: backend %s%s; weights generated in %.1f s\n",
+           info.backend == MOE_BACKEND_CPU ? "" : "cuda: ", info.device_name, moe_now() - t0);
     fflush(stdout);
 
     double t1 = moe_now();
-    if (moe_engine_forward(eng, T, x, &st, &err) != MOE_OK) goto fail;
+    if (moe_layer_forward_stages(L, T, x, &st, &err) != MOE_OK) goto fail;
     double t_fwd = moe_now() - t1;
-    if (backward) {
+    if (c.backward) {
         dout = moe_malloc((size_t)T * H * esz, "grad_output", &err);
         dx = moe_malloc((size_t)T * H * esz, "grad hidden_states", &err);
         if (!dout || !dx) goto fail;
-        moe_fill_normal(dt, dout, (size_t)T * H, seed, "grad_output", 0, 1.0);
+        moe_fill_normal(dt, dout, (size_t)T * H, c.seed, "grad_output", 0, 1.0);
         for (size_t i = 0; i < (size_t)T * H; i++) moe_store_elem(dt, dx, i, 0.0 / 0.0);
         if (moe_weights_zeros_like(&w, dt, &grads, &err) != MOE_OK) goto fail;
         /* poison the gradients: every element must be written (zeros for idle experts too) */
         moe_tensor *gt[] = {&grads.router, &grads.w13, &grads.w2, &grads.shared_gate, &grads.shared_up, &grads.shared_down};
         for (size_t i = 0; i < sizeof gt / sizeof gt[0]; i++)
             if (gt[i]->data) moe_tensor_poison(gt[i]);
+        moe_layer_grads g = {grads.router.data, grads.w13.data, grads.w2.data,
+                             grads.shared_gate.data, grads.shared_up.data, grads.shared_down.data};
+        moe_tensor_view vx = {dt, 2, {T, H}, x}, vd = {dt, 2, {T, H}, dout}, vdx = {dt, 2, {T, H}, dx};
         t1 = moe_now();
-        if (moe_engine_backward(eng, T, x, &st, dout, dx, &grads, &err) != MOE_OK) goto fail;
+        s = moe_layer_backward(L, &vx, &vd, NULL, &vdx, &g);
+        if (s != MOE_OK) {
+            status = cli_api_fail("check", s);
+            goto out;
+        }
     }
-    double t_bwd = backward ? moe_now() - t1 : 0;
+    double t_bwd = c.backward ? moe_now() - t1 : 0;
     char ks[1024];
-    moe_engine_kernel_summary(eng, ks, sizeof ks);
+    cli_kernel_summary(L, ks, sizeof ks);
     if (ks[0]) printf("moe-ep check: kernels: %s\n", ks);
-    printf("moe-ep check: fused forward %.3f s%s", t_fwd, backward ? "" : "\n");
-    if (backward) printf(", backward %.3f s\n", t_bwd);
+    printf("moe-ep check: fused forward %.3f s%s", t_fwd, c.backward ? "" : "\n");
+    if (c.backward) printf(", backward %.3f s\n", t_bwd);
     fflush(stdout);
 
-    moe_check_options co = {.sample = sample, .seed = seed, .backward = backward};
+    moe_check_options co = {.sample = c.sample, .seed = c.seed, .backward = c.backward};
     moe_check_report rep;
     moe_check_report_init(&rep);
     t1 = moe_now();
     if (moe_check_forward(&w, dt, T, x, &st, &co, &rep, &err) != MOE_OK) goto fail;
-    if (backward && moe_check_backward(&w, dt, T, x, &st, dout, dx, &grads, &co, &rep, &err) != MOE_OK)
+    if (c.backward && moe_check_backward(&w, dt, T, x, &st, dout, dx, &grads, &co, &rep, &err) != MOE_OK)
         goto fail;
     printf("moe-ep check: reference and comparisons %.1f s\n\n", moe_now() - t1);
     moe_check_print(&rep, stdout);
@@ -153,9 +157,11 @@ fail:
     status = err.status == MOE_ERR_INVALID_ARG ? 2 : 1;
 out:
     moe_fwd_state_free(&st);
-    moe_engine_destroy(eng);
+    moe_layer_destroy(L);
     moe_weights_free(&w);
     moe_weights_free(&grads);
-    free(x); free(dout); free(dx);
+    free(x);
+    free(dout);
+    free(dx);
     return status;
 }

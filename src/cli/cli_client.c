@@ -23,7 +23,6 @@
 #include "client/moe_proto.h"
 #include "config.h"
 #include "dtype.h"
-#include "engine.h"
 #include "rng.h"
 #include "safetensors.h"
 #include "service/svc.h"
@@ -317,22 +316,16 @@ static moe_status local_reference(const char *config, const char *weights, int l
     *plog = moe_malloc((size_t)P * E * esz, "pool logits", err);
     if (!*px || !*pout || !*plog) return MOE_ERR_NOMEM;
     moe_fill_normal(dt, *px, (size_t)P * H, seed, "client.load.x", 0, 1.0);
-    moe_weights w;
-    memset(&w, 0, sizeof w);
-    moe_engine *eng = NULL;
-    moe_fwd_state st;
-    memset(&st, 0, sizeof st);
-    moe_status s = moe_serve_load_weights(cfg, weights, layer_file, dt, &w, err);
-    if (s == MOE_OK) s = moe_engine_create(MOE_BACKEND_CPU, &w, dt, P, &eng, err);
-    if (s == MOE_OK) s = moe_fwd_state_alloc(cfg, dt, P, false, &st, err);
-    if (s == MOE_OK) s = moe_engine_forward(eng, P, *px, &st, err);
+    moe_layer *L = NULL;
+    moe_status s = moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, P, NULL,
+                                          &L, err);
     if (s == MOE_OK) {
-        memcpy(*pout, st.out, (size_t)P * H * esz);
-        memcpy(*plog, st.router_logits, (size_t)P * E * esz);
+        moe_tensor_view vx = {dt, 2, {P, H}, *px}, vo = {dt, 2, {P, H}, *pout},
+                        vl = {dt, 2, {P, E}, *plog};
+        s = moe_layer_forward(L, &vx, &vo, &vl);
+        if (s != MOE_OK) moe_fail(err, s, "%s", moe_last_error());
     }
-    moe_fwd_state_free(&st);
-    moe_engine_destroy(eng);
-    moe_weights_free(&w);
+    moe_layer_destroy(L);
     return s;
 }
 
@@ -855,28 +848,24 @@ static double direct_engine(const char *config, const char *weights, int layer_f
 {
     moe_config cfg;
     if (moe_config_resolve(config, &cfg, err) != MOE_OK) return -1;
-    moe_weights w;
-    memset(&w, 0, sizeof w);
-    moe_engine *eng = NULL;
+    moe_layer *L = NULL;
     double *t = malloc((size_t)reps * sizeof *t);
     double med = -1;
-    if (t && moe_serve_load_weights(&cfg, weights, layer_file, dt, &w, err) == MOE_OK &&
-        moe_engine_create(MOE_BACKEND_CPU, &w, dt, T, &eng, err) == MOE_OK) {
+    if (t && moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, T, NULL, &L,
+                                    err) == MOE_OK) {
         size_t esz = moe_dtype_size(dt);
         uint8_t *out = malloc((size_t)T * cfg.hidden * esz + 1), *lg = malloc((size_t)T * cfg.num_experts * esz + 1);
         int i;
         for (i = 0; out && lg && i < reps; i++) {
             double t0 = moe_now();
-            /* The same work a served request does on one rank: the state, the run, the copy. */
-            moe_fwd_state st;
-            if (moe_fwd_state_alloc(&cfg, dt, T, false, &st, err) != MOE_OK) break;
-            moe_status s = moe_engine_forward(eng, T, px, &st, err);
-            if (s == MOE_OK) {
-                memcpy(out, st.out, (size_t)T * cfg.hidden * esz);
-                memcpy(lg, st.router_logits, (size_t)T * cfg.num_experts * esz);
+            /* The same call a served request makes on one rank. */
+            moe_tensor_view vx = {dt, 2, {T, cfg.hidden}, (void *)px},
+                            vo = {dt, 2, {T, cfg.hidden}, out}, vl = {dt, 2, {T, cfg.num_experts}, lg};
+            moe_status s = moe_layer_forward(L, &vx, &vo, &vl);
+            if (s != MOE_OK) {
+                moe_fail(err, s, "%s", moe_last_error());
+                break;
             }
-            moe_fwd_state_free(&st);
-            if (s != MOE_OK) break;
             t[i] = moe_now() - t0;
         }
         if (i == reps) {
@@ -887,8 +876,7 @@ static double direct_engine(const char *config, const char *weights, int layer_f
         free(out);
         free(lg);
     }
-    moe_engine_destroy(eng);
-    moe_weights_free(&w);
+    moe_layer_destroy(L);
     free(t);
     return med;
 }

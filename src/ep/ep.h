@@ -1,85 +1,66 @@
 /*
- * ep.h — expert parallelism: N MPI ranks, each owning a contiguous slice of the experts, run
- * one MoE block together on their own (data-parallel) batches of tokens.
+ * ep.h — expert parallelism inside the library: the communicator behind moe_ep_comm, forced
+ * routing, the counts plan, the transfers, and the one driver that runs a layer (plain or
+ * expert-parallel, forward and backward, on either backend). Internal; the public side is
+ * moe_ep.h. docs/EP.md has the long form:
  *
- * The scheme (docs/EP.md has the long form):
- *   plan      rank r owns experts [r*E/N, (r+1)*E/N). With V virtual ranks per process the
- *             experts are cut into G = N*V slices and virtual rank d = r*V + v owns slice d.
  *   route     every rank routes its own tokens (router + top-k, or a forced routing).
- *   dispatch  a token goes ONCE to each (virtual) rank owning at least one of its k experts,
- *             with k expert-id slots (ids it does not own there are -1) and the k weights
- *             (0 where not owned). Counts first (all-to-all of integers), then the payload.
- *   compute   the receiver runs the local fused path (sort by expert, grouped GEMM with
- *             permute_x and the SiLU-and-mul epilogue, grouped GEMM with permute_y) on what
- *             arrived and reduces over its own experts per token: one partial row per token.
- *   combine   partial rows travel back (the same counts, reversed) and the source adds them
- *             in ascending (virtual) rank order, after Llama-4's shared expert, which every
- *             rank computes for its own tokens: deterministic, no float atomics.
- *   backward  the gradient of combine is a dispatch (dout rows travel with x) and the gradient
- *             of dispatch is a combine (partial dx rows and d-weights travel back).
- * With N = 1 and V = 1 and no forced routing, forward and backward ARE the plain fused path
- * (cpu_block_forward / cpu_block_backward): no copies, no communication.
+ *   plan      per token its distinct owners (virtual ranks, expert_map.h) and its row in the
+ *             block going to each (backend op ep_plan: a pure function of the ids).
+ *   counts    default mode: the per-destination counts come to the host and are exchanged
+ *             (MPI_Alltoall), so every payload transfer has its exact size; with
+ *             max_tokens_per_rank and NCCL ("sync-free") they stay on the device and whole
+ *             slots of M rows travel with the counts beside them.
+ *   dispatch  a token goes ONCE to each virtual rank owning one of its k experts, with k id
+ *             slots (the expert's index within that virtual rank, -1 where it owns none of
+ *             them) and k weights (0 there).
+ *   compute   each virtual rank runs its slice of the local experts on what arrived and sums
+ *             over its own slots: one partial row per received token.
+ *   combine   the partial rows travel back into the rows they were sent from; the source adds
+ *             them in ascending virtual-rank order after Llama-4's shared expert (computed
+ *             locally on a side stream): deterministic, no float atomics.
+ *   backward  the gradient of the combine is a dispatch (dout rows travel with x) and the
+ *             gradient of the dispatch is a combine (partial dx rows and fp32 d-weights
+ *             travel back); the replicated weights' gradients (router, shared expert) are
+ *             fp32 partials gathered from every rank and added in rank order, identical on
+ *             every rank.
+ * With one rank, no virtual ranks and the router's own routing, forward and backward ARE the
+ * plain fused path: route, the experts on x itself, sum over k — nothing copied or sent.
  *
- * Every call that communicates is collective over the context's communicator: all ranks call
- * it, in the same order, with the same options (T_local may differ, 0 included). An argument
- * error found on any rank makes EVERY rank return an error (the statuses are agreed with an
- * MPI_Allreduce before any data moves), so no rank is left blocked in a collective. Failures
- * after data started moving (an MPI error) are fatal: the message names the rank and the MPI
- * error string, and the job is ended with MPI_Abort unless options.abort_on_fatal is false.
- *
- * Memory: host memory, activation dtype = the weights' dtype (CPU backend). The NCCL transport
- * stages host buffers through the GPU (for testing NCCL from the CPU backend); a CUDA-backend
- * driver will hand it device buffers directly.
+ * Every EP call is collective over the layer's communicator (all ranks, same order; T may
+ * differ, 0 included). Each call begins by agreeing on its kind and on the layer (a rank that
+ * called something else fails on every rank, naming it), and an argument error found on any
+ * rank makes every rank return it before data moves. A failure after data started moving is
+ * fatal (MPI_Abort unless abort_on_fatal was turned off).
  */
-#ifndef MOE_EP_H_INTERNAL
-#define MOE_EP_H_INTERNAL
+#ifndef MOE_EP_INTERNAL_EP_H
+#define MOE_EP_INTERNAL_EP_H
 
 #include <mpi.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
-#include "../weights.h"
+#include "../layer/layer.h"
+#include "ep_transport.h"
 
-/* ---------------------------------------------------------------- plan (ownership) ---- */
+/* ---------------------------------------------------------------- forced routing ---- */
 
-/* The expert slice of `rank` out of `nranks`: [*begin, *begin + *count). MOE_ERR_INVALID_ARG
- * with a clear message when E % nranks != 0 or nranks > E. */
-moe_status moe_ep_expert_range(int num_experts, int nranks, int rank, int *begin, int *count,
-                               moe_error *err);
-
-/* ---------------------------------------------------------------- options ---- */
-
-typedef enum moe_ep_transport_kind {
-    MOE_EP_TRANSPORT_AUTO = 0, /* NCCL for device buffers (CUDA backend), else MPI */
-    MOE_EP_TRANSPORT_MPI = 1,  /* host buffers, MPI_Alltoall(v) / MPI_Ialltoallv */
-    MOE_EP_TRANSPORT_NCCL = 2, /* device buffers, grouped ncclSend/ncclRecv (CUDA builds) */
-} moe_ep_transport_kind;
-/* "auto" | "mpi" | "nccl". */
-bool moe_ep_transport_parse(const char *s, moe_ep_transport_kind *out);
-const char *moe_ep_transport_name(moe_ep_transport_kind t);
-
-/* Forced routing (tests, benchmarks): overrides the router's choice of expert ids so a skew
- * is produced on purpose. The router still runs (its logits are an output).
- * Ids are a function of the GLOBAL token index g (ranks' batches concatenated in rank order),
- * so the same tokens get the same experts whatever N is:
- *   UNIFORM     e_j = (g*k + j) mod E                       (every expert equally loaded)
+/* Overrides the router's choice of expert ids so a skew is produced on purpose (tests,
+ * benchmarks). The router still runs (its logits are an output). Ids are a function of the
+ * GLOBAL token index g (ranks' batches concatenated in rank order), so the same tokens get
+ * the same experts whatever the rank count:
+ *   UNIFORM     e_j = (g*k + j) mod E                         (every expert equally loaded)
  *   SKEWED      k distinct experts drawn without replacement with P(e) ~ 1/(e+1)^2
  *               (counter-based: seed 0, stream "ep.route.skewed", index g*k+j): low ids hot
- *   ALL_TO_ONE  e_j = (target*E/G + j) mod E: every token to the experts of virtual rank
- *               `target` (spilling into the next ranks when a rank has fewer than k experts);
- *               the other ranks receive nothing
- *   FILE        ids[g mod rows][j] from a table (moe_ep_route_load_file), checked in range and
- *               distinct per row
- * Weights (`weights`):
- *   ROUTER   the router's own values AT the forced ids: Qwen3 softmax(logits)[e_j] (fp32,
- *            renormalised over the k forced ids when norm_topk_prob), Llama-4
- *            sigmoid(logits[e_j]); rounded to the activation dtype. Backward flows into the
- *            router as for natural routing. With FILE ids equal to the router's own top-k this
- *            is exactly natural routing.
- *   UNIFORM  1/k for every slot (rounded); the router gets no gradient. */
+ *   ALL_TO_ONE  the first k experts of virtual rank `target` (spilling into the following
+ *               virtual ranks' experts when it has fewer than k): the others receive nothing
+ *   FILE        ids[g mod rows][j] from a table, checked in range and distinct per row
+ * Weights: ROUTER = the router's own values at the forced ids (Qwen3: softmax(logits)[e_j],
+ * renormalised over the k forced ids when norm_topk_prob; Llama-4: sigmoid(logits[e_j]));
+ * UNIFORM = 1/k (the router then gets no gradient). */
 typedef enum moe_ep_route_mode {
-    MOE_EP_ROUTE_ROUTER = 0, /* no forcing: the router decides */
+    MOE_EP_ROUTE_ROUTER = 0,
     MOE_EP_ROUTE_UNIFORM,
     MOE_EP_ROUTE_SKEWED,
     MOE_EP_ROUTE_ALL_TO_ONE,
@@ -92,136 +73,125 @@ typedef enum moe_ep_route_weights {
 typedef struct moe_ep_route {
     moe_ep_route_mode mode;
     moe_ep_route_weights weights;
-    int target;          /* ALL_TO_ONE: virtual rank in [0, N*V) */
-    const int32_t *ids;  /* FILE: [rows, k] global expert ids, borrowed (the ctx copies it) */
+    int target;       /* ALL_TO_ONE: virtual rank */
+    int32_t *ids;     /* FILE: [rows, k] global expert ids (owned: free()) */
     int64_t rows;
 } moe_ep_route;
-/* "router" | "uniform" | "skewed" | "all-to-one[:TARGET]" | "file:PATH" (loads PATH with
- * moe_ep_route_load_file; the caller frees r->ids with free()). An optional suffix
- * ",w=uniform" or ",w=router" picks the weights. E and k validate the file. */
+
+/* "router" | "uniform" | "skewed" | "all-to-one[:TARGET]" | "file:PATH", optionally
+ * ",w=uniform" / ",w=router". NULL or "" = router. E and k validate a file. */
 moe_status moe_ep_route_parse(const char *spec, int num_experts, int top_k, moe_ep_route *r,
                               moe_error *err);
-/* A routing table: whitespace-separated integers, k per token ('#' starts a comment).
- * *ids is malloc'ed [rows, k]. Ids out of [0,E) or repeated within a token are errors naming
- * the line. */
+void moe_ep_route_free(moe_ep_route *r);
+/* A routing table: whitespace-separated integers, k per token ('#' starts a comment). */
 moe_status moe_ep_route_load_file(const char *path, int num_experts, int top_k, int32_t **ids,
                                   int64_t *rows, moe_error *err);
-/* The forced ids of tokens [g0, g0+T) (global indices), [T, k]. G = virtual ranks in all. */
-moe_status moe_ep_route_ids(const moe_ep_route *r, int num_experts, int top_k, int G, int64_t g0,
-                            int T, int32_t *ids, moe_error *err);
+/* The forced ids of tokens [g0, g0+T) (global indices), [T,k]; the map places ALL_TO_ONE. */
+moe_status moe_ep_route_ids(const moe_ep_route *r, const moe_expert_map *map, int top_k,
+                            int64_t g0, int T, int32_t *ids, moe_error *err);
+/* Forced-routing weights [T,k] for ids (host). */
+void ep_route_weights(const moe_config *cfg, moe_dtype dt, moe_ep_route_weights mode, int T,
+                      const void *logits, const int32_t *ids, void *w);
+/* "auto" | "mpi" | "nccl". */
+bool moe_ep_transport_parse(const char *s, moe_transport *out);
+const char *moe_ep_transport_name(moe_transport t);
 
-typedef struct moe_ep_options {
-    moe_ep_transport_kind transport;
-    int virtual_ranks;           /* V >= 1: this process plans and dispatches as V ranks */
-    int chunks;                  /* C >= 1: pipeline the batch in C chunks (forward) */
-    int64_t max_tokens_per_rank; /* M: 0 = buffers sized per call; > 0: T_local <= M always,
-                                    buffers allocated once at creation (sync-free sizing) */
-    int64_t max_recv_tokens;     /* with M > 0: token rows one process may receive in one call
-                                    (all chunks); 0 = the worst case N*V*M. More is an error,
-                                    never a truncation. */
+/* ---------------------------------------------------------------- the communicator ---- */
+
+#define MOE_EP_COMM_MAGIC 0x4d4d4f43u /* "COMM" */
+
+struct moe_ep_comm {
+    uint32_t magic;
+    MPI_Comm comm;      /* duplicate of the caller's, MPI_ERRORS_RETURN */
+    int rank, nranks;
+    int local_rank, local_size; /* on this node */
+    moe_ep_options opts;
+    char *route_spec;   /* owned copy of opts.route */
+    int layers;         /* layers created on it */
+    ep_transport *mpi;  /* host buffers (always) */
+    ep_transport *nccl; /* device buffers; made by the first layer that needs it */
+    int nccl_device;
+};
+
+/* The failure of an MPI call: "rank R: what: MPI error string", MOE_ERR_MPI. */
+moe_status ep_mpi_fail(moe_error *err, int rc, int rank, const char *what);
+/* Agree on a status across comm: every rank returns the lowest failing rank's status and
+ * message ("rank R failed: ..." on the others); MOE_OK only when every rank passed MOE_OK. */
+moe_status ep_agree(MPI_Comm comm, moe_status st, moe_error *err);
+/* Agree on a status AND on n named integer fields in one allreduce: a field whose value
+ * differs between ranks fails every rank with "ranks disagree on <name> (<lo> .. <hi>)". */
+moe_status ep_agree_fields(MPI_Comm comm, moe_status st, const int64_t *fields,
+                           const char *const *names, int n, moe_error *err);
+/* The transport a layer uses (collective over the layer's ranks; creates the NCCL
+ * communicator on first use). *tp NULL for the plain path. */
+moe_status ep_comm_pick_transport(moe_ep_comm *c, moe_layer *L, ep_transport **tp,
+                                  moe_error *err);
+
+/* ---------------------------------------------------------------- counts plan ---- */
+
+/* Rows of every (chunk c, round v, peer q) block, at index (c*V + v)*N + q, on the send side
+ * (rows this rank sends to virtual rank q*V + v) and the receive side (rows rank q sends to
+ * this rank's virtual rank v), with absolute row offsets in that order. Round v of chunk c is
+ * one all-to-all: the rows one virtual rank receives are contiguous and in global token order
+ * (source rank, then token), as a single rank would see them. */
+typedef struct ep_plan {
+    int N, rank, V, G, C, T;
+    int32_t *chunk_begin; /* [C+1] local token ranges */
+    int64_t *send_rows, *send_off, *recv_rows, *recv_off;
+    int64_t send_total, recv_total, recv_max_round;
+    int64_t *base;        /* [C*G] first send row of destination d in chunk c */
+} ep_plan;
+
+/* Balanced contiguous split of T into C pieces: piece i is [b[i], b[i+1]). */
+void ep_split_even(int T, int C, int32_t *b);
+/* The send side from the per-destination counts dcount [C*G] (host). */
+moe_status ep_plan_from_counts(ep_plan *p, int N, int rank, int V, int C, int T,
+                               const int32_t *chunk_begin, const int32_t *dcount,
+                               moe_error *err);
+/* The counts exchange (one MPI_Alltoall) and the receive layout. */
+moe_status ep_plan_exchange(ep_plan *p, MPI_Comm comm, moe_error *err);
+/* T <= max_tokens (when > 0) and recv_total <= max_recv (when > 0), else MOE_ERR_OVERFLOW. */
+moe_status ep_plan_check_capacity(const ep_plan *p, int64_t max_tokens, int64_t max_recv,
+                                  moe_error *err);
+void ep_plan_free(ep_plan *p);
+int64_t ep_round_rows(const ep_plan *p, int c, int v, bool recv);
+int64_t ep_round_base(const ep_plan *p, int c, int v, bool recv);
+
+/* ---------------------------------------------------------------- the driver ---- */
+
+/* The EP side of a layer with a communicator (made at layer creation). */
+typedef struct ep_state {
+    moe_ep_comm *comm;
+    ep_transport *tp;
     moe_ep_route route;
-    bool abort_on_fatal;         /* MPI_Abort on a failure after data started moving */
-    int device;                  /* NCCL: CUDA device; -1 = the node-local rank's GPU */
-} moe_ep_options;
-#define MOE_EP_OPTIONS_INIT                                                                   \
-    {                                                                                         \
-        MOE_EP_TRANSPORT_AUTO, 1, 1, 0, 0, {MOE_EP_ROUTE_ROUTER, MOE_EP_ROUTE_W_ROUTER, 0, NULL, 0}, \
-            true, -1                                                                          \
-    }
+    bool forced, syncfree, nccl;
+    int N, V, G, C, D; /* ranks, virtual per process, virtual in all, chunks, min(k, G) */
+    int64_t M;         /* max_tokens_per_rank (0: sized per call) */
+    int64_t max_recv;  /* receive bound (with M) */
+    int64_t Rc;        /* sync-free: compact rows of one virtual rank per call */
+    int64_t *d_slotbase; /* sync-free: [G] first send row of destination d's slot (backend) */
+    int32_t *h_dcount;   /* host counts of the last plan [C*G] */
+    ep_request *reqs;    /* transfer records (2*C*V), reused across calls */
+    int nreqs;
+    bool abort_on_fatal;
+} ep_state;
 
-/* ---------------------------------------------------------------- counters ---- */
+/* Set up / tear down L->ep (collective: picks the transport, sizes sync-free buffers). */
+moe_status ep_state_create(moe_layer *L, moe_ep_comm *comm, moe_error *err);
+void ep_state_destroy(moe_layer *L);
 
-/* One chunk's timeline (seconds since the start of the call). */
-typedef struct moe_ep_chunk_times {
-    int64_t tokens;            /* local tokens of this chunk */
-    int64_t rows_sent, rows_recv;
-    double dispatch_post, dispatch_done;
-    double compute_begin, compute_end;
-    double combine_post, combine_done;
-} moe_ep_chunk_times;
+/* Forward and backward of the layer on T tokens (backend memory, L->stream). The API checks
+ * the arguments first; these agree on the call across ranks. See moe_ep.h. */
+moe_status ep_forward(moe_layer *L, int T, const void *x, void *out, void *logits,
+                      moe_error *err);
+moe_status ep_backward(moe_layer *L, int T, const void *x, const void *dout,
+                       const void *d_logits, void *dx, const moe_layer_grads *grads,
+                       moe_error *err);
 
-typedef struct moe_ep_stats {
-    int nranks, rank, virtual_ranks;
-    char transport[16];
-    /* per real peer (index = peer rank, self included): token rows dispatched and received,
-     * payload bytes sent and received (dispatch + combine, every buffer) */
-    uint64_t *tokens_sent, *tokens_recv;
-    uint64_t *bytes_sent, *bytes_recv;
-    uint64_t *vtokens_sent;    /* [nranks*V] token rows per virtual destination */
-    uint64_t tokens_local;     /* tokens this rank brought (sum of T_local) */
-    uint64_t tokens_computed;  /* received token rows run through the local experts */
-    uint64_t expert_rows;      /* (token, local expert) pairs computed */
-    uint64_t weight_bytes_read;/* expert weight bytes read from the checkpoint at load */
-    uint64_t weight_bytes_held;/* bytes of the local expert tensors (w13 + w2) */
-    uint64_t calls_forward, calls_backward;
-    double seconds;            /* wall time inside forward/backward */
-    int nchunks;               /* timeline of the LAST call */
-    moe_ep_chunk_times *timeline;
-    int timeline_cap;
-} moe_ep_stats;
+/* The plain path with every intermediate in st (backend memory; NULL fields: scratch), for
+ * the forward and moe_layer_forward_stages. One rank only. keep: fill the saved state for a
+ * following backward (save_for_backward). */
+moe_status ep_plain_forward(moe_layer *L, int T, const void *x, moe_fwd_state *st, bool keep,
+                            moe_error *err);
 
-moe_status moe_ep_stats_init(moe_ep_stats *s, int nranks, int rank, int virtual_ranks,
-                             moe_error *err);
-void moe_ep_stats_free(moe_ep_stats *s);
-void moe_ep_stats_reset(moe_ep_stats *s); /* zero the counters, keep the shape */
-/* dst += src (counters; the timeline is copied). Shapes must match. */
-void moe_ep_stats_add(moe_ep_stats *dst, const moe_ep_stats *src);
-/* Human-readable: per-peer table, totals, weight bytes, the last call's timeline. */
-void moe_ep_stats_print(FILE *f, const moe_ep_stats *s);
-
-/* ---------------------------------------------------------------- context ---- */
-
-typedef struct moe_ep_ctx moe_ep_ctx;
-
-/* Collective over comm. w: this rank's slice (expert_begin/count must equal
- * moe_ep_expert_range(E, N, rank)) with the router and shared expert; borrowed, must outlive
- * the ctx. opts may be NULL (defaults). The communicator is duplicated (errors return, never
- * abort inside MPI). Every rank gets the same status; a rank's bad argument is reported as
- * "rank R: <reason>" on the others. */
-moe_status moe_ep_ctx_create(MPI_Comm comm, const moe_weights *w, const moe_ep_options *opts,
-                             moe_ep_ctx **out, moe_error *err);
-void moe_ep_ctx_destroy(moe_ep_ctx *ctx);
-
-/* Load / generate this rank's slice for an EP context over comm (collective; each rank reads
- * only its experts, plus the router and shared expert). virtual_ranks only checks that E is
- * divisible by N*V. */
-moe_status moe_ep_weights_load(MPI_Comm comm, const moe_config *cfg, const char *path, int layer,
-                               int virtual_ranks, moe_dtype dtype, moe_weights *w, moe_error *err);
-moe_status moe_ep_weights_random(MPI_Comm comm, const moe_config *cfg, uint64_t seed,
-                                 int virtual_ranks, moe_dtype dtype, moe_weights *w,
-                                 moe_error *err);
-
-/* Forward on this rank's T_local tokens. x [T,H], out [T,H] in the activation dtype;
- * router_logits [T,E] and topk_ids [T,k] (the ids used, forced or not) are optional outputs.
- * stats (optional, from moe_ep_stats_init with this ctx's shape) receives this call's counters
- * added; the ctx keeps its own running totals too (moe_ep_ctx_stats). Collective. */
-moe_status moe_ep_forward(moe_ep_ctx *ctx, int T_local, const void *x, void *out,
-                          void *router_logits, int32_t *topk_ids, moe_ep_stats *stats,
-                          moe_error *err);
-/* Backward for the loss sum(out * dout): dx [T,H], and gradients in grads (shaped like this
- * rank's weights, e.g. from moe_weights_zeros_like; overwritten): the local experts' w13/w2
- * slices, and the router and shared expert summed over ALL ranks' tokens (identical on every
- * rank; the sum runs in fp32 in ascending rank order). Recomputes the forward pieces it needs.
- * Runs as one chunk (options.chunks applies to forward). Collective. */
-moe_status moe_ep_backward(moe_ep_ctx *ctx, int T_local, const void *x, const void *dout,
-                           void *dx, moe_weights *grads, moe_ep_stats *stats, moe_error *err);
-
-/* The running totals since creation (or the last reset). */
-const moe_ep_stats *moe_ep_ctx_stats(const moe_ep_ctx *ctx);
-void moe_ep_ctx_reset_stats(moe_ep_ctx *ctx);
-int moe_ep_ctx_rank(const moe_ep_ctx *ctx);
-int moe_ep_ctx_nranks(const moe_ep_ctx *ctx);
-
-/* Sync-free sizing: the buffer rows for a given M (T_local bound), N, V, k: the dispatch send
- * rows (M * min(k, N*V)) and the receive rows (max_recv, or N*V*M when 0), and their bytes
- * for hidden H in dtype dt (forward: x + ids + weights; backward adds dout). */
-typedef struct moe_ep_buffer_sizes {
-    int64_t send_rows, recv_rows;
-    size_t send_bytes, recv_bytes;
-} moe_ep_buffer_sizes;
-moe_status moe_ep_buffer_sizes_for(int64_t max_tokens_per_rank, int64_t max_recv_tokens,
-                                   int nranks, int virtual_ranks, const moe_config *cfg,
-                                   moe_dtype dt, bool backward, moe_ep_buffer_sizes *out,
-                                   moe_error *err);
-
-#endif /* MOE_EP_H_INTERNAL */
+#endif /* MOE_EP_INTERNAL_EP_H */

@@ -1,6 +1,6 @@
 /* ep_route.c — forced routing (--route): expert ids chosen on purpose instead of by the router,
  * so skew and empty ranks can be produced and their counts asserted (semantics in ep.h). */
-#include "ep_internal.h"
+#include "ep.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -12,24 +12,32 @@
 #include "../dtype.h"
 #include "../rng.h"
 
-bool moe_ep_transport_parse(const char *s, moe_ep_transport_kind *out)
+bool moe_ep_transport_parse(const char *s, moe_transport *out)
 {
     if (!s) return false;
-    if (strcmp(s, "auto") == 0) *out = MOE_EP_TRANSPORT_AUTO;
-    else if (strcmp(s, "mpi") == 0) *out = MOE_EP_TRANSPORT_MPI;
-    else if (strcmp(s, "nccl") == 0) *out = MOE_EP_TRANSPORT_NCCL;
+    if (strcmp(s, "auto") == 0) *out = MOE_TRANSPORT_AUTO;
+    else if (strcmp(s, "mpi") == 0) *out = MOE_TRANSPORT_MPI;
+    else if (strcmp(s, "nccl") == 0) *out = MOE_TRANSPORT_NCCL;
     else return false;
     return true;
 }
 
-const char *moe_ep_transport_name(moe_ep_transport_kind t)
+const char *moe_ep_transport_name(moe_transport t)
 {
     switch (t) {
-    case MOE_EP_TRANSPORT_AUTO: return "auto";
-    case MOE_EP_TRANSPORT_MPI: return "mpi";
-    case MOE_EP_TRANSPORT_NCCL: return "nccl";
+    case MOE_TRANSPORT_AUTO: return "auto";
+    case MOE_TRANSPORT_MPI: return "mpi";
+    case MOE_TRANSPORT_NCCL: return "nccl";
     }
     return "?";
+}
+
+void moe_ep_route_free(moe_ep_route *r)
+{
+    if (!r) return;
+    free(r->ids);
+    r->ids = NULL;
+    r->rows = 0;
 }
 
 moe_status moe_ep_route_load_file(const char *path, int num_experts, int top_k, int32_t **ids,
@@ -110,7 +118,7 @@ moe_status moe_ep_route_parse(const char *spec, int num_experts, int top_k, moe_
                               moe_error *err)
 {
     memset(r, 0, sizeof *r);
-    if (!spec) return moe_fail(err, MOE_ERR_INVALID_ARG, "--route: empty");
+    if (!spec || !*spec) return MOE_OK; /* the router's own routing */
     char buf[1024];
     snprintf(buf, sizeof buf, "%s", spec);
     char *comma = strstr(buf, ",w=");
@@ -135,6 +143,28 @@ moe_status moe_ep_route_parse(const char *spec, int num_experts, int top_k, moe_
                 return moe_fail(err, MOE_ERR_INVALID_ARG, "--route %s: bad target rank", spec);
             r->target = (int)t;
         }
+    } else if (strncmp(buf, "experts:", 8) == 0) {
+        /* the same k experts for every token: a one-row table */
+        r->mode = MOE_EP_ROUTE_FILE;
+        r->ids = moe_malloc((size_t)top_k * sizeof(int32_t), "routing table", err);
+        if (!r->ids) return MOE_ERR_NOMEM;
+        r->rows = 1;
+        const char *p = buf + 8;
+        for (int j = 0; j < top_k; j++) {
+            char *end;
+            long e = strtol(p, &end, 10);
+            bool dup = false;
+            for (int i = 0; i < j; i++) dup |= r->ids[i] == e;
+            if (end == p || e < 0 || e >= num_experts || dup || (*end != ',' && *end != '\0') ||
+                (j + 1 < top_k && *end != ',') || (j + 1 == top_k && *end != '\0')) {
+                moe_ep_route_free(r);
+                return moe_fail(err, MOE_ERR_INVALID_ARG,
+                                "--route %s: expected experts:ID,ID,... with k=%d distinct ids in "
+                                "[0, %d)", spec, top_k, num_experts);
+            }
+            r->ids[j] = (int32_t)e;
+            p = end + 1;
+        }
     } else if (strncmp(buf, "file:", 5) == 0) {
         r->mode = MOE_EP_ROUTE_FILE;
         int32_t *ids = NULL;
@@ -142,8 +172,8 @@ moe_status moe_ep_route_parse(const char *spec, int num_experts, int top_k, moe_
         r->ids = ids;
     } else {
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "--route %s: expected router, uniform, skewed, all-to-one[:RANK] or "
-                        "file:PATH (optionally ,w=uniform)",
+                        "--route %s: expected router, uniform, skewed, all-to-one[:RANK], "
+                        "experts:ID,... or file:PATH (optionally ,w=uniform)",
                         spec);
     }
     return MOE_OK;
@@ -173,12 +203,12 @@ static void skewed_row(int E, int k, uint64_t stream, int64_t g, int32_t *out, d
     }
 }
 
-moe_status moe_ep_route_ids(const moe_ep_route *r, int E, int k, int G, int64_t g0, int T,
-                            int32_t *ids, moe_error *err)
+moe_status moe_ep_route_ids(const moe_ep_route *r, const moe_expert_map *map, int k, int64_t g0,
+                            int T, int32_t *ids, moe_error *err)
 {
-    if (k < 1 || k > E || G < 1 || E % G != 0)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "forced routing: E=%d k=%d over %d ranks", E, k,
-                        G);
+    const int E = map->E, G = map->G;
+    if (k < 1 || k > E)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "forced routing: E=%d k=%d", E, k);
     switch (r->mode) {
     case MOE_EP_ROUTE_ROUTER:
         return moe_fail(err, MOE_ERR_INVALID_ARG, "forced routing: mode 'router' forces nothing");
@@ -200,9 +230,20 @@ moe_status moe_ep_route_ids(const moe_ep_route *r, int E, int k, int G, int64_t 
             return moe_fail(err, MOE_ERR_INVALID_ARG,
                             "--route all-to-one:%d: target outside the %d (virtual) ranks",
                             r->target, G);
-        int first = r->target * (E / G);
+        /* the target's experts first, then the following virtual ranks' (cyclic), each in
+         * ascending id order: the first k of that list */
+        int32_t pick[64];
+        int n = 0;
+        for (int step = 0; step < G && n < k; step++) {
+            int d = (r->target + step) % G;
+            for (int e = 0; e < E && n < k; e++)
+                if (map->vowner[e] == d) pick[n++] = e;
+        }
+        if (n < k || k > 64)
+            return moe_fail(err, MOE_ERR_INTERNAL, "all-to-one routing found %d of %d experts",
+                            n, k);
         for (int t = 0; t < T; t++)
-            for (int j = 0; j < k; j++) ids[(size_t)t * k + j] = (int32_t)((first + j) % E);
+            for (int j = 0; j < k; j++) ids[(size_t)t * k + j] = pick[j];
         return MOE_OK;
     }
     case MOE_EP_ROUTE_FILE:

@@ -1,60 +1,11 @@
-/* ep_transport_mpi.c — the host-buffer transport: MPI_Alltoall for counts, MPI_Ialltoallv per
- * buffer for payload (see ep_transport.h). Also the status agreement used before collectives. */
-#include "ep_transport.h"
+/* ep_transport_mpi.c — the host-buffer transport: MPI_Ialltoallv per buffer for the payload,
+ * MPI_Allgather for the replicated gradients (see ep_transport.h). */
+#include "ep.h"
 
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-moe_status ep_mpi_fail(moe_error *err, int rc, int rank, const char *what)
-{
-    char s[MPI_MAX_ERROR_STRING + 1];
-    int len = 0;
-    if (MPI_Error_string(rc, s, &len) != MPI_SUCCESS) {
-        snprintf(s, sizeof s, "MPI error code %d", rc);
-    } else {
-        s[len < MPI_MAX_ERROR_STRING ? len : MPI_MAX_ERROR_STRING] = '\0';
-    }
-    return moe_fail(err, MOE_ERR_MPI, "rank %d: %s failed: %s", rank, what, s);
-}
-
-moe_status ep_agree(MPI_Comm comm, moe_status st, moe_error *err)
-{
-    int rank = 0;
-    int rc = MPI_Comm_rank(comm, &rank);
-    if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, -1, "MPI_Comm_rank");
-    int mine = st != MOE_OK ? rank : INT_MAX, first = INT_MAX;
-    rc = MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
-    if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, rank, "MPI_Allreduce (status agreement)");
-    if (first == INT_MAX) return MOE_OK;
-    /* The first failing rank's status and reason travel to everyone, so a rank that was fine
-     * can say why it is returning an error. */
-    struct {
-        int status;
-        char msg[MOE_ERROR_MSG_LEN];
-    } msg;
-    memset(&msg, 0, sizeof msg);
-    if (rank == first) {
-        msg.status = (int)st;
-        if (err) memcpy(msg.msg, err->msg, sizeof msg.msg);
-        msg.msg[sizeof msg.msg - 1] = '\0';
-    }
-    rc = MPI_Bcast(&msg, (int)sizeof msg, MPI_BYTE, first, comm);
-    if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, rank, "MPI_Bcast (status agreement)");
-    if (st != MOE_OK) return st; /* a rank that failed itself keeps its own reason */
-    moe_status fs = (msg.status > 0 && msg.status < MOE_NUM_STATUS) ? (moe_status)msg.status
-                                                                    : MOE_ERR_INTERNAL;
-    return moe_fail(err, fs, "rank %d failed: %s", first, msg.msg);
-}
-
-static moe_status mpi_alltoall_i64(ep_transport *t, const int64_t *send, int64_t *recv, int n,
-                                   moe_error *err)
-{
-    int rc = MPI_Alltoall(send, n, MPI_INT64_T, recv, n, MPI_INT64_T, t->comm);
-    if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, t->rank, "MPI_Alltoall (counts)");
-    return MOE_OK;
-}
 
 /* The int count/displacement arrays of one MPI_Ialltoallv must stay untouched until the
  * operation completes, so they live with the request. */
@@ -74,7 +25,12 @@ static moe_status to_int(int64_t v, int *out, const char *what, int rank, moe_er
 
 static moe_status mpi_start(ep_transport *t, const ep_xfer *x, ep_request *req, moe_error *err)
 {
-    memset(req, 0, sizeof *req);
+    req->active = false;
+    req->nreq = 0;
+    req->impl = NULL;
+    if (!x->host_mem)
+        return moe_fail(err, MOE_ERR_INTERNAL, "rank %d: the MPI transport moves host buffers "
+                        "(device rows must be staged)", t->rank);
     if (x->nbufs < 1 || x->nbufs > EP_XFER_MAX_BUFS)
         return moe_fail(err, MOE_ERR_INTERNAL, "rank %d: transfer with %d buffers", t->rank,
                         x->nbufs);
@@ -169,6 +125,28 @@ static moe_status mpi_wait(ep_transport *t, ep_request *req, moe_error *err)
     return st;
 }
 
+static moe_status mpi_allgather(ep_transport *t, const void *send, void *recv, size_t bytes,
+                                bool host_mem, void *stream, moe_error *err)
+{
+    (void)stream;
+    if (!host_mem)
+        return moe_fail(err, MOE_ERR_INTERNAL, "rank %d: MPI allgather of device memory", t->rank);
+    if (bytes > INT_MAX)
+        return moe_fail(err, MOE_ERR_UNSUPPORTED, "rank %d: allgather of %zu bytes exceeds MPI's "
+                        "int counts", t->rank, bytes);
+    int rc = MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, t->comm);
+    if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, t->rank, "MPI_Allgather (gradients)");
+    return MOE_OK;
+}
+
+static moe_status mpi_sync(ep_transport *t, void *stream, moe_error *err)
+{
+    (void)t;
+    (void)stream;
+    (void)err;
+    return MOE_OK;
+}
+
 static void mpi_destroy(ep_transport *t) { free(t); }
 
 moe_status ep_transport_mpi_create(MPI_Comm comm, ep_transport **out, moe_error *err)
@@ -184,8 +162,10 @@ moe_status ep_transport_mpi_create(MPI_Comm comm, ep_transport **out, moe_error 
         free(t);
         return ep_mpi_fail(err, rc, -1, "MPI_Comm_rank/size");
     }
-    t->alltoall_i64 = mpi_alltoall_i64;
+    t->device = -1;
     t->start = mpi_start;
+    t->allgather = mpi_allgather;
+    t->sync = mpi_sync;
     t->progress = mpi_progress;
     t->wait = mpi_wait;
     t->destroy = mpi_destroy;
@@ -194,13 +174,17 @@ moe_status ep_transport_mpi_create(MPI_Comm comm, ep_transport **out, moe_error 
 }
 
 #ifndef MOE_HAVE_CUDA
+void ep_request_free(ep_request *req)
+{
+    if (req) req->event = NULL;
+}
+
 /* Without a CUDA build there is no NCCL: say so (ep_transport_nccl.c is compiled out). */
-moe_status ep_transport_nccl_create(MPI_Comm comm, int device, bool stage_host,
-                                    ep_transport **out, moe_error *err)
+moe_status ep_transport_nccl_create(MPI_Comm comm, int device, ep_transport **out,
+                                    moe_error *err)
 {
     (void)comm;
     (void)device;
-    (void)stage_host;
     *out = NULL;
     return moe_fail(err, MOE_ERR_UNSUPPORTED,
                     "the NCCL transport needs a CUDA build (configure with the CUDA toolkit and "

@@ -1,9 +1,10 @@
-/* ep_transport_nccl.c — the device-buffer transport: grouped ncclSend/ncclRecv on one stream,
- * one GPU per rank, communicator bootstrapped over MPI (see ep_transport.h).
- * Compiled only in CUDA builds; ep_transport_mpi.c holds the "unsupported" stand-in otherwise. */
+/* ep_transport_nccl.c — the device-buffer transport: grouped ncclSend/ncclRecv, one GPU per
+ * rank, the communicator bootstrapped over MPI: the library's one NCCL bootstrap (see
+ * ep_transport.h). Compiled only in CUDA builds; ep_transport_mpi.c holds the "unsupported"
+ * stand-in otherwise. */
 #ifdef MOE_HAVE_CUDA
 
-#include "ep_transport.h"
+#include "ep.h"
 
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -13,9 +14,8 @@
 typedef struct nccl_tp {
     ep_transport base; /* first: the ep_transport pointer is a nccl_tp pointer */
     ncclComm_t nccl;
-    cudaStream_t stream;
-    int device;
-    bool stage_host;
+    cudaStream_t stream; /* overlapped transfers and host staging */
+    cudaEvent_t ev_in;   /* "the caller's stream reached the transfer" */
 } nccl_tp;
 
 /* What a staged transfer owns until wait(): device copies of the buffers and the host
@@ -68,46 +68,6 @@ static moe_status wait_event(nccl_tp *t, cudaEvent_t ev, moe_error *err)
     }
 }
 
-static moe_status nccl_alltoall_i64(ep_transport *base, const int64_t *send, int64_t *recv,
-                                    int n, moe_error *err)
-{
-    nccl_tp *t = (nccl_tp *)base;
-    int N = base->nranks;
-    size_t bytes = (size_t)N * (size_t)n * sizeof(int64_t);
-    int64_t *d = NULL;
-    CUDA_TRY(cudaMallocAsync((void **)&d, 2 * bytes + 1, t->stream), "cudaMallocAsync (counts)");
-    moe_status st = MOE_OK;
-    cudaError_t e = cudaMemcpyAsync(d, send, bytes, cudaMemcpyHostToDevice, t->stream);
-    if (e != cudaSuccess) st = cuda_fail(err, e, base->rank, "cudaMemcpyAsync (counts)");
-    if (st == MOE_OK) {
-        ncclResult_t r = ncclGroupStart();
-        for (int p = 0; p < N && r == ncclSuccess; p++) {
-            r = ncclSend(d + (size_t)p * n, (size_t)n, ncclInt64, p, t->nccl, t->stream);
-            if (r == ncclSuccess)
-                r = ncclRecv(d + (size_t)N * n + (size_t)p * n, (size_t)n, ncclInt64, p, t->nccl,
-                             t->stream);
-        }
-        ncclResult_t r2 = ncclGroupEnd();
-        if (r == ncclSuccess) r = r2;
-        if (r != ncclSuccess) st = nccl_fail(err, r, base->rank, "ncclSend/ncclRecv (counts)");
-    }
-    if (st == MOE_OK) {
-        e = cudaMemcpyAsync(recv, d + (size_t)N * n, bytes, cudaMemcpyDeviceToHost, t->stream);
-        if (e != cudaSuccess) st = cuda_fail(err, e, base->rank, "cudaMemcpyAsync (counts)");
-    }
-    cudaFreeAsync(d, t->stream);
-    if (st == MOE_OK) {
-        cudaEvent_t ev;
-        e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-        if (e != cudaSuccess) return cuda_fail(err, e, base->rank, "cudaEventCreate");
-        e = cudaEventRecord(ev, t->stream);
-        if (e == cudaSuccess) st = wait_event(t, ev, err);
-        else st = cuda_fail(err, e, base->rank, "cudaEventRecord");
-        cudaEventDestroy(ev);
-    }
-    return st;
-}
-
 /* Rows [0, extent) of a buffer cover every peer's block. */
 static size_t extent_bytes(const int64_t *rows, const int64_t *off, int N, size_t row_bytes)
 {
@@ -117,37 +77,12 @@ static size_t extent_bytes(const int64_t *rows, const int64_t *off, int N, size_
     return (size_t)hi * row_bytes;
 }
 
-static moe_status nccl_start(ep_transport *base, const ep_xfer *x, ep_request *req,
-                             moe_error *err)
+/* One group for every buffer and peer: NCCL schedules the sends and receives together, so no
+ * ordering between peers can deadlock. */
+static moe_status nccl_group(nccl_tp *t, const ep_xfer *x, const void *const *src,
+                             void *const *dst, cudaStream_t stream, moe_error *err)
 {
-    nccl_tp *t = (nccl_tp *)base;
-    int N = base->nranks;
-    memset(req, 0, sizeof *req);
-    nccl_stage *sg = moe_calloc(1, sizeof *sg, "NCCL transfer record", err);
-    if (!sg) return MOE_ERR_NOMEM;
-    req->impl = sg;
-    req->active = true;
-    sg->nbufs = x->nbufs;
-    CUDA_TRY(cudaEventCreateWithFlags(&sg->done, cudaEventDisableTiming), "cudaEventCreate");
-    const void *src[EP_XFER_MAX_BUFS];
-    void *dst[EP_XFER_MAX_BUFS];
-    for (int b = 0; b < x->nbufs; b++) {
-        src[b] = x->send[b];
-        dst[b] = x->recv[b];
-        if (!t->stage_host) continue;
-        size_t sb = extent_bytes(x->send_rows, x->send_off, N, x->row_bytes[b]);
-        size_t rb = extent_bytes(x->recv_rows, x->recv_off, N, x->row_bytes[b]);
-        CUDA_TRY(cudaMallocAsync(&sg->dsend[b], sb + 1, t->stream), "cudaMallocAsync (staging)");
-        CUDA_TRY(cudaMallocAsync(&sg->drecv[b], rb + 1, t->stream), "cudaMallocAsync (staging)");
-        if (sb)
-            CUDA_TRY(cudaMemcpyAsync(sg->dsend[b], x->send[b], sb, cudaMemcpyHostToDevice,
-                                     t->stream),
-                     "cudaMemcpyAsync (staging in)");
-        src[b] = sg->dsend[b];
-        dst[b] = sg->drecv[b];
-    }
-    /* One group for every buffer and peer: NCCL schedules the sends and receives together,
-     * so no ordering between peers can deadlock. */
+    const int N = t->base.nranks;
     NCCL_TRY(ncclGroupStart(), "ncclGroupStart");
     ncclResult_t r = ncclSuccess;
     for (int b = 0; b < x->nbufs && r == ncclSuccess; b++) {
@@ -155,23 +90,70 @@ static moe_status nccl_start(ep_transport *base, const ep_xfer *x, ep_request *r
         for (int p = 0; p < N && r == ncclSuccess; p++) {
             if (x->send_rows[p] > 0)
                 r = ncclSend((const char *)src[b] + (size_t)x->send_off[p] * rb,
-                             (size_t)x->send_rows[p] * rb, ncclUint8, p, t->nccl, t->stream);
+                             (size_t)x->send_rows[p] * rb, ncclUint8, p, t->nccl, stream);
             if (r == ncclSuccess && x->recv_rows[p] > 0)
                 r = ncclRecv((char *)dst[b] + (size_t)x->recv_off[p] * rb,
-                             (size_t)x->recv_rows[p] * rb, ncclUint8, p, t->nccl, t->stream);
+                             (size_t)x->recv_rows[p] * rb, ncclUint8, p, t->nccl, stream);
         }
     }
     ncclResult_t r2 = ncclGroupEnd();
     if (r == ncclSuccess) r = r2;
-    if (r != ncclSuccess) return nccl_fail(err, r, base->rank, "ncclSend/ncclRecv (payload)");
-    if (t->stage_host) {
-        for (int b = 0; b < x->nbufs; b++) {
-            size_t rb = extent_bytes(x->recv_rows, x->recv_off, N, x->row_bytes[b]);
-            if (rb)
-                CUDA_TRY(cudaMemcpyAsync(x->recv[b], sg->drecv[b], rb, cudaMemcpyDeviceToHost,
-                                         t->stream),
-                         "cudaMemcpyAsync (staging out)");
-        }
+    if (r != ncclSuccess) {
+        char what[160];
+        snprintf(what, sizeof what, "ncclSend/ncclRecv (%s)", x->what[0] ? x->what[0] : "rows");
+        return nccl_fail(err, r, t->base.rank, what);
+    }
+    return MOE_OK;
+}
+
+static moe_status nccl_start(ep_transport *base, const ep_xfer *x, ep_request *req,
+                             moe_error *err)
+{
+    nccl_tp *t = (nccl_tp *)base;
+    const int N = base->nranks;
+    req->active = true;
+    req->nreq = 0;
+    req->impl = NULL;
+    req->stream = NULL;
+    if (!x->host_mem) {
+        cudaStream_t s = (cudaStream_t)x->stream;
+        if (!x->overlap) return nccl_group(t, x, x->send, x->recv, s, err);
+        /* on the transport's stream, after what x->stream holds; wait() joins it back */
+        if (!req->event)
+            CUDA_TRY(cudaEventCreateWithFlags((cudaEvent_t *)&req->event, cudaEventDisableTiming),
+                     "cudaEventCreate");
+        CUDA_TRY(cudaEventRecord(t->ev_in, s), "cudaEventRecord");
+        CUDA_TRY(cudaStreamWaitEvent(t->stream, t->ev_in, 0), "cudaStreamWaitEvent");
+        MOE_TRY(nccl_group(t, x, x->send, x->recv, t->stream, err));
+        CUDA_TRY(cudaEventRecord((cudaEvent_t)req->event, t->stream), "cudaEventRecord");
+        req->stream = s;
+        return MOE_OK;
+    }
+    /* host buffers: staged through device copies on the transport's stream */
+    nccl_stage *sg = moe_calloc(1, sizeof *sg, "NCCL transfer record", err);
+    if (!sg) return MOE_ERR_NOMEM;
+    req->impl = sg;
+    sg->nbufs = x->nbufs;
+    CUDA_TRY(cudaEventCreateWithFlags(&sg->done, cudaEventDisableTiming), "cudaEventCreate");
+    const void *src[EP_XFER_MAX_BUFS];
+    void *dst[EP_XFER_MAX_BUFS];
+    for (int b = 0; b < x->nbufs; b++) {
+        size_t sb = extent_bytes(x->send_rows, x->send_off, N, x->row_bytes[b]);
+        size_t rb = extent_bytes(x->recv_rows, x->recv_off, N, x->row_bytes[b]);
+        CUDA_TRY(cudaMallocAsync(&sg->dsend[b], sb + 1, t->stream), "cudaMallocAsync (staging)");
+        CUDA_TRY(cudaMallocAsync(&sg->drecv[b], rb + 1, t->stream), "cudaMallocAsync (staging)");
+        if (sb)
+            CUDA_TRY(cudaMemcpyAsync(sg->dsend[b], x->send[b], sb, cudaMemcpyHostToDevice,
+                                     t->stream), "cudaMemcpyAsync (staging in)");
+        src[b] = sg->dsend[b];
+        dst[b] = sg->drecv[b];
+    }
+    MOE_TRY(nccl_group(t, x, src, dst, t->stream, err));
+    for (int b = 0; b < x->nbufs; b++) {
+        size_t rb = extent_bytes(x->recv_rows, x->recv_off, N, x->row_bytes[b]);
+        if (rb)
+            CUDA_TRY(cudaMemcpyAsync(x->recv[b], sg->drecv[b], rb, cudaMemcpyDeviceToHost,
+                                     t->stream), "cudaMemcpyAsync (staging out)");
     }
     CUDA_TRY(cudaEventRecord(sg->done, t->stream), "cudaEventRecord");
     return MOE_OK;
@@ -189,20 +171,77 @@ static moe_status nccl_wait(ep_transport *base, ep_request *req, moe_error *err)
 {
     nccl_tp *t = (nccl_tp *)base;
     if (!req->active) return MOE_OK;
-    nccl_stage *sg = req->impl;
-    moe_status st = MOE_OK;
-    if (sg) {
-        if (sg->done) st = wait_event(t, sg->done, err);
-        for (int b = 0; b < sg->nbufs; b++) {
-            if (sg->dsend[b]) cudaFreeAsync(sg->dsend[b], t->stream);
-            if (sg->drecv[b]) cudaFreeAsync(sg->drecv[b], t->stream);
-        }
-        if (sg->done) cudaEventDestroy(sg->done);
-        free(sg);
-    }
-    req->impl = NULL;
     req->active = false;
+    nccl_stage *sg = req->impl;
+    if (!sg) {
+        /* device buffers: stream order, or the caller's stream waits for the overlap */
+        if (req->stream)
+            CUDA_TRY(cudaStreamWaitEvent((cudaStream_t)req->stream, (cudaEvent_t)req->event, 0),
+                     "cudaStreamWaitEvent");
+        req->stream = NULL;
+        return MOE_OK;
+    }
+    moe_status st = MOE_OK;
+    if (sg->done) st = wait_event(t, sg->done, err);
+    for (int b = 0; b < sg->nbufs; b++) {
+        if (sg->dsend[b]) cudaFreeAsync(sg->dsend[b], t->stream);
+        if (sg->drecv[b]) cudaFreeAsync(sg->drecv[b], t->stream);
+    }
+    if (sg->done) cudaEventDestroy(sg->done);
+    free(sg);
+    req->impl = NULL;
     return st;
+}
+
+static moe_status nccl_allgather(ep_transport *base, const void *send, void *recv, size_t bytes,
+                                 bool host_mem, void *stream, moe_error *err)
+{
+    nccl_tp *t = (nccl_tp *)base;
+    const size_t N = (size_t)base->nranks;
+    if (!host_mem) {
+        NCCL_TRY(ncclAllGather(send, recv, bytes, ncclUint8, t->nccl, (cudaStream_t)stream),
+                 "ncclAllGather (gradients)");
+        return MOE_OK;
+    }
+    void *d = NULL;
+    CUDA_TRY(cudaMallocAsync(&d, bytes * (N + 1) + 1, t->stream), "cudaMallocAsync (staging)");
+    moe_status st = MOE_OK;
+    cudaError_t e = cudaMemcpyAsync((char *)d + bytes * N, send, bytes, cudaMemcpyHostToDevice,
+                                    t->stream);
+    if (e != cudaSuccess) st = cuda_fail(err, e, base->rank, "cudaMemcpyAsync (staging in)");
+    if (st == MOE_OK) {
+        ncclResult_t r = ncclAllGather((char *)d + bytes * N, d, bytes, ncclUint8, t->nccl,
+                                       t->stream);
+        if (r != ncclSuccess) st = nccl_fail(err, r, base->rank, "ncclAllGather (gradients)");
+    }
+    if (st == MOE_OK) {
+        e = cudaMemcpyAsync(recv, d, bytes * N, cudaMemcpyDeviceToHost, t->stream);
+        if (e != cudaSuccess) st = cuda_fail(err, e, base->rank, "cudaMemcpyAsync (staging out)");
+    }
+    cudaFreeAsync(d, t->stream);
+    if (st == MOE_OK) st = base->sync(base, NULL, err);
+    return st;
+}
+
+/* Host wait for `stream` (or the transport's own) while watching the communicator. */
+static moe_status nccl_sync(ep_transport *base, void *stream, moe_error *err)
+{
+    nccl_tp *t = (nccl_tp *)base;
+    cudaEvent_t ev;
+    CUDA_TRY(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+    moe_status st = MOE_OK;
+    cudaError_t e = cudaEventRecord(ev, stream ? (cudaStream_t)stream : t->stream);
+    if (e == cudaSuccess) st = wait_event(t, ev, err);
+    else st = cuda_fail(err, e, base->rank, "cudaEventRecord");
+    cudaEventDestroy(ev);
+    return st;
+}
+
+void ep_request_free(ep_request *req)
+{
+    if (!req) return;
+    if (req->event) cudaEventDestroy((cudaEvent_t)req->event);
+    req->event = NULL;
 }
 
 static void nccl_destroy(ep_transport *base)
@@ -211,12 +250,13 @@ static void nccl_destroy(ep_transport *base)
     if (!t) return;
     if (t->stream) cudaStreamSynchronize(t->stream);
     if (t->nccl) ncclCommDestroy(t->nccl);
+    if (t->ev_in) cudaEventDestroy(t->ev_in);
     if (t->stream) cudaStreamDestroy(t->stream);
     free(t);
 }
 
-moe_status ep_transport_nccl_create(MPI_Comm comm, int device, bool stage_host,
-                                    ep_transport **out, moe_error *err)
+moe_status ep_transport_nccl_create(MPI_Comm comm, int device, ep_transport **out,
+                                    moe_error *err)
 {
     *out = NULL;
     int rank = 0, N = 1;
@@ -260,10 +300,10 @@ moe_status ep_transport_nccl_create(MPI_Comm comm, int device, bool stage_host,
     if (st == MOE_OK) {
         t->base.rank = rank;
         t->base.nranks = N;
-        t->device = device;
-        t->stage_host = stage_host;
+        t->base.device = device;
         cudaError_t e = cudaSetDevice(device);
         if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking);
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&t->ev_in, cudaEventDisableTiming);
         if (e != cudaSuccess) st = cuda_fail(err, e, rank, "cudaSetDevice/cudaStreamCreate");
     }
     st = ep_agree(comm, st, err);
@@ -303,6 +343,7 @@ moe_status ep_transport_nccl_create(MPI_Comm comm, int device, bool stage_host,
         if (t) {
             if (t->nccl) ncclCommAbort(t->nccl);
             t->nccl = NULL;
+            if (t->ev_in) cudaEventDestroy(t->ev_in);
             if (t->stream) cudaStreamDestroy(t->stream);
             free(t);
         }
@@ -310,8 +351,9 @@ moe_status ep_transport_nccl_create(MPI_Comm comm, int device, bool stage_host,
     }
     t->base.name = "nccl";
     t->base.comm = comm;
-    t->base.alltoall_i64 = nccl_alltoall_i64;
     t->base.start = nccl_start;
+    t->base.allgather = nccl_allgather;
+    t->base.sync = nccl_sync;
     t->base.progress = nccl_progress;
     t->base.wait = nccl_wait;
     t->base.destroy = nccl_destroy;

@@ -1,7 +1,7 @@
 /* topo.c — hwloc placement of EP ranks (rules in topo.h). */
 #include "topo.h"
 
-#include "ep_transport.h"
+#include "ep.h"
 
 #include <hwloc.h>
 #include <stdlib.h>

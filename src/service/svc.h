@@ -57,14 +57,14 @@ typedef struct moe_serve_options {
 
 void moe_serve_options_default(moe_serve_options *o);
 
-/* The weights of one served layer, all experts: spec is a checkpoint path (layer < 0: the
- * block's own names; else model.layers.N) or "random:SEED" (the counter-based generator,
- * seed SEED + layer for layer >= 0), so benchmarks can serve a preset without a checkpoint.
- * The client's verification loads through this too, so both sides agree. */
-struct moe_weights;
-struct moe_config;
-moe_status moe_serve_load_weights(const struct moe_config *cfg, const char *spec, int layer,
-                                  moe_dtype dt, struct moe_weights *w, moe_error *err);
+/* One served layer through the public API: spec is a checkpoint path (layer < 0: the block's
+ * own names; else decoder layer N) or "random:SEED" (the counter-based generator, seed
+ * SEED + layer for layer >= 0), so benchmarks can serve a preset without a checkpoint. With
+ * comm, collective and expert-parallel. The client's verification creates its reference
+ * through this too, so both sides agree. */
+moe_status moe_serve_layer_create(const char *config, const char *spec, int layer, moe_dtype dt,
+                                  moe_backend backend, int64_t max_tokens, moe_ep_comm *comm,
+                                  moe_layer **out, moe_error *err);
 
 /* Collective over comm: every rank calls it with the same options. Loads the layers, serves
  * until SIGTERM/SIGINT reaches rank 0 or a SHUTDOWN request is honoured, drains in-flight

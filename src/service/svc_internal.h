@@ -19,9 +19,7 @@
 
 typedef struct svc_layer {
     int32_t number;          /* the layer number clients name (0 for a block's own file) */
-    moe_weights w;           /* this rank's weights: its expert slice (EP) or all experts */
-    moe_ep_ctx *ep;          /* expert-parallel placement */
-    struct moe_engine *eng;  /* replicated placement */
+    moe_layer *layer;        /* this rank's part: its expert slice (EP) or all experts */
 } svc_layer;
 
 typedef struct svc_model {
@@ -30,6 +28,7 @@ typedef struct svc_model {
     moe_backend backend;
     int nranks;
     bool ep;                 /* experts sharded over the ranks (else replicated on each) */
+    moe_ep_comm *comm;       /* the ranks' communicator (EP placement) */
     int nlayers;
     svc_layer *layers;
     int max_local_T;         /* rows one rank brings at most (ceil(max_batch / nranks)) */

@@ -1,6 +1,9 @@
 /*
- * cpu_fused_block.c — the whole MoE block on the fused path, forward and backward, as a chain
- * of the stage functions (the same chain the CUDA backend launches as kernels):
+ * cpu_block_ref.c — for tests: the whole MoE block as one chain of the CPU stage functions
+ * (src/cpu/cpu_fused.h), forward and backward, with every intermediate in caller buffers and
+ * any slice of the experts. The library runs the block through its layer and driver
+ * (src/layer, src/ep); this chain is a second, independent composition of the same stages the
+ * stage tests and the finite-difference checks drive directly:
  *
  * forward:  router GEMM -> top-k -> counting sort -> GEMM1 (permute_x, Llama-4 scale_a,
  *           SiLU-and-mul) -> GEMM2 (permute_y, Qwen3 scale_c) -> [shared expert] -> sum over k
@@ -11,8 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "cpu_fused.h"
-#include "cpu_fused_internal.h"
+#include "cpu_block_ref.h"
+#include "cpu/cpu_fused_internal.h"
 
 static moe_status check_tensor(const char *who, const char *name, const moe_tensor *t,
                                moe_dtype dt, int ndim, int64_t d0, int64_t d1, int64_t d2,

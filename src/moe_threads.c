@@ -1,5 +1,5 @@
-/* threads.c — the default CPU thread count (see threads.h for the rule). */
-#include "threads.h"
+/* moe_threads.c — the default CPU thread count (see moe_threads.h for the rule). */
+#include "moe_threads.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -101,10 +101,10 @@ static bool mpi_on(void)
 /* The node's part: pad every mask to the node's largest size, gather them, share. Every step
  * is taken by every process of the node (an allocation failure anywhere is agreed on first,
  * then everyone falls back to its own mask alone). */
-static int node_share(const uint8_t *mine, size_t nbytes)
+static int node_share(MPI_Comm comm, const uint8_t *mine, size_t nbytes)
 {
     MPI_Comm node;
-    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) !=
+    if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) !=
         MPI_SUCCESS)
         return moe_threads_share(mine, mine, 1, nbytes);
     int nprocs = 1, res = 0;
@@ -129,29 +129,55 @@ static int node_share(const uint8_t *mine, size_t nbytes)
     return res > 0 ? res : moe_threads_share(mine, mine, 1, nbytes);
 }
 
-int moe_threads_binding(void)
+static int binding_over(MPI_Comm comm)
 {
     size_t nbytes = 0;
     uint8_t *mine = my_mask(&nbytes);
-    int res = mpi_on() ? node_share(mine, nbytes) : moe_threads_share(mine, mine, 1, nbytes);
+    int res = comm != MPI_COMM_NULL && mpi_on() ? node_share(comm, mine, nbytes)
+                                                : moe_threads_share(mine, mine, 1, nbytes);
     free(mine);
     return res;
 }
 
-int moe_threads_compute(void)
+static int compute_over(MPI_Comm comm)
 {
-    int bound = moe_threads_binding(); /* first, so the collective never depends on the env */
+    int bound = binding_over(comm); /* first, so the collective never depends on the env */
     int env = moe_threads_parse_env(getenv("OMP_NUM_THREADS"));
     return env > 0 ? env : bound;
 }
 
-static pthread_once_t default_once = PTHREAD_ONCE_INIT;
-static int default_threads = 1; /* the per-process cache; written once, under default_once */
+int moe_threads_binding(void) { return binding_over(MPI_COMM_WORLD); }
+int moe_threads_compute(void) { return compute_over(MPI_COMM_WORLD); }
 
-static void default_init(void) { default_threads = moe_threads_compute(); }
+/* The per-process cache: 0 nothing yet, 1 this process's binding alone, 2 shared out over a
+ * communicator's node (the answer the rule asks for; it replaces a level-1 value). */
+static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
+static int default_level = 0, default_threads = 1;
 
 int moe_default_threads(void)
 {
-    pthread_once(&default_once, default_init);
-    return default_threads;
+    pthread_mutex_lock(&default_mu);
+    if (default_level == 0) {
+        default_threads = compute_over(MPI_COMM_NULL);
+        default_level = 1;
+    }
+    int t = default_threads;
+    pthread_mutex_unlock(&default_mu);
+    return t;
+}
+
+void moe_threads_init_comm(MPI_Comm comm)
+{
+    pthread_mutex_lock(&default_mu);
+    int level = default_level;
+    pthread_mutex_unlock(&default_mu);
+    if (level >= 2) return;
+    /* collective over comm (outside the lock: MPI may block) */
+    int t = compute_over(comm);
+    pthread_mutex_lock(&default_mu);
+    if (default_level < 2) {
+        default_threads = t;
+        default_level = 2;
+    }
+    pthread_mutex_unlock(&default_mu);
 }

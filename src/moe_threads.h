@@ -1,8 +1,6 @@
 /*
- * threads.h — the CPU thread count the library uses when an option says 0 (docs/THREADS.md).
- *
- * Internal header (quoted includes only: "threads.h"). Do not reach for C11's <threads.h>
- * in this tree: src/ is on the include path, so <threads.h> finds this file, not the C library's.
+ * moe_threads.h — the CPU thread count the library uses when an option says 0
+ * (docs/THREADS.md). Internal.
  *
  * The rule, in full:
  *   1. OMP_NUM_THREADS, when it holds a valid value (moe_threads_parse_env), wins: its first
@@ -11,8 +9,9 @@
  *      mask (sched_getaffinity of the process, i.e. of its main thread: logical CPUs, as
  *      OpenMP counts them), n(c) = the processes of this node whose masks contain c, this
  *      process included; the result is floor(sum over c of 1/n(c)), at least 1. "This node" is
- *      MPI_COMM_TYPE_SHARED of MPI_COMM_WORLD when MPI is initialised and not finalised, else
- *      this process alone (then the result is simply the CPUs it is bound to).
+ *      the MPI_COMM_TYPE_SHARED part of the communicator of the first EP communicator this
+ *      process creates (moe_ep_comm_create calls moe_threads_init_comm, collectively); until
+ *      then, and without MPI, this process alone (the CPUs it is bound to).
  *      So 4 ranks sharing 8 CPUs use 2 each, 4 ranks bound to 2 CPUs each of 8 use 2 each,
  *      4 ranks on the same 2 CPUs use 1 each, and a rank bound to 0-7 beside 4 ranks bound to
  *      2 CPUs each uses 4 (each of those 4 uses 1). Processes with identical or disjoint masks
@@ -20,28 +19,27 @@
  *      split among the processes bound to it, so the node's counts add up to no more than the
  *      CPUs they are bound to (except where the floor of 1 lifts a share below one CPU).
  *
- * Collective: moe_threads_compute and moe_threads_binding are collective over MPI_COMM_WORLD
- * when MPI is initialised and not finalised (MPI_Comm_split_type, then an Allreduce and an
- * Allgather on the node), whatever OMP_NUM_THREADS says, so ranks with different environments
- * never leave one another waiting. Call them from the thread that makes MPI calls.
- * moe_default_threads computes once per process (pthread_once) and caches: its FIRST call is
- * collective in that way (every rank must make it, at the same point of its collective
- * sequence, e.g. at context or layer creation); later calls return the cached value, are local
- * and thread-safe. OMP_NUM_THREADS is read at that first call only.
+ * Collective: moe_threads_init_comm (over its communicator), moe_threads_compute and
+ * moe_threads_binding (over MPI_COMM_WORLD, for tests) split the node and gather the masks
+ * whatever OMP_NUM_THREADS says, so ranks with different environments never leave one another
+ * waiting. moe_default_threads is local and thread-safe: it returns the cached value (computed
+ * without MPI at its first call if no communicator has been made yet). OMP_NUM_THREADS is
+ * read when the value is computed.
  */
 #ifndef MOE_THREADS_H
 #define MOE_THREADS_H
 
+#include <mpi.h>
 #include <stddef.h>
 #include <stdint.h>
 
-/* The CPU thread count the library uses when an option says 0: OMP_NUM_THREADS when set, else
- * the cores this process is bound to divided by the processes of this node bound to the same
- * cores (so 4 ranks sharing 8 cores use 2 each), at least 1. Exactly: the rule above (each CPU
- * of the binding split evenly among the node's processes bound to it, the shares summed, floor,
- * at least 1). Computed at the first call, which is collective over MPI_COMM_WORLD when MPI is
- * initialised (see above), and cached for the life of the process; never fails, >= 1. */
-int moe_default_threads(void);
+/* moe_default_threads (declared in moe_ep.h): the cached value of the rule above; never
+ * fails, >= 1. */
+
+/* Share this process's binding among the processes of comm on its node, and cache the result
+ * for moe_default_threads (replacing a value computed without MPI). Collective over comm; a
+ * no-op after the first call. */
+void moe_threads_init_comm(MPI_Comm comm);
 
 /* The same computation, done afresh (OMP_NUM_THREADS read now, masks gathered now) and not
  * cached: for tests, and for callers that rebind the process. Collective like the first call. */

@@ -1,0 +1,61 @@
+/*
+ * ep_driver.h — what the driver's files (ep_driver.c, ep_forward.c, ep_backward.c) share.
+ * Internal.
+ */
+#ifndef MOE_EP_DRIVER_H
+#define MOE_EP_DRIVER_H
+
+#include "ep.h"
+
+/* The buffers of one transfer: send-layout and receive-layout buffers (backend memory), their
+ * row bytes, the ids of their pinned host mirrors (MPI staging of device rows) and names. */
+typedef struct drv_bufs {
+    int n;
+    void *send[EP_XFER_MAX_BUFS];
+    void *recv[EP_XFER_MAX_BUFS];
+    size_t row[EP_XFER_MAX_BUFS];
+    int pin_send[EP_XFER_MAX_BUFS], pin_recv[EP_XFER_MAX_BUFS];
+    const char *what[EP_XFER_MAX_BUFS];
+} drv_bufs;
+
+/* Log, MPI_Abort when asked (peers may be blocked in a transfer), return st. */
+moe_status drv_fatal(moe_layer *L, moe_status st, moe_error *err);
+/* Start of a call: reset the last-call record; with EP agree on st, the call kind (1 forward,
+ * 2 backward) and the layer fingerprint. */
+moe_status drv_call_begin(moe_layer *L, int kind, moe_status st, moe_error *err);
+/* End of a call: totals, and with timing the device times of the phases (waits for them). */
+void drv_call_end(moe_layer *L, int kind, int T, double t0);
+/* Rows and bytes of a sized call into the counters. */
+void drv_count(moe_layer *L, const ep_plan *p, bool backward);
+/* This rank's first global token index (forced routing). Collective. */
+moe_status drv_global_offset(moe_layer *L, int T, int64_t *g0, moe_error *err);
+/* Workspace buffer of the current set. */
+moe_status drv_buf(moe_layer *L, int id, size_t bytes, void **p, moe_error *err);
+/* Router + top-k, or the forced routing (through the host; synchronises). */
+moe_status drv_route(moe_layer *L, int T, const void *x, int64_t g0, void *logits, int32_t *ids,
+                     void *w, moe_error *err);
+/* Round (c, v) of a sized transfer: start, and wait (then the staged rows are on the device). */
+moe_status drv_xfer_start(moe_layer *L, const ep_plan *p, int c, int v, bool back,
+                          const drv_bufs *xb, bool overlap, ep_request *req, moe_error *err);
+moe_status drv_xfer_wait(moe_layer *L, const ep_plan *p, int c, int v, bool back,
+                         const drv_bufs *xb, ep_request *req, moe_error *err);
+/* Round v of a sync-free transfer: every peer's slot of rows_per_peer rows (slot (v*N + q) at
+ * row (v*N + q) * rows_per_peer of every buffer), on the layer's stream. */
+moe_status drv_xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_per_peer,
+                          bool back, ep_request *req, moe_error *err);
+
+/* ---- the forward's intermediates kept for the backward (save_for_backward) ---- */
+typedef struct moe_layer_saved_bufs {
+    void *logits, *w, *gemm1_out, *act, *sgu, *sact;
+    int32_t *ids, *offsets, *gather;
+} moe_layer_saved_bufs;
+/* With save_for_backward on a plain layer: the layer's buffers for T tokens (grown as
+ * needed) and true; false otherwise. */
+bool drv_saved_bufs(moe_layer *L, int T, moe_layer_saved_bufs *b);
+/* They now hold the forward of x (T tokens). */
+void drv_saved_commit(moe_layer *L, const void *x, int T);
+/* Whether they hold the LAST forward and it was of x (T tokens). */
+bool drv_saved_match(moe_layer *L, const void *x, int T, moe_layer_saved_bufs *b);
+void drv_saved_free(moe_layer *L);
+
+#endif /* MOE_EP_DRIVER_H */

@@ -1,0 +1,302 @@
+/* ep_forward.c — the layer's forward (ep.h): the plain path with one rank, otherwise route ->
+ * plan -> dispatch -> the local experts -> combine, sized per call (chunked when asked) or
+ * sync-free (NCCL with max_tokens_per_rank: slots of M rows, counts on the device). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "ep_driver.h"
+
+/* Virtual rank v's experts on R received rows (x, ids, w at row rb of the receive buffers)
+ * into the partial rows (one per received token: the sum over the slots it owns). */
+static moe_status experts_round(moe_layer *L, int v, int64_t R, const void *x,
+                                const int32_t *ids, const void *w, void *part, moe_error *err)
+{
+    if (R == 0) return MOE_OK;
+    const int d = L->map.rank * L->ep->V + v;
+    const int first = L->map.vfirst[v], count = L->map.vcount[d];
+    void *rows;
+    MOE_TRY(drv_buf(L, WB_ROWS, (size_t)R * L->k * L->H * L->dsz, &rows, err));
+    moe_experts_args a = {.R = (int)R, .first = first, .count = count, .x = x, .ids = ids,
+                          .w = w, .rows = rows};
+    MOE_TRY(L->ops->experts_forward(L, &a, err));
+    moe_sumk_args s = {.T = (int)R, .rows = rows, .ids = ids, .filter_count = count, .out = part};
+    return L->ops->sum_k(L, &s, err);
+}
+
+/* Sized mode: exact counts through the host, C >= 1 chunks pipelined. */
+static moe_status forward_sized(moe_layer *L, int T, const void *x, const int32_t *ids,
+                                const void *w, const void *shout, void *out, double t0,
+                                moe_error *err)
+{
+    ep_state *s = L->ep;
+    const moe_layer_backend_ops *o = L->ops;
+    const int C = s->C, V = s->V, G = s->G, D = s->D, k = L->k;
+    const size_t xrow = (size_t)L->H * L->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * L->dsz;
+    int32_t cb[4097];
+    ep_split_even(T, C, cb);
+    void *tdest, *tn, *trow, *dcount;
+    moe_status st = MOE_OK;
+    /* 1. the plan of every chunk on the backend, the counts to the host */
+    if (st == MOE_OK) st = drv_buf(L, WB_TDEST, (size_t)T * D * 4 + 4, &tdest, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_TN, (size_t)T * 4 + 4, &tn, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_TROW, (size_t)T * D * 4 + 4, &trow, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_DCOUNT, (size_t)C * G * 4, &dcount, err);
+    for (int c = 0; c < C && st == MOE_OK; c++) {
+        int a = cb[c];
+        st = o->ep_plan(L, cb[c + 1] - a, ids + (size_t)a * k, (int32_t *)tdest + (size_t)a * D,
+                        (int32_t *)tn + a, (int32_t *)trow + (size_t)a * D,
+                        (int32_t *)dcount + (size_t)c * G, err);
+    }
+    if (st == MOE_OK) st = o->download(L, s->h_dcount, dcount, (size_t)C * G * 4, err);
+    ep_plan plan;
+    memset(&plan, 0, sizeof plan);
+    if (st == MOE_OK) st = ep_plan_from_counts(&plan, s->N, L->map.rank, V, C, T, cb, s->h_dcount, err);
+    st = ep_agree(s->comm->comm, st, err);
+    if (st != MOE_OK) {
+        ep_plan_free(&plan);
+        return st;
+    }
+    /* 2. the counts exchange, then every rank checks it can take what is coming */
+    st = ep_plan_exchange(&plan, s->comm->comm, err);
+    if (st != MOE_OK) {
+        ep_plan_free(&plan);
+        return drv_fatal(L, st, err);
+    }
+    st = ep_plan_check_capacity(&plan, s->M, s->M > 0 ? s->max_recv : 0, err);
+    const size_t S = (size_t)plan.send_total, R = (size_t)plan.recv_total;
+    void *base, *sx, *sids, *sw, *rx, *rids, *rw, *part, *back;
+    if (st == MOE_OK) st = drv_buf(L, WB_BASE, (size_t)C * G * 8, &base, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_SEND_X, S * xrow, &sx, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_SEND_IDS, S * idrow, &sids, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_SEND_W, S * wrow, &sw, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_BACK, S * xrow, &back, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_RECV_X, R * xrow, &rx, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_RECV_IDS, R * idrow, &rids, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_RECV_W, R * wrow, &rw, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_PART, R * xrow, &part, err);
+    if (st == MOE_OK) st = o->upload(L, base, plan.base, (size_t)C * G * 8, err);
+    /* the buffers and the capacity check are agreed on before any payload moves */
+    st = ep_agree(s->comm->comm, st, err);
+    if (st != MOE_OK) {
+        ep_plan_free(&plan);
+        return st;
+    }
+    /* 3. pack every chunk */
+    for (int c = 0; c < C && st == MOE_OK; c++) {
+        int a = cb[c];
+        st = o->ep_pack(L, cb[c + 1] - a, (const char *)x + (size_t)a * xrow, NULL, ids + (size_t)a * k,
+                        (const char *)w + (size_t)a * wrow, (int32_t *)tdest + (size_t)a * D,
+                        (int32_t *)tn + a, (int32_t *)trow + (size_t)a * D,
+                        (int64_t *)base + (size_t)c * G, sx, NULL, sids, sw, err);
+    }
+    moe_layer_mark(L, MOE_MARK_PERMUTED, false);
+    drv_bufs disp = {.n = 3, .send = {sx, sids, sw}, .recv = {rx, rids, rw},
+                     .row = {xrow, idrow, wrow},
+                     .pin_send = {WB_SEND_X, WB_SEND_IDS, WB_SEND_W},
+                     .pin_recv = {WB_RECV_X, WB_RECV_IDS, WB_RECV_W},
+                     .what = {"dispatch x rows", "dispatch expert ids", "dispatch weights"}};
+    drv_bufs comb = {.n = 1, .send = {back}, .recv = {part}, .row = {xrow},
+                     .pin_send = {WB_BACK}, .pin_recv = {WB_PART},
+                     .what = {"combine partial rows"}};
+    /* combine goes the other way: from the receive layout (part) to the send layout (back) */
+    drv_bufs combx = {.n = 1, .send = {part}, .recv = {back}, .row = {xrow},
+                      .pin_send = {WB_PART}, .pin_recv = {WB_BACK},
+                      .what = {"combine partial rows"}};
+    (void)comb;
+    ep_request *dreq = s->reqs, *creq = s->reqs + (size_t)C * V;
+    const bool overlap = C > 1;
+    moe_layer_counters *ctr = &L->ctr;
+    /* 4. the pipeline: the dispatch of chunk c+1 is in flight while chunk c computes, and the
+     * combine of chunk c travels while chunk c+1 computes */
+#define TRY(call)                                                                             \
+    do {                                                                                      \
+        if ((st = (call)) != MOE_OK) goto fatal;                                              \
+    } while (0)
+    for (int v = 0; v < V; v++) TRY(drv_xfer_start(L, &plan, 0, v, false, &disp, overlap, &dreq[v], err));
+    ctr->timeline[0].dispatch_post = moe_now() - t0;
+    for (int c = 0; c < C; c++) {
+        if (c + 1 < C) {
+            for (int v = 0; v < V; v++)
+                TRY(drv_xfer_start(L, &plan, c + 1, v, false, &disp, overlap,
+                                   &dreq[(size_t)(c + 1) * V + v], err));
+            if (c + 1 < MOE_STATS_MAX_CHUNKS) ctr->timeline[c + 1].dispatch_post = moe_now() - t0;
+        }
+        for (int v = 0; v < V; v++)
+            TRY(drv_xfer_wait(L, &plan, c, v, false, &disp, &dreq[(size_t)c * V + v], err));
+        if (c == 0) moe_layer_mark(L, MOE_MARK_DISPATCHED, false);
+        if (c < MOE_STATS_MAX_CHUNKS)
+            ctr->timeline[c].dispatch_done = ctr->timeline[c].compute_begin = moe_now() - t0;
+        for (int v = 0; v < V; v++) {
+            int64_t Rv = ep_round_rows(&plan, c, v, true), rb = ep_round_base(&plan, c, v, true);
+            TRY(experts_round(L, v, Rv, (char *)rx + (size_t)rb * xrow,
+                              (const int32_t *)((char *)rids + (size_t)rb * idrow),
+                              (char *)rw + (size_t)rb * wrow, (char *)part + (size_t)rb * xrow,
+                              err));
+            TRY(drv_xfer_start(L, &plan, c, v, true, &combx, overlap, &creq[(size_t)c * V + v], err));
+            /* give the next chunk's dispatch a chance to move (MPI progress) */
+            if (c + 1 < C)
+                for (int u = 0; u < V; u++)
+                    TRY(s->tp->progress(s->tp, &dreq[(size_t)(c + 1) * V + u], err));
+        }
+        if (c < MOE_STATS_MAX_CHUNKS)
+            ctr->timeline[c].compute_end = ctr->timeline[c].combine_post = moe_now() - t0;
+    }
+    for (int c = 0; c < C; c++) {
+        for (int v = 0; v < V; v++)
+            TRY(drv_xfer_wait(L, &plan, c, v, true, &combx, &creq[(size_t)c * V + v], err));
+        if (c < MOE_STATS_MAX_CHUNKS) ctr->timeline[c].combine_done = moe_now() - t0;
+    }
+    moe_layer_mark(L, MOE_MARK_GEMM2, false);
+    /* 5. the source adds the partial rows in ascending virtual-rank order, after the shared
+     * expert's output */
+    if (L->shared && T > 0) TRY(o->join(L, err));
+    for (int c = 0; c < C; c++) {
+        int a = cb[c];
+        TRY(o->ep_reduce(L, cb[c + 1] - a, shout ? (const char *)shout + (size_t)a * xrow : NULL,
+                         NULL, back, (int64_t *)base + (size_t)c * G,
+                         (int32_t *)tdest + (size_t)a * D, (int32_t *)tn + a,
+                         (int32_t *)trow + (size_t)a * D, (char *)out + (size_t)a * xrow, err));
+    }
+#undef TRY
+    drv_count(L, &plan, false);
+    ep_plan_free(&plan);
+    return MOE_OK;
+fatal:
+    ep_plan_free(&plan);
+    return drv_fatal(L, st, err);
+}
+
+/* Sync-free mode (NCCL, max_tokens_per_rank): counts stay on the device; whole slots of M rows
+ * travel with their counts, the receiver compacts, computes Rc rows per virtual rank and
+ * expands back. No host synchronisation: capturable. */
+static moe_status forward_syncfree(moe_layer *L, int T, const void *x, const int32_t *ids,
+                                   const void *w, const void *shout, void *out, moe_error *err)
+{
+    ep_state *s = L->ep;
+    const moe_layer_backend_ops *o = L->ops;
+    const int N = s->N, V = s->V, G = s->G, k = L->k;
+    const int64_t M = s->M, Rc = s->Rc;
+    const size_t xrow = (size_t)L->H * L->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * L->dsz;
+    const size_t slots = (size_t)G * M;
+    void *tdest, *tn, *trow, *dcount, *scnt, *rcnt, *sx, *sids, *sw, *rx, *rids, *rw, *part,
+        *back, *cx, *cids, *cw, *cpart;
+    MOE_TRY(drv_buf(L, WB_TDEST, (size_t)M * s->D * 4, &tdest, err));
+    MOE_TRY(drv_buf(L, WB_TN, (size_t)M * 4, &tn, err));
+    MOE_TRY(drv_buf(L, WB_TROW, (size_t)M * s->D * 4, &trow, err));
+    MOE_TRY(drv_buf(L, WB_DCOUNT, (size_t)G * 4, &dcount, err));
+    MOE_TRY(drv_buf(L, WB_SCNT, (size_t)G * 4, &scnt, err));
+    MOE_TRY(drv_buf(L, WB_RCNT, (size_t)G * 4, &rcnt, err));
+    MOE_TRY(drv_buf(L, WB_SEND_X, slots * xrow, &sx, err));
+    MOE_TRY(drv_buf(L, WB_SEND_IDS, slots * idrow, &sids, err));
+    MOE_TRY(drv_buf(L, WB_SEND_W, slots * wrow, &sw, err));
+    MOE_TRY(drv_buf(L, WB_BACK, slots * xrow, &back, err));
+    MOE_TRY(drv_buf(L, WB_RECV_X, slots * xrow, &rx, err));
+    MOE_TRY(drv_buf(L, WB_RECV_IDS, slots * idrow, &rids, err));
+    MOE_TRY(drv_buf(L, WB_RECV_W, slots * wrow, &rw, err));
+    MOE_TRY(drv_buf(L, WB_PART, slots * xrow, &part, err));
+    MOE_TRY(drv_buf(L, WB_CX, (size_t)Rc * xrow, &cx, err));
+    MOE_TRY(drv_buf(L, WB_CIDS, (size_t)Rc * idrow, &cids, err));
+    MOE_TRY(drv_buf(L, WB_CW, (size_t)Rc * wrow, &cw, err));
+    MOE_TRY(drv_buf(L, WB_CPART, (size_t)Rc * xrow, &cpart, err));
+    MOE_TRY(o->ep_plan(L, T, ids, tdest, tn, trow, dcount, err));
+    MOE_TRY(o->ep_slot_counts(L, dcount, scnt, err));
+    MOE_TRY(o->ep_pack(L, T, x, NULL, ids, w, tdest, tn, trow, s->d_slotbase, sx, NULL, sids, sw,
+                       err));
+    moe_layer_mark(L, MOE_MARK_PERMUTED, false);
+    drv_bufs cnt = {.n = 1, .send = {scnt}, .recv = {rcnt}, .row = {4},
+                    .what = {"dispatch slot counts"}};
+    drv_bufs disp = {.n = 3, .send = {sx, sids, sw}, .recv = {rx, rids, rw},
+                     .row = {xrow, idrow, wrow},
+                     .what = {"dispatch x rows", "dispatch expert ids", "dispatch weights"}};
+    ep_request *rq = s->reqs;
+    for (int v = 0; v < V; v++) {
+        MOE_TRY(drv_xfer_slots(L, &cnt, v, 1, false, &rq[0], err));
+        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
+        MOE_TRY(drv_xfer_slots(L, &disp, v, M, false, &rq[0], err));
+        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
+    }
+    moe_layer_mark(L, MOE_MARK_DISPATCHED, false);
+    if (s->max_recv < (int64_t)G * M) MOE_TRY(o->ep_check_total(L, G, rcnt, s->max_recv, err));
+    for (int v = 0; v < V; v++) {
+        const size_t s0 = (size_t)v * N * M;
+        const int32_t *rc = (const int32_t *)rcnt + (size_t)v * N;
+        MOE_TRY(o->ep_compact(L, M, rc, (char *)rx + s0 * xrow,
+                              (const int32_t *)((char *)rids + s0 * idrow), (char *)rw + s0 * wrow,
+                              NULL, Rc, cx, cids, cw, NULL, err));
+        MOE_TRY(experts_round(L, v, Rc, cx, cids, cw, cpart, err));
+        MOE_TRY(o->ep_expand(L, M, rc, xrow, cpart, Rc, (char *)part + s0 * xrow, err));
+    }
+    drv_bufs comb = {.n = 1, .send = {part}, .recv = {back}, .row = {xrow},
+                     .what = {"combine partial rows"}};
+    for (int v = 0; v < V; v++) {
+        MOE_TRY(drv_xfer_slots(L, &comb, v, M, true, &rq[0], err));
+        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
+    }
+    moe_layer_mark(L, MOE_MARK_GEMM2, false);
+    if (L->shared && T > 0) MOE_TRY(o->join(L, err));
+    L->ctr.nchunks = 1;
+    L->ctr.timeline[0].tokens = T;
+    return o->ep_reduce(L, T, shout, NULL, back, s->d_slotbase, tdest, tn, trow, out, err);
+}
+
+moe_status ep_forward(moe_layer *L, int T, const void *x, void *out, void *logits,
+                      moe_error *err)
+{
+    const double t0 = moe_now();
+    L->ws_set = WS_FWD;
+    moe_status st = drv_call_begin(L, 1, MOE_OK, err);
+    if (st != MOE_OK) return st;
+    L->calls++;
+    if (L->plain) {
+        if (T > 0) {
+            moe_fwd_state fs;
+            memset(&fs, 0, sizeof fs);
+            fs.T = T;
+            fs.out = out;
+            fs.router_logits = logits;
+            st = ep_plain_forward(L, T, x, &fs, true, err);
+            L->ctr.tokens_computed += (uint64_t)T;
+        }
+        drv_call_end(L, 1, T, t0);
+        return st;
+    }
+    ep_state *s = L->ep;
+    const size_t tk = (size_t)T * L->k, dsz = L->dsz;
+    int64_t g0 = 0;
+    if (s->forced && (st = drv_global_offset(L, T, &g0, err)) != MOE_OK) return drv_fatal(L, st, err);
+    void *lg = logits, *w = NULL, *shout = NULL, *sgu = NULL, *sact = NULL;
+    int32_t *ids = NULL;
+    const int Tb = s->syncfree ? (int)s->M : T; /* sync-free buffers never change size */
+    if (!lg) st = drv_buf(L, WB_LOGITS, (size_t)Tb * L->E * dsz + 1, &lg, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_IDS, (size_t)Tb * L->k * 4 + 4, (void **)&ids, err);
+    if (st == MOE_OK) st = drv_buf(L, WB_W, (size_t)Tb * L->k * dsz + 4, &w, err);
+    if (st == MOE_OK && L->shared) {
+        st = drv_buf(L, WB_SHOUT, (size_t)Tb * L->H * dsz + 4, &shout, err);
+        if (st == MOE_OK) st = drv_buf(L, WB_SGU, (size_t)Tb * 2 * L->Is * dsz + 4, &sgu, err);
+        if (st == MOE_OK) st = drv_buf(L, WB_SACT, (size_t)Tb * L->Is * dsz + 4, &sact, err);
+    }
+    (void)tk;
+    moe_layer_mark(L, MOE_MARK_START, false);
+    /* Llama-4's shared expert needs only the local tokens: it runs on the side stream while
+     * the routing, the dispatch and the experts run on the main one. */
+    if (st == MOE_OK && L->shared && T > 0) {
+        st = L->ops->fork(L, err);
+        moe_layer_mark(L, MOE_MARK_SHARED0, true);
+        if (st == MOE_OK) st = L->ops->shared_forward(L, T, x, sgu, sact, shout, err);
+        moe_layer_mark(L, MOE_MARK_SHARED1, true);
+    }
+    if (st == MOE_OK) st = drv_route(L, T, x, g0, lg, ids, w, err);
+    moe_layer_mark(L, MOE_MARK_ROUTED, false);
+    if (s->syncfree) {
+        if (st == MOE_OK) st = forward_syncfree(L, T, x, ids, w, shout, out, err);
+        if (st != MOE_OK) return drv_fatal(L, st, err);
+    } else {
+        /* failures so far are local: forward_sized agrees on them before the exchange */
+        if (st != MOE_OK) return ep_agree(s->comm->comm, st, err);
+        st = forward_sized(L, T, x, ids, w, shout, out, t0, err);
+        if (st != MOE_OK) return st;
+    }
+    moe_layer_mark(L, MOE_MARK_END, false);
+    drv_call_end(L, 1, T, t0);
+    return MOE_OK;
+}
