@@ -50,8 +50,7 @@ static moe_status begin_call(moe_layer *L, const char *fn, int64_t T, void *stre
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: stream must be NULL on the CPU backend (calls run to completion)", fn);
     L->stream = stream;
-    if (L->backend == MOE_BACKEND_CPU) omp_set_num_threads(L->threads);
-    return MOE_OK;
+    return L->ops->enter(L, err);
 }
 
 /* A required pointer for T > 0 tokens. */
@@ -170,6 +169,7 @@ moe_status moe_layer_forward(moe_layer *L, const moe_tensor_view *hidden, moe_te
         st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: router_logits must be %s [%lld, %d]", fn,
                       moe_dtype_name(L->dt), (long long)T, L->E);
     if (st == MOE_OK) st = begin_call(L, fn, T, NULL, err);
+    if (st == MOE_OK) L->stream = L->host_stream;
     const size_t xb = (size_t)T * L->H * L->dsz, lb = (size_t)T * L->E * L->dsz;
     void *dx = NULL, *dout = NULL, *dlog = NULL;
     if (st == MOE_OK) st = stage_in(L, WB_IO_X, hidden->data, xb, &dx, err);
@@ -204,6 +204,7 @@ moe_status moe_layer_backward(moe_layer *L, const moe_tensor_view *hidden,
         st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: dx must be %s with %lld rows of %d", fn,
                       moe_dtype_name(L->dt), (long long)T, L->H);
     if (st == MOE_OK) st = begin_call(L, fn, T, NULL, err);
+    if (st == MOE_OK) L->stream = L->host_stream;
     const size_t xb = (size_t)T * L->H * L->dsz, lb = (size_t)T * L->E * L->dsz;
     void *dxin = NULL, *ddout = NULL, *ddlog = NULL, *ddx = NULL;
     if (st == MOE_OK) st = stage_in(L, WB_IO_X, hidden->data, xb, &dxin, err);
@@ -245,6 +246,7 @@ moe_status moe_layer_check_errors(moe_layer *L)
 {
     moe_error *err = moe_api_begin();
     MOE_TRY(layer_check(L, "moe_layer_check_errors", err));
+    MOE_TRY(L->ops->enter(L, err));
     MOE_TRY(L->ops->sync(L, err));
     if (L->ep && L->ep->tp) MOE_TRY(L->ep->tp->sync(L->ep->tp, L->stream, err));
     return L->ops->check_errors(L, err);
@@ -261,10 +263,10 @@ moe_status moe_layer_forward_stages(moe_layer *L, int T, const void *x_host,
                         "the stage-by-stage forward runs on one rank (the plain path)");
     if (!host || host->T != T || T < 0)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_forward_stages: state for T = %d", T);
-    L->stream = NULL;
+    MOE_TRY(L->ops->enter(L, err));
+    L->stream = L->host_stream;
     L->ws_set = WS_FWD;
     if (L->backend == MOE_BACKEND_CPU) {
-        omp_set_num_threads(L->threads);
         MOE_TRY(ep_plain_forward(L, T, x_host, host, false, err));
         host->M = T > 0 ? host->expert_offsets[L->E] : 0;
         return MOE_OK;

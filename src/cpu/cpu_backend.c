@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "../layer/layer.h"
 #include "cpu_ep.h"
 #include "cpu_fused.h"
@@ -84,6 +86,13 @@ static moe_status c_nop(moe_layer *L, moe_error *err)
 {
     (void)L;
     (void)err;
+    return MOE_OK;
+}
+
+static moe_status c_enter(moe_layer *L, moe_error *err)
+{
+    (void)err;
+    omp_set_num_threads(L->threads);
     return MOE_OK;
 }
 
@@ -546,6 +555,7 @@ const moe_layer_backend_ops moe_cpu_backend_ops = {
     .download = c_copy,
     .copy = c_copy,
     .zero = c_zero,
+    .enter = c_enter,
     .sync = c_nop,
     .fork = c_nop,
     .join = c_nop,

@@ -354,12 +354,20 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
         L->save_for_backward = o->save_for_backward != 0;
         L->timing = o->timing != 0;
         L->exact_hf = o->exact_hf_rounding != 0;
+        L->autotune = o->autotune != 0;
+        if (o->kernel_config) snprintf(L->kernel_config, sizeof L->kernel_config, "%s", o->kernel_config);
+        if (o->autotune_cache) snprintf(L->autotune_cache, sizeof L->autotune_cache, "%s", o->autotune_cache);
         L->threads = o->threads > 0 ? o->threads : moe_default_threads();
         L->comm = c;
         const int N = c ? c->nranks : 1, V = c ? c->opts.virtual_ranks : 1;
         st = moe_expert_map_build(L->E, N, V, c ? c->rank : 0, o->expert_map, &L->map, err);
     }
     if (st == MOE_OK) st = pick_backend(L, o, err);
+    if (st == MOE_OK && L->backend == MOE_BACKEND_CPU && L->kernel_config[0] &&
+        strcmp(L->kernel_config, "auto") != 0)
+        st = moe_fail(err, MOE_ERR_INVALID_ARG,
+                      "kernel_config '%s' (--kernel-config) applies to the CUDA backend only; this "
+                      "layer runs on the CPU", L->kernel_config);
     if (st == MOE_OK) st = check_memory(L, c, err);
     if (st == MOE_OK) st = load_weights(L, src, err);
     if (st == MOE_OK) L->replicated_hash = replicated_hash(L);

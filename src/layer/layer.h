@@ -163,11 +163,16 @@ struct moe_layer {
     moe_workspace *ws;
     bool own_ws;
     bool save_for_backward, timing, exact_hf;
+    /* the grouped GEMMs' configuration (CUDA): forced ("" = automatic), or autotuned */
+    char kernel_config[128];
+    bool autotune;
+    char autotune_cache[512];
     moe_layer_saved *saved;
     /* the EP tables on the backend: vowner [E], vlocal [E] (int32) */
     int32_t *d_vowner, *d_vlocal;
 
     void *stream; /* the current call's stream (CUDA: cudaStream_t; NULL = legacy) */
+    void *host_stream; /* the stream the host-memory calls use (CUDA: the layer's own) */
     int ws_set;   /* the workspace set of the current call (WS_FWD or WS_BWD) */
 
     struct ep_state *ep; /* with a communicator */
@@ -249,6 +254,9 @@ struct moe_layer_backend_ops {
     /* asynchronous copies/fills on the layer's stream */
     moe_status (*copy)(moe_layer *L, void *dst, const void *src, size_t bytes, moe_error *err);
     moe_status (*zero)(moe_layer *L, void *p, size_t bytes, moe_error *err);
+    /* at the start of every call: make the layer's device current (CUDA), its thread count the
+     * calling thread's (CPU) */
+    moe_status (*enter)(moe_layer *L, moe_error *err);
     /* wait for the layer's streams (and check asynchronous errors) */
     moe_status (*sync)(moe_layer *L, moe_error *err);
     /* the side stream for the shared expert */
