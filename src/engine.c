@@ -22,6 +22,7 @@
 
 #include "cuda/cuda_baselines.h"
 #include "cuda/cuda_block.h"
+#include "cuda/kernel_config.h"
 #include "moe_kernels.h"
 #endif
 

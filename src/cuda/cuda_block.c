@@ -16,6 +16,7 @@
  */
 #include "cuda_block.h"
 #include "autotune.h"
+#include "kernel_launch.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -69,6 +70,9 @@ struct cuda_block {
     void *dA0, *dgu, *dxs, *dlogits, *dx_router, *dx_shared, *dsact, *dsgu;
     float *dtop;
 
+    /* how the grouped GEMMs run: its sched_counters (the wgmma tile scheduler's) are the
+     * block's own, shared by all its grouped GEMMs, which run one after the other on s0 */
+    moe_kernel_tuning tuning;
     moe_kernel_config gemm_cfg[CUDA_GEMM_NUM_STAGES];
     moe_kernel_report gemm_report[CUDA_GEMM_NUM_STAGES];
     /* autotuning (cuda_block_set_autotune): stages whose config is not forced take the tuned
@@ -300,6 +304,11 @@ static moe_status create_inner(cuda_block *b, const moe_weights *w, int max_T, b
     MOE_TRY(balloc(b, &b->sort_scratch, b->sort_scratch_bytes, "sort scratch", err));
     MOE_TRY(balloc(b, (void **)&b->route_counter, sizeof(int), "route counter", err));
     CUDA_TRY(cudaMemset(b->route_counter, 0, sizeof(int)), "zeroing the route counter");
+    MOE_TRY(balloc(b, (void **)&b->tuning.sched_counters, MOE_SCHED_COUNTERS_BYTES,
+                   "tile scheduler counters", err));
+    CUDA_TRY(cudaMemsetAsync(b->tuning.sched_counters, 0, MOE_SCHED_COUNTERS_BYTES, b->s0),
+             "zeroing the tile scheduler counters");
+    moe_kernel_tuning_apply_env(&b->tuning); /* -DMOE_DIAGNOSTICS=ON builds only (docs/ENV.md) */
     if (b->shared) {
         MOE_TRY(balloc(b, &b->shared_out, T * H * es, "shared out", err));
         MOE_TRY(balloc(b, &b->sgu, T * 2 * Is * es, "shared gate|up out", err));
@@ -422,8 +431,8 @@ static moe_status stage_config(cuda_block *b, cuda_gemm_stage stage,
     }
     const char *cache = b->autotune_cache[0] ? b->autotune_cache : NULL;
     moe_kernel_config cfg;
-    moe_status st = a ? moe_autotune_pick(cache, a, b->s0, &cfg, err)
-                      : moe_autotune_pick_dw(cache, dw, b->s0, &cfg, err);
+    moe_status st = a ? moe_autotune_pick(cache, a, &b->tuning, b->s0, &cfg, err)
+                      : moe_autotune_pick_dw(cache, dw, &b->tuning, b->s0, &cfg, err);
     if (st != MOE_OK) return st;
     b->tuned_cfg[stage] = b->gemm_cfg[stage] = cfg;
     b->tuned_rows[stage] = rows;
@@ -581,7 +590,8 @@ static moe_status run_gemm(cuda_block *b, cuda_gemm_stage stage, const moe_group
 {
     moe_status st = stage_config(b, stage, a, NULL, err);
     if (st == MOE_OK)
-        st = moe_cuda_grouped_gemm(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+        st = moe_grouped_gemm_launch(a, &b->gemm_cfg[stage], &b->tuning, b->s0,
+                                     &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped GEMM stage %d", (int)stage);
     return st;
 }
@@ -591,7 +601,8 @@ static moe_status run_gemm_dw(cuda_block *b, cuda_gemm_stage stage,
 {
     moe_status st = stage_config(b, stage, NULL, a, err);
     if (st == MOE_OK)
-        st = moe_cuda_grouped_gemm_dw(a, &b->gemm_cfg[stage], b->s0, &b->gemm_report[stage], err);
+        st = moe_grouped_gemm_dw_launch(a, &b->gemm_cfg[stage], &b->tuning, b->s0,
+                                        &b->gemm_report[stage], err);
     if (st != MOE_OK) moe_error_prefix(err, "cuda_block grouped dW stage %d", (int)stage);
     return st;
 }

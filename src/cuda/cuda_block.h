@@ -12,6 +12,10 @@
  * (create/destroy, alloc/free, upload/download/sync helpers), so cuda_block_forward and
  * cuda_block_backward can be captured into a CUDA graph. Inputs (x, dout) must be ready in
  * the main stream's order; outputs are ready once the main stream reaches the end of the call.
+ * The block's grouped GEMMs share its scratch, including the wgmma tile scheduler's counters
+ * (moe_kernel_tuning.sched_counters, allocated with the block): launches and graph replays of
+ * one block must run one after the other (one stream), never at the same time; any number of
+ * graphs may be captured, nothing is consumed per capture.
  *
  * Pointers. "device" pointers are cudaMalloc'd memory of the block's device. Tensors are in
  * the block's dtype (the weights' dtype: bf16, fp16 or fp32) unless stated.

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "../dtype.h"
+#include "cuda/kernel_launch.h"
 #include "ep_pack.h"
 #include "moe_kernels.h"
 #include "moe_kernels_aux.h"
@@ -236,7 +237,7 @@ void moe_ep_cuda_ctx_destroy(moe_ep_cuda_ctx *c)
     if (c->h1) cublasDestroy(c->h1);
     free_bufs(c);
     void *dev[] = {c->blas_ws, c->blas_ws1, c->router, c->w13, c->w2, c->sgu_w, c->sdown,
-                   c->d_status, c->d_slotbase};
+                   c->d_status, c->d_slotbase, c->tuning.sched_counters};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i]) cudaFree(dev[i]);
     if (c->h_dcount) cudaFreeHost(c->h_dcount);
@@ -358,6 +359,8 @@ static moe_status setup_device(moe_ep_cuda_ctx *c, const moe_weights *w, moe_err
     EPC_CU(cudaEventCreateWithFlags(&c->ev_sync, cudaEventDisableTiming), "cudaEventCreate");
     EPC_CU(cudaMalloc((void **)&c->d_status, 4 * sizeof(int32_t)), "status flag");
     EPC_CU(cudaMemset(c->d_status, 0, 4 * sizeof(int32_t)), "status flag");
+    MOE_TRY(moe_sched_counters_alloc(&c->tuning.sched_counters, c->s, err));
+    moe_kernel_tuning_apply_env(&c->tuning); /* -DMOE_DIAGNOSTICS=ON builds only (docs/ENV.md) */
     size_t CG = (size_t)c->G * c->opts.chunks;
     EPC_CU(cudaMallocHost((void **)&c->h_dcount, CG * sizeof(int32_t)), "counts");
     EPC_CU(cudaMallocHost((void **)&c->h_base, CG * sizeof(int64_t)), "bases");
@@ -888,7 +891,7 @@ static moe_status experts_forward(moe_ep_cuda_ctx *c, int v, int R, const void *
         .C = epc_d(c, 0, DB_ACT), .permute_x = true, .scale_a_rows = c->llama ? w : NULL,
         .epilogue = MOE_EPI_SILU_MUL,
     };
-    MOE_TRY(moe_cuda_grouped_gemm(&g1, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_launch(&g1, NULL, &c->tuning, c->s, NULL, err));
     /* Slots owned elsewhere are never written by GEMM2: the k-sum's id filter skips them. */
     moe_grouped_gemm_args g2 = {
         .dtype = c->dt, .num_experts = c->epv, .expert_offsets = offs, .N = H, .K = I,
@@ -896,7 +899,7 @@ static moe_status experts_forward(moe_ep_cuda_ctx *c, int v, int R, const void *
         .B = epc_w2(c, v), .C = epc_d(c, 0, DB_ROWS), .permute_y = true,
         .scale_c_rows = c->llama ? NULL : w, .epilogue = MOE_EPI_NONE,
     };
-    MOE_TRY(moe_cuda_grouped_gemm(&g2, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_launch(&g2, NULL, &c->tuning, c->s, NULL, err));
     return moe_cuda_sum_topk(c->dt, R, k, H, epc_d(c, 0, DB_ROWS), NULL, NULL, NULL, ids, e0,
                              c->epv, part, c->s, err);
 }

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "../dtype.h"
+#include "cuda/kernel_launch.h"
 #include "ep_pack.h"
 #include "moe_kernels.h"
 #include "moe_kernels_aux.h"
@@ -79,14 +80,14 @@ static moe_status experts_backward(moe_ep_cuda_ctx *c, int v, int R, const void 
         .C_preact = gu, .permute_x = true, .scale_a_rows = c->llama ? w : NULL,
         .epilogue = MOE_EPI_SILU_MUL,
     };
-    MOE_TRY(moe_cuda_grouped_gemm(&g1, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_launch(&g1, NULL, &c->tuning, c->s, NULL, err));
     /* dA0 [M,I] = dout[token of r] @ W2_e ([H,I] read as [K,N]). */
     moe_grouped_gemm_args gA = {
         .dtype = c->dt, .num_experts = epv, .expert_offsets = offs, .N = I, .K = H,
         .max_rows = rk, .topk = k, .gather_idx = gather, .A = dout, .B = epc_w2(c, v),
         .b_kn = true, .C = dA0, .permute_x = true, .epilogue = MOE_EPI_NONE,
     };
-    MOE_TRY(moe_cuda_grouped_gemm(&gA, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_launch(&gA, NULL, &c->tuning, c->s, NULL, err));
     /* Slots owned elsewhere get no d-weight from here: zero, not stale. */
     EPC_CU(cudaMemsetAsync(dwp, 0, (size_t)rk * sizeof(float), c->s), "zeroing d-weights");
     /* SiLU-and-mul backward; Qwen3: dact = round(w dA0) and dw_f = act_r . dA0_r fused in. */
@@ -98,21 +99,21 @@ static moe_status experts_backward(moe_ep_cuda_ctx *c, int v, int R, const void 
         .max_rows = rk, .topk = k, .gather_idx = gather, .dY = dout, .permute_dy = true,
         .scale_dy_rows = qwen ? w : NULL, .X = act, .dW = dW2,
     };
-    MOE_TRY(moe_cuda_grouped_gemm_dw(&d2, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_dw_launch(&d2, NULL, &c->tuning, c->s, NULL, err));
     /* dXs [R*k,H] flat = dgu_r @ W13_e ([2I,H] read as [K,N]); unowned slots stay unwritten. */
     moe_grouped_gemm_args gX = {
         .dtype = c->dt, .num_experts = epv, .expert_offsets = offs, .N = H, .K = 2 * I,
         .max_rows = rk, .topk = k, .gather_idx = gather, .A = dgu, .B = epc_w13(c, v),
         .b_kn = true, .C = rows, .permute_y = true, .epilogue = MOE_EPI_NONE,
     };
-    MOE_TRY(moe_cuda_grouped_gemm(&gX, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_launch(&gX, NULL, &c->tuning, c->s, NULL, err));
     /* dW13_e [2I,H] = sum_r dgu_r^T xs_r (Llama-4: xs = round(x_t s_f)) */
     moe_grouped_gemm_dw_args d13 = {
         .dtype = c->dt, .num_experts = epv, .expert_offsets = offs, .N = 2 * I, .K = H,
         .max_rows = rk, .topk = k, .gather_idx = gather, .dY = dgu, .X = x, .permute_x = true,
         .scale_x_rows = c->llama ? w : NULL, .dW = dW13,
     };
-    MOE_TRY(moe_cuda_grouped_gemm_dw(&d13, NULL, c->s, NULL, err));
+    MOE_TRY(moe_grouped_gemm_dw_launch(&d13, NULL, &c->tuning, c->s, NULL, err));
     /* Llama-4: d score_f = x_t . dXs_f (0 for slots owned elsewhere). */
     if (c->llama)
         MOE_TRY(moe_cuda_row_dot(c->dt, rk, H, x, k, rows, ids, e0, epv, dwp, c->s, err));

@@ -18,6 +18,7 @@
 #include <nccl.h>
 
 #include "ep_cuda.h"
+#include "moe_kernels.h"
 #include "ep_internal.h"
 
 enum {
@@ -77,6 +78,9 @@ struct moe_ep_cuda_ctx {
     cudaStream_t s2;
     cudaEvent_t ev_t0, ev_pk, *ev_tl;
     int32_t *d_status; /* sync-free overflow: [0] flag, [1] most rows seen */
+    /* how this context's grouped GEMMs run (all on s, one after the other): its own tile
+     * scheduler counters (the block of the plain path has its own) */
+    moe_kernel_tuning tuning;
     int64_t *d_slotbase; /* sync-free: [G] first send row of each destination's slot */
 };
 
