@@ -4,7 +4,8 @@
  * mma.sync m16n8k16, and the on-device "which expert does this tile belong to" search.
  *
  * Everything here is header-only device code; each .cu file that includes it instantiates what
- * it uses; fill_gemm_params is the one host helper. Host C never sees this file.
+ * it uses; fill_gemm_params, fill_dw_params and config_brief are the host helpers (the
+ * moe_kernels.h types come before this file). Host C never sees this file.
  */
 #ifndef MOE_GEMM_COMMON_CUH
 #define MOE_GEMM_COMMON_CUH
@@ -13,6 +14,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdio.h>
+
+#include "moe_kernels.h"
 
 namespace moe_gg {
 
@@ -318,6 +322,17 @@ inline void fill_dw_params(DwParamsCommon &p, const moe_grouped_gemm_dw_args *a)
     p.topk = a->topk >= 1 ? a->topk : 1;
     p.permute_dy = a->permute_dy;
     p.permute_x = a->permute_x;
+}
+
+/* A configuration as its tile and options, for the launchers' error messages (the full printer,
+ * moe_kernel_config_str, belongs to the host's src/cuda/kernel_config.c). */
+inline const char *config_brief(const moe_kernel_config &c, char *buf, size_t len)
+{
+    snprintf(buf, len, "%dx%dx%d,w%d,s%d%s%s%s%s", c.tile_m, c.tile_n, c.tile_k, c.warps, c.stages,
+             c.use_tma ? ",tma" : "", c.cluster > 1 ? ",c2" : "",
+             c.epilogue == 2 ? ",staged" : c.epilogue == 1 ? ",direct" : "",
+             c.a_load == 2 ? ",atma" : c.a_load == 1 ? ",acp" : "");
+    return buf;
 }
 
 } // namespace moe_gg

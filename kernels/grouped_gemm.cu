@@ -18,6 +18,8 @@
  *   The ",tma" configurations run the Hopper wgmma/TMA kernel of grouped_gemm_wgmma.cu when
  *   the problem allows it (bf16/fp16, B [N,K], aligned rows, an sm_90 device), else the
  *   mma.sync default (the report says which ran).
+ * The launcher runs the resolved configuration it is given (moe_kernel_config_is_compiled) with
+ * the caller's moe_kernel_tuning; it never resolves requests or reads the environment.
  * Grid: x = one slot per possible row tile (sized from max_rows on the host: at most
  * ceil(max_rows/BM) + E tiles), y = output-column tiles. Each CTA finds its expert on the device
  * from expert_offsets (gemm_common.cuh: find_tile_expert); slots past the last tile exit.
@@ -33,7 +35,6 @@ extern "C" {
 #include "gemm_common.cuh"
 #include "grouped_gemm_configs.h"
 #include "grouped_gemm_wgmma.h"
-#include "cuda/kernel_config.h"
 #include "moe_kernels.h"
 
 using namespace moe_gg;
@@ -560,7 +561,8 @@ const char *kernel_name(moe_dtype dt, bool aligned)
 } // namespace
 
 extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
-                                            const moe_kernel_config *cfg, cudaStream_t stream,
+                                            const moe_kernel_config *cfg,
+                                            const moe_kernel_tuning *tuning, cudaStream_t stream,
                                             moe_kernel_report *report, moe_error *err)
 {
     const char *fn = "moe_cuda_grouped_gemm";
@@ -604,10 +606,20 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: expert_offsets, A, B and C must be device pointers (one is NULL)", fn);
 
-    moe_kernel_config c;
+    char buf[64];
+    if (!cfg)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: no configuration: pass a resolved one (moe_kernel_config_resolve, or "
+                        "moe_grouped_gemm_launch to resolve and launch)", fn);
+    if (!moe_kernel_config_is_compiled(cfg, a->dtype))
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: configuration %s is not a compiled %s configuration; resolve requests "
+                        "with moe_kernel_config_resolve", fn, config_brief(*cfg, buf, sizeof buf),
+                        moe_dtype_name(a->dtype));
+    moe_kernel_config c = *cfg;
+    const moe_kernel_tuning no_tuning = {};
+    const moe_kernel_tuning &t = tuning ? *tuning : no_tuning;
     const int avg_rows = a->max_rows / a->num_experts;
-    moe_status st = moe_kernel_config_resolve(cfg, a->dtype, avg_rows, &c, err);
-    if (st != MOE_OK) return moe_error_prefix(err, "%s", fn);
 
     const size_t es = moe_dtype_size(a->dtype);
     /* The 16-byte cp.async path needs every A and B row (and, with SiLU on B [K,N], every
@@ -622,8 +634,8 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
 
     /* A ",tma" configuration runs the wgmma kernel where it can, else the mma.sync default. */
     const bool wg = c.use_tma && moe_gg_wgmma_applicable(a, &c);
-    if (c.use_tma && !wg) c = moe_kernel_config_default_mma(a->dtype, avg_rows);
-    moe_kernel_config ran = aligned || a->dtype == MOE_DTYPE_F32 ? c : moe_kernel_config_narrow();
+    if (c.use_tma && !wg) c = moe_gg_default_mma_config(a->dtype, avg_rows);
+    moe_kernel_config ran = aligned || a->dtype == MOE_DTYPE_F32 ? c : moe_gg_narrow_config();
     if (report) {
         report->kernel = wg ? moe_gg_wgmma_kernel_name(a->dtype)
                             : kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32);
@@ -634,22 +646,25 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
         report->config.a_load = MOE_GG_A_AUTO;
         report->staged_epilogue = 0;
         report->a_tma = 0;
+        report->sched_dynamic = 0;
+        report->fast_rounding = 0; /* mma.sync / FFMA: HF's rounding points */
     }
     if (a->max_rows == 0) return MOE_OK; /* no rows can exist: nothing to compute or store */
 
-    char buf[64];
     if (wg) {
-        int staged = 0, a_tma = 0;
-        cudaError_t we = moe_gg_wgmma_launch(a, &c, stream, &staged, &a_tma);
+        moe_gg_wgmma_ran r = {0, 0, 0, 0};
+        cudaError_t we = moe_gg_wgmma_launch(a, &c, t, stream, &r);
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_wgmma_kernel_name(a->dtype),
-                            moe_kernel_config_str(&c, buf, sizeof buf), cudaGetErrorString(we));
+                            config_brief(c, buf, sizeof buf), cudaGetErrorString(we));
         if (report) { /* the paths that ran, whatever the configuration asked for */
-            report->staged_epilogue = staged;
-            report->a_tma = a_tma;
-            report->config.epilogue = staged ? MOE_GG_EPILOGUE_STAGED : MOE_GG_EPILOGUE_DIRECT;
-            report->config.a_load = a_tma ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
+            report->staged_epilogue = r.staged_epilogue;
+            report->a_tma = r.a_tma;
+            report->sched_dynamic = r.sched_dynamic;
+            report->fast_rounding = r.fast_rounding;
+            report->config.epilogue = r.staged_epilogue ? MOE_GG_EPILOGUE_STAGED : MOE_GG_EPILOGUE_DIRECT;
+            report->config.a_load = r.a_tma ? MOE_GG_A_TMA : MOE_GG_A_CPASYNC;
         }
         return MOE_OK;
     }
@@ -672,10 +687,10 @@ extern "C" moe_status moe_cuda_grouped_gemm(const moe_grouped_gemm_args *a,
     }
     if (!found)
         return moe_fail(err, MOE_ERR_INTERNAL, "%s: config %s is listed but not instantiated", fn,
-                        moe_kernel_config_str(&c, buf, sizeof buf));
+                        config_brief(c, buf, sizeof buf));
     if (e != cudaSuccess)
         return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                         kernel_name(a->dtype, aligned || a->dtype == MOE_DTYPE_F32),
-                        moe_kernel_config_str(&ran, buf, sizeof buf), cudaGetErrorString(e));
+                        config_brief(ran, buf, sizeof buf), cudaGetErrorString(e));
     return MOE_OK;
 }

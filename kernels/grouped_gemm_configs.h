@@ -24,8 +24,11 @@
  * Where a configuration's stages leave room for the 128-row output tile in shared memory
  * (128x256 with 3 stages: 144 KB + 72 KB; 128x128 with 6 stages and SiLU's half-width rows) the
  * epilogue is staged there and stored with bulk copies while the next tile's MMAs run
- * (grouped_gemm_wgmma.cu, wg_out_pitch, MOE_WGMMA_EPILOGUE); elsewhere it stores from registers. Problems the wgmma kernels cannot take (rows not on 16 bytes, fp32, not an sm_90
- * device) run the mma.sync default instead.
+ * (grouped_gemm_wgmma.cu, wg_out_pitch; the ",staged" / ",direct" options decide otherwise);
+ * elsewhere it stores from registers. Problems the wgmma kernels cannot take (rows not on 16
+ * bytes, fp32, not an sm_90 device) run the mma.sync default instead.
+ * Plain C preprocessor: moe_kernels.h (moe_kernel_config_is_compiled, the fallbacks) and
+ * src/cuda/kernel_config.c (the list) expand these lists too.
  */
 #ifndef MOE_GROUPED_GEMM_CONFIGS_H
 #define MOE_GROUPED_GEMM_CONFIGS_H

@@ -26,7 +26,6 @@ extern "C" {
 #include "gemm_common.cuh"
 #include "grouped_gemm_configs.h"
 #include "grouped_gemm_dw_wgmma.h"
-#include "cuda/kernel_config.h"
 #include "moe_kernels.h"
 
 using namespace moe_gg;
@@ -409,8 +408,10 @@ const char *dw_kernel_name(moe_dtype dt, bool aligned)
 } // namespace
 
 extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a,
-                                               const moe_kernel_config *cfg, cudaStream_t stream,
-                                               moe_kernel_report *report, moe_error *err)
+                                               const moe_kernel_config *cfg,
+                                               const moe_kernel_tuning *tuning,
+                                               cudaStream_t stream, moe_kernel_report *report,
+                                               moe_error *err)
 {
     const char *fn = "moe_cuda_grouped_gemm_dw";
     if (!a) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: args is NULL", fn);
@@ -435,10 +436,20 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: expert_offsets, dY, X and dW must be device pointers (one is NULL)", fn);
 
-    moe_kernel_config c;
+    char buf[64];
+    if (!cfg)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: no configuration: pass a resolved one (moe_kernel_config_resolve, or "
+                        "moe_grouped_gemm_dw_launch to resolve and launch)", fn);
+    if (!moe_kernel_config_is_compiled(cfg, a->dtype))
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: configuration %s is not a compiled %s configuration; resolve requests "
+                        "with moe_kernel_config_resolve", fn, config_brief(*cfg, buf, sizeof buf),
+                        moe_dtype_name(a->dtype));
+    moe_kernel_config c = *cfg;
+    const moe_kernel_tuning no_tuning = {};
+    const moe_kernel_tuning &t = tuning ? *tuning : no_tuning;
     const int avg_rows = a->max_rows / a->num_experts;
-    moe_status st = moe_kernel_config_resolve(cfg, a->dtype, avg_rows, &c, err);
-    if (st != MOE_OK) return moe_error_prefix(err, "%s", fn);
     /* A ",tma" configuration runs the wgmma dW kernel (its own 128x256 tile) where it can,
      * else the mma.sync default. */
     if (c.use_tma && moe_gg_dw_wgmma_applicable(a)) {
@@ -455,14 +466,15 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
             report->used_tma = 0;
             report->staged_epilogue = 0;
             report->a_tma = 0;
+            report->sched_dynamic = 0; /* the dW kernel takes its tiles in the static order */
+            report->fast_rounding = 0; /* its row scales are rounded before the MMA, as HF's */
         }
         int staged = 0;
-        cudaError_t we = moe_gg_dw_wgmma_launch(a, c.epilogue, stream, &staged);
-        char wb[64];
+        cudaError_t we = moe_gg_dw_wgmma_launch(a, c.epilogue, t, stream, &staged);
         if (we != cudaSuccess)
             return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
                             moe_gg_dw_wgmma_kernel_name(a->dtype),
-                            moe_kernel_config_str(&c, wb, sizeof wb), cudaGetErrorString(we));
+                            config_brief(c, buf, sizeof buf), cudaGetErrorString(we));
         if (report) {
             report->staged_epilogue = staged;
             report->config.stages = staged ? 3 : 4;
@@ -471,7 +483,7 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
         }
         return MOE_OK;
     }
-    if (c.use_tma) c = moe_kernel_config_default_mma(a->dtype, avg_rows);
+    if (c.use_tma) c = moe_gg_default_mma_config(a->dtype, avg_rows);
 
     const size_t es = moe_dtype_size(a->dtype);
     const bool aligned = a->dtype != MOE_DTYPE_F32 && aligned16(a->dY) && aligned16(a->X) &&
@@ -481,13 +493,15 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     p.w_pair = ((uintptr_t)a->dW % (2 * es)) == 0 && a->K % 2 == 0;
 
     const bool fast = aligned || a->dtype == MOE_DTYPE_F32;
-    moe_kernel_config ran = fast ? c : moe_kernel_config_narrow();
+    moe_kernel_config ran = fast ? c : moe_gg_narrow_config();
     if (report) {
         report->kernel = dw_kernel_name(a->dtype, fast);
         report->config = ran;
         report->used_tma = 0;
         report->staged_epilogue = 0;
         report->a_tma = 0;
+        report->sched_dynamic = 0;
+        report->fast_rounding = 0;
     }
     /* Even with max_rows == 0 the launch runs: every expert is empty and dW must be zeros. */
     cudaError_t e = cudaSuccess;
@@ -497,13 +511,12 @@ extern "C" moe_status moe_cuda_grouped_gemm_dw(const moe_grouped_gemm_dw_args *a
     case MOE_DTYPE_F16: e = dispatch_dw_mma<__half>(p, c, aligned, stream, &found); break;
     default: e = dispatch_dw_ffma(p, c, stream, &found); break;
     }
-    char buf[64];
     if (!found)
         return moe_fail(err, MOE_ERR_INTERNAL, "%s: config %s is listed but not instantiated", fn,
-                        moe_kernel_config_str(&c, buf, sizeof buf));
+                        config_brief(c, buf, sizeof buf));
     if (e != cudaSuccess)
         return moe_fail(err, MOE_ERR_CUDA, "%s: launch of %s (%s) failed: %s", fn,
-                        dw_kernel_name(a->dtype, fast), moe_kernel_config_str(&ran, buf, sizeof buf),
+                        dw_kernel_name(a->dtype, fast), config_brief(ran, buf, sizeof buf),
                         cudaGetErrorString(e));
     return MOE_OK;
 }

@@ -58,7 +58,9 @@ constexpr int DW_CONSUMER_REGS = 224;
 
 struct DwWgParams : DwParamsCommon {
     int n_tiles, k_tiles; /* 128-row and 256-column blocks of one dW_e */
-    int skip_epilogue;    /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
+#ifdef MOE_DIAGNOSTICS
+    int skip_epilogue;    /* diagnostic (wrong results): no stores, timing only */
+#endif
 };
 
 /* The staged epilogue's output tile: 128 dW rows of 256 outputs, each row 64 bytes longer (the
@@ -268,7 +270,9 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
             wgmma_wait<0>();
             fence_regs(acc);
             if (hi > lo && lane == 0) mbar_arrive(empty((it - 1) % S));
+#ifdef MOE_DIAGNOSTICS
             if (p.skip_epilogue) continue;
+#endif
             if (STAGED) {
                 /* through the warp's 16 rows of the output tile (64 cw + 16 warp ..) and one
                  * bulk copy per dW row, while the next tile's MMAs run (wgmma_ptx.cuh) */
@@ -324,7 +328,7 @@ __global__ void __launch_bounds__(DW_THREADS, 1) moe_gg_dw_wgmma_kernel(const Dw
 /* ---- host side ---- */
 
 template <typename T, bool SDY, bool SX, int S, bool STAGED>
-cudaError_t launch_dw_wg(const DwWgParams &p, const DevInfo &d, cudaStream_t s)
+cudaError_t launch_dw_wg(const DwWgParams &p, const DevInfo &d, int max_ctas, cudaStream_t s)
 {
     auto kern = moe_gg_dw_wgmma_kernel<T, SDY, SX, S, STAGED>;
     const size_t smem = dw_smem_bytes(SDY || SX, S, STAGED) + (size_t)(p.E + 1) * 4;
@@ -333,27 +337,27 @@ cudaError_t launch_dw_wg(const DwWgParams &p, const DevInfo &d, cudaStream_t s)
     if (e != cudaSuccess) return e;
     const long long tiles = (long long)p.E * p.n_tiles * p.k_tiles;
     long long grid = tiles < d.sms ? tiles : d.sms;
-    const int cap = max_ctas_override(); /* the tests' MOE_WGMMA_MAX_CTAS */
-    if (cap > 0 && grid > cap) grid = cap;
+    if (max_ctas > 0 && grid > max_ctas) grid = max_ctas; /* the tests' moe_kernel_tuning.max_ctas */
     kern<<<(unsigned)grid, DW_THREADS, smem, s>>>(p);
     return cudaGetLastError();
 }
 
-/* staged: the 3-stage kernel with the staged epilogue (MOE_WGMMA_EPILOGUE=staged, where it
- * fits), else the 4-stage one storing from registers */
+/* staged: the 3-stage kernel with the staged epilogue (the default where it fits), else the
+ * 4-stage one storing from registers (",direct") */
 template <typename T, bool SDY, bool SX>
-cudaError_t launch_dw_wg_epi(const DwWgParams &p, const DevInfo &d, bool staged, cudaStream_t s)
+cudaError_t launch_dw_wg_epi(const DwWgParams &p, const DevInfo &d, bool staged, int max_ctas, cudaStream_t s)
 {
-    return staged ? launch_dw_wg<T, SDY, SX, DW_S_STAGED, true>(p, d, s)
-                  : launch_dw_wg<T, SDY, SX, DW_S, false>(p, d, s);
+    return staged ? launch_dw_wg<T, SDY, SX, DW_S_STAGED, true>(p, d, max_ctas, s)
+                  : launch_dw_wg<T, SDY, SX, DW_S, false>(p, d, max_ctas, s);
 }
 
 template <typename T>
-cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, const DevInfo &d, bool staged, cudaStream_t s)
+cudaError_t dispatch_dw_wg(const DwWgParams &p, bool sdy, bool sx, const DevInfo &d, bool staged,
+                           int max_ctas, cudaStream_t s)
 {
-    if (sdy) return launch_dw_wg_epi<T, true, false>(p, d, staged, s);
-    if (sx) return launch_dw_wg_epi<T, false, true>(p, d, staged, s);
-    return launch_dw_wg_epi<T, false, false>(p, d, staged, s);
+    if (sdy) return launch_dw_wg_epi<T, true, false>(p, d, staged, max_ctas, s);
+    if (sx) return launch_dw_wg_epi<T, false, true>(p, d, staged, max_ctas, s);
+    return launch_dw_wg_epi<T, false, false>(p, d, staged, max_ctas, s);
 }
 
 template <typename T, bool SDY, bool SX>
@@ -395,7 +399,8 @@ const char *moe_gg_dw_wgmma_kernel_name(moe_dtype dt)
     return dt == MOE_DTYPE_F16 ? "grouped_gemm_dw_wgmma_fp16" : "grouped_gemm_dw_wgmma_bf16";
 }
 
-cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue, cudaStream_t stream,
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue,
+                                   const moe_kernel_tuning &t, cudaStream_t stream,
                                    int *staged_epilogue)
 {
     DevInfo d;
@@ -404,14 +409,16 @@ cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilog
     fill_dw_params(p, a);
     p.n_tiles = (a->N + DW_BM - 1) / DW_BM;
     p.k_tiles = (a->K + DW_BN - 1) / DW_BN;
-    p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
+#ifdef MOE_DIAGNOSTICS
+    p.skip_epilogue = t.diag_skip_epilogue;
+#endif
     const bool sdy = a->scale_dy_rows != nullptr, sx = a->scale_x_rows != nullptr;
     /* the staged epilogue by default (auto), measured 20-24% faster than the 4-stage kernel
      * storing from registers on an H200 (docs/KERNELS.md, round 6); ",direct" for that one */
-    const bool staged = wg_epilogue_mode(epilogue) != MOE_GG_EPILOGUE_DIRECT &&
+    const bool staged = epilogue != MOE_GG_EPILOGUE_DIRECT &&
                         dw_smem_bytes(sdy || sx, DW_S_STAGED, true) + (size_t)(a->num_experts + 1) * 4 <=
                             (size_t)d.smem_optin;
     if (staged_epilogue) *staged_epilogue = staged;
-    return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d, staged, stream)
-                                      : dispatch_dw_wg<__half>(p, sdy, sx, d, staged, stream);
+    return a->dtype == MOE_DTYPE_BF16 ? dispatch_dw_wg<__nv_bfloat16>(p, sdy, sx, d, staged, t.max_ctas, stream)
+                                      : dispatch_dw_wg<__half>(p, sdy, sx, d, staged, t.max_ctas, stream);
 }

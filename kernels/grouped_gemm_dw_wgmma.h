@@ -17,10 +17,11 @@ bool moe_gg_dw_wgmma_applicable(const moe_grouped_gemm_dw_args *a);
 
 /* Launch it (after moe_gg_dw_wgmma_applicable said yes). epilogue: the configuration's
  * moe_gg_epilogue option (",staged" or auto, the default: the 3-stage kernel with the staged
- * epilogue, where its shared memory fits; ",direct" or MOE_WGMMA_EPILOGUE=direct: the 4-stage
- * kernel storing from registers). *staged_epilogue (may be NULL): whether this launch ran the
- * staged kernel. */
-cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue, cudaStream_t stream,
+ * epilogue, where its shared memory fits; ",direct": the 4-stage kernel storing from registers).
+ * t: the caller's tuning (max_ctas; the diagnostics of a MOE_DIAGNOSTICS build).
+ * *staged_epilogue (may be NULL): whether this launch ran the staged kernel. */
+cudaError_t moe_gg_dw_wgmma_launch(const moe_grouped_gemm_dw_args *a, int epilogue,
+                                   const moe_kernel_tuning &t, cudaStream_t stream,
                                    int *staged_epilogue);
 
 /* "grouped_gemm_dw_wgmma_bf16" / "grouped_gemm_dw_wgmma_fp16" (moe_kernel_report.kernel). */

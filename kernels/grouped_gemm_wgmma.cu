@@ -33,14 +33,15 @@
  * multiplies and rounds its own 64 A rows in shared memory after the full wait (proxy fence +
  * a 128-thread named barrier before its wgmma), overlapping the previous stage's MMAs.
  * No async-proxy fence between the cp.async writes and wgmma otherwise (as CUTLASS's cp.async
- * GMMA mainloops; MOE_WGMMA_PROXY_FENCE=1 adds one: measured no difference).
+ * GMMA mainloops; moe_kernel_tuning.proxy_fence adds one: measured no difference).
  * Tiles: expert-major, then column tile, then row tile (so the 2-3 row tiles of one expert that
  * share a weight tile run side by side, and one expert's A rows stay hot in L2 across its column
- * tiles). CTA b takes tile b first; after that its producer takes the next tile from a global
- * counter (dynamic scheduling: tiles start in index order, so the row tiles that share a weight
- * tile start within ~a microsecond of each other and read it from L2 once; with the static
- * order b, b + grid, ... of earlier rounds they drifted apart over the waves and each re-read
- * it from DRAM, docs/KERNELS.md round 4). The producer posts each tile's index with its first
+ * tiles). CTA b takes tile b first; after that its producer takes the next tile from a counter
+ * in device memory the caller passes (moe_kernel_tuning.sched_counters; dynamic scheduling:
+ * tiles start in index order, so the row tiles that share a weight tile start within ~a
+ * microsecond of each other and read it from L2 once; with the static order b, b + grid, ...,
+ * which runs where the caller passes no counters, they drift apart over the waves and each
+ * re-reads it from DRAM, docs/KERNELS.md round 4). The producer posts each tile's index with its first
  * stage (s_tile[stage]) and a -1 after the last; the consumers read it there. Warps find their
  * tile's expert themselves from the offsets (copied to shared memory once).
  */
@@ -53,7 +54,6 @@
 #include <string.h>
 
 #include <mutex>
-#include <new>
 
 extern "C" {
 #include "common.h"
@@ -93,36 +93,32 @@ struct WgParams {
     int p_pair;    /* C_preact rows allow 2-element stores */
     int col_tiles; /* column tiles per expert */
     int proxy_fence;   /* consumers fence the async proxy after every full-barrier wait */
-    int skip_epilogue; /* diagnostic (MOE_WGMMA_SKIP_EPILOGUE=1): no stores, timing only */
-    int no_gather;     /* diagnostic (MOE_WGMMA_NO_GATHER=1): A row r/topk, timing only */
+#ifdef MOE_DIAGNOSTICS
+    int skip_epilogue; /* diagnostic (wrong results): no stores, timing only */
+    int no_gather;     /* diagnostic (wrong results): A row r/topk, timing only */
+#endif
     int c_vec;         /* C rows allow 16-byte stores (base 16-byte aligned, n_out % 8 == 0) */
     int p_vec;         /* C_preact likewise (its rows 2 n_out, the up half at + n_out) */
-    int narrow_stores; /* diagnostic (MOE_WGMMA_NARROW_STORES=1): the 4-byte pair epilogue */
-    int exact_silu;    /* diagnostic (MOE_WGMMA_EXACT_SILU=1): IEEE expf and division in SiLU */
-    int scale_a_acc;   /* scale_a_rows on the fp32 accumulators (0: the SCALE_A shared-memory pass) */
+    int narrow_stores; /* timing knob (moe_kernel_tuning.narrow_stores): the 4-byte pair epilogue */
+    int exact_silu;    /* exact_hf_rounding: IEEE expf and division in SiLU */
+    int scale_a_acc;   /* scale_a_rows on the fp32 accumulators (0: the SCALE_A shared-memory pass,
+                          exact_hf_rounding) */
     int l2_hints;      /* B loads' L2 policy: 0 none, 1 evict_last / last row tile evict_first,
-                          2 only the last row tile's evict_first (MOE_WGMMA_L2_HINTS=n) */
+                          2 only the last row tile's evict_first (from moe_kernel_tuning.l2_hints) */
     int prefetch;      /* B tiles prefetched into L2 this many k steps ahead (0: none) */
-    int dyn_sched;     /* tiles from the global counter (0: the static order, MOE_WGMMA_STATIC_SCHED=1) */
+    int dyn_sched;     /* tiles from the caller's counters (0: the static order) */
     int a_tma;         /* A rows by TMA (tmap_a), not the cp.async gather: no permute_x, no
-                          clusters (",atma", or no option: the default; wg_a_tma_wanted) */
+                          clusters (",atma", or no option: the default; moe_gg_wgmma_launch) */
     int out_pitch;     /* > 0: the staged epilogue, through a shared output tile of 128 rows of
                           this many bytes and bulk copies (wg_out_pitch); 0: from registers */
-    int *sched;        /* this launch's g_wg_sched counter pair (dyn_sched) */
+    int *sched;        /* the caller's counter pair (moe_kernel_tuning.sched_counters; dyn_sched):
+                          {next tile - grid, CTAs finished}. The last CTA of a launch to finish
+                          puts both back to zero, so the next launch that uses the pair (stream
+                          order, or a CUDA-graph replay) starts clean without a memset. Two
+                          launches that may run at the same time must never share a pair (each
+                          would skip the tiles the other took, and unequal grids could leave it
+                          dirty for later launches): the caller's rule (moe_kernels.h). */
 };
-
-/* Dynamic scheduling state: per slot {next tile - grid, CTAs finished}. The last CTA of a
- * launch to finish puts both back to zero, so the next launch that uses the slot (stream order,
- * or a CUDA-graph replay) starts clean without a memset. Two launches that may run at the same
- * time must never share a slot (each would skip the tiles the other took, and unequal grids
- * could leave the slot dirty for later launches), so the host keys them (sched_slot_for): one
- * slot per (device, stream) for eager launches, which stream order keeps apart, and a slot of
- * its own for every launch captured into a CUDA graph (replays of one executable graph are
- * ordered by CUDA). cudaStreamPerThread (one handle, a stream per host thread) and launches
- * finding no free slot run the static tile order instead. (Left open: a stream destroyed with
- * launches still pending whose handle comes back for a new stream at once shares its slot.) */
-constexpr int WG_SCHED_SLOTS = 4096;
-__device__ int g_wg_sched[WG_SCHED_SLOTS][2];
 
 /* ---- tile search, one warp at a time ----
  * Unit t (expert-major): expert e owns ru_e * col_tiles consecutive units, ru_e =
@@ -547,8 +543,12 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 int ar = -1;
                 if (r < tl.row_end) {
                     const int g = p.gather ? p.gather[r] : r;
+#ifdef MOE_DIAGNOSTICS
                     if (g >= 0 && g < p.max_rows)
                         ar = p.permute_x ? (p.no_gather ? r : g) / p.topk : r;
+#else
+                    if (g >= 0 && g < p.max_rows) ar = p.permute_x ? g / p.topk : r;
+#endif
                 }
                 if (AROW_SMEM)
                     s_arow[i * 128 + pt] = ar; /* read back by this thread only */
@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 /* use it/S - 1 released (by both CTAs' consumers with CL = 2) */
                 if (it >= S) mbar_wait(empty(s), ((it / S) + 1) & 1);
                 if (!BKN && pt == 0 && p.prefetch > 0) { /* a 2-D map only */
-                    /* MOE_WGMMA_PREFETCH=n (off by default): L2 prefetch of the B boxes n
+                    /* moe_kernel_tuning.prefetch = n (off by default): L2 prefetch of the B boxes n
                      * steps ahead (at the tile's first step also the ones before that), so the
                      * TMA loads, issued only S steps ahead, would find them in L2. Measured
                      * 1.2-1.8x slower on an H100 (docs/KERNELS.md): kept as an experiment. */
@@ -733,10 +733,12 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             /* The epilogue reads the tile's column from the last stage's post, so that stage
              * goes back to the producer only after it (the producer still has S - 1 free). */
             const uint32_t last = (it - 1) % S;
+#ifdef MOE_DIAGNOSTICS
             if (p.skip_epilogue) {
                 release(last);
                 continue;
             }
+#endif
             if (p.scale_a_acc) {
                 /* scale_a_rows: (s x) W = s (x W); the row of acc[4i + 2h + q] is h */
 #pragma unroll
@@ -839,68 +841,18 @@ long long row_tile_slots_wg(int max_rows, int E, int bm)
  * rows that one quarter-warp's 16-byte stores reach at once in different halves of the 128-byte
  * bank line (no conflicts); that is what the automatic choice (no option, the default) asks
  * for, so it stages wherever that tile fits beside the configuration's stages, e.g. 128x256 with
- * 3 stages. ",staged" (or MOE_WGMMA_EPILOGUE=staged) also takes the unpadded pitch (2-way
- * conflicts) where only that fits (e.g. 128x256 with 4 stages and SiLU: 32 KB); ",direct"
- * never stages. The staged epilogue needs
- * 16-byte C rows, no C_preact and 128-row tiles. */
+ * 3 stages. ",staged" also takes the unpadded pitch (2-way conflicts) where only that fits
+ * (e.g. 128x256 with 4 stages and SiLU: 32 KB); ",direct" never stages. The staged epilogue
+ * needs 16-byte C rows, no C_preact and 128-row tiles. */
 int wg_out_pitch(const moe_kernel_config &c, int out_cols, int E, int smem_optin, bool possible)
 {
-    const int mode = wg_epilogue_mode(c.epilogue);
+    const int mode = c.epilogue;
     if (!possible || c.tile_m != 128 || mode == MOE_GG_EPILOGUE_DIRECT) return 0;
     const size_t core = wg_core_smem(c.tile_m, c.tile_n, c.stages) + (size_t)(E + 1) * 4;
     const size_t row = (size_t)out_cols * 2;
     if (core + 128 * (row + 64) <= (size_t)smem_optin) return (int)(row + 64);
     if (mode == MOE_GG_EPILOGUE_STAGED && core + 128 * row <= (size_t)smem_optin) return (int)row;
     return 0;
-}
-
-/* MOE_WGMMA_PREFETCH=n: B tiles prefetched into L2 n k steps ahead; 0 turns it off. */
-constexpr int WG_PREFETCH_DEFAULT = 0; /* measured slower on an H100 (docs/KERNELS.md) */
-int prefetch_steps() { return env_int("MOE_WGMMA_PREFETCH", WG_PREFETCH_DEFAULT, 0, 64); }
-
-/* MOE_WGMMA_L2_HINTS=0|1|2 (WgParams.l2_hints); default 1 */
-int l2_hint_mode() { return env_int("MOE_WGMMA_L2_HINTS", 1, 0, 2); }
-
-/* The dynamic scheduler's counter pair for a launch on stream st of the current device (see
- * g_wg_sched), or NULL: the static tile order. */
-int *sched_slot_for(cudaStream_t st)
-{
-    constexpr int kMaxDev = 64;
-    static std::mutex mu;
-    static int *base[kMaxDev];
-    /* eager slots from the front (eager_stream[i] owns slot i), graph slots from the back */
-    static cudaStream_t *eager_stream[kMaxDev]; /* allocated on first use */
-    static int n_eager[kMaxDev], n_graph[kMaxDev];
-    if (st == cudaStreamPerThread) return nullptr;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDev) {
-        cudaGetLastError();
-        return nullptr;
-    }
-    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(st, &cap) != cudaSuccess) {
-        cudaGetLastError();
-        return nullptr;
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    if (!eager_stream[dev]) eager_stream[dev] = new (std::nothrow) cudaStream_t[WG_SCHED_SLOTS];
-    if (!eager_stream[dev]) return nullptr;
-    if (!base[dev]) {
-        void *a = nullptr;
-        if (cudaGetSymbolAddress(&a, g_wg_sched) != cudaSuccess) {
-            cudaGetLastError();
-            return nullptr;
-        }
-        base[dev] = static_cast<int *>(a);
-    }
-    if (cap != cudaStreamCaptureStatusActive)
-        for (int i = 0; i < n_eager[dev]; i++)
-            if (eager_stream[dev][i] == st) return base[dev] + 2 * i;
-    if (n_eager[dev] + n_graph[dev] >= WG_SCHED_SLOTS) return nullptr;
-    if (cap == cudaStreamCaptureStatusActive)
-        return base[dev] + 2 * (WG_SCHED_SLOTS - 1 - n_graph[dev]++);
-    eager_stream[dev][n_eager[dev]] = st;
-    return base[dev] + 2 * n_eager[dev]++;
 }
 
 /* The launch configuration of a grid of clusters of cl CTAs (1-D), with its one attribute in
@@ -937,9 +889,12 @@ int resident_clusters(K kern, int cl, size_t smem, int sms)
     return n;
 }
 
+/* One launch of the kernel instantiation; max_ctas > 0 caps the persistent grid (a test hook,
+ * moe_kernel_tuning.max_ctas); *dyn: whether the launch took its tiles from p.sched (one-CTA
+ * kernels only: the clusters run the static order). */
 template <typename T, int BM, int BN, int S, bool SA, int CL, bool BKN = false>
 cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorMap &map_a, const DevInfo &d,
-                      cudaStream_t s)
+                      int max_ctas, cudaStream_t s, int *dyn)
 {
     auto kern = moe_gg_wgmma_kernel<T, BM, BN, S, SA, CL, BKN>;
     const size_t smem = wg_core_smem(BM, BN, S) + (size_t)128 * p.out_pitch + (size_t)(p.E + 1) * 4;
@@ -954,9 +909,9 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorM
         (row_tile_slots_wg(p.max_rows, p.E, BM) + (long long)(CL - 1) * (p.E + 1)) / CL * p.col_tiles;
     if (CL == 1) {
         long long grid = units < d.sms ? units : d.sms;
-        const int cap = max_ctas_override();
-        if (cap > 0 && grid > cap) grid = cap;
+        if (max_ctas > 0 && grid > max_ctas) grid = max_ctas;
         if (grid < 1) grid = 1;
+        *dyn = p.dyn_sched;
         kern<<<(unsigned)grid, WG_THREADS, smem, s>>>(p, map, map_a);
         return cudaGetLastError();
     }
@@ -975,11 +930,11 @@ cudaError_t launch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorM
         }
         clusters = known_clusters;
     }
-    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1, BKN>(p, map, map_a, d, s);
+    if (clusters < 1) return launch_wg<T, BM, BN, S, SA, 1, BKN>(p, map, map_a, d, max_ctas, s, dyn);
     if (units < clusters) clusters = units;
-    const int cap = max_ctas_override();
-    if (cap > 0 && clusters * CL > cap) clusters = cap / CL;
+    if (max_ctas > 0 && clusters * CL > max_ctas) clusters = max_ctas / CL;
     if (clusters < 1) clusters = 1;
+    *dyn = 0;
     cudaLaunchAttribute at;
     const cudaLaunchConfig_t cfg = cluster_launch_config(&at, (unsigned)(clusters * CL), CL, smem, s);
     e = cudaLaunchKernelEx(&cfg, kern, p, map, map_a);
@@ -1017,13 +972,14 @@ bool real_for(const moe_kernel_config &c)
  * accumulators. */
 template <typename T>
 cudaError_t dispatch_wg(const WgParams &p, const CUtensorMap &map, const CUtensorMap &map_a, const DevInfo &d,
-                        const moe_kernel_config &c, bool sa, bool bkn, cudaStream_t s)
+                        const moe_kernel_config &c, bool sa, bool bkn, int max_ctas, cudaStream_t s,
+                        int *dyn)
 {
 #define MOE_WG_LAUNCH(bm, bn, bk, w, st, cl)                                                    \
     if (MOE_WG_IS(c, bm, bn, bk, w, st, cl))                                                    \
-        return bkn  ? launch_wg<T, bm, bn, st, false, 1, true>(p, map, map_a, d, s)               \
-               : sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, map_a, d, s)                     \
-                    : launch_wg<T, bm, bn, st, false, cl>(p, map, map_a, d, s);
+        return bkn  ? launch_wg<T, bm, bn, st, false, 1, true>(p, map, map_a, d, max_ctas, s, dyn) \
+               : sa ? launch_wg<T, bm, bn, st, true, cl>(p, map, map_a, d, max_ctas, s, dyn)      \
+                    : launch_wg<T, bm, bn, st, false, cl>(p, map, map_a, d, max_ctas, s, dyn);
     MOE_GG_WGMMA_CONFIGS(MOE_WG_LAUNCH)
 #undef MOE_WG_LAUNCH
     return cudaErrorInvalidConfiguration;
@@ -1062,7 +1018,7 @@ const char *moe_gg_wgmma_kernel_name(moe_dtype dt)
 }
 
 cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel_config *c,
-                                cudaStream_t stream, int *staged_epilogue, int *a_tma)
+                                const moe_kernel_tuning &t, cudaStream_t stream, moe_gg_wgmma_ran *ran)
 {
     DevInfo d;
     if (!dev_info(&d)) return cudaErrorInvalidDevice;
@@ -1073,20 +1029,26 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
 
     WgParams p;
     fill_gemm_params(p, a, es);
-    p.proxy_fence = env_flag("MOE_WGMMA_PROXY_FENCE");
-    p.skip_epilogue = env_flag("MOE_WGMMA_SKIP_EPILOGUE");
-    p.no_gather = env_flag("MOE_WGMMA_NO_GATHER");
-    p.narrow_stores = env_flag("MOE_WGMMA_NARROW_STORES");
-    p.exact_silu = env_flag("MOE_WGMMA_EXACT_SILU");
+    p.proxy_fence = t.proxy_fence;
+#ifdef MOE_DIAGNOSTICS
+    p.skip_epilogue = t.diag_skip_epilogue;
+    p.no_gather = t.diag_no_gather;
+#endif
+    p.narrow_stores = t.narrow_stores;
+    /* SiLU: the hardware exp2/reciprocal by default, IEEE expf and division with
+     * exact_hf_rounding (as HF, the CPU twin and the mma.sync kernels) */
+    p.exact_silu = t.exact_hf_rounding;
     /* scale_a_rows: by default on the fp32 accumulators after the k loop (exact in real
      * arithmetic; the input is not rounded to the dtype after scaling as in moe_stages.h, a
-     * difference within the dtype's rounding); MOE_WGMMA_SCALE_A_SMEM=1 scales and rounds the
-     * A tiles in shared memory before the MMAs instead, as the mma.sync kernels do. */
-    p.scale_a_acc = a->scale_a_rows != nullptr && (a->b_kn || !env_flag("MOE_WGMMA_SCALE_A_SMEM"));
-    p.l2_hints = l2_hint_mode();
-    p.prefetch = prefetch_steps();
-    p.sched = sched_slot_for(stream);
-    p.dyn_sched = p.sched != nullptr && !env_flag("MOE_WGMMA_STATIC_SCHED");
+     * difference within the dtype's rounding); exact_hf_rounding scales and rounds the A tiles
+     * in shared memory before the MMAs instead, as the mma.sync kernels do (b_kn, which no
+     * layer GEMM combines with scale_a_rows, has no such pass: always the accumulators). */
+    p.scale_a_acc = a->scale_a_rows != nullptr && (a->b_kn || !t.exact_hf_rounding);
+    /* moe_l2_hints -> the kernel's 0 none, 1 evict_last + last evict_first, 2 last only */
+    p.l2_hints = t.l2_hints == MOE_L2_HINTS_NONE ? 0 : t.l2_hints == MOE_L2_HINTS_EVICT_FIRST ? 2 : 1;
+    p.prefetch = t.prefetch < 0 ? 0 : t.prefetch > 64 ? 64 : t.prefetch;
+    p.sched = t.sched_counters;
+    p.dyn_sched = p.sched != nullptr;
     p.c_vec = aligned16(a->C) && p.n_out % 8 == 0;
     p.p_vec = a->C_preact && aligned16(a->C_preact) && p.n_out % 8 == 0;
     const int out_per_tile = silu ? c->tile_n / 2 : c->tile_n;
@@ -1120,14 +1082,25 @@ cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel
      * kernels (b_kn runs without clusters) without the shared-memory scale_a pass only */
     CUtensorMap map_a;
     memset(&map_a, 0, sizeof map_a);
+    /* A by TMA unless the configuration says ",acp" (the default since the H200 run of
+     * 2026-12-05, docs/KERNELS.md round 6: GEMM2 and the dX GEMM of dgu 8-17% faster, never
+     * slower), and only where A needs no gather */
     p.a_tma = !a->permute_x && (c->cluster <= 1 || a->b_kn) && !(a->scale_a_rows && !p.scale_a_acc) &&
-              wg_a_tma_wanted(c->a_load);
+              c->a_load != MOE_GG_A_CPASYNC;
     if (p.a_tma && encode_rows_map(encode, &map_a, ty, a->A, (uint64_t)a->max_rows, a->K, c->tile_m) != CUDA_SUCCESS)
         return cudaErrorInvalidValue;
 
     const bool sa = a->scale_a_rows != nullptr && !p.scale_a_acc;
-    if (staged_epilogue) *staged_epilogue = p.out_pitch > 0;
-    if (a_tma) *a_tma = p.a_tma;
-    return a->dtype == MOE_DTYPE_BF16 ? dispatch_wg<__nv_bfloat16>(p, map, map_a, d, *c, sa, a->b_kn, stream)
-                                      : dispatch_wg<__half>(p, map, map_a, d, *c, sa, a->b_kn, stream);
+    int dyn = 0;
+    const cudaError_t e =
+        a->dtype == MOE_DTYPE_BF16
+            ? dispatch_wg<__nv_bfloat16>(p, map, map_a, d, *c, sa, a->b_kn, t.max_ctas, stream, &dyn)
+            : dispatch_wg<__half>(p, map, map_a, d, *c, sa, a->b_kn, t.max_ctas, stream, &dyn);
+    if (ran) {
+        ran->staged_epilogue = p.out_pitch > 0;
+        ran->a_tma = p.a_tma;
+        ran->sched_dynamic = dyn;
+        ran->fast_rounding = p.scale_a_acc || (silu && !p.exact_silu);
+    }
+    return e;
 }

@@ -19,11 +19,19 @@
  * memory (stages + (E+1) offsets) within the device's opt-in limit. Launches nothing. */
 bool moe_gg_wgmma_applicable(const moe_grouped_gemm_args *a, const moe_kernel_config *c);
 
-/* Launch it (after moe_gg_wgmma_applicable said yes, with max_rows > 0). *staged_epilogue and
- * *a_tma (either may be NULL) say whether this launch staged its outputs in shared memory and
- * loaded A by TMA (moe_kernel_report). */
+/* What a launch ran (moe_kernel_report's fields of the same names). */
+struct moe_gg_wgmma_ran {
+    int staged_epilogue; /* the outputs went through shared memory and bulk copies */
+    int a_tma;           /* A came by TMA */
+    int sched_dynamic;   /* tiles from t.sched_counters (one-CTA kernels with counters) */
+    int fast_rounding;   /* scale_a_rows on the accumulators or the fast SiLU ran */
+};
+
+/* Launch it (after moe_gg_wgmma_applicable said yes, with max_rows > 0), with the caller's
+ * tuning t (moe_kernel_tuning: exact_hf_rounding, sched_counters, max_ctas, the timing knobs,
+ * the diagnostics of a MOE_DIAGNOSTICS build); *ran (may be NULL) says which paths ran. */
 cudaError_t moe_gg_wgmma_launch(const moe_grouped_gemm_args *a, const moe_kernel_config *c,
-                                cudaStream_t stream, int *staged_epilogue, int *a_tma);
+                                const moe_kernel_tuning &t, cudaStream_t stream, moe_gg_wgmma_ran *ran);
 
 /* "grouped_gemm_wgmma_bf16" / "grouped_gemm_wgmma_fp16" (moe_kernel_report.kernel). */
 const char *moe_gg_wgmma_kernel_name(moe_dtype dt);

@@ -1,7 +1,8 @@
 /*
  * wgmma_ptx.cuh — what the Hopper (sm_90a) kernels share: the PTX wrappers (mbarrier, TMA loads,
  * cluster registers, wgmma and its shared-memory descriptors, setmaxnreg), the quad transpose
- * of the accumulator epilogues, and the host's cached device facts. Included by
+ * of the accumulator epilogues, and the host's cached device facts (no environment: the launch
+ * options come from the caller's moe_kernel_config and moe_kernel_tuning). Included by
  * grouped_gemm_wgmma.cu (forward and dX) and grouped_gemm_dw_wgmma.cu (dW). Device functions
  * exist only where MOE_WG_DEVICE is defined (the sm_90a pass of nvcc).
  */
@@ -14,11 +15,9 @@
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include "moe_kernels.h" /* moe_gg_epilogue, moe_gg_a_load */
+#include "moe_kernels.h" /* moe_gg_epilogue, moe_gg_a_load, moe_kernel_tuning */
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MOE_WG_DEVICE 1
@@ -437,58 +436,6 @@ template <auto Kern> bool sm90a_kernel_built()
     }();
     return real;
 }
-
-/* Diagnostic switches (docs/KERNELS.md): "1" turns them on. */
-inline int env_flag(const char *name)
-{
-    const char *s = getenv(name);
-    return s && s[0] == '1' && s[1] == '\0';
-}
-
-/* An integer setting from the environment: dflt when unset or empty, else atoi clamped into
- * [lo, hi]. */
-inline int env_int(const char *name, int dflt, int lo, int hi)
-{
-    const char *s = getenv(name);
-    if (!s || !*s) return dflt;
-    const int v = atoi(s);
-    return v < lo ? lo : v > hi ? hi : v;
-}
-
-/* The epilogue a launch asks for (moe_gg_epilogue): the configuration's option (",staged" /
- * ",direct") if it names one, else MOE_WGMMA_EPILOGUE (a diagnostic: "auto", "staged" or
- * "direct"; any other value is auto, with one warning per process, a benign race at worst: two
- * lines), else MOE_GG_EPILOGUE_AUTO. */
-inline int wg_epilogue_mode(int config_option)
-{
-    if (config_option != MOE_GG_EPILOGUE_AUTO) return config_option;
-    static const char *const modes[] = {"auto", "direct", "staged"}; /* moe_gg_epilogue order */
-    const char *m = getenv("MOE_WGMMA_EPILOGUE");
-    if (!m || !*m) return MOE_GG_EPILOGUE_AUTO;
-    for (int i = 0; i < 3; i++)
-        if (strcmp(m, modes[i]) == 0) return i;
-    static bool warned = false;
-    if (!warned) {
-        fprintf(stderr, "moe-ep: MOE_WGMMA_EPILOGUE=%s is not auto, staged or direct; using auto\n", m);
-        warned = true;
-    }
-    return MOE_GG_EPILOGUE_AUTO;
-}
-
-/* Whether a launch asks for A by TMA (moe_gg_a_load): the configuration's option (",atma" /
- * ",acp") if it names one, else the MOE_WGMMA_A_TMA diagnostic ("0": cp.async), else yes: the
- * default since the H200 run of 2026-12-05 (docs/KERNELS.md, round 6: GEMM2 and the dX GEMM of
- * dgu 8-17% faster, never slower). The kernel still takes it only where A needs no gather. */
-inline bool wg_a_tma_wanted(int config_option)
-{
-    if (config_option != MOE_GG_A_AUTO) return config_option == MOE_GG_A_TMA;
-    const char *v = getenv("MOE_WGMMA_A_TMA");
-    return !(v && strcmp(v, "0") == 0);
-}
-
-/* Test hook: MOE_WGMMA_MAX_CTAS caps the persistent grid (so a small problem makes each CTA
- * walk many tiles and wrap its stage ring many times); 0 = no cap. */
-inline int max_ctas_override() { return env_int("MOE_WGMMA_MAX_CTAS", 0, 0, INT_MAX); }
 
 } // namespace moe_wgp
 

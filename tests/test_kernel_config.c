@@ -228,11 +228,75 @@ static void test_wgmma_options(void **state)
     assert_int_equal(got.epilogue, MOE_GG_EPILOGUE_AUTO);
 }
 
+/* What the launchers accept (moe_kernel_config_is_compiled, kernels/moe_kernels.h): every
+ * listed configuration of its dtype, every resolution of a request (partial, automatic, with
+ * options), the fallbacks; never a request that still needs resolving, an unlisted one, an
+ * option without ",tma", or another dtype's configuration. */
+static void test_resolved_is_compiled(void **state)
+{
+    (void)state;
+    moe_error err;
+    moe_kernel_config got;
+    for (int d = 0; d < 3; d++) {
+        const moe_kernel_config *list;
+        const int n = moe_kernel_configs(k_dtypes[d], &list);
+        assert_true(n > 0);
+        for (int i = 0; i < n; i++) {
+            assert_true(moe_kernel_config_is_compiled(&list[i], k_dtypes[d]));
+            /* a list of the other family is not this dtype's */
+            assert_false(moe_kernel_config_is_compiled(&list[i], k_dtypes[d] == MOE_DTYPE_F32
+                                                                    ? MOE_DTYPE_BF16
+                                                                    : MOE_DTYPE_F32));
+            if (list[i].use_tma) {
+                moe_kernel_config o = list[i];
+                o.epilogue = MOE_GG_EPILOGUE_STAGED;
+                o.a_load = MOE_GG_A_CPASYNC;
+                assert_true(moe_kernel_config_is_compiled(&o, k_dtypes[d]));
+                o.epilogue = 3;
+                assert_false(moe_kernel_config_is_compiled(&o, k_dtypes[d]));
+            } else {
+                moe_kernel_config o = list[i];
+                o.a_load = MOE_GG_A_TMA;
+                assert_false(moe_kernel_config_is_compiled(&o, k_dtypes[d]));
+            }
+        }
+        const int rows[4] = {0, 4, 100, 4096};
+        for (int r = 0; r < 4; r++) {
+            moe_error_clear(&err);
+            assert_int_equal(moe_kernel_config_resolve(NULL, k_dtypes[d], rows[r], &got, &err), MOE_OK);
+            assert_true(moe_kernel_config_is_compiled(&got, k_dtypes[d]));
+            const moe_kernel_config m = moe_kernel_config_default_mma(k_dtypes[d], rows[r]);
+            assert_true(moe_kernel_config_is_compiled(&m, k_dtypes[d]));
+            assert_false(m.use_tma);
+        }
+        moe_kernel_config zero = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        assert_false(moe_kernel_config_is_compiled(&zero, k_dtypes[d]));
+        assert_false(moe_kernel_config_is_compiled(NULL, k_dtypes[d]));
+    }
+    const moe_kernel_config narrow = moe_kernel_config_narrow();
+    assert_true(moe_kernel_config_is_compiled(&narrow, MOE_DTYPE_BF16));
+    const char *partial[] = {"128x128x64,tma", "64x64x32", "128x256x64,tma,c2,staged,atma", "128x128x64"};
+    for (size_t i = 0; i < sizeof partial / sizeof partial[0]; i++) {
+        moe_kernel_config req;
+        moe_error_clear(&err);
+        assert_int_equal(moe_kernel_config_parse(partial[i], &req, &err), MOE_OK);
+        assert_int_equal(moe_kernel_config_resolve(&req, MOE_DTYPE_BF16, 0, &got, &err), MOE_OK);
+        assert_true(moe_kernel_config_is_compiled(&got, MOE_DTYPE_BF16));
+        assert_true(moe_kernel_config_is_compiled(&got, MOE_DTYPE_F16));
+        if (req.warps == 0) assert_false(moe_kernel_config_is_compiled(&req, MOE_DTYPE_BF16));
+    }
+    moe_kernel_config unlisted = {96, 96, 32, 8, 3, 0, 0, 0, 0};
+    assert_false(moe_kernel_config_is_compiled(&unlisted, MOE_DTYPE_BF16));
+    moe_kernel_config bad_dtype = {128, 128, 64, 8, 3, 0, 0, 0, 0};
+    assert_false(moe_kernel_config_is_compiled(&bad_dtype, MOE_DTYPE_I32));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_config_strings),
         cmocka_unit_test(test_wgmma_options),
+        cmocka_unit_test(test_resolved_is_compiled),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -28,9 +28,11 @@
 
 /* Referencing the launchers makes the linker pull the kernel objects out of libmoe_ep.a. */
 typedef moe_status (*gg_fn)(const moe_grouped_gemm_args *, const moe_kernel_config *,
-                            cudaStream_t, moe_kernel_report *, moe_error *);
+                            const moe_kernel_tuning *, cudaStream_t, moe_kernel_report *,
+                            moe_error *);
 typedef moe_status (*gw_fn)(const moe_grouped_gemm_dw_args *, const moe_kernel_config *,
-                            cudaStream_t, moe_kernel_report *, moe_error *);
+                            const moe_kernel_tuning *, cudaStream_t, moe_kernel_report *,
+                            moe_error *);
 static volatile gg_fn keep_fwd = moe_cuda_grouped_gemm;
 static volatile gw_fn keep_dw = moe_cuda_grouped_gemm_dw;
 

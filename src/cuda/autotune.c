@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "kernel_config.h"
+#include "kernel_launch.h"
 
 #define AT_REPS 5
 #define AT_VERSION 2
@@ -60,7 +61,10 @@ static void add_flag(char *f, size_t len, bool on, const char *name)
     snprintf(f + n, len - n, "%s%s", n ? "," : "", name);
 }
 
-moe_status moe_autotune_key(const moe_grouped_gemm_args *a, char *buf, size_t len, moe_error *err)
+/* The key of a forward/dX problem; exact: timed with exact_hf_rounding, which changes the
+ * kernel only with scale_a_rows or SiLU (flag "exact_hf" there). */
+static moe_status key_fwd(const moe_grouped_gemm_args *a, bool exact, char *buf, size_t len,
+                          moe_error *err)
 {
     if (!a) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_autotune_key: args is NULL");
     char f[128] = "";
@@ -71,8 +75,15 @@ moe_status moe_autotune_key(const moe_grouped_gemm_args *a, char *buf, size_t le
     add_flag(f, sizeof f, a->scale_c_rows != NULL, "scale_c");
     add_flag(f, sizeof f, a->epilogue == MOE_EPI_SILU_MUL, "silu_mul");
     add_flag(f, sizeof f, a->C_preact != NULL, "preact");
+    add_flag(f, sizeof f, exact && (a->scale_a_rows != NULL || a->epilogue == MOE_EPI_SILU_MUL),
+             "exact_hf");
     return make_key("grouped_gemm", a->dtype, a->N, a->K, a->max_rows, a->num_experts, a->topk, f,
                     buf, len, err);
+}
+
+moe_status moe_autotune_key(const moe_grouped_gemm_args *a, char *buf, size_t len, moe_error *err)
+{
+    return key_fwd(a, false, buf, len, err);
 }
 
 moe_status moe_autotune_key_dw(const moe_grouped_gemm_dw_args *a, char *buf, size_t len,
@@ -257,17 +268,19 @@ static bool quiet(void)
     return q && *q && strcmp(q, "0") != 0;
 }
 
-/* One problem behind a function pointer so forward and dW share the loop. */
+/* One problem behind a function pointer so forward and dW share the loop; tuning: the
+ * caller's, with the autotuner's own scheduler counters. */
 typedef struct at_problem {
     const moe_grouped_gemm_args *fwd;
     const moe_grouped_gemm_dw_args *dw;
+    const moe_kernel_tuning *tuning;
 } at_problem;
 
 static moe_status run_once(const at_problem *p, const moe_kernel_config *c, cudaStream_t s,
                            moe_kernel_report *rep, moe_error *err)
 {
-    return p->fwd ? moe_cuda_grouped_gemm(p->fwd, c, s, rep, err)
-                  : moe_cuda_grouped_gemm_dw(p->dw, c, s, rep, err);
+    return p->fwd ? moe_cuda_grouped_gemm(p->fwd, c, p->tuning, s, rep, err)
+                  : moe_cuda_grouped_gemm_dw(p->dw, c, p->tuning, s, rep, err);
 }
 
 /* Median time (ms) of AT_REPS timed launches of one configuration (after its warm-up). */
@@ -293,10 +306,9 @@ static moe_status time_config(const at_problem *p, const moe_kernel_config *c, c
 }
 
 /* The wgmma run-time options tried on every ",tma" configuration (moe_kernel_config.epilogue,
- * .a_load), each path named explicitly, so what is timed does not depend on the environment's
- * diagnostics (MOE_WGMMA_EPILOGUE / MOE_WGMMA_A_TMA apply only to unnamed options). Options a
- * problem cannot take run the same kernel path as another candidate; the launch report shows
- * that and the duplicate is not timed. */
+ * .a_load), each path named explicitly, so the entry names the path whatever the defaults are
+ * later. Options a problem cannot take run the same kernel path as another candidate; the
+ * launch report shows that and the duplicate is not timed. */
 static const int k_epilogue_options[] = {MOE_GG_EPILOGUE_DIRECT, MOE_GG_EPILOGUE_STAGED};
 static const int k_a_load_options[] = {MOE_GG_A_CPASYNC, MOE_GG_A_TMA};
 #define AT_MAX_CANDIDATES 256
@@ -471,13 +483,33 @@ static moe_status untuned_default(moe_dtype dt, int avg_rows, moe_kernel_config 
     return moe_kernel_config_resolve(NULL, dt, avg_rows, out, err);
 }
 
+/* The tuning the candidates run with: the caller's (NULL: defaults), with counters of the
+ * autotuner's own in place of the caller's (allocated into *counters; none where the caller
+ * runs the static order), since the timed launches must not share the caller's counters. */
+static moe_status tuning_for(const moe_kernel_tuning *caller, cudaStream_t s, moe_kernel_tuning *t,
+                             int32_t **counters, moe_error *err)
+{
+    *counters = NULL;
+    if (caller)
+        *t = *caller;
+    else
+        memset(t, 0, sizeof *t);
+    t->sched_counters = NULL;
+    if (caller && caller->sched_counters) {
+        MOE_TRY(moe_sched_counters_alloc(counters, s, err));
+        t->sched_counters = *counters;
+    }
+    return MOE_OK;
+}
+
 moe_status moe_autotune_pick(const char *cache_path, const moe_grouped_gemm_args *a,
-                             cudaStream_t s, moe_kernel_config *out, moe_error *err)
+                             const moe_kernel_tuning *tuning, cudaStream_t s,
+                             moe_kernel_config *out, moe_error *err)
 {
     if (!a || !out) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_autotune_pick: NULL argument");
     char path[4096], key[1024];
     MOE_TRY(moe_autotune_cache_path(cache_path, path, sizeof path, err));
-    MOE_TRY(moe_autotune_key(a, key, sizeof key, err));
+    MOE_TRY(key_fwd(a, tuning && tuning->exact_hf_rounding, key, sizeof key, err));
     if (cache_get(path, key, a->dtype, out)) return MOE_OK;
 
     /* Scratch outputs: C [max_rows, n_out] (with permute_y the flat index space T*k, which is
@@ -487,23 +519,28 @@ moe_status moe_autotune_pick(const char *cache_path, const moe_grouped_gemm_args
     const size_t n_out = (size_t)(silu ? a->N / 2 : a->N);
     moe_grouped_gemm_args t = *a;
     void *c = NULL, *pre = NULL;
+    moe_kernel_tuning tt;
+    int32_t *counters = NULL;
     moe_status st = dev_alloc(&c, (size_t)a->max_rows * n_out * es, "C", err);
     if (st == MOE_OK && a->C_preact)
         st = dev_alloc(&pre, (size_t)a->max_rows * (size_t)a->N * es, "C_preact", err);
+    if (st == MOE_OK) st = tuning_for(tuning, s, &tt, &counters, err);
     if (st == MOE_OK) {
         t.C = c ? c : a->C;
         t.C_preact = pre;
-        at_problem p = {&t, NULL};
+        at_problem p = {&t, NULL, &tt};
         st = tune(path, key, &p, a->dtype, s, out, err);
     }
     cudaFree(c);
     cudaFree(pre);
+    moe_sched_counters_free(counters);
     if (st == MOE_ERR_NOMEM) return untuned_default(a->dtype, a->max_rows / a->num_experts, out, err);
     return st;
 }
 
 moe_status moe_autotune_pick_dw(const char *cache_path, const moe_grouped_gemm_dw_args *a,
-                                cudaStream_t s, moe_kernel_config *out, moe_error *err)
+                                const moe_kernel_tuning *tuning, cudaStream_t s,
+                                moe_kernel_config *out, moe_error *err)
 {
     if (!a || !out)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_autotune_pick_dw: NULL argument");
@@ -515,14 +552,18 @@ moe_status moe_autotune_pick_dw(const char *cache_path, const moe_grouped_gemm_d
     const size_t es = moe_dtype_size(a->dtype);
     moe_grouped_gemm_dw_args t = *a;
     void *w = NULL;
+    moe_kernel_tuning tt;
+    int32_t *counters = NULL;
     moe_status st =
         dev_alloc(&w, (size_t)a->num_experts * (size_t)a->N * (size_t)a->K * es, "dW", err);
+    if (st == MOE_OK) st = tuning_for(tuning, s, &tt, &counters, err);
     if (st == MOE_OK) {
         t.dW = w;
-        at_problem p = {NULL, &t};
+        at_problem p = {NULL, &t, &tt};
         st = tune(path, key, &p, a->dtype, s, out, err);
     }
     cudaFree(w);
+    moe_sched_counters_free(counters);
     if (st == MOE_ERR_NOMEM) return untuned_default(a->dtype, a->max_rows / a->num_experts, out, err);
     return st;
 }

@@ -39,11 +39,18 @@ moe_status moe_autotune_lookup_dw(const char *cache_path, const moe_grouped_gemm
                                   moe_kernel_config *out, bool *found, moe_error *err);
 
 /* The cached choice, or tune now (and persist). The args must be launchable as given (device
- * pointers, expert_offsets ready on stream s). */
+ * pointers, expert_offsets ready on stream s). tuning: how the caller launches (NULL: the
+ * defaults); the candidates run with it, except that the autotuner brings scheduler counters of
+ * its own where the caller uses the dynamic tile scheduler (its launches must not share the
+ * caller's). With exact_hf_rounding on, forward problems it changes (scale_a_rows, SiLU) have
+ * entries of their own (flag "exact_hf" in the key); moe_autotune_lookup and moe_autotune_key
+ * name the default entries. *out is a resolved configuration (moe_kernels.h). */
 moe_status moe_autotune_pick(const char *cache_path, const moe_grouped_gemm_args *a,
-                             cudaStream_t s, moe_kernel_config *out, moe_error *err);
+                             const moe_kernel_tuning *tuning, cudaStream_t s,
+                             moe_kernel_config *out, moe_error *err);
 moe_status moe_autotune_pick_dw(const char *cache_path, const moe_grouped_gemm_dw_args *a,
-                                cudaStream_t s, moe_kernel_config *out, moe_error *err);
+                                const moe_kernel_tuning *tuning, cudaStream_t s,
+                                moe_kernel_config *out, moe_error *err);
 
 /* The cache key of a problem (for logs and tests) into buf. */
 moe_status moe_autotune_key(const moe_grouped_gemm_args *a, char *buf, size_t len, moe_error *err);

@@ -1,7 +1,8 @@
 /*
  * kernel_config.c — grouped-GEMM kernel configurations: parsing
  * "128x128x32,w8,s3[,tma][,c2][,staged|,direct][,atma|,acp]", validation against the compiled
- * list (kernels/grouped_gemm_configs.h), defaults.
+ * list (kernels/grouped_gemm_configs.h), defaults, and the resolution of a request into the
+ * compiled configuration the launchers take.
  * The bf16/fp16 list is the mma.sync configurations followed by the Hopper wgmma/TMA ones
  * (use_tma = 1, e.g. "128x256x64,w12,s4,tma"). The epilogue and A-load options are run-time
  * choices of the wgmma kernels, valid on any ",tma" configuration (not part of the list).
@@ -59,13 +60,7 @@ int moe_kernel_configs(moe_dtype dtype, const moe_kernel_config **list)
     }
 }
 
-moe_kernel_config moe_kernel_config_narrow(void)
-{
-#define MOE_CFG_N(bm, bn, bk, wm, wn, s) {bm, bn, bk, (wm) * (wn), s, 0, 0, 0, 0}
-    moe_kernel_config c = MOE_GG_NARROW_CONFIG(MOE_CFG_N);
-#undef MOE_CFG_N
-    return c;
-}
+moe_kernel_config moe_kernel_config_narrow(void) { return moe_gg_narrow_config(); }
 
 const char *moe_kernel_config_str(const moe_kernel_config *c, char *buf, size_t len)
 {
@@ -223,19 +218,7 @@ static moe_status no_match(const moe_kernel_config *req, moe_dtype dtype, moe_er
 
 moe_kernel_config moe_kernel_config_default_mma(moe_dtype dtype, int avg_rows)
 {
-    /* Measured on an H100 (docs/KERNELS.md): 128x128x64 8 warps was the best single mma.sync
-     * configuration for Qwen3-30B-A3B's GEMM1+GEMM2 and within 11% of the best for
-     * Llama-4-Scout's; with few rows per expert, 64-row tiles waste fewer padded rows. */
-    moe_kernel_config want = {0, 0, 0, 0, 0, 0, 0, 0, 0};
-    if (dtype == MOE_DTYPE_F32) {
-        want = (moe_kernel_config){avg_rows >= 128 ? 128 : 64, avg_rows >= 128 ? 128 : 64,
-                                   MOE_GG_FFMA_BK, MOE_GG_FFMA_THREADS / 32, 1, 0, 0, 0, 0};
-    } else if (avg_rows >= 96) {
-        want = (moe_kernel_config){128, 128, 64, 8, 3, 0, 0, 0, 0};
-    } else {
-        want = (moe_kernel_config){64, 128, 64, 4, 3, 0, 0, 0, 0};
-    }
-    return want;
+    return moe_gg_default_mma_config(dtype, avg_rows);
 }
 
 /* *out = the listed configuration matching want's tile fields, with want's run-time options. */
