@@ -26,7 +26,8 @@
 
 #include "moe_kernels.h"
 
-/* Referencing the launchers makes the linker pull the kernel objects out of libmoe_ep.a. */
+/* Referencing the launchers makes the linker pull the kernel objects out of the static library
+ * (libmoe_ep_internal.a). */
 typedef moe_status (*gg_fn)(const moe_grouped_gemm_args *, const moe_kernel_config *,
                             const moe_kernel_tuning *, cudaStream_t, moe_kernel_report *,
                             moe_error *);

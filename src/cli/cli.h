@@ -3,7 +3,10 @@
 #ifndef MOE_CLI_H
 #define MOE_CLI_H
 
-#define MOE_EP_VERSION "0.1.0"
+#include "moe_ep_version.h"
+
+/* The project version (CMakeLists.txt), as the library's headers say it. */
+#define MOE_EP_VERSION MOE_EP_VERSION_STRING
 
 int cli_check(int argc, char **argv);
 int cli_forward(int argc, char **argv);
