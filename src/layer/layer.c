@@ -500,7 +500,7 @@ moe_status moe_layer_info_get(const moe_layer *L, moe_layer_info *info)
 #ifdef MOE_HAVE_CUDA
         struct cudaDeviceProp p;
         if (cudaGetDeviceProperties(&p, L->device) == cudaSuccess)
-            snprintf(i.device_name, sizeof i.device_name, "%s", p.name);
+            snprintf(i.device_name, sizeof i.device_name, "%.120s", p.name);
         else cudaGetLastError();
 #endif
     }
