@@ -630,6 +630,7 @@ bool ept_case_run(const ept_case *c, ept_bits *bits)
         ok &= ept_check_counters(L, &s, N, V, me, off, ids_g, vowner, 2, 1, plain ? 0 : 1, plain);
         ok &= ept_check_counters(R, &rs, 1, 1, 0, one, ids_g, zero, 2, 1, rplain ? 0 : 1, rplain);
         ok &= ept_check_unrouted_zero(&s, &io, ids_g, Tg);
+        if (c->check) ok &= c->check(c->check_arg, L, &s, &io, off[me], x, dout);
         ok &= ept_check_unrouted_zero(&rs, &ref, ids_g, Tg);
         ept_io_free(&io);
         ept_io_free(&ref);

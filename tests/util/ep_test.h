@@ -150,6 +150,11 @@ typedef struct ept_case {
     const char *route;     /* forced routing of the EP layer (NULL: the router's) */
     const char *ref_route; /* with route: the reference's, a layer over MPI_COMM_SELF */
     const int32_t *ids_g;  /* with route: the ids it must produce [Tg,k] */
+    /* optional: more checks of this rank's EP outputs after the backward (io->out still holds
+     * the forward's), rows [off, off+T) of the global batch; x, dout the global inputs */
+    bool (*check)(void *arg, const moe_layer *L, const ept_shape *s, const ept_io *io,
+                  int64_t off, const void *x, const void *dout);
+    void *check_arg;
 } ept_case;
 
 /* Runs the case on every rank (collective over MPI_COMM_WORLD): forward and backward of the
