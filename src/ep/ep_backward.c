@@ -324,7 +324,9 @@ static moe_status backward_sized(moe_layer *L, int T, const void *x, const void 
         ep_plan_free(&plan);
         return drv_fatal(L, st, err);
     }
-    st = ep_plan_check_capacity(&plan, s->M, 0, err);
+    /* the same bounds as the forward's: the same rows travel (the sync-free backward checks
+     * max_recv on the device) */
+    st = ep_plan_check_capacity(&plan, s->M, s->M > 0 ? s->max_recv : 0, err);
     const size_t S = (size_t)plan.send_total, R = (size_t)plan.recv_total;
     void *base, *sx, *sids, *sw, *sd, *back, *bdw, *rx, *rids, *rw, *rd, *part, *pdw;
     if (st == MOE_OK) st = drv_buf(L, WB_BASE, (size_t)G * 8, &base, err);
