@@ -482,7 +482,8 @@ moe_status ep_backward(moe_layer *L, int T, const void *x, const void *dout,
     st = drv_call_begin(L, 2, st, err);
     if (st != MOE_OK) return st;
     if (L->plain) {
-        st = backward_plain(L, T, x, dout, d_logits, dx, &g, err);
+        st = drv_plain_bound(L, T, err);
+        if (st == MOE_OK) st = backward_plain(L, T, x, dout, d_logits, dx, &g, err);
     } else {
         ep_state *s = L->ep;
         int64_t g0 = 0;
