@@ -392,7 +392,7 @@ fatal:
 }
 
 static moe_status backward_syncfree(moe_layer *L, int T, const void *x, const void *dout,
-                                    const void *dlog_in, void *dx, const grad_dst *g,
+                                    const void *dlog_in, void *dx, const grad_dst *g, int64_t g0,
                                     moe_error *err)
 {
     ep_state *s = L->ep;
@@ -430,7 +430,7 @@ static moe_status backward_syncfree(moe_layer *L, int T, const void *x, const vo
     MOE_TRY(drv_buf(L, WB_CPART, (size_t)Rc * xrow, &cpart, err));
     MOE_TRY(drv_buf(L, WB_CPART_DW, (size_t)Rc * dwrow, &cpdw, err));
     moe_layer_mark(L, MOE_MARK_START, false);
-    MOE_TRY(src_begin(L, T, x, dout, 0, &b, err));
+    MOE_TRY(src_begin(L, T, x, dout, g0, &b, err));
     MOE_TRY(o->ep_plan(L, T, b.ids, tdest, tn, trow, dcount, err));
     MOE_TRY(o->ep_slot_counts(L, dcount, scnt, err));
     MOE_TRY(o->ep_pack(L, T, x, dout, b.ids, b.w, tdest, tn, trow, s->d_slotbase, sx, sd, sids,
@@ -489,7 +489,7 @@ moe_status ep_backward(moe_layer *L, int T, const void *x, const void *dout,
         int64_t g0 = 0;
         if (s->forced && (st = drv_global_offset(L, T, &g0, err)) != MOE_OK)
             return drv_fatal(L, st, err);
-        st = s->syncfree ? backward_syncfree(L, T, x, dout, d_logits, dx, &g, err)
+        st = s->syncfree ? backward_syncfree(L, T, x, dout, d_logits, dx, &g, g0, err)
                          : backward_sized(L, T, x, dout, d_logits, dx, &g, g0, err);
         if (st != MOE_OK && s->syncfree) return drv_fatal(L, st, err);
     }
