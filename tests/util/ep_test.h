@@ -47,6 +47,7 @@ typedef struct ept_shape {
     moe_dtype dt;
     size_t dsz;
     int32_t local[1024]; /* its experts' global ids, ascending */
+    char transport[16];  /* "none" (plain path) or "mpi" */
 } ept_shape;
 bool ept_shape_of(const moe_layer *L, ept_shape *s);
 
@@ -90,8 +91,9 @@ bool ept_bitwise(const char *what, const void *a, const void *b, size_t bytes, s
 /* The same bytes on every rank of comm as on its rank 0 (collective). */
 bool ept_same_on_all(MPI_Comm comm, const char *what, const void *p, size_t bytes);
 
-/* Bitwise-ness of the last ept_compare, summed over the calls since the last reset (for the
- * tests' reports: fp32 forward and dx are often, not always, bitwise). */
+/* Bitwise-ness of ept_compare's fp32 comparisons, summed over its calls (for the tests'
+ * reports: the forward and dx are often, not always, bitwise; the sum over k and the replicated
+ * gradients' sum over ranks are associated differently from the single rank's). */
 typedef struct ept_bits {
     uint64_t out_diff, out_n, dx_diff, dx_n, rep_diff, rep_n;
 } ept_bits;
