@@ -606,6 +606,18 @@ bool ept_case_run(const ept_case *c, ept_bits *bits)
         int32_t *ids = malloc(((size_t)T + 1) * k * 4), *ids_g = malloc(((size_t)Tg + 1) * k * 4);
         if (!owner || !vowner || !vlocal || !zero || !ids || !ids_g) abort();
         ept_placement(E, N, V, c->map, owner, vowner, vlocal);
+        /* the layer holds the experts the placement gives this rank, ascending */
+        int l = 0;
+        for (int e = 0; e < E; e++)
+            if (owner[e] == me) {
+                if (l >= s.El || s.local[l] != e) ok = false;
+                l++;
+            }
+        if (l != s.El || !ok) {
+            fprintf(stderr, "rank %d: the layer holds %d experts, the placement gives it %d\n",
+                    wrank(), s.El, l);
+            ok = false;
+        }
         const bool plain = N == 1 && V == 1 && !c->route, rplain = !c->ref_route;
         const int one[2] = {0, Tg};
         ept_io io, ref;
