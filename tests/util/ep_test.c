@@ -630,9 +630,20 @@ bool ept_case_run(const ept_case *c, ept_bits *bits)
         if (c->ids_g) {
             memcpy(ids_g, c->ids_g, (size_t)Tg * k * 4);
         } else {
-            for (int t = 0; t < T; t++)
+            /* the router's choice on this rank, and the reference's for the same tokens */
+            int32_t *want = malloc(((size_t)T + 1) * k * 4);
+            if (!want) abort();
+            for (int t = 0; t < T; t++) {
                 ept_topk_of_logits(s.dt, (const char *)io.logits + (size_t)t * E * d, E, k,
-                                  ids + (size_t)t * k);
+                                   ids + (size_t)t * k);
+                ept_topk_of_logits(s.dt, (const char *)ref.logits + ((size_t)off[me] + t) * E * d,
+                                   E, k, want + (size_t)t * k);
+            }
+            if (memcmp(ids, want, (size_t)T * k * 4) != 0) {
+                fprintf(stderr, "rank %d: the EP layer routes its tokens differently\n", wrank());
+                ok = false;
+            }
+            free(want);
             ept_gather_ids(comm, cnt, off, k, ids, ids_g);
         }
         ok &= ept_check_counters(L, &s, N, V, me, off, ids_g, vowner, 1, 1, plain ? 0 : C, plain);
