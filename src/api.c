@@ -99,10 +99,12 @@ moe_status moe_layer_backward_async(moe_layer *L, int64_t T, const void *x, cons
 
 /* ---- host memory ---- */
 
-/* rows x cols elements of dt in view v (shape [rows, cols] or [B, S, cols]). */
+/* rows x cols elements of dt in view v (shape [rows, cols] or [B, S, cols]); a view of no
+ * elements needs no memory (as tokens_of allows for hidden: a rank with T = 0). */
 static bool view_is(const moe_tensor_view *v, moe_dtype dt, int64_t rows, int64_t cols)
 {
-    if (!v || !v->data || v->dtype != dt || v->ndim < 1 || v->ndim > 3) return false;
+    if (!v || (!v->data && rows * cols > 0) || v->dtype != dt || v->ndim < 1 || v->ndim > 3)
+        return false;
     int64_t r = 1;
     for (int i = 0; i < v->ndim - 1; i++) r *= v->shape[i];
     if (v->ndim == 1) return rows * cols == v->shape[0];

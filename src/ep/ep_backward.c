@@ -324,7 +324,9 @@ static moe_status backward_sized(moe_layer *L, int T, const void *x, const void 
         ep_plan_free(&plan);
         return drv_fatal(L, st, err);
     }
-    st = ep_plan_check_capacity(&plan, s->M, 0, err);
+    /* the same bounds as the forward's: the same rows travel (the sync-free backward checks
+     * max_recv on the device) */
+    st = ep_plan_check_capacity(&plan, s->M, s->M > 0 ? s->max_recv : 0, err);
     const size_t S = (size_t)plan.send_total, R = (size_t)plan.recv_total;
     void *base, *sx, *sids, *sw, *sd, *back, *bdw, *rx, *rids, *rw, *rd, *part, *pdw;
     if (st == MOE_OK) st = drv_buf(L, WB_BASE, (size_t)G * 8, &base, err);
@@ -390,7 +392,7 @@ fatal:
 }
 
 static moe_status backward_syncfree(moe_layer *L, int T, const void *x, const void *dout,
-                                    const void *dlog_in, void *dx, const grad_dst *g,
+                                    const void *dlog_in, void *dx, const grad_dst *g, int64_t g0,
                                     moe_error *err)
 {
     ep_state *s = L->ep;
@@ -428,7 +430,7 @@ static moe_status backward_syncfree(moe_layer *L, int T, const void *x, const vo
     MOE_TRY(drv_buf(L, WB_CPART, (size_t)Rc * xrow, &cpart, err));
     MOE_TRY(drv_buf(L, WB_CPART_DW, (size_t)Rc * dwrow, &cpdw, err));
     moe_layer_mark(L, MOE_MARK_START, false);
-    MOE_TRY(src_begin(L, T, x, dout, 0, &b, err));
+    MOE_TRY(src_begin(L, T, x, dout, g0, &b, err));
     MOE_TRY(o->ep_plan(L, T, b.ids, tdest, tn, trow, dcount, err));
     MOE_TRY(o->ep_slot_counts(L, dcount, scnt, err));
     MOE_TRY(o->ep_pack(L, T, x, dout, b.ids, b.w, tdest, tn, trow, s->d_slotbase, sx, sd, sids,
@@ -480,13 +482,14 @@ moe_status ep_backward(moe_layer *L, int T, const void *x, const void *dout,
     st = drv_call_begin(L, 2, st, err);
     if (st != MOE_OK) return st;
     if (L->plain) {
-        st = backward_plain(L, T, x, dout, d_logits, dx, &g, err);
+        st = drv_plain_bound(L, T, err);
+        if (st == MOE_OK) st = backward_plain(L, T, x, dout, d_logits, dx, &g, err);
     } else {
         ep_state *s = L->ep;
         int64_t g0 = 0;
         if (s->forced && (st = drv_global_offset(L, T, &g0, err)) != MOE_OK)
             return drv_fatal(L, st, err);
-        st = s->syncfree ? backward_syncfree(L, T, x, dout, d_logits, dx, &g, err)
+        st = s->syncfree ? backward_syncfree(L, T, x, dout, d_logits, dx, &g, g0, err)
                          : backward_sized(L, T, x, dout, d_logits, dx, &g, g0, err);
         if (st != MOE_OK && s->syncfree) return drv_fatal(L, st, err);
     }

@@ -126,6 +126,16 @@ moe_status drv_call_begin(moe_layer *L, int kind, moe_status st, moe_error *err)
     return ep_agree_fields(L->ep->comm->comm, st, f, names, 2, err);
 }
 
+moe_status drv_plain_bound(const moe_layer *L, int T, moe_error *err)
+{
+    if (!L->ep || L->ep->M <= 0) return MOE_OK;
+    ep_plan p;
+    memset(&p, 0, sizeof p);
+    p.T = T;
+    p.rank = L->map.rank;
+    return ep_plan_check_capacity(&p, L->ep->M, 0, err);
+}
+
 void drv_call_end(moe_layer *L, int kind, int T, double t0)
 {
     moe_layer_counters *c = &L->ctr;

@@ -23,6 +23,9 @@ moe_status drv_fatal(moe_layer *L, moe_status st, moe_error *err);
 /* Start of a call: reset the last-call record; with EP agree on st, the call kind (1 forward,
  * 2 backward) and the layer fingerprint. */
 moe_status drv_call_begin(moe_layer *L, int kind, moe_status st, moe_error *err);
+/* The plain path over a one-rank communicator: T within max_tokens_per_rank, as the plan checks
+ * it on the EP path (MOE_ERR_OVERFLOW). */
+moe_status drv_plain_bound(const moe_layer *L, int T, moe_error *err);
 /* End of a call: totals, and with timing the device times of the phases (waits for them). */
 void drv_call_end(moe_layer *L, int kind, int T, double t0);
 /* Rows and bytes of a sized call into the counters. */

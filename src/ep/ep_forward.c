@@ -248,6 +248,7 @@ moe_status ep_forward(moe_layer *L, int T, const void *x, void *out, void *logit
     if (st != MOE_OK) return st;
     L->calls++;
     if (L->plain) {
+        MOE_TRY(drv_plain_bound(L, T, err));
         if (T > 0) {
             moe_fwd_state fs;
             memset(&fs, 0, sizeof fs);

@@ -409,7 +409,12 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
     }
     /* ---- collective steps */
     if (c) {
-        if (L) c->layers++;
+        /* counted here and released by layer_free, whichever step failed (L->comm was set
+         * only once the local steps had got that far) */
+        if (L) {
+            c->layers++;
+            L->comm = c;
+        }
         if (L) st = agree_fingerprint(L, c, st, err);
         else st = ep_agree(c->comm, st, err);
         if (st == MOE_OK) st = ep_state_create(L, c, err);
