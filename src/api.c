@@ -4,6 +4,8 @@
  * the correctness mode. Each checks its arguments, then hands over to the one driver
  * (src/ep/ep.h). */
 #include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -99,12 +101,12 @@ moe_status moe_layer_backward_async(moe_layer *L, int64_t T, const void *x, cons
 
 /* ---- host memory ---- */
 
-/* rows x cols elements of dt in view v (shape [rows, cols] or [B, S, cols]); a view of no
- * elements needs no memory (as tokens_of allows for hidden: a rank with T = 0). */
+/* rows x cols elements of dt in view v (shape [rows, cols] or [B, S, cols]); data may be NULL
+ * only when there are no elements (as for hidden). */
 static bool view_is(const moe_tensor_view *v, moe_dtype dt, int64_t rows, int64_t cols)
 {
-    if (!v || (!v->data && rows * cols > 0) || v->dtype != dt || v->ndim < 1 || v->ndim > 3)
-        return false;
+    if (!v || v->dtype != dt || v->ndim < 1 || v->ndim > 3) return false;
+    if (!v->data && rows * cols > 0) return false;
     int64_t r = 1;
     for (int i = 0; i < v->ndim - 1; i++) r *= v->shape[i];
     if (v->ndim == 1) return rows * cols == v->shape[0];
@@ -123,12 +125,18 @@ static moe_status tokens_of(const moe_layer *L, const moe_tensor_view *h, const 
     for (int i = 0; i < h->ndim - 1; i++) {
         if (h->shape[i] < 0)
             return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden has a negative dimension", fn);
-        t *= h->shape[i];
+        /* bounded before multiplying: the product of the leading dims must not wrap */
+        if (h->shape[i] > INT32_MAX || (t *= h->shape[i]) > INT32_MAX)
+            return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden holds more than %d tokens", fn,
+                            INT32_MAX);
     }
-    if (h->dtype != L->dt)
+    if (h->dtype != L->dt) {
+        char other[32];
+        if (moe_dtype_name(h->dtype)) snprintf(other, sizeof other, "%s", moe_dtype_name(h->dtype));
+        else snprintf(other, sizeof other, "dtype %d (not a moe_dtype)", (int)h->dtype);
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden is %s, the layer computes in %s",
-                        fn, moe_dtype_name(h->dtype) ? moe_dtype_name(h->dtype) : "?",
-                        moe_dtype_name(L->dt));
+                        fn, other, moe_dtype_name(L->dt));
+    }
     if (t > 0 && !h->data) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: hidden has no data", fn);
     *T = t;
     return MOE_OK;
@@ -161,9 +169,10 @@ moe_status moe_layer_forward(moe_layer *L, const moe_tensor_view *hidden, moe_te
 {
     static const char fn[] = "moe_layer_forward";
     moe_error *err = moe_api_begin();
-    moe_status st = layer_check(L, fn, err);
+    /* not a layer: nothing below may read it (and there are no peers to agree with) */
+    MOE_TRY(layer_check(L, fn, err));
     int64_t T = 0;
-    if (st == MOE_OK) st = tokens_of(L, hidden, fn, &T, err);
+    moe_status st = tokens_of(L, hidden, fn, &T, err);
     if (st == MOE_OK && !view_is(out, L->dt, T, L->H))
         st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: out must be %s with %lld rows of %d", fn,
                       moe_dtype_name(L->dt), (long long)T, L->H);
@@ -193,9 +202,10 @@ moe_status moe_layer_backward(moe_layer *L, const moe_tensor_view *hidden,
 {
     static const char fn[] = "moe_layer_backward";
     moe_error *err = moe_api_begin();
-    moe_status st = layer_check(L, fn, err);
+    /* not a layer: nothing below may read it (and there are no peers to agree with) */
+    MOE_TRY(layer_check(L, fn, err));
     int64_t T = 0;
-    if (st == MOE_OK) st = tokens_of(L, hidden, fn, &T, err);
+    moe_status st = tokens_of(L, hidden, fn, &T, err);
     if (st == MOE_OK && !view_is(dout, L->dt, T, L->H))
         st = moe_fail(err, MOE_ERR_INVALID_ARG, "%s: dout must be %s with %lld rows of %d", fn,
                       moe_dtype_name(L->dt), (long long)T, L->H);

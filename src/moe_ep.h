@@ -235,10 +235,12 @@ typedef struct moe_weights_source {
     moe_weights_layout layout;
     const moe_named_tensor *tensors;
     int num_tensors;
-    int borrow;     /* non-zero: read in place on every call (the layout must be CANONICAL,
-                       QWEN3_FUSED or LLAMA4 with all local experts contiguous, and the memory
-                       the backend's; the tensors are borrowed); 0: copied at creation (and
-                       again by moe_layer_reload_weights) */
+    int borrow;     /* non-zero: read in place on every call (the layout must be CANONICAL
+                       or QWEN3_FUSED, whose expert tensors the kernels read as they are, with
+                       all local experts contiguous, no shared expert, the layer's dtype, and
+                       the memory the backend's; the tensors are borrowed; other layouts are
+                       MOE_ERR_UNSUPPORTED); 0: copied at creation (and again by
+                       moe_layer_reload_weights) */
 } moe_weights_source;
 #define MOE_WEIGHTS_SOURCE_INIT                                                               \
     { sizeof(moe_weights_source), MOE_WEIGHTS_SOURCE_MAGIC, MOE_WEIGHTS_RANDOM, NULL, -1, 0,    \

@@ -101,6 +101,9 @@ static moe_status c_mark(moe_layer *L, int marker, bool side, moe_error *err)
     (void)side;
     (void)err;
     cpu_state *s = L->be;
+    /* a call starts: forget the previous call's marks, so a phase this call does not run
+     * reads -1 rather than the previous call's time */
+    if (marker == MOE_MARK_START) memset(s->marks, 0, sizeof s->marks);
     if (marker >= 0 && marker < MOE_NUM_MARKS) s->marks[marker] = moe_now();
     return MOE_OK;
 }
@@ -210,7 +213,11 @@ static moe_status c_experts_forward(moe_layer *L, const moe_experts_args *a, moe
     int M = 0;
     MOE_TRY(sort_gemm1(L, R, a->first, count, a->x, a->ids, a->w, a->presorted, counts, offs,
                        gather, a->gemm1_out, act, &M, err));
-    if (M == 0) return MOE_OK;
+    moe_layer_mark(L, MOE_MARK_GEMM1, false);
+    if (M == 0) {
+        moe_layer_mark(L, MOE_MARK_GEMM2, false);
+        return MOE_OK;
+    }
     moe_grouped_gemm_args g2 = gg_args(L, count, offs, gather, R);
     g2.N = L->H;
     g2.K = L->I;
@@ -219,7 +226,9 @@ static moe_status c_experts_forward(moe_layer *L, const moe_experts_args *a, moe
     g2.C = a->rows;
     g2.permute_y = true;
     g2.scale_c_rows = L->llama ? NULL : a->w;
-    return cpu_grouped_gemm(&g2, err);
+    MOE_TRY(cpu_grouped_gemm(&g2, err));
+    moe_layer_mark(L, MOE_MARK_GEMM2, false);
+    return MOE_OK;
 }
 
 static moe_status c_experts_backward(moe_layer *L, const moe_experts_bwd_args *a,

@@ -66,7 +66,8 @@ static moe_status backward_plain(moe_layer *L, int T, const void *x, const void 
     const int Tb = L->max_tokens > T ? (int)L->max_tokens : T;
     const size_t tb = (size_t)Tb, tkb = tb * L->k;
     if (T == 0) {
-        /* no tokens: every gradient is zero */
+        /* no tokens: every gradient is zero (timed as a call of its own) */
+        moe_layer_mark(L, MOE_MARK_START, false);
         MOE_TRY(o->zero(L, g->router, (size_t)L->E * H * dsz, err));
         MOE_TRY(o->zero(L, g->w13, (size_t)L->map.El * 2 * L->I * H * dsz, err));
         MOE_TRY(o->zero(L, g->w2, (size_t)L->map.El * H * L->I * dsz, err));
@@ -74,6 +75,7 @@ static moe_status backward_plain(moe_layer *L, int T, const void *x, const void 
             MOE_TRY(o->zero(L, g->gu, 2 * (size_t)L->Is * H * dsz, err));
             MOE_TRY(o->zero(L, g->down, H * L->Is * dsz, err));
         }
+        moe_layer_mark(L, MOE_MARK_END, false);
         return MOE_OK;
     }
     moe_layer_saved_bufs sv;

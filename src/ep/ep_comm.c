@@ -106,23 +106,27 @@ static moe_status check_options(const moe_ep_options *o, moe_error *err)
                         "MOE_TRANSPORT_AUTO, _MPI or _NCCL", (int)o->transport);
     if (o->virtual_ranks < 1 || o->virtual_ranks > 4096)
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "--ep-virtual %d: expected 1..4096 virtual ranks per process",
-                        o->virtual_ranks);
+                        "moe_ep_comm_create: virtual_ranks %d (--ep-virtual): expected 1..4096 "
+                        "virtual ranks per process", o->virtual_ranks);
     if (o->chunks < 1 || o->chunks > 4096)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "--chunks %d: expected 1..4096", o->chunks);
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "moe_ep_comm_create: chunks %d (--chunks): expected 1..4096", o->chunks);
     if (o->max_tokens_per_rank < 0 || o->max_tokens_per_rank > INT_MAX)
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "--max-tokens-per-rank %lld: expected 0 (sized per call) .. %d",
-                        (long long)o->max_tokens_per_rank, INT_MAX);
+                        "moe_ep_comm_create: max_tokens_per_rank %lld (--max-tokens-per-rank): "
+                        "expected 0 (sized per call) .. %d", (long long)o->max_tokens_per_rank,
+                        INT_MAX);
     if (o->max_recv_tokens < 0 || o->max_recv_tokens > INT_MAX ||
         (o->max_recv_tokens > 0 && o->max_tokens_per_rank == 0))
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "max_recv_tokens %lld: expected 0 .. %d, and only together with "
-                        "--max-tokens-per-rank", (long long)o->max_recv_tokens, INT_MAX);
+                        "moe_ep_comm_create: max_recv_tokens %lld: expected 0 .. %d, and only "
+                        "together with max_tokens_per_rank (--max-tokens-per-rank)",
+                        (long long)o->max_recv_tokens, INT_MAX);
     if (o->chunks > 1 && o->max_tokens_per_rank > 0 && o->transport == MOE_TRANSPORT_NCCL)
         return moe_fail(err, MOE_ERR_UNSUPPORTED,
-                        "--chunks %d with --max-tokens-per-rank over NCCL: the sync-free "
-                        "forward runs as one chunk; drop one of them", o->chunks);
+                        "moe_ep_comm_create: chunks %d with max_tokens_per_rank over NCCL "
+                        "(--chunks with --max-tokens-per-rank): the sync-free forward runs as "
+                        "one chunk; drop one of them", o->chunks);
     return MOE_OK;
 }
 
@@ -130,7 +134,7 @@ moe_status moe_ep_comm_create(int32_t fcomm, const moe_ep_options *opts, moe_ep_
 {
     moe_error *err = moe_api_begin();
     if (!out) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_ep_comm_create: comm (the output) is NULL");
-    *out = NULL;
+    /* [out]: written only on MOE_OK (moe_ep.h) */
     int inited = 0, finalized = 0;
     MPI_Initialized(&inited);
     MPI_Finalized(&finalized);

@@ -156,7 +156,8 @@ void drv_call_end(moe_layer *L, int kind, int T, double t0)
     if (kind != 1) return;
     c->phase_ms[MOE_PHASE_ROUTE] = o->mark_ms(L, MOE_MARK_START, MOE_MARK_ROUTED);
     c->phase_ms[MOE_PHASE_PERMUTE] = o->mark_ms(L, MOE_MARK_ROUTED, MOE_MARK_PERMUTED);
-    c->phase_ms[MOE_PHASE_DISPATCH] = o->mark_ms(L, MOE_MARK_PERMUTED, MOE_MARK_DISPATCHED);
+    c->phase_ms[MOE_PHASE_DISPATCH] =
+        L->plain ? -1 : o->mark_ms(L, MOE_MARK_PERMUTED, MOE_MARK_DISPATCHED);
     c->phase_ms[MOE_PHASE_GEMM1] = o->mark_ms(L, MOE_MARK_DISPATCHED, MOE_MARK_GEMM1);
     c->phase_ms[MOE_PHASE_GEMM2] = o->mark_ms(L, MOE_MARK_GEMM1, MOE_MARK_GEMM2);
     c->phase_ms[MOE_PHASE_COMBINE] = o->mark_ms(L, MOE_MARK_GEMM2, MOE_MARK_END);
@@ -405,6 +406,13 @@ moe_status ep_plain_forward(moe_layer *L, int T, const void *x, moe_fwd_state *s
         moe_layer_mark(L, MOE_MARK_SHARED1, true);
     }
     MOE_TRY(o->route(L, T, x, logits, ids, w, counts, offs, gather, err));
+    /* The backward reads the saved logits: when they went to the caller's buffer (router_logits
+     * asked for), keep a copy, or the backward would read a stale saved buffer. */
+    if (save && logits != sv.logits)
+        MOE_TRY(o->copy(L, sv.logits, logits, (size_t)T * L->E * dsz, err));
+    /* the plain route includes the sort; nothing is dispatched (drv_call_end reports -1) */
+    moe_layer_mark(L, MOE_MARK_ROUTED, false);
+    moe_layer_mark(L, MOE_MARK_PERMUTED, false);
     moe_layer_mark(L, MOE_MARK_DISPATCHED, false);
     moe_experts_args a = {
         .R = T, .first = 0, .count = L->E, .x = x, .ids = ids, .w = w, .rows = rows,

@@ -257,6 +257,10 @@ moe_status ep_forward(moe_layer *L, int T, const void *x, void *out, void *logit
             fs.router_logits = logits;
             st = ep_plain_forward(L, T, x, &fs, true, err);
             L->ctr.tokens_computed += (uint64_t)T;
+        } else {
+            /* no tokens: the call's time, not the previous call's (timing) */
+            moe_layer_mark(L, MOE_MARK_START, false);
+            moe_layer_mark(L, MOE_MARK_END, false);
         }
         drv_call_end(L, 1, T, t0);
         return st;

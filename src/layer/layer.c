@@ -98,6 +98,11 @@ static moe_status check_source(const moe_weights_source *s, moe_error *err)
             return moe_fail(err, MOE_ERR_INVALID_ARG,
                             "moe_layer_create: MOE_WEIGHTS_TENSORS needs tensors and "
                             "num_tensors >= 1");
+        /* checked before borrowing, which would otherwise call it an unsupported layout */
+        if ((int)s->layout < MOE_LAYOUT_CANONICAL || s->layout > MOE_LAYOUT_LLAMA4)
+            return moe_fail(err, MOE_ERR_INVALID_ARG,
+                            "moe_layer_create: layout %d: expected MOE_LAYOUT_CANONICAL, "
+                            "_QWEN3_HUB, _QWEN3_FUSED or _LLAMA4", (int)s->layout);
         return MOE_OK;
     }
     return moe_fail(err, MOE_ERR_INVALID_ARG,
@@ -314,7 +319,7 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
 {
     moe_error *err = moe_api_begin();
     if (!out) return moe_fail(err, MOE_ERR_INVALID_ARG, "moe_layer_create: layer (the output) is NULL");
-    *out = NULL;
+    /* [out]: written only on MOE_OK (moe_ep.h) */
     moe_layer_options def = MOE_LAYER_OPTIONS_INIT;
     moe_status st = MOE_OK;
     if (opts) st = check_opts(opts, err);
@@ -382,7 +387,7 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
             else L->ws = o->workspace;
         } else {
             moe_status ws = moe_workspace_create(L->backend, L->device, &L->ws);
-            if (ws != MOE_OK) st = moe_fail(err, ws, "moe_layer_create: workspace");
+            if (ws != MOE_OK) st = moe_error_prefix(err, "moe_layer_create");
             L->own_ws = ws == MOE_OK;
         }
         if (L->ws) moe_ws_attach(L->ws, +1);
@@ -524,9 +529,10 @@ moe_status moe_layer_stats_get(const moe_layer *L, moe_layer_stats *s)
                         "(size %u, magic 0x%08x)", s->size, s->magic);
     const moe_layer_counters *c = &L->ctr;
     const int N = L->map.N;
-    if (s->peers > 0 && s->peers < N)
+    if (s->peers < 0 || (s->peers > 0 && s->peers < N))
         return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "moe_layer_stats_get: peers = %d but the layer has %d ranks", s->peers, N);
+                        "moe_layer_stats_get: peers = %d: expected 0 (no per-peer totals) or at "
+                        "least the layer's %d rank(s)", s->peers, N);
     s->calls_forward = c->calls_forward;
     s->calls_backward = c->calls_backward;
     s->tokens_local = c->tokens_local;

@@ -37,10 +37,14 @@ static moe_status get(const moe_named_tensor *t, int n, const char *name, int nd
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "weights: tensor '%s' is %s; expected bf16, fp16 or fp32", name,
                         moe_dtype_name(v->dtype) ? moe_dtype_name(v->dtype) : "an unknown dtype");
+    if (v->ndim < 1 || v->ndim > 4)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "weights: tensor '%s' has ndim %d (a view has 1..4 dims), expected %s",
+                        name, v->ndim, want);
     bool same = v->ndim == ndim;
     for (int i = 0; same && i < ndim; i++) same = v->shape[i] == shape[i];
     if (!same) {
-        moe_shape_str(v->ndim < 0 || v->ndim > 4 ? 0 : v->ndim, v->shape, got, sizeof got);
+        moe_shape_str(v->ndim, v->shape, got, sizeof got);
         return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: tensor '%s' has shape %s, expected %s",
                         name, got, want);
     }
@@ -80,6 +84,21 @@ static void transpose(const moe_tensor_view *src, size_t src_off, int64_t a, int
                              moe_load_elem_f(src->dtype, src->data, src_off + (size_t)(i * b + j)));
 }
 
+/* The layout is one of moe_weights_layout and fits the model's architecture. */
+static moe_status check_layout(const moe_config *cfg, moe_weights_layout lay, moe_error *err)
+{
+    if ((int)lay < MOE_LAYOUT_CANONICAL || lay > MOE_LAYOUT_LLAMA4)
+        return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: layout %d is not a moe_weights_layout",
+                        (int)lay);
+    const bool llama = cfg->arch == MOE_ARCH_LLAMA4;
+    if ((lay == MOE_LAYOUT_LLAMA4 && !llama) ||
+        ((lay == MOE_LAYOUT_QWEN3_HUB || lay == MOE_LAYOUT_QWEN3_FUSED) && llama))
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "weights: layout %s does not fit a %s model",
+                        lay == MOE_LAYOUT_LLAMA4 ? "LLAMA4" : "QWEN3", llama ? "Llama-4" : "Qwen3");
+    return MOE_OK;
+}
+
 static const char *router_name(moe_weights_layout lay)
 {
     return lay == MOE_LAYOUT_CANONICAL ? "router"
@@ -94,15 +113,7 @@ moe_status layer_weights_from_tensors(const moe_config *cfg, moe_dtype dt,
 {
     if (!t || n < 1)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: MOE_WEIGHTS_TENSORS with no tensors");
-    if ((int)lay < MOE_LAYOUT_CANONICAL || lay > MOE_LAYOUT_LLAMA4)
-        return moe_fail(err, MOE_ERR_INVALID_ARG, "weights: layout %d is not a moe_weights_layout",
-                        (int)lay);
-    const bool llama = cfg->arch == MOE_ARCH_LLAMA4;
-    if ((lay == MOE_LAYOUT_LLAMA4 && !llama) ||
-        ((lay == MOE_LAYOUT_QWEN3_HUB || lay == MOE_LAYOUT_QWEN3_FUSED) && llama))
-        return moe_fail(err, MOE_ERR_INVALID_ARG,
-                        "weights: layout %s does not fit a %s model",
-                        lay == MOE_LAYOUT_LLAMA4 ? "LLAMA4" : "QWEN3", llama ? "Llama-4" : "Qwen3");
+    MOE_TRY(check_layout(cfg, lay, err));
     MOE_TRY(moe_weights_zeros_ids(cfg, ids, El, dt, w, err));
     const int E = cfg->num_experts;
     const int64_t H = cfg->hidden, I = cfg->inter, Is = cfg->shared_inter;
@@ -182,6 +193,8 @@ moe_status layer_weights_borrow(const moe_config *cfg, moe_dtype dt, moe_weights
                                 const moe_named_tensor *t, int n, const int32_t *ids, int El,
                                 moe_layer_weights *out, moe_error *err)
 {
+    /* a layout that does not fit the model is an argument error, borrowed or not */
+    MOE_TRY(check_layout(cfg, lay, err));
     if (lay != MOE_LAYOUT_CANONICAL && lay != MOE_LAYOUT_QWEN3_FUSED)
         return moe_fail(err, MOE_ERR_UNSUPPORTED,
                         "weights: borrowing (read in place) needs the canonical or Qwen3 fused "

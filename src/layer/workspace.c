@@ -140,22 +140,44 @@ static const char *const buf_names[WB_NUM] = {
 
 moe_status moe_workspace_create(moe_backend backend, int device, moe_workspace **out)
 {
-    moe_error err;
-    moe_error_clear(&err);
-    if (!out) return MOE_ERR_INVALID_ARG;
-    *out = NULL;
-    if (backend != MOE_BACKEND_CPU && backend != MOE_BACKEND_CUDA)
-        return MOE_ERR_INVALID_ARG;
-#ifndef MOE_HAVE_CUDA
-    if (backend == MOE_BACKEND_CUDA) return MOE_ERR_NO_DEVICE;
-#else
-    if (backend == MOE_BACKEND_CUDA && device < 0 && cudaGetDevice(&device) != cudaSuccess) {
+    static const char fn[] = "moe_workspace_create";
+    moe_error *err = moe_api_begin();
+    if (!out) return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: ws (the output) is NULL", fn);
+    if (backend != MOE_BACKEND_CPU && backend != MOE_BACKEND_CUDA && backend != MOE_BACKEND_AUTO)
+        return moe_fail(err, MOE_ERR_INVALID_ARG,
+                        "%s: backend %d: expected MOE_BACKEND_CPU, _CUDA or _AUTO", fn,
+                        (int)backend);
+    int ndev = 0;
+#ifdef MOE_HAVE_CUDA
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
         cudaGetLastError();
-        return MOE_ERR_NO_DEVICE;
+        ndev = 0;
+    }
+#endif
+    /* AUTO resolves as for layers: CUDA when this build has it and a GPU is usable */
+    if (backend == MOE_BACKEND_AUTO) backend = ndev > 0 ? MOE_BACKEND_CUDA : MOE_BACKEND_CPU;
+#ifndef MOE_HAVE_CUDA
+    if (backend == MOE_BACKEND_CUDA)
+        return moe_fail(err, MOE_ERR_NO_DEVICE,
+                        "%s: the CUDA backend was requested but this build has none (configure "
+                        "with the CUDA toolkit); use the CPU backend", fn);
+#else
+    if (backend == MOE_BACKEND_CUDA) {
+        if (ndev == 0)
+            return moe_fail(err, MOE_ERR_NO_DEVICE,
+                            "%s: the CUDA backend was requested but no GPU is usable; use the "
+                            "CPU backend", fn);
+        if (device < 0 && cudaGetDevice(&device) != cudaSuccess) {
+            cudaGetLastError();
+            return moe_fail(err, MOE_ERR_NO_DEVICE, "%s: no current CUDA device", fn);
+        }
+        if (device >= ndev)
+            return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: device %d: this machine has %d GPU(s)",
+                            fn, device, ndev);
     }
 #endif
     moe_workspace *ws = calloc(1, sizeof *ws);
-    if (!ws) return MOE_ERR_NOMEM;
+    if (!ws) return moe_fail(err, MOE_ERR_NOMEM, "%s: no memory", fn);
     ws->magic = WS_MAGIC;
     ws->backend = backend;
     ws->device = backend == MOE_BACKEND_CPU ? -1 : device;
