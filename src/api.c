@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "ep/ep.h"
+#include "ep/ep_driver.h"
 #include "layer/layer_internal.h"
 
 #ifdef MOE_HAVE_CUDA
@@ -82,6 +83,7 @@ moe_status moe_layer_forward_async(moe_layer *L, int64_t T, const void *x, void 
     if (st == MOE_OK) st = need(out, T, fn, "out", err);
     st = agree_local(L, st, err);
     if (st != MOE_OK) return st;
+    L->host_fwd_x = NULL;
     return ep_forward(L, (int)T, x, out, router_logits, err);
 }
 
@@ -189,6 +191,7 @@ moe_status moe_layer_forward(moe_layer *L, const moe_tensor_view *hidden, moe_te
     st = agree_local(L, st, err);
     if (st != MOE_OK) return st;
     st = ep_forward(L, (int)T, dx, dout, dlog, err);
+    L->host_fwd_x = st == MOE_OK ? hidden->data : NULL;
     if (st == MOE_OK && L->backend == MOE_BACKEND_CUDA) {
         st = L->ops->download(L, out->data, dout, xb, err);
         if (st == MOE_OK && router_logits) st = L->ops->download(L, router_logits->data, dlog, lb, err);
@@ -245,6 +248,9 @@ moe_status moe_layer_backward(moe_layer *L, const moe_tensor_view *hidden,
         if (*g[i].host) st = stage_out(L, g[i].id, *g[i].host, g[i].bytes, g[i].dev, err);
     st = agree_local(L, st, err);
     if (st != MOE_OK) return st;
+    /* CUDA stages every host x through one buffer: the saved forward is this x's only when
+     * the caller passes the pointer it gave that forward */
+    if (L->backend == MOE_BACKEND_CUDA && hidden->data != L->host_fwd_x) drv_saved_forget(L);
     st = ep_backward(L, (int)T, dxin, ddout, ddlog, ddx, grads ? &dg : NULL, err);
     if (st == MOE_OK && L->backend == MOE_BACKEND_CUDA) {
         if (dx) st = L->ops->download(L, dx->data, ddx, xb, err);

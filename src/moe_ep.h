@@ -260,7 +260,10 @@ typedef struct moe_layer_options {
     moe_dtype dtype;         /* activation/compute dtype (bf16, fp16, fp32); MOE_NUM_DTYPES
                                 (default) = the config's torch_dtype */
     int64_t max_tokens;      /* bound on T per call (0 = none: buffers grow as needed). With
-                                it, buffers are sized once at creation and no call allocates */
+                                it, T > max_tokens is MOE_ERR_OVERFLOW, creation checks that
+                                max_tokens fits the memory, and the scratch grows to its
+                                max_tokens size during the first calls and never after (run one
+                                call of max_tokens eagerly before capturing a graph) */
     int threads;             /* CPU threads; 0 (default) = moe_default_threads() */
     const char *kernel_config; /* CUDA: force every grouped GEMM to this configuration
                                   ("128x128x64,w8,s3"; docs/KERNELS.md); NULL/"auto" = default */

@@ -503,6 +503,11 @@ void drv_saved_commit(moe_layer *L, const void *x, int T)
     s->call = L->calls;
 }
 
+void drv_saved_forget(moe_layer *L)
+{
+    if (L->saved) L->saved->valid = false;
+}
+
 bool drv_saved_match(moe_layer *L, const void *x, int T, moe_layer_saved_bufs *b)
 {
     moe_layer_saved *s = L->saved;

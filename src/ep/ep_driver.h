@@ -59,6 +59,9 @@ bool drv_saved_bufs(moe_layer *L, int T, moe_layer_saved_bufs *b);
 void drv_saved_commit(moe_layer *L, const void *x, int T);
 /* Whether they hold the LAST forward and it was of x (T tokens). */
 bool drv_saved_match(moe_layer *L, const void *x, int T, moe_layer_saved_bufs *b);
+/* The saved state no longer describes the next backward's x (the host API stages every x into
+ * the same device buffer, so the pointer alone cannot tell). */
+void drv_saved_forget(moe_layer *L);
 void drv_saved_free(moe_layer *L);
 
 #endif /* MOE_EP_DRIVER_H */

@@ -173,6 +173,8 @@ struct moe_layer {
 
     void *stream; /* the current call's stream (CUDA: cudaStream_t; NULL = legacy) */
     void *host_stream; /* the stream the host-memory calls use (CUDA: the layer's own) */
+    const void *host_fwd_x; /* the host x of the last host-API forward (CUDA: its saved state
+                               belongs to that x, not to the staging buffer it went through) */
     int ws_set;   /* the workspace set of the current call (WS_FWD or WS_BWD) */
 
     struct ep_state *ep; /* with a communicator */
