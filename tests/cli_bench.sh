@@ -43,6 +43,11 @@ need = ["device", "experts_touched", "weight_bytes", "tile_fill", "max_over_mean
         "grouped_tflops", "x_dense", "x_loop", "x_grouped", "kernels", "wrong"]
 missing = [c for c in need if c not in rows[0]]
 assert not missing, f"CSV lacks {missing}"
+# the phase columns, in order, after graph_pct_copy (the old act column is gone)
+cols = list(rows[0].keys())
+phases = [p + "_ms" for p in ["route", "permute", "dispatch", "gemm1", "gemm2", "combine", "shared"]]
+i = cols.index("graph_pct_copy") + 1
+assert cols[i:i + len(phases)] == phases and "act_ms" not in cols, cols
 assert [int(r["T"]) for r in rows] == [1, 2, 4, 8, 16], [r["T"] for r in rows]
 H, I, E, k = 37, 23, 7, 3                      # tiny-qwen3 (checked against the header below)
 for r in rows:
@@ -53,6 +58,8 @@ for r in rows:
     assert abs(float(r["pct_copy"]) - want) <= 0.02 * want + 0.01, (r["pct_copy"], want)
     for c in ["graph_ms", "dense_ms", "loop_ms", "grouped_ms", "dense_tflops", "x_dense"]:
         assert r[c] == "", f"{c} should be empty on the CPU, is {r[c]!r}"
+    for c in phases:  # host-clock phase times where the layer marks them, else empty
+        assert r[c] == "" or float(r[c]) >= 0, f"{c} is {r[c]!r}"
     assert r["kernels"] == "cpu" and r["device"] == "cpu", r
     # T*k <= 48 rows: no expert needs a second 128-row tile, so the routed rows fill
     # T*k / (128 * touched) of the tiles' row slots; at T=1 each touched expert has one row,
@@ -72,6 +79,8 @@ then echo "FAIL: new CSV/JSON columns"; fail=1; fi
 grep -q "(H=37 I=23 E=7 k=3)" <<<"$out" || { echo "FAIL: tiny-qwen3 shapes changed; update the test"; fail=1; }
 # the text table has the %copy and touched-experts columns
 grep -qE '^ +T +M +time\(ms\) .*%copy +exp +%fill ' <<<"$out" || { echo "FAIL: table header lacks %copy/exp/%fill"; echo "$out"; fail=1; }
+grep -qE '%fill +route +permute +dispatch +gemm1 +gemm2 +combine +shared +#wrong$' <<<"$out" ||
+  { echo "FAIL: table header lacks the phase columns route..shared"; echo "$out"; fail=1; }
 # more than 128 rows per expert (T*k = 1536 over E = 7): the second tile's padding shows; the
 # fill is bounded by rows / (rows + 127 per touched expert) below and 1 above
 "$ep" bench --backend cpu --model tiny-qwen3 -b 512 -e 512 -w 0 -n 1 --copy-mib 0 --csv "$tmp/f.csv" >"$tmp/out" 2>&1 ||
@@ -96,7 +105,7 @@ if [ $rc != 2 ] || ! grep -q -- "--graph .*needs the CUDA backend" "$tmp/err"; t
 # --routed-only: Llama-4 without its shared expert, still verified against the reference (which
 # then leaves the shared expert out too); the header says so; a no-op for Qwen3
 out=$("$ep" bench --backend cpu --model tiny-llama4 --routed-only -b 8 -e 32 -w 0 -n 2 --check --copy-mib 0 2>&1); rc=$?
-if [ $rc != 0 ] || ! grep -q "routed experts only" <<<"$out" || grep -q "shared expert" <<<"$out" ||
+if [ $rc != 0 ] || ! grep -q "routed experts only" <<<"$out" || grep -q ", shared expert)" <<<"$out" ||
    ! grep -q "all sizes verified" <<<"$out"; then
   echo "FAIL: --routed-only on tiny-llama4 (exit $rc)"; echo "$out"; fail=1; fi
 out=$("$ep" bench --backend cpu --model tiny-llama4 -b 8 -e 8 -w 0 -n 1 --copy-mib 0 2>&1)

@@ -92,7 +92,7 @@ cat "$TMP/paced.log"
 ok "connections over the limit refused with status 5; connected clients unaffected"
 
 # The server still answers correctly, and its counters saw the errors.
-"$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$QW" --input "$QIO" --output "$TMP/f.st" >/dev/null || fail "forward"
+forward_as_served "$TMP/f.st" --config "$QCFG" --weights "$QW" --input "$QIO" || fail "forward"
 "$MOE_EP" client --connect "$ADDR" --input "$QIO" --output "$TMP/c.st" --logits || fail "client after bad inputs"
 cmp "$TMP/f.st" "$TMP/c.st" || fail "served differs from forward after bad inputs"
 stats=$("$MOE_EP" client --connect "$ADDR" --stats)

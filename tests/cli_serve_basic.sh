@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # cli_serve_basic.sh — a real `moe-ep serve` under mpirun -np 2 on a Unix socket:
-#  - INFO reports the model, the layer and 2 ranks;
-#  - served results equal `moe-ep forward` bit for bit (CPU backend): the HF fixture's
-#    hidden_states, and 300 random rows split by the client into 64-row requests that the
-#    server batches and spreads over both ranks (output and router logits, byte-identical files);
+#  - INFO reports the model, the layer and 2 ranks, expert-parallel (the 7 experts in uneven
+#    slices of 4 and 3: E need not divide by the rank count);
+#  - served results equal `moe-ep forward` under mpirun -np 2 (the same placement) bit for bit
+#    (CPU backend): the HF fixture's hidden_states, and 300 random rows split by the client into
+#    64-row requests that the server batches and spreads over both ranks (output and router
+#    logits, byte-identical files); and the single-rank forward within fp32 tolerance;
 #  - idle ranks do not spin a core (CPU time of every rank over 2 s, from /proc);
 #  - SIGTERM to rank 0 drains, every rank exits 0, mpirun exits 0, ready file and socket go;
-#  - the same for a Llama-4 block, stopped with SIGINT.
+#  - the same for a Llama-4 block (E=5 over 2 ranks), stopped with SIGINT.
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/util/serve_common.sh"
 
@@ -17,22 +19,25 @@ start_server basic 2 --listen "unix:$SOCK" --config "$QCFG" --weights "$QW" --ma
 
 info=$("$MOE_EP" client --connect "$ADDR" --info) || fail "client --info"
 echo "$info"
-echo "$info" | grep -q "2 rank(s)" || fail "INFO does not report 2 ranks"
+echo "$info" | grep -q "backend cpu+ep, 2 rank(s)" || fail "INFO does not report 2 expert-parallel ranks"
 echo "$info" | grep -q "hidden 37, experts 7, top-k 3" || fail "INFO shape"
 echo "$info" | grep -q "^layers: 0$" || fail "INFO layers"
 ok "INFO"
 
 # The fixture's 14 tokens.
-"$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$QW" --input "$QIO" --output "$TMP/f1.st" >/dev/null || fail "forward"
+forward_as_served "$TMP/f1.st" --config "$QCFG" --weights "$QW" --input "$QIO" || fail "forward"
 "$MOE_EP" client --connect "$ADDR" --input "$QIO" --output "$TMP/c1.st" --logits || fail "client forward"
 cmp "$TMP/f1.st" "$TMP/c1.st" || fail "served output/logits differ from moe-ep forward (fixture)"
-ok "fixture: served == forward, bit for bit"
+"$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$QW" --input "$QIO" --output "$TMP/one.st" >/dev/null || fail "single-rank forward"
+"$MOE_EP" compare "$TMP/c1.st" "$TMP/one.st" --tol 1e-6 >/dev/null || fail "served output differs from the single-rank forward beyond 1e-6"
+"$MOE_EP" compare "$TMP/c1.st" "$QIO" --tol 1e-5 --mask tie_mask >/dev/null || fail "served output differs from HF's"
+ok "fixture: served == forward (2 ranks), bit for bit; == one rank and HF within tolerance"
 
 # 300 random rows (seed from the clock, printed): 5 requests of <= 64 rows.
 seed=$(( $(date +%s%N) % 1000000007 ))
 echo "random input seed $seed"
 "$MOE_EP" gen-input --config "$QCFG" --tokens 300 --seed "$seed" --output "$TMP/x.st" >/dev/null || fail "gen-input"
-"$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$QW" --input "$TMP/x.st" --output "$TMP/f2.st" >/dev/null || fail "forward"
+forward_as_served "$TMP/f2.st" --config "$QCFG" --weights "$QW" --input "$TMP/x.st" || fail "forward"
 out=$("$MOE_EP" client --connect "$ADDR" --input "$TMP/x.st" --output "$TMP/c2.st" --logits) || fail "client forward"
 echo "$out"
 echo "$out" | grep -q "in 5 request(s)" || fail "expected 5 requests of <= 64 rows"
@@ -66,7 +71,7 @@ LCFG=$FIX/llama4_k1_fp32/config.json
 LW=$FIX/llama4_k1_fp32/weights.safetensors
 LIO=$FIX/llama4_k1_fp32/io.safetensors
 start_server llama 2 --listen "unix:$TMP/l.sock" --config "$LCFG" --weights "$LW"
-"$MOE_EP" forward --backend cpu --config "$LCFG" --weights "$LW" --input "$LIO" --output "$TMP/f3.st" >/dev/null || fail "forward llama4"
+forward_as_served "$TMP/f3.st" --config "$LCFG" --weights "$LW" --input "$LIO" || fail "forward llama4"
 "$MOE_EP" client --connect "$ADDR" --input "$LIO" --output "$TMP/c3.st" --logits || fail "client llama4"
 cmp "$TMP/f3.st" "$TMP/c3.st" || fail "llama4: served differs from moe-ep forward"
 ok "llama4: served == forward, bit for bit"

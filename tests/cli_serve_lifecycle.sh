@@ -6,13 +6,15 @@
 #    clear message and a nonzero status, never a hang; the live server is unaffected;
 #  - a rank that dies ends the whole job (mpirun exits nonzero) instead of a hang;
 #  - --layers: a full checkpoint with model.layers.3 and model.layers.5 (built from two HF
-#    fixtures when python3 is there) serves both, each equal to `moe-ep forward --layer N`;
+#    fixtures when python3 is there) serves both, each equal to `moe-ep forward --layer N`
+#    (served results are compared with `moe-ep forward` under mpirun -np 2: the same
+#    expert-parallel placement, so bit for bit);
 #    an unserved layer is refused;
 #  - a bf16 block: served == forward, bit for bit.
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/util/serve_common.sh"
 
-"$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$QW" --input "$QIO" --output "$TMP/f.st" >/dev/null || fail "forward"
+forward_as_served "$TMP/f.st" --config "$QCFG" --weights "$QW" --input "$QIO" || fail "forward"
 
 # ---- drain with a request in flight ----
 start_server drain 2 --listen "unix:$TMP/d.sock" --config "$QCFG" --weights "$QW" --max-wait-us 5000000
@@ -98,7 +100,7 @@ BW=$FIX/qwen3_norm_bf16/weights.safetensors
 BIO=$FIX/qwen3_norm_bf16/io.safetensors
 start_server bf16 2 --listen "unix:$TMP/h.sock" --config "$BCFG" --weights "$BW"
 "$MOE_EP" client --connect "$ADDR" --info | grep -q "dtype bf16" || fail "bf16 INFO"
-"$MOE_EP" forward --backend cpu --config "$BCFG" --weights "$BW" --input "$BIO" --output "$TMP/fb.st" >/dev/null || fail "forward bf16"
+forward_as_served "$TMP/fb.st" --config "$BCFG" --weights "$BW" --input "$BIO" || fail "forward bf16"
 "$MOE_EP" client --connect "$ADDR" --input "$BIO" --output "$TMP/cb.st" --logits >/dev/null || fail "client bf16"
 cmp "$TMP/fb.st" "$TMP/cb.st" || fail "bf16: served differs from forward"
 stop_server TERM
@@ -137,7 +139,7 @@ EOF
 start_server layers 2 --listen "unix:$TMP/m.sock" --config "$QCFG" --weights "$TMP/full.safetensors" --layers 3,5
 "$MOE_EP" client --connect "$ADDR" --info | grep -q "^layers: 3 5$" || fail "INFO layers"
 for L in 3 5; do
-    "$MOE_EP" forward --backend cpu --config "$QCFG" --weights "$TMP/full.safetensors" --layer $L --input "$QIO" --output "$TMP/fl$L.st" >/dev/null || fail "forward layer $L"
+    forward_as_served "$TMP/fl$L.st" --config "$QCFG" --weights "$TMP/full.safetensors" --layer $L --input "$QIO" || fail "forward layer $L"
     "$MOE_EP" client --connect "$ADDR" --layer $L --input "$QIO" --output "$TMP/cl$L.st" --logits >/dev/null || fail "client layer $L"
     cmp "$TMP/fl$L.st" "$TMP/cl$L.st" || fail "layer $L: served differs from forward"
 done

@@ -183,8 +183,13 @@ int cli_bench(int argc, char **argv)
     bool any_wrong = false;
     const char *backend_name = backend == MOE_BACKEND_CUDA ? "cuda" : "cpu";
 
-    if (routed_only) cfg.shared_inter = 0; /* the layer (and --check's reference) run none */
+    /* --check's reference draws the weights with the shared expert (a Llama-4 config without
+     * one is not valid) and then leaves it out, as the layer does */
     if (check && moe_weights_random(&cfg, seed, 0, E, dt, &w, &err) != MOE_OK) goto fail;
+    if (routed_only) { /* the layer (and --check's reference) run no shared expert */
+        cfg.shared_inter = 0;
+        w.cfg.shared_inter = 0;
+    }
     {
         moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
         src.kind = MOE_WEIGHTS_RANDOM;

@@ -379,7 +379,10 @@ void bench_device_info(const moe_layer *L, bench_device *d)
     memset(d, 0, sizeof *d);
     moe_layer_info info = MOE_LAYER_INFO_INIT;
     moe_layer_info_get(L, &info);
-    snprintf(d->name, sizeof d->name, "%s", info.device_name);
+    /* the CSV/JSON "device" column: "cpu" on the CPU (the thread count has its own header
+     * line, "# cpu: N threads"), the GPU's name on CUDA */
+    snprintf(d->name, sizeof d->name, "%s",
+             info.backend == MOE_BACKEND_CPU ? "cpu" : info.device_name);
     d->sm_count = info.backend == MOE_BACKEND_CPU ? L->threads : 0;
 #ifdef MOE_HAVE_CUDA
     if (info.backend == MOE_BACKEND_CUDA) {

@@ -19,6 +19,18 @@
 #include "rng.h"
 #include "weights.h"
 
+double cli_check_token_bytes(const moe_config *cfg, moe_dtype dt, int64_t T, bool backward)
+{
+    const double d = (double)moe_dtype_size(dt), H = cfg->hidden, E = cfg->num_experts;
+    const double k = cfg->top_k, I = cfg->inter, Is = cfg->shared_inter;
+    const double passes = backward ? 2 : 1;
+    const double io = (4 * H + E) * d;                                  /* x, dout, dx, out, logits */
+    const double stages = k * (3 * I + H) * d + 2 * k * (4 + d);        /* kept intermediates */
+    const double scratch = passes * (E * d + k * (4 + d) + k * (H + 3 * I) * d + (H + 3 * Is) * d);
+    const double ref = passes * (E + 4 * H + k * (3 * I + H) + 3 * Is) * 8; /* doubles */
+    return (double)T * (io + stages + scratch + ref);
+}
+
 static const char *arch_name(moe_arch a) { return a == MOE_ARCH_QWEN3 ? "Qwen3-MoE" : "Llama-4 MoE"; }
 
 int cli_check(int argc, char **argv)
@@ -66,8 +78,14 @@ int cli_check(int argc, char **argv)
     moe_dtype dt;
     if ((rc = cli_layer_options("check", &la, &cfg, &lo, &dt))) return rc;
 
+    /* a huge --tokens is refused before anything is allocated */
+    if ((rc = cli_host_memory_check("check", "--tokens", c.tokens, "the check's tensors for that many tokens",
+                                    cli_check_token_bytes(&cfg, dt, c.tokens, c.backward))))
+        return rc;
+
     int status = 1;
     moe_weights w = {0}, grads = {0};
+    const moe_weights *wref = &w; /* the reference's weights */
     moe_layer *L = NULL;
     moe_fwd_state st;
     memset(&st, 0, sizeof st);
@@ -86,11 +104,6 @@ int cli_check(int argc, char **argv)
     fflush(stdout);
 
     double t0 = moe_now();
-    /* the reference's weights; the layer draws the same ones from the same seed */
-    if (moe_weights_random(&cfg, c.seed, 0, cfg.num_experts, dt, &w, &err) != MOE_OK) goto fail;
-    x = moe_malloc((size_t)T * H * esz, "hidden_states", &err);
-    if (!x) goto fail;
-    moe_fill_normal(dt, x, (size_t)T * H, c.seed, "hidden_states", 0, 1.0);
     moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
     src.kind = MOE_WEIGHTS_RANDOM;
     src.seed = c.seed;
@@ -102,6 +115,17 @@ int cli_check(int argc, char **argv)
     }
     moe_layer_info info = MOE_LAYER_INFO_INIT;
     moe_layer_info_get(L, &info);
+    /* the reference's weights: on the CPU the layer's own resident copy (all E experts, drawn
+     * from the seed), so a full-size check holds and draws them once; a CUDA layer keeps none
+     * on the host, so they are drawn again from the same seed */
+    if (info.backend == MOE_BACKEND_CPU && !L->borrowed && L->host.router.data &&
+        L->host.expert_begin == 0 && L->host.expert_count == cfg.num_experts && L->host.dtype == dt)
+        wref = &L->host;
+    else if (moe_weights_random(&cfg, c.seed, 0, cfg.num_experts, dt, &w, &err) != MOE_OK)
+        goto fail;
+    x = moe_malloc((size_t)T * H * esz, "hidden_states", &err);
+    if (!x) goto fail;
+    moe_fill_normal(dt, x, (size_t)T * H, c.seed, "hidden_states", 0, 1.0);
     if (moe_fwd_state_alloc(&cfg, dt, T, true, &st, &err) != MOE_OK) goto fail;
     moe_fwd_state_poison(&cfg, dt, &st);
     printf("moe-ep check: backend %s%s; weights generated in %.1f s\n",
@@ -117,7 +141,7 @@ int cli_check(int argc, char **argv)
         if (!dout || !dx) goto fail;
         moe_fill_normal(dt, dout, (size_t)T * H, c.seed, "grad_output", 0, 1.0);
         for (size_t i = 0; i < (size_t)T * H; i++) moe_store_elem(dt, dx, i, 0.0 / 0.0);
-        if (moe_weights_zeros_like(&w, dt, &grads, &err) != MOE_OK) goto fail;
+        if (moe_weights_zeros_like(wref, dt, &grads, &err) != MOE_OK) goto fail;
         /* poison the gradients: every element must be written (zeros for idle experts too) */
         moe_tensor *gt[] = {&grads.router, &grads.w13, &grads.w2, &grads.shared_gate, &grads.shared_up, &grads.shared_down};
         for (size_t i = 0; i < sizeof gt / sizeof gt[0]; i++)
@@ -144,8 +168,8 @@ int cli_check(int argc, char **argv)
     moe_check_report rep;
     moe_check_report_init(&rep);
     t1 = moe_now();
-    if (moe_check_forward(&w, dt, T, x, &st, &co, &rep, &err) != MOE_OK) goto fail;
-    if (c.backward && moe_check_backward(&w, dt, T, x, &st, dout, dx, &grads, &co, &rep, &err) != MOE_OK)
+    if (moe_check_forward(wref, dt, T, x, &st, &co, &rep, &err) != MOE_OK) goto fail;
+    if (c.backward && moe_check_backward(wref, dt, T, x, &st, dout, dx, &grads, &co, &rep, &err) != MOE_OK)
         goto fail;
     printf("moe-ep check: reference and comparisons %.1f s\n\n", moe_now() - t1);
     moe_check_print(&rep, stdout);

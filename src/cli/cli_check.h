@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "cli_layer.h"
+#include "config.h"
 
 typedef struct cli_check_args {
     const char *model;
@@ -14,6 +15,11 @@ typedef struct cli_check_args {
     uint64_t seed;
     bool backward;
 } cli_check_args;
+
+/* An estimate from above of the host bytes a check of T tokens holds besides the weights and
+ * their gradients: the inputs, the layer's outputs and intermediates, its scratch and the
+ * reference's double-precision twins. */
+double cli_check_token_bytes(const moe_config *cfg, moe_dtype dt, int64_t T, bool backward);
 
 /* The expert-parallel layer over MPI_COMM_WORLD against the single-rank layer on the same
  * generated weights and inputs, per rank. Returns the exit code (all ranks agree). */

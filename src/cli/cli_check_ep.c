@@ -276,19 +276,6 @@ static void *pick_rows(const void *all, const int32_t *ids, int n, size_t row_by
     return p;
 }
 
-static uint64_t fnv_cfg(const moe_config *c)
-{
-    int64_t v[8] = {c->arch, c->hidden, c->inter, c->num_experts, c->top_k, c->norm_topk_prob,
-                    c->shared_inter, c->dtype};
-    uint64_t h = 14695981039346656037ull;
-    const unsigned char *b = (const unsigned char *)v;
-    for (size_t i = 0; i < sizeof v; i++) {
-        h ^= b[i];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 int cli_check_ep(const cli_check_args *c, const cli_layer_args *la)
 {
     int rank, size;
@@ -303,16 +290,34 @@ int cli_check_ep(const cli_check_args *c, const cli_layer_args *la)
     moe_layer_options lo;
     moe_dtype dt = MOE_DTYPE_F32;
     if (!rc) rc = cli_layer_options("check", la, &cfg, &lo, &dt);
-    /* the check's own options must be the same everywhere (a global batch, one comparison) */
-    int64_t f[5] = {c->tokens, c->backward, (int64_t)(c->seed >> 1), dt,
-                    rc ? 0 : (int64_t)(fnv_cfg(&cfg) >> 1)};
-    static const char *const names[5] = {"--tokens", "--backward", "--seed", "--dtype",
-                                         "--model (the resolved config)"};
-    moe_status ag = ep_agree_fields(MPI_COMM_WORLD, rc ? MOE_ERR_INVALID_ARG : MOE_OK, f, names, 5, &err);
+    /* the check's own options must be the same everywhere (a global batch, one comparison);
+     * the model field by field, so a mismatch names the field */
+    enum { NF = 13 };
+    int64_t f[NF] = {0};
+    if (!rc) {
+        const int64_t v[NF] = {c->tokens, c->backward, (int64_t)(c->seed >> 32),
+                               (int64_t)(c->seed & 0xffffffffu), dt, cfg.arch, cfg.hidden,
+                               cfg.inter, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+                               cfg.shared_inter, cfg.dtype};
+        memcpy(f, v, sizeof f);
+    }
+    static const char *const names[NF] = {
+        "--tokens", "--backward", "--seed (high 32 bits)", "--seed (low 32 bits)", "--dtype",
+        "--model: the model type (arch)", "--model: hidden_size", "--model: the expert width (I)",
+        "--model: the number of experts", "--model: top-k (num_experts_per_tok)",
+        "--model: norm_topk_prob", "--model: the shared expert's width",
+        "--model: torch_dtype"};
+    moe_status ag = ep_agree_fields(MPI_COMM_WORLD, rc ? MOE_ERR_INVALID_ARG : MOE_OK, f, names, NF, &err);
     if (ag != MOE_OK) {
         if (!rc) fprintf(stderr, "moe-ep check: %s\n", err.msg);
         return cli_mpi_end(2);
     }
+    /* every rank holds the whole batch's inputs and runs the single-rank reference on it: a
+     * huge --tokens is refused before anything is allocated */
+    rc = cli_host_memory_check("check", "--tokens", c->tokens,
+                               "the check's tensors for that many tokens (on every rank)",
+                               cli_check_token_bytes(&cfg, dt, c->tokens, c->backward));
+    if ((rc = cli_agree(rc))) return cli_mpi_end(rc);
     const int T = c->tokens, H = cfg.hidden, E = cfg.num_experts, I = cfg.inter, k = cfg.top_k;
     const int Is = cfg.shared_inter;
     const size_t esz = moe_dtype_size(dt);

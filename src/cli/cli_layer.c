@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dtype.h"
 #include "ep/ep.h"
@@ -116,10 +117,12 @@ int cli_ep_open(const char *cmd, const cli_layer_args *a, int E, moe_ep_comm **c
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     moe_ep_options eo = MOE_EP_OPTIONS_INIT;
     int rc = 0;
+    moe_error ae; /* this rank's reason, shared with the others by the agreement below */
+    moe_error_clear(&ae);
     if (!moe_ep_transport_parse(a->transport ? a->transport : "auto", &eo.transport)) {
-        if (rank == 0)
-            fprintf(stderr, "moe-ep %s: --transport expects mpi, nccl or auto, got '%s'\n", cmd,
-                    a->transport);
+        moe_fail(&ae, MOE_ERR_INVALID_ARG, "--transport expects mpi, nccl or auto, got '%s'",
+                 a->transport);
+        if (rank == 0) fprintf(stderr, "moe-ep %s: %s\n", cmd, ae.msg);
         rc = 2;
     }
     eo.virtual_ranks = a->virtual_ranks;
@@ -127,17 +130,25 @@ int cli_ep_open(const char *cmd, const cli_layer_args *a, int E, moe_ep_comm **c
     eo.max_tokens_per_rank = a->max_tokens_per_rank;
     eo.route = a->route;
     if (!rc && a->expert_map) {
-        moe_error err;
-        moe_error_clear(&err);
-        if (moe_expert_map_load_file(a->expert_map, E, size, owner, &err) != MOE_OK) {
-            fprintf(stderr, "moe-ep %s: %s\n", cmd, err.msg);
+        if (moe_expert_map_load_file(a->expert_map, E, size, owner, &ae) != MOE_OK) {
+            fprintf(stderr, "moe-ep %s: %s\n", cmd, ae.msg);
             rc = 2;
         }
     }
-    if ((rc = cli_agree(rc))) {
+    /* what decides the collective calls that follow must be the same on every rank (an MPMD
+     * launch may mix them): the command and --stats (its per-rank report is collective) */
+    static const char *const cmds[] = {"forward", "backward", "check", "bench", NULL};
+    int64_t f[2] = {0, a->stats};
+    for (int i = 0; cmds[i]; i++)
+        if (strcmp(cmd, cmds[i]) == 0) f[0] = i + 1;
+    static const char *const names[2] = {"the command (1 forward, 2 backward, 3 check, 4 bench)",
+                                         "--stats"};
+    if (ep_agree_fields(MPI_COMM_WORLD, rc ? MOE_ERR_INVALID_ARG : MOE_OK, f, names, 2, &ae) !=
+        MOE_OK) {
+        if (!rc) fprintf(stderr, "moe-ep %s: %s\n", cmd, ae.msg);
         free(*owner);
         *owner = NULL;
-        return rc;
+        return 2;
     }
     moe_status st = moe_ep_comm_create((int32_t)MPI_Comm_c2f(MPI_COMM_WORLD), &eo, comm);
     if (st != MOE_OK) {
@@ -147,6 +158,22 @@ int cli_ep_open(const char *cmd, const cli_layer_args *a, int E, moe_ep_comm **c
         return st == MOE_ERR_INVALID_ARG ? 2 : 1; /* every rank got the same status */
     }
     return 0;
+}
+
+double cli_host_free_bytes(void)
+{
+    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+}
+
+int cli_host_memory_check(const char *cmd, const char *opt, long long value, const char *what,
+                          double need)
+{
+    double avail = cli_host_free_bytes();
+    if (avail <= 0 || need <= avail) return 0;
+    fprintf(stderr, "moe-ep %s: %s %lld: %s need about %.1f GiB but %.1f GiB is free on the "
+            "host; lower %s\n", cmd, opt, value, what, need / (1 << 30), avail / (1 << 30), opt);
+    return 2;
 }
 
 void cli_split(int T, int N, int r, int *Tr, int *off)

@@ -69,6 +69,14 @@ int cli_layer_options(const char *cmd, const cli_layer_args *a, const moe_config
 int cli_ep_open(const char *cmd, const cli_layer_args *a, int E, moe_ep_comm **comm,
                 int32_t **owner);
 
+/* Free host memory in bytes (0 when unknown). */
+double cli_host_free_bytes(void);
+/* Whether `need` bytes fit in the free host memory: 0, or prints "moe-ep CMD: OPT VALUE: WHAT
+ * need(s) about X GiB but Y GiB is free on the host; lower OPT" and returns 2 (so a huge value
+ * is refused before anything is allocated, never an OOM kill). Local (not collective). */
+int cli_host_memory_check(const char *cmd, const char *opt, long long value, const char *what,
+                          double need);
+
 /* Rows [off, off + Tr) of T tokens on rank r of N: contiguous, the first T mod N one more. */
 void cli_split(int T, int N, int r, int *Tr, int *off);
 /* "gemm1 wgmma 128x256x64,...; gemm2 ..." from the layer's stats ("" on the CPU). */

@@ -172,10 +172,14 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
     if (ep) cli_mpi_begin(&rank, &size);
     moe_error err = {0};
     moe_config cfg;
+    /* agreed: a rank whose config fails says why, and every rank leaves (none waits in a
+     * collective for it) */
+    rc = 0;
     if (moe_config_resolve(a.config, &cfg, &err) != MOE_OK) {
-        if (rank == 0) fprintf(stderr, "moe-ep %s: --config: %s\n", cmd, err.msg);
-        return ep ? cli_mpi_end(2) : 2;
+        fprintf(stderr, "moe-ep %s: --config: %s\n", cmd, err.msg);
+        rc = 2;
     }
+    if ((rc = cli_agree(rc))) return ep ? cli_mpi_end(rc) : rc;
     moe_layer_options lo;
     moe_dtype dt;
     if ((rc = cli_agree(cli_layer_options(cmd, &la, &cfg, &lo, &dt)))) return ep ? cli_mpi_end(rc) : rc;

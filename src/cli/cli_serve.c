@@ -85,7 +85,7 @@ int cli_serve(int argc, char **argv)
         {"weights", OPT_STRING, "W", "a .safetensors file or model.safetensors.index.json (required)", .str = &o.weights},
         {"layers", OPT_STRING, "L1,L2,..", "serve decoder layers model.layers.N of a full checkpoint (default: the file holds one block under its own names, served as layer 0)", .str = &layers_s},
         {"backend", OPT_STRING, "cpu|cuda|auto", "where every rank runs its share (default cpu)", .str = &backend_s},
-        {"ep", OPT_STRING, "auto|on|off", "shard each layer's experts over the ranks (expert parallelism; auto: when the backend is cpu and E divides evenly) or replicate them on every rank (default auto)", .str = &ep_s},
+        {"ep", OPT_STRING, "auto|on|off", "shard each layer's experts over the ranks (expert parallelism; auto: when the backend is cpu and there are at least as many experts as ranks; uneven slices are fine) or replicate them on every rank (default auto)", .str = &ep_s},
         {"dtype", OPT_STRING, "bf16|fp16|fp32", "activation dtype requests must use (default: the config's)", .str = &dtype_s},
         {"ready-file", OPT_STRING, "F", "written by rank 0 once serving: its pid, then the bound address; removed at exit", .str = &o.ready_file},
         {"max-batch-tokens", OPT_INT, "N", "rows per batch and per request (default 4096)", .i = &o.max_batch_tokens, .min = 1},

@@ -336,8 +336,17 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
         L->device = -1;
     }
     /* ---- local steps: a failure is agreed on with the other ranks before any collective */
-    if (st == MOE_OK && resolved) L->cfg = *resolved;
-    else if (st == MOE_OK) st = moe_config_resolve(config, &L->cfg, err);
+    /* A resolved Llama-4 config without its shared expert (shared_inter 0: the benchmark's
+     * --routed-only) is checked and its weights drawn with the shared expert (width I, as a
+     * config.json gives it), which is dropped once the weights are in. */
+    bool routed_only = false;
+    if (st == MOE_OK && resolved) {
+        L->cfg = *resolved;
+        if (L->cfg.arch == MOE_ARCH_LLAMA4 && L->cfg.shared_inter == 0) {
+            routed_only = true;
+            L->cfg.shared_inter = L->cfg.inter;
+        }
+    } else if (st == MOE_OK) st = moe_config_resolve(config, &L->cfg, err);
     if (st == MOE_OK) st = moe_config_validate(&L->cfg, err);
     if (st == MOE_OK) {
         L->dt = o->dtype == MOE_NUM_DTYPES ? L->cfg.dtype : o->dtype;
@@ -353,7 +362,7 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
         L->E = L->cfg.num_experts;
         L->k = L->cfg.top_k;
         L->llama = L->cfg.arch == MOE_ARCH_LLAMA4;
-        L->shared = L->llama && L->cfg.shared_inter > 0;
+        L->shared = L->llama && L->cfg.shared_inter > 0 && !routed_only;
         L->Is = L->shared ? L->cfg.shared_inter : 0;
         L->max_tokens = o->max_tokens;
         L->save_for_backward = o->save_for_backward != 0;
@@ -375,6 +384,13 @@ moe_status moe_layer_create_config(const char *config, const moe_config *resolve
                       "layer runs on the CPU", L->kernel_config);
     if (st == MOE_OK) st = check_memory(L, c, err);
     if (st == MOE_OK) st = load_weights(L, src, err);
+    if (st == MOE_OK && routed_only) {
+        moe_tensor_free(&L->host.shared_gate);
+        moe_tensor_free(&L->host.shared_up);
+        moe_tensor_free(&L->host.shared_down);
+        L->cfg.shared_inter = 0;
+        L->host.cfg.shared_inter = 0;
+    }
     if (st == MOE_OK) L->replicated_hash = replicated_hash(L);
     if (st == MOE_OK) {
         if (o->workspace) {

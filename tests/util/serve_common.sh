@@ -88,6 +88,19 @@ stop_server() {
     ok "SIG$sig: drained, mpirun exited 0"
 }
 
+# forward_as_served OUT ARGS... : the reference for a server's replies: `moe-ep forward ARGS`
+# under mpirun with the server's rank count (SERVE_NP, default 2), so the layer is placed as the
+# server places it: expert-parallel (the default for the CPU backend with at least as many
+# experts as ranks, even or uneven slices) rounds each owner's partial sum the same way, so the
+# served output and router logits equal this file bit for bit. (With --ep off the experts are
+# replicated and one rank's forward is the reference.)
+forward_as_served() {
+    local out=$1
+    shift
+    # shellcheck disable=SC2086
+    $MPIEXEC $MPIRUN_FLAGS -np "${SERVE_NP:-2}" "$MOE_EP" forward --backend cpu "$@" --output "$out" >/dev/null
+}
+
 # The ranks: mpirun's children running moe-ep.
 rank_pids() {
     local p
