@@ -117,6 +117,7 @@ static moe_status cuda_engine_block(moe_engine *e, bool backward, moe_error *err
             cuda_block_set_gemm_config(e->blk, (cuda_gemm_stage)st, &cfg);
     }
     cuda_block_set_autotune(e->blk, e->opts.autotune, e->opts.autotune_cache);
+    cuda_block_set_exact_hf_rounding(e->blk, e->opts.exact_hf_rounding);
     (void)fwd_stages;
     return MOE_OK;
 }
@@ -551,6 +552,8 @@ void moe_engine_kernel_summary(const moe_engine *e, char *buf, size_t len)
                                  c->cluster > 1 ? ",c2" : "", r->staged_epilogue ? " (staged epilogue)" : "",
                                  r->a_tma ? " (A by TMA)" : "");
     }
+    if (e->opts.exact_hf_rounding && used < len)
+        snprintf(buf + used, len - used, "; exact HF rounding");
 #else
     (void)e;
     (void)len;

@@ -22,6 +22,9 @@ typedef struct moe_engine_options {
     const char *kernel_config;  /* "128x128x64,w8,s3": force every grouped GEMM to it; NULL/"auto" */
     bool autotune;              /* pick each GEMM's config by timing candidates (cached on disk) */
     const char *autotune_cache; /* NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json */
+    bool exact_hf_rounding;     /* HF's rounding points in the Hopper kernels (x*score rounded
+                                   before GEMM1, IEEE SiLU) instead of the faster defaults
+                                   (docs/KERNELS.md); the CPU backend always rounds there */
 } moe_engine_options;
 /* Validates and applies the options (an invalid kernel config is rejected with the reason). */
 moe_status moe_engine_configure(moe_engine *e, const moe_engine_options *opts, moe_error *err);

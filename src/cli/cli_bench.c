@@ -91,7 +91,7 @@ int cli_bench(int argc, char **argv)
     uint64_t seed = 1;
     bool check = false, graph = false, routed_only = false;
     const char *kcfg = NULL, *tcache = NULL;
-    bool autotune = false;
+    bool autotune = false, exact_hf = false;
     cli_opt opts[] = {
         {"model", OPT_STRING, "PRESET|config.json", "model (default tiny-qwen3)", .str = &model},
         {"min-tokens", OPT_INT, "T", "smallest token count (default 16)", .alias = 'b', .i = &tmin, .min = 1},
@@ -116,6 +116,7 @@ int cli_bench(int argc, char **argv)
         {"kernel-config", OPT_STRING, "CFG", "CUDA: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        {"exact-hf-rounding", OPT_FLAG, NULL, "CUDA: round where HF does in the Hopper grouped GEMMs (x*score rounded before GEMM1, IEEE SiLU) instead of the faster defaults (docs/KERNELS.md); the CPU backend always does", .flag = &exact_hf},
         {0},
     };
     const char *syn = "[--model M] [-b T] [-e T] [-f F] [-w N] [-n N] [--mode fwd|bwd|fwdbwd] [--check] [--graph] [--json F] [--csv F]";
@@ -192,7 +193,8 @@ int cli_bench(int argc, char **argv)
     }
     if (moe_engine_create(backend, &w, dt, tmax, &eng, &err) != MOE_OK) goto fail;
     {
-        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache,
+                                 .exact_hf_rounding = exact_hf};
         if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
     }
     if (rotate <= 0) { /* enough sets that the smallest size's inputs exceed a 50 MB L2 twice */

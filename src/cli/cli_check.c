@@ -27,7 +27,7 @@ int cli_check(int argc, char **argv)
     uint64_t seed = 1;
     bool backward = false;
     const char *kcfg = NULL, *tcache = NULL;
-    bool autotune = false;
+    bool autotune = false, exact_hf = false;
     cli_ep_args ep;
     cli_ep_args_init(&ep);
     cli_opt opts[] = {
@@ -42,6 +42,7 @@ int cli_check(int argc, char **argv)
         {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA, single-rank runs: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        {"exact-hf-rounding", OPT_FLAG, NULL, "CUDA, single-rank runs: round where HF does in the Hopper grouped GEMMs (x*score rounded before GEMM1, IEEE SiLU) instead of the faster defaults (docs/KERNELS.md); the CPU backend always does", .flag = &exact_hf},
         CLI_EP_OPTIONS(ep),
         {0},
     };
@@ -58,7 +59,7 @@ int cli_check(int argc, char **argv)
     if ((rc = cli_require("check", opts, "model"))) return rc;
     if (threads > 0) omp_set_num_threads(threads);
     if (cli_ep_wanted(&ep)) {
-        if ((rc = cli_ep_reject_plain_only("check", sample, kcfg, autotune, tcache))) return rc;
+        if ((rc = cli_ep_reject_plain_only("check", sample, kcfg, autotune, tcache, exact_hf))) return rc;
         return cli_ep_check(model, tokens, dtype_s, backend_s, seed, backward, &ep);
     }
 
@@ -103,7 +104,8 @@ int cli_check(int argc, char **argv)
     moe_fill_normal(dt, x, (size_t)T * H, seed, "hidden_states", 0, 1.0);
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
     {
-        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache,
+                                 .exact_hf_rounding = exact_hf};
         if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
     }
     if (moe_fwd_state_alloc(&cfg, dt, T, true, &st, &err) != MOE_OK) goto fail;

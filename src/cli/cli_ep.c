@@ -53,10 +53,11 @@ bool cli_ep_wanted(const cli_ep_args *a)
 }
 
 int cli_ep_reject_plain_only(const char *cmd, int sample, const char *kernel_config,
-                             bool autotune, const char *autotune_cache)
+                             bool autotune, const char *autotune_cache, bool exact_hf_rounding)
 {
     const char *opt = sample > 0 ? "--sample" : kernel_config ? "--kernel-config"
-                    : autotune ? "--autotune" : autotune_cache ? "--autotune-cache" : NULL;
+                    : autotune ? "--autotune" : autotune_cache ? "--autotune-cache"
+                    : exact_hf_rounding ? "--exact-hf-rounding" : NULL;
     if (!opt) return 0;
     fprintf(stderr, "moe-ep %s: %s applies to single-rank runs only; the expert-parallel %s "
                     "(mpirun with several ranks, or an EP option) does not take it\n", cmd, opt, cmd);

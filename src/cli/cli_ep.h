@@ -32,9 +32,10 @@ void cli_ep_args_init(cli_ep_args *a);
 /* Whether this run is expert-parallel: launched by mpirun with >1 rank, or an EP option given. */
 bool cli_ep_wanted(const cli_ep_args *a);
 /* Options of the single-rank path that the expert-parallel one does not take (sample > 0,
- * a kernel configuration, autotuning): a message naming the first one given, and 2; else 0. */
+ * a kernel configuration, autotuning, exact HF rounding): a message naming the first one
+ * given, and 2; else 0. */
 int cli_ep_reject_plain_only(const char *cmd, int sample, const char *kernel_config,
-                             bool autotune, const char *autotune_cache);
+                             bool autotune, const char *autotune_cache, bool exact_hf_rounding);
 
 /* `moe-ep forward` expert-parallel. Returns the exit code (all ranks agree). */
 int cli_ep_forward(const char *config, const char *weights, int layer, const char *input,

@@ -62,7 +62,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
 {
     run_args a = {.backend_s = "auto", .layer = -1};
     const char *kcfg = NULL, *tcache = NULL;
-    bool autotune = false;
+    bool autotune = false, exact_hf = false;
     cli_ep_args ep;
     cli_ep_args_init(&ep);
     cli_opt opts[] = {
@@ -77,6 +77,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         {"kernel-config", OPT_STRING, "CFG", "CUDA, single-rank runs: force every grouped GEMM to CFG (e.g. 128x128x64,w8,s3 or 128x256x64,w12,s3,tma,staged; syntax: docs/KERNELS.md; default auto)", .str = &kcfg},
         {"autotune", OPT_FLAG, NULL, "CUDA, single-rank runs: time the compiled GEMM configs on the real shapes and use the fastest (cached)", .flag = &autotune},
         {"autotune-cache", OPT_STRING, "PATH", "autotune cache file (default $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json)", .str = &tcache},
+        {"exact-hf-rounding", OPT_FLAG, NULL, "CUDA, single-rank runs: round where HF does in the Hopper grouped GEMMs (x*score rounded before GEMM1, IEEE SiLU) instead of the faster defaults (docs/KERNELS.md); the CPU backend always does", .flag = &exact_hf},
         CLI_EP_OPTIONS(ep),
         /* last: for `forward` its NULL name ends the table */
         {backward ? "grad-output" : NULL, OPT_STRING, "G.safetensors", "file holding grad_output, shaped like the output (required)", .str = &a.grad_output},
@@ -98,7 +99,7 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         if (req[i] && (rc = cli_require(cmd, opts, req[i]))) return rc;
     if (a.threads > 0) omp_set_num_threads(a.threads);
     if (cli_ep_wanted(&ep)) {
-        if ((rc = cli_ep_reject_plain_only(cmd, 0, kcfg, autotune, tcache))) return rc;
+        if ((rc = cli_ep_reject_plain_only(cmd, 0, kcfg, autotune, tcache, exact_hf))) return rc;
         if (backward) {
             fprintf(stderr, "moe-ep backward: expert-parallel backward is available through the library "
                             "(moe_ep_backward) and `moe-ep check --backward` under mpirun; the backward "
@@ -147,7 +148,8 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
     }
     if (moe_engine_create(backend, &w, dt, T, &eng, &err) != MOE_OK) goto fail;
     {
-        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache};
+        moe_engine_options eo = {.kernel_config = kcfg, .autotune = autotune, .autotune_cache = tcache,
+                                 .exact_hf_rounding = exact_hf};
         if (moe_engine_configure(eng, &eo, &err) != MOE_OK) goto fail;
     }
     if (moe_fwd_state_alloc(&cfg, dt, T, backward, &st, &err) != MOE_OK) goto fail;

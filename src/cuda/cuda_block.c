@@ -404,6 +404,13 @@ void cuda_block_set_gemm_config(cuda_block *b, cuda_gemm_stage stage, const moe_
     b->forced[stage] = cfg != NULL;
 }
 
+void cuda_block_set_exact_hf_rounding(cuda_block *b, bool on)
+{
+    if (!b || b->tuning.exact_hf_rounding == on) return;
+    b->tuning.exact_hf_rounding = on;
+    for (int i = 0; i < CUDA_GEMM_NUM_STAGES; i++) b->tuned_rows[i] = -1; /* tuned picks differ */
+}
+
 void cuda_block_expert_weights(const cuda_block *b, const void **w13, const void **w2)
 {
     *w13 = b->w13;

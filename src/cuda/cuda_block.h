@@ -86,6 +86,13 @@ bool cuda_block_route_was_small(const cuda_block *b);
  * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream
  * the first time a shape is seen: run one eager forward/backward before capturing a graph. */
 void cuda_block_set_autotune(cuda_block *b, bool on, const char *cache_path);
+/* HF's exact rounding points in the Hopper grouped GEMMs (moe_kernel_tuning.exact_hf_rounding,
+ * docs/KERNELS.md): Llama-4's x*score rounded to the dtype before GEMM1 and IEEE SiLU, instead
+ * of the faster defaults (the score applied to GEMM1's fp32 accumulators, SiLU by
+ * __expf/__fdividef). Off by default. The other kernels (mma.sync, FFMA, the CPU twin) always
+ * round where HF does. Applies from the next launch; with autotuning on, such GEMMs are timed
+ * and cached under their own keys. */
+void cuda_block_set_exact_hf_rounding(cuda_block *b, bool on);
 /* The device copies of the local experts' weights (canonical layout): w13 [El,2I,H], w2 [El,H,I]
  * (read-only; the benchmark's cuBLAS baselines run on the same bytes). */
 void cuda_block_expert_weights(const cuda_block *b, const void **w13, const void **w2);
