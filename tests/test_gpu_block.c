@@ -20,7 +20,8 @@
  * differ from the rounded reference (which follows HF's rounding points), printed for both and
  * bounded with the option on. 5000 CUDA graphs captured from one block: each still runs the
  * dynamic tile scheduler (nothing is consumed per capture) and replays bitwise like the eager
- * forward.
+ * forward. Tokens with non-finite router logits counted by the block's routing
+ * (cuda_block_nonfinite_counter), both routing paths.
  *
  * Weights come from moe_tensor_alloc + the counter-based RNG (uniform, variance 1/fan_in).
  * Skipped without a GPU (fails with MOE_REQUIRE_GPU=1). MOE_GPU_TEST_SMALL=1: tiny shapes only
@@ -1403,6 +1404,69 @@ static void test_graph_captures(void **state)
     free_weights(&w);
 }
 
+/* The block counts the tokens whose router logits are not finite (cuda_block_nonfinite_counter)
+ * inside its routing, with no extra launch: x rows holding a NaN, +inf or -inf make such logits,
+ * through the per-stage route and the one-launch one (MOE_ROUTE_SMALL=1); the count adds up over
+ * forwards and cuda_block_route; finite inputs add nothing. */
+static void test_nonfinite_count(void **state)
+{
+    (void)state;
+    const moe_config c = qwen_tiny(true);
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    const int T = 20, H = c.hidden;
+    const size_t xbytes = (size_t)T * H * moe_dtype_size(dt);
+    moe_weights w;
+    make_weights(&w, &c, dt, 0, c.num_experts, moe_test_seed() + 500);
+    void *xbad = xmalloc(xbytes), *xok = xmalloc(xbytes);
+    fill(dt, xok, (size_t)T * H, moe_test_seed() + 501, "x", 1.0);
+    memcpy(xbad, xok, xbytes);
+    moe_store_elem(dt, xbad, 3 * (size_t)H + 4, NAN);
+    moe_store_elem(dt, xbad, 11 * (size_t)H, INFINITY);
+    moe_store_elem(dt, xbad, 17 * (size_t)H + (size_t)H - 1, -INFINITY);
+    for (int small = 0; small < 2; small++) {
+        if (small)
+            setenv("MOE_ROUTE_SMALL", "1", 1);
+        else
+            unsetenv("MOE_ROUTE_SMALL");
+        cuda_block *b = NULL;
+        OK(cuda_block_create(&w, T, false, &b, ERR));
+        uint32_t *cnt = cuda_block_nonfinite_counter(b);
+        assert_non_null(cnt);
+        void *dx;
+        OK(cuda_dev_alloc(&dx, xbytes, "x", ERR));
+        moe_fwd_state st;
+        OK(cuda_fwd_state_alloc(b, T, false, &st, ERR));
+        uint32_t got = 99;
+        OK(cuda_block_upload(b, dx, xok, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(0, got); /* zero at creation, finite inputs add nothing */
+        assert_int_equal(cuda_block_route_was_small(b), small);
+        OK(cuda_block_upload(b, dx, xbad, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        if (got != 3) fail_msg("%s route: %u tokens counted non-finite, 3 have a NaN or an infinity",
+                               small ? "one-launch" : "per-stage", got);
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_route(b, dx, T, &st, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(9, got); /* cumulative */
+        OK(cuda_block_upload(b, dx, xok, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(9, got);
+        fprintf(stderr, "non-finite logits, %s route: counted 3 tokens per route\n",
+                small ? "one-launch" : "per-stage");
+        cuda_fwd_state_free(&st);
+        cuda_dev_free(dx);
+        cuda_block_destroy(b);
+    }
+    unsetenv("MOE_ROUTE_SMALL");
+    free(xbad);
+    free(xok);
+    free_weights(&w);
+}
+
 static void test_invalid(void **state)
 {
     (void)state;
@@ -1451,6 +1515,7 @@ int main(void)
         cmocka_unit_test(test_tiny_llama4),  cmocka_unit_test(test_real_qwen3),
         cmocka_unit_test(test_real_llama4),  cmocka_unit_test(test_route_small_block),
         cmocka_unit_test(test_exact_hf_rounding), cmocka_unit_test(test_graph_captures),
+        cmocka_unit_test(test_nonfinite_count),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #else

@@ -61,6 +61,7 @@ struct cuda_block {
     void *sort_scratch;
     size_t sort_scratch_bytes;
     int *route_counter; /* moe_cuda_route_small's count-in counter (zero between launches) */
+    uint32_t *nonfinite; /* tokens whose router logits held a NaN / inf (the routing kernels add) */
     bool route_small;   /* the last route ran as moe_cuda_route_small */
     /* the forward whose shared-expert intermediates sgu/sact hold (backward reuses them) */
     const void *last_x;
@@ -304,6 +305,9 @@ static moe_status create_inner(cuda_block *b, const moe_weights *w, int max_T, b
     MOE_TRY(balloc(b, &b->sort_scratch, b->sort_scratch_bytes, "sort scratch", err));
     MOE_TRY(balloc(b, (void **)&b->route_counter, sizeof(int), "route counter", err));
     CUDA_TRY(cudaMemset(b->route_counter, 0, sizeof(int)), "zeroing the route counter");
+    MOE_TRY(balloc(b, (void **)&b->nonfinite, sizeof *b->nonfinite, "non-finite logits count", err));
+    CUDA_TRY(cudaMemsetAsync(b->nonfinite, 0, sizeof *b->nonfinite, b->s0),
+             "zeroing the non-finite logits count");
     MOE_TRY(balloc(b, (void **)&b->tuning.sched_counters, MOE_SCHED_COUNTERS_BYTES,
                    "tile scheduler counters", err));
     CUDA_TRY(cudaMemsetAsync(b->tuning.sched_counters, 0, MOE_SCHED_COUNTERS_BYTES, b->s0),
@@ -387,6 +391,7 @@ moe_status cuda_block_set_stream(cuda_block *b, cudaStream_t stream, moe_error *
 const moe_config *cuda_block_config(const cuda_block *b) { return &b->cfg; }
 
 bool cuda_block_route_was_small(const cuda_block *b) { return b && b->route_small; }
+uint32_t *cuda_block_nonfinite_counter(const cuda_block *b) { return b ? b->nonfinite : NULL; }
 moe_dtype cuda_block_dtype(const cuda_block *b) { return b->dt; }
 void cuda_block_experts(const cuda_block *b, int *expert_begin, int *expert_count)
 {
@@ -655,7 +660,8 @@ static moe_status route_into(cuda_block *b, const void *x, int T, void *logits, 
     b->route_small = route_small_wanted() && moe_cuda_route_small_fits(&b->cfg, T, b->El);
     if (b->route_small) {
         MOE_TRY(moe_cuda_route_small(&b->cfg, b->dt, T, x, b->router, logits, ids, w, b->begin,
-                                     b->El, counts, offsets, gather, b->route_counter, b->s0, err));
+                                     b->El, counts, offsets, gather, b->route_counter, b->nonfinite,
+                                     b->s0, err));
         MOE_TRY(mark_phase(b, 1, err)); /* routing and sorting are one launch: permute is empty */
         return mark_phase(b, 2, err);
     }
@@ -663,7 +669,7 @@ static moe_status route_into(cuda_block *b, const void *x, int T, void *logits, 
      * rounds the router logits before top-k). */
     MOE_TRY(blas_gemm(b->h0, b->dt, T, b->E, b->H, x, b->H, false, b->router, b->H, false, logits,
                       b->E, 0.0f, "router GEMM", err));
-    MOE_TRY(moe_cuda_route_topk(&b->cfg, b->dt, T, logits, ids, w, b->s0, err));
+    MOE_TRY(moe_cuda_route_topk(&b->cfg, b->dt, T, logits, ids, w, b->nonfinite, b->s0, err));
     MOE_TRY(mark_phase(b, 1, err));
     MOE_TRY(moe_cuda_sort_by_expert(T, b->k, ids, b->begin, b->El, counts, offsets, gather,
                                     b->sort_scratch, b->sort_scratch_bytes, b->s0, err));

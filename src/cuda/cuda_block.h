@@ -81,6 +81,13 @@ const moe_kernel_report *cuda_block_gemm_report(const cuda_block *b, cuda_gemm_s
  * (moe_cuda_route_small: MOE_ROUTE_SMALL=1 and a batch it fits) rather than the router GEMM +
  * top-k + sort kernels. */
 bool cuda_block_route_was_small(const cuda_block *b);
+/* Device pointer to the block's count of tokens whose router logits held a NaN or an infinity
+ * (one uint32 of device memory, zero at creation): every route of the block (forward,
+ * cuda_block_route, either routing path) adds its tokens inside the top-k launch itself, with
+ * no extra launch and no host read. Cumulative: the block never resets it; read it in the
+ * block's stream order (e.g. cudaMemcpyAsync on cuda_block_stream, or after
+ * cuda_block_sync) and zero it (cudaMemsetAsync on that stream) when convenient. */
+uint32_t *cuda_block_nonfinite_counter(const cuda_block *b);
 /* Autotuning: with on, every stage whose configuration was not forced runs the configuration
  * the autotuner picks for its real problem (src/cuda/autotune.h), persisted in cache_path
  * (NULL: $MOE_AUTOTUNE_CACHE or ~/.cache/moe-ep/autotune.json). Tuning synchronises the stream

@@ -624,7 +624,7 @@ moe_status epc_route(moe_ep_cuda_ctx *c, int set, int T, const void *x, int64_t 
     /* logits [T,E] = round(x [T,H] @ router^T), as cuda_block computes them. */
     MOE_TRY(epc_gemm(c, c->h, c->dt, T, c->E, c->H, x, c->H, false, c->router, c->H, false, logits,
                      c->E, "router GEMM", err));
-    if (!c->forced) return moe_cuda_route_topk(&c->cfg, c->dt, T, logits, ids, w, c->s, err);
+    if (!c->forced) return moe_cuda_route_topk(&c->cfg, c->dt, T, logits, ids, w, NULL, c->s, err);
     /* Forced routing is defined on the host (ep.h): the ids are a function of the global
      * token index, the weights of the logits at those ids. */
     size_t tk = (size_t)T * c->k;
