@@ -44,10 +44,14 @@ extern "C" {
  * Llama-4: top-k of the logits (same tie rule); w = sigmoid(selected logit) in fp32, rounded.
  * NaN logits sort below -inf (so every output id is a valid, distinct expert id).
  * Any E >= 1 and 1 <= k <= E (E*4 bytes of shared memory per token must fit in a block's
- * opt-in shared memory: E up to ~57000 on Hopper). topk_ids [T, k] global ids, topk_w [T, k]. */
+ * opt-in shared memory: E up to ~57000 on Hopper). topk_ids [T, k] global ids, topk_w [T, k].
+ * nonfinite_count (optional, one uint32 of device memory; NULL: not counted): incremented
+ * (integer atomics, so the total is order-independent) once for every token whose logits hold
+ * a NaN or an infinity, inside the same launch; never reset here (the caller reads it
+ * asynchronously and zeroes it when it wants). */
 moe_status moe_cuda_route_topk(const moe_config *cfg, moe_dtype dt, int T, const void *logits,
-                               int32_t *topk_ids, void *topk_w, cudaStream_t stream,
-                               moe_error *err);
+                               int32_t *topk_ids, void *topk_w, uint32_t *nonfinite_count,
+                               cudaStream_t stream, moe_error *err);
 
 /* Scratch bytes moe_cuda_sort_by_expert needs for T*k flat entries and El local experts. */
 size_t moe_cuda_sort_scratch_bytes(int T, int k, int El);
@@ -77,14 +81,15 @@ moe_status moe_cuda_sort_by_expert(int T, int k, const int32_t *topk_ids, int ex
  * sort chunk), and the scores or sort arrays in 48 KB of shared memory (8 E floats or 10 El
  * ints); MOE_ERR_INVALID_ARG otherwise. counter: one int of device memory, zero before the
  * first launch; every launch leaves it zero again, so launches on one stream (or replays of one
- * CUDA graph) may reuse it, launches that may run at the same time may not. */
+ * CUDA graph) may reuse it, launches that may run at the same time may not.
+ * nonfinite_count: as moe_cuda_route_topk's (the tokens whose computed logits are not finite). */
 #define MOE_ROUTE_SMALL_MAX_T 32
 bool moe_cuda_route_small_fits(const moe_config *cfg, int T, int El);
 moe_status moe_cuda_route_small(const moe_config *cfg, moe_dtype dt, int T, const void *x,
                                 const void *router, void *logits, int32_t *topk_ids, void *topk_w,
                                 int expert_begin, int El, int32_t *token_counts,
                                 int32_t *expert_offsets, int32_t *gather_idx, int *counter,
-                                cudaStream_t stream, moe_error *err);
+                                uint32_t *nonfinite_count, cudaStream_t stream, moe_error *err);
 
 /* Router backward. Twin: the router part of cpu_block_backward.
  * logits [T, E] (dt, the forward's), topk_ids [T, k], dw [T*k] fp32: the gradient of the loss

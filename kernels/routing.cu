@@ -35,14 +35,14 @@ using namespace moe_aux;
 template <typename scalar_t>
 __global__ void __launch_bounds__(ROUTE_WARPS * 32)
 route_topk_kernel(int ntok, int E, int k, bool qwen, bool norm, const scalar_t *__restrict__ logits,
-                  int32_t *__restrict__ ids, scalar_t *__restrict__ w)
+                  int32_t *__restrict__ ids, scalar_t *__restrict__ w, uint32_t *nonfinite)
 {
     extern __shared__ float route_smem[];
     const int wpb = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long t = (long long)blockIdx.x * wpb + warp;
     if (t >= ntok) return; /* whole warp: t is warp-uniform */
     topk_token<scalar_t, false>(logits + t * E, E, k, qwen, norm, route_smem + (size_t)warp * E, lane,
-                                ids + t * k, w + t * k);
+                                ids + t * k, w + t * k, nonfinite);
 }
 
 template <typename scalar_t>
@@ -135,7 +135,8 @@ static moe_status route_launch_shape(const void *kernel, size_t per_warp, const 
 
 extern "C" moe_status moe_cuda_route_topk(const moe_config *cfg, moe_dtype dt, int T,
                                           const void *logits, int32_t *topk_ids, void *topk_w,
-                                          cudaStream_t stream, moe_error *err)
+                                          uint32_t *nonfinite_count, cudaStream_t stream,
+                                          moe_error *err)
 {
     MOE_AUX_REQUIRE(cfg != NULL, "moe_cuda_route_topk: cfg is NULL");
     MOE_AUX_REQUIRE(moe_aux_float_dtype(dt), "moe_cuda_route_topk: dtype %d is not bf16/fp16/fp32",
@@ -162,7 +163,7 @@ extern "C" moe_status moe_cuda_route_topk(const moe_config *cfg, moe_dtype dt, i
         if (st != MOE_OK) return st;
         const unsigned grid = (unsigned)((T + wpb - 1) / wpb);
         route_topk_kernel<scalar_t><<<grid, wpb * 32, smem, stream>>>(
-            T, E, k, qwen, norm, (const scalar_t *)logits, topk_ids, (scalar_t *)topk_w);
+            T, E, k, qwen, norm, (const scalar_t *)logits, topk_ids, (scalar_t *)topk_w, nonfinite_count);
     });
     MOE_AUX_CHECK_LAUNCH("route_topk_kernel");
     return MOE_OK;

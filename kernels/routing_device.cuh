@@ -25,17 +25,22 @@ namespace moe_aux {
  * logits, summed sequentially in ascending id (one lane: E adds per token, cheap next to the
  * memory traffic), true division. Shared by the forward and the backward so both see
  * bit-identical p. CG: load through L2 only (__ldcg), for logits that other blocks of the
- * same launch wrote. Ends with __syncwarp. */
+ * same launch wrote. nonfinite (NULL: not asked): set, the same on every lane, to whether a
+ * logit of the row is NaN or infinite (the raw logits: softmax turns -inf into a finite 0).
+ * Ends with __syncwarp. */
 template <typename scalar_t, bool CG = false>
 __device__ __forceinline__ void load_scores(const scalar_t *__restrict__ row, int E, bool qwen,
-                                            float *v, int lane)
+                                            float *v, int lane, bool *nonfinite = nullptr)
 {
     float mx = -INFINITY;
+    bool bad = false;
     for (int e = lane; e < E; e += 32) {
         const float l = to_f(CG ? __ldcg(row + e) : row[e]);
         v[e] = l;
         if (l > mx) mx = l;
+        bad |= !isfinite(l);
     }
+    if (nonfinite) *nonfinite = __any_sync(0xffffffffu, bad);
     if (qwen) {
         mx = warp_max(mx);
         for (int e = lane; e < E; e += 32) v[e] = expf(v[e] - mx);
@@ -62,13 +67,17 @@ __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib)
  * memory), then k rounds of a warp argmax under ranks_before's total order, each taking the
  * best key strictly after the previous round's (no "taken" flags; ties to the lower id);
  * orow[k] the global ids in descending order, wrow[k] the weights (Qwen3: p, renormalised over
- * the k when norm; Llama-4: sigmoid of the logit), rounded to scalar_t. */
+ * the k when norm; Llama-4: sigmoid of the logit), rounded to scalar_t. nonfinite_count (NULL:
+ * not counted): +1 (an integer atomic: the count does not depend on the order) when a logit of
+ * the row is NaN or infinite. */
 template <typename scalar_t, bool CG>
 __device__ __forceinline__ void topk_token(const scalar_t *__restrict__ row, int E, int k, bool qwen,
                                            bool norm, float *v, int lane, int32_t *__restrict__ orow,
-                                           scalar_t *__restrict__ wrow)
+                                           scalar_t *__restrict__ wrow, uint32_t *nonfinite_count)
 {
-    load_scores<scalar_t, CG>(row, E, qwen, v, lane);
+    bool nonfinite = false;
+    load_scores<scalar_t, CG>(row, E, qwen, v, lane, nonfinite_count ? &nonfinite : nullptr);
+    if (nonfinite && lane == 0) atomicAdd(nonfinite_count, 1u);
 
     float prev_v = 0.f;
     int prev_id = -1; /* no previous round */

@@ -62,7 +62,7 @@ route_small_kernel(int T, int E, int H, int k, bool qwen, bool norm, bool vec,
                    const scalar_t *__restrict__ x, const scalar_t *__restrict__ router,
                    scalar_t *logits, int32_t *ids, scalar_t *__restrict__ w, int begin, int El,
                    int32_t *__restrict__ counts, int32_t *__restrict__ offsets,
-                   int32_t *__restrict__ gather, int *done)
+                   int32_t *__restrict__ gather, int *done, uint32_t *nonfinite)
 {
     extern __shared__ float small_smem[];
     __shared__ bool s_last;
@@ -90,7 +90,7 @@ route_small_kernel(int T, int E, int H, int k, bool qwen, bool norm, bool vec,
 
     for (int t = warp; t < T; t += SMALL_WARPS)
         topk_token<scalar_t, true>(logits + (size_t)t * E, E, k, qwen, norm, small_smem + (size_t)warp * E,
-                                   lane, ids + (size_t)t * k, w + (size_t)t * k);
+                                   lane, ids + (size_t)t * k, w + (size_t)t * k, nonfinite);
     __syncthreads(); /* every token's ids are visible to the block; the scores' memory is free */
 
     /* 3. the stable counting sort of the T*k flat entries, one chunk */
@@ -155,7 +155,8 @@ extern "C" moe_status moe_cuda_route_small(const moe_config *cfg, moe_dtype dt, 
                                            const void *router, void *logits, int32_t *topk_ids,
                                            void *topk_w, int expert_begin, int El,
                                            int32_t *token_counts, int32_t *expert_offsets,
-                                           int32_t *gather_idx, int *counter, cudaStream_t stream,
+                                           int32_t *gather_idx, int *counter,
+                                           uint32_t *nonfinite_count, cudaStream_t stream,
                                            moe_error *err)
 {
     MOE_AUX_REQUIRE(cfg != NULL, "moe_cuda_route_small: cfg is NULL");
@@ -183,7 +184,7 @@ extern "C" moe_status moe_cuda_route_small(const moe_config *cfg, moe_dtype dt, 
         route_small_kernel<scalar_t><<<grid, SORT_THREADS, smem, stream>>>(
             T, E, H, k, qwen, norm, vec, (const scalar_t *)x, (const scalar_t *)router,
             (scalar_t *)logits, topk_ids, (scalar_t *)topk_w, expert_begin, El, token_counts,
-            expert_offsets, gather_idx, counter);
+            expert_offsets, gather_idx, counter, nonfinite_count);
     });
     MOE_AUX_CHECK_LAUNCH("route_small_kernel");
     return MOE_OK;

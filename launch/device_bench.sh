@@ -32,7 +32,8 @@ room() { [ "$(el)" -lt $((budget - $1)) ]; } # true while more than $1 seconds r
 summary=()
 { git log -1 --format='commit %H %cd' 2>/dev/null; echo "MOE_COMMIT=${MOE_COMMIT:-}"; date -u
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv; } > "$log/env.txt" 2>&1
-./launch/device_build.sh > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
+# -Xptxas=-v (off by default) for the per-kernel register/spill report summarised below
+./launch/device_build.sh -DMOE_PTXAS_VERBOSE=ON > "$log/build.txt" 2>&1 || { tail -40 "$log/build.txt"; exit 1; }
 summary+=("build done at $(el) s")
 grep -A2 "moe_gg_wgmma_kernel" "$log/build.txt" | grep -E "spill|stack" | sort | uniq -c > "$log/wgmma_ptxas.txt"
 summary+=("wgmma ptxas: $(tr -s ' ' < "$log/wgmma_ptxas.txt" | tr '\n' ';')")

@@ -114,7 +114,7 @@ grep -q ", shared expert)" <<<"$out" || { echo "FAIL: tiny-llama4 header lacks i
   { echo "FAIL: --routed-only on tiny-qwen3"; cat "$tmp/out"; fail=1; }
 # --help documents every option with its default
 help=$("$ep" bench --help)
-for o in --graph --copy-mib --rotate --csv --json --check --mode --kernel-config --autotune --routed-only --peak-gbs; do
+for o in --graph --copy-mib --rotate --csv --json --check --mode --kernel-config --autotune --routed-only --peak-gbs --exact-hf-rounding; do
   grep -q -- "$o" <<<"$help" || { echo "FAIL: --help lacks $o"; fail=1; }
 done
 grep -q -- "--copy-mib N .*default 1024 on cuda, 256 on cpu" <<<"$help" || { echo "FAIL: --copy-mib default in --help"; fail=1; }

@@ -22,6 +22,14 @@ for m in tiny-qwen3 tiny-llama4; do
 done
 # an HF config.json works as a model, and --sample says it sampled
 expect 0 "sampled" -- "$ep" check --model "$MOE_SOURCE_DIR/tests/fixtures/hf/qwen3_norm_fp32/config.json" --tokens 20 --sample 5 --backend cpu --seed "$seed"
+# --exact-hf-rounding: accepted everywhere (the CPU twin always rounds where HF does) and
+# documented in check's, forward's and backward's --help
+expect 0 "PASS" -- "$ep" check --model tiny-llama4 --dtype bf16 --tokens 19 --backend cpu --exact-hf-rounding --seed "$seed"
+expect 0 "exact-hf-rounding" -- "$ep" check --help
+expect 0 "exact-hf-rounding" -- "$ep" forward --help
+expect 0 "exact-hf-rounding" -- "$ep" backward --help
+# one layer, one driver: the option reaches the expert-parallel layer as well
+expect 0 "PASS" -- "$ep" check --model tiny-llama4 --dtype bf16 --tokens 19 --backend cpu --ep-virtual 2 --exact-hf-rounding --seed "$seed"
 expect 0 "usage: moe-ep check" -- "$ep" check --help
 expect 0 "usage: moe-ep forward" -- "$ep" forward --help
 expect 0 "usage: moe-ep backward" -- "$ep" backward --help

@@ -15,6 +15,13 @@
  * `out`) gives the same out; forward and backward captured into CUDA graphs replay bitwise.
  * Timings of the routing stage (router GEMM + top-k + sort), the forward and forward+backward
  * at T=4096 for both real shapes are printed.
+ * exact_hf_rounding (cuda_block_set_exact_hf_rounding) on aligned shapes that run the Hopper
+ * kernels, both settings on the same data: the same checks, plus how many GEMM1 / act outputs
+ * differ from the rounded reference (which follows HF's rounding points), printed for both and
+ * bounded with the option on. 5000 CUDA graphs captured from one block: each still runs the
+ * dynamic tile scheduler (nothing is consumed per capture) and replays bitwise like the eager
+ * forward. Tokens with non-finite router logits counted by the block's routing
+ * (cuda_block_nonfinite_counter), both routing paths.
  *
  * Weights come from moe_tensor_alloc + the counter-based RNG (uniform, variance 1/fan_in).
  * Skipped without a GPU (fails with MOE_REQUIRE_GPU=1). MOE_GPU_TEST_SMALL=1: tiny shapes only
@@ -252,7 +259,21 @@ typedef struct bcase {
     int T;
     int begin, El; /* local expert range */
     bool sampled;  /* real shapes: compare sampled tokens / experts / rows */
+    bool exact;    /* cuda_block_set_exact_hf_rounding(b, true) */
 } bcase;
+
+/* What the last run_case saw (test_exact_hf_rounding): the shares of the checked gemm1_out and
+ * act outputs that differ from the reference rounded to the dtype, and whether GEMM1 ran on the
+ * wgmma kernel. */
+static double g_mismatch_g1, g_mismatch_act;
+static bool g_gemm1_wgmma;
+
+static double mismatch_share(moe_dtype dt, const double *got, const double *ref, size_t n)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) m += got[i] != rd(dt, ref[i]);
+    return n ? (double)m / (double)n : 0.0;
+}
 
 typedef struct run {
     bcase c;
@@ -494,6 +515,10 @@ static void check_forward(run *r)
     }
     check_close(cn, "gemm1_out", g1, g1r, (size_t)nf, (size_t)2 * I, tol_of(r, false));
     check_close(cn, "act", ac, acr, (size_t)nf, (size_t)I, tol_of(r, false));
+    g_mismatch_g1 = mismatch_share(dt, g1, g1r, (size_t)nf * 2 * I);
+    g_mismatch_act = mismatch_share(dt, ac, acr, (size_t)nf * I);
+    fprintf(stderr, "%s: %.3f%% of gemm1_out and %.3f%% of act differ from the rounded reference\n", cn,
+            100 * g_mismatch_g1, 100 * g_mismatch_act);
     check_close(cn, "gemm2_out", y, yr, (size_t)nf, (size_t)H, tol_of(r, false));
 
     /* (g) end to end for the sampled tokens: double everywhere, the GPU's routing */
@@ -941,6 +966,7 @@ static void run_case(const bcase *bc, uint64_t seed, int timing_T)
     cuda_block *b = NULL;
     int maxT = T > timing_T ? T : timing_T;
     OK(cuda_block_create(&r->w, maxT, true, &b, ERR));
+    cuda_block_set_exact_hf_rounding(b, bc->exact);
     void *dx_in, *ddout, *ddx;
     OK(cuda_dev_alloc(&dx_in, (size_t)maxT * H * es, "x", ERR));
     OK(cuda_dev_alloc(&ddout, (size_t)maxT * H * es, "dout", ERR));
@@ -962,6 +988,13 @@ static void run_case(const bcase *bc, uint64_t seed, int timing_T)
         const char *rs = getenv("MOE_ROUTE_SMALL");
         const bool want_small = rs && strcmp(rs, "1") == 0 && moe_cuda_route_small_fits(c, T, r->El);
         assert_int_equal(cuda_block_route_was_small(b), want_small);
+        /* GEMM1 (always SiLU) rounds where HF does on the wgmma kernel with the option, and
+         * takes its fast paths without it; the other kernels always round there */
+        const moe_kernel_report *g1r = cuda_block_gemm_report(b, CUDA_GEMM_FWD1);
+        g_gemm1_wgmma = g1r->kernel && strstr(g1r->kernel, "wgmma") != NULL;
+        if (g1r->fast_rounding != (g_gemm1_wgmma && !bc->exact))
+            fail_msg("%s: GEMM1 (%s) reports fast_rounding %d with exact_hf_rounding %s", bc->name,
+                     g1r->kernel ? g1r->kernel : "?", g1r->fast_rounding, bc->exact ? "on" : "off");
     }
     host_state_alloc(c, dt, T, r->El, &r->hs);
     OK(cuda_fwd_state_download(b, &ds, &r->hs, ERR));
@@ -1159,17 +1192,17 @@ static void test_tiny_qwen3(void **state)
     (void)state;
     uint64_t seed = moe_test_seed();
     for (int d = 0; d < 3; d++) {
-        bcase a = {"tiny-qwen3", qwen_tiny(true), k_dtypes[d], 64, 0, 7, false};
+        bcase a = {"tiny-qwen3", qwen_tiny(true), k_dtypes[d], 64, 0, 7, false, false};
         run_case(&a, seed + d, 0);
-        bcase b = {"tiny-qwen3 T=2", qwen_tiny(true), k_dtypes[d], 2, 0, 7, false}; /* empty experts */
+        bcase b = {"tiny-qwen3 T=2", qwen_tiny(true), k_dtypes[d], 2, 0, 7, false, false}; /* empty experts */
         run_case(&b, seed + 10 + d, 0);
     }
-    bcase c = {"tiny-qwen3 no-norm", qwen_tiny(false), MOE_DTYPE_F32, 40, 0, 7, false};
+    bcase c = {"tiny-qwen3 no-norm", qwen_tiny(false), MOE_DTYPE_F32, 40, 0, 7, false, false};
     run_case(&c, seed + 20, 0);
-    bcase e = {"tiny-qwen3 no-norm", qwen_tiny(false), MOE_DTYPE_BF16, 40, 0, 7, false};
+    bcase e = {"tiny-qwen3 no-norm", qwen_tiny(false), MOE_DTYPE_BF16, 40, 0, 7, false, false};
     run_case(&e, seed + 21, 0);
     /* experts [2, 5) of 7, as one rank of expert parallelism holds them */
-    bcase p = {"tiny-qwen3 experts 2..5", qwen_tiny(true), MOE_DTYPE_F32, 50, 2, 3, false};
+    bcase p = {"tiny-qwen3 experts 2..5", qwen_tiny(true), MOE_DTYPE_F32, 50, 2, 3, false, false};
     run_case(&p, seed + 22, 0);
 }
 
@@ -1178,14 +1211,14 @@ static void test_tiny_llama4(void **state)
     (void)state;
     uint64_t seed = moe_test_seed();
     for (int d = 0; d < 3; d++) {
-        bcase a = {"tiny-llama4", llama_tiny(1, 19), k_dtypes[d], 64, 0, 5, false};
+        bcase a = {"tiny-llama4", llama_tiny(1, 19), k_dtypes[d], 64, 0, 5, false, false};
         run_case(&a, seed + d, 0);
-        bcase b = {"tiny-llama4 T=1", llama_tiny(1, 19), k_dtypes[d], 1, 0, 5, false};
+        bcase b = {"tiny-llama4 T=1", llama_tiny(1, 19), k_dtypes[d], 1, 0, 5, false, false};
         run_case(&b, seed + 10 + d, 0);
-        bcase c = {"tiny-llama4 k=2 Is=27", llama_tiny(2, 27), k_dtypes[d], 33, 0, 5, false};
+        bcase c = {"tiny-llama4 k=2 Is=27", llama_tiny(2, 27), k_dtypes[d], 33, 0, 5, false, false};
         run_case(&c, seed + 20 + d, 0);
     }
-    bcase n = {"tiny-llama4 no shared", llama_tiny(1, 0), MOE_DTYPE_BF16, 20, 0, 5, false};
+    bcase n = {"tiny-llama4 no shared", llama_tiny(1, 0), MOE_DTYPE_BF16, 20, 0, 5, false, false};
     run_case(&n, seed + 30, 0);
 }
 
@@ -1199,20 +1232,20 @@ static void test_route_small_block(void **state)
     uint64_t seed = moe_test_seed();
     setenv("MOE_ROUTE_SMALL", "1", 1);
     for (int d = 0; d < 3; d++) {
-        bcase a = {"tiny-qwen3 T=2, one-launch route", qwen_tiny(true), k_dtypes[d], 2, 0, 7, false};
+        bcase a = {"tiny-qwen3 T=2, one-launch route", qwen_tiny(true), k_dtypes[d], 2, 0, 7, false, false};
         run_case(&a, seed + 40 + d, 0);
-        bcase b = {"tiny-llama4 T=1, one-launch route", llama_tiny(1, 19), k_dtypes[d], 1, 0, 5, false};
+        bcase b = {"tiny-llama4 T=1, one-launch route", llama_tiny(1, 19), k_dtypes[d], 1, 0, 5, false, false};
         run_case(&b, seed + 50 + d, 0);
     }
     bcase p = {"tiny-qwen3 experts 2..5 T=32, one-launch route", qwen_tiny(true), MOE_DTYPE_BF16, 32, 2, 3,
-               false};
+               false, false};
     run_case(&p, seed + 60, 0);
     if (!small_only()) {
         moe_config c = {.arch = MOE_ARCH_QWEN3, .hidden = 2048, .inter = 768, .num_experts = 128, .top_k = 8,
                         .norm_topk_prob = true};
-        bcase q1 = {"qwen3-30b-a3b T=1, one-launch route", c, MOE_DTYPE_BF16, 1, 0, 128, false};
+        bcase q1 = {"qwen3-30b-a3b T=1, one-launch route", c, MOE_DTYPE_BF16, 1, 0, 128, false, false};
         run_case(&q1, seed + 61, 0);
-        bcase q32 = {"qwen3-30b-a3b T=32, one-launch route", c, MOE_DTYPE_BF16, 32, 0, 128, true};
+        bcase q32 = {"qwen3-30b-a3b T=32, one-launch route", c, MOE_DTYPE_BF16, 32, 0, 128, true, false};
         run_case(&q32, seed + 62, 0);
     }
     unsetenv("MOE_ROUTE_SMALL");
@@ -1224,7 +1257,7 @@ static void test_real_qwen3(void **state)
     if (small_only()) skip();
     moe_config c = {.arch = MOE_ARCH_QWEN3, .hidden = 2048, .inter = 768, .num_experts = 128, .top_k = 8,
                     .norm_topk_prob = true};
-    bcase a = {"qwen3-30b-a3b", c, MOE_DTYPE_BF16, 1024, 0, 128, true};
+    bcase a = {"qwen3-30b-a3b", c, MOE_DTYPE_BF16, 1024, 0, 128, true, false};
     run_case(&a, moe_test_seed() + 100, 4096);
 }
 
@@ -1234,8 +1267,204 @@ static void test_real_llama4(void **state)
     if (small_only()) skip();
     moe_config c = {.arch = MOE_ARCH_LLAMA4, .hidden = 5120, .inter = 8192, .num_experts = 16, .top_k = 1,
                     .shared_inter = 8192};
-    bcase a = {"llama4-scout", c, MOE_DTYPE_BF16, 1024, 0, 16, true};
+    bcase a = {"llama4-scout", c, MOE_DTYPE_BF16, 1024, 0, 16, true, false};
     run_case(&a, moe_test_seed() + 200, 4096);
+}
+
+/* Aligned shapes whose grouped GEMMs run on the Hopper kernels (16-byte rows, 32 and 64 rows
+ * per expert), bf16 and fp16, Qwen3-like and Llama-4-like (x*score before GEMM1), each with the
+ * fast defaults and with exact_hf_rounding on the same weights and inputs: every check of
+ * run_case passes in both; with the option, at most 5% of the gemm1_out / act outputs differ
+ * from the reference rounded to the dtype (HF's rounding points; only the fp32 summation order
+ * differs), and for Llama-4 fewer than with the fast defaults (which scale GEMM1's fp32
+ * accumulators instead of rounding x*score first). The shares print for both settings. */
+static void test_exact_hf_rounding(void **state)
+{
+    (void)state;
+    const uint64_t seed = moe_test_seed() + 300;
+    const moe_config q = {.arch = MOE_ARCH_QWEN3, .hidden = 256, .inter = 128, .num_experts = 8,
+                          .top_k = 2, .norm_topk_prob = true};
+    const moe_config l = {.arch = MOE_ARCH_LLAMA4, .hidden = 256, .inter = 128, .num_experts = 4,
+                          .top_k = 1, .shared_inter = 128};
+    for (int mi = 0; mi < 2; mi++)
+        for (int d = 0; d < 2; d++) {
+            const bool llama = mi == 1;
+            char nf[96], nx[96];
+            snprintf(nf, sizeof nf, "%s aligned, fast defaults", llama ? "llama4-like" : "qwen3-like");
+            snprintf(nx, sizeof nx, "%s aligned, exact_hf_rounding", llama ? "llama4-like" : "qwen3-like");
+            bcase f = {nf, llama ? l : q, k_dtypes[d], llama ? 256 : 128, 0, llama ? 4 : 8, false, false};
+            run_case(&f, seed + (uint64_t)(10 * mi + d), 0);
+            const double fast_g1 = g_mismatch_g1, fast_act = g_mismatch_act;
+            const bool wgk = g_gemm1_wgmma;
+            bcase x = f;
+            x.name = nx;
+            x.exact = true;
+            run_case(&x, seed + (uint64_t)(10 * mi + d), 0);
+            fprintf(stderr, "EXACT_HF %s %s: outputs off the rounded reference: gemm1_out %.3f%% fast, "
+                            "%.3f%% exact; act %.3f%% fast, %.3f%% exact (GEMM1 on %s)\n",
+                    llama ? "llama4-like" : "qwen3-like", moe_dtype_name(k_dtypes[d]), 100 * fast_g1,
+                    100 * g_mismatch_g1, 100 * fast_act, 100 * g_mismatch_act,
+                    wgk ? "the wgmma kernel" : "mma.sync: not a Hopper GPU, both settings are exact");
+            if (g_mismatch_g1 > 0.05 || g_mismatch_act > 0.05)
+                fail_msg("%s %s: with exact_hf_rounding %.3f%% of gemm1_out and %.3f%% of act differ "
+                         "from the rounded reference (at most 5%%)", nx, moe_dtype_name(k_dtypes[d]),
+                         100 * g_mismatch_g1, 100 * g_mismatch_act);
+            if (llama && wgk && !(g_mismatch_g1 < fast_g1))
+                fail_msg("%s %s: exact_hf_rounding did not bring gemm1_out closer to the rounded "
+                         "reference (%.3f%% vs %.3f%% fast): x*score is not rounded before GEMM1",
+                         nx, moe_dtype_name(k_dtypes[d]), 100 * g_mismatch_g1, 100 * fast_g1);
+        }
+}
+
+/* One block's forward captured into 5000 CUDA graphs, one after the other (capture,
+ * instantiate, replay, destroy): every capture still runs the dynamic tile scheduler (its
+ * counters are the block's own, nothing is taken per capture: the old process-wide pool of 4096
+ * slots ran the static order after it ran out), and the replays write `out` bitwise like the
+ * eager forward (checked every 500 replays and at the last). A Qwen3-like aligned shape whose
+ * grouped GEMMs run the wgmma kernel on a Hopper GPU. MOE_GPU_TEST_SMALL=1 (sanitizers): 100. */
+static void test_graph_captures(void **state)
+{
+    (void)state;
+    const int N = small_only() ? 100 : 5000;
+    const moe_config c = {.arch = MOE_ARCH_QWEN3, .hidden = 256, .inter = 128, .num_experts = 8,
+                          .top_k = 2, .norm_topk_prob = true};
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    const int T = 128, H = c.hidden;
+    const size_t out_bytes = (size_t)T * H * moe_dtype_size(dt);
+    const uint64_t seed = moe_test_seed() + 400;
+    int dev = 0, major = 0, minor = 0;
+    CU(cudaGetDevice(&dev));
+    CU(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CU(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    const bool hopper = major == 9 && minor == 0;
+
+    moe_weights w;
+    make_weights(&w, &c, dt, 0, c.num_experts, seed);
+    void *x = xmalloc(out_bytes), *eager = xmalloc(out_bytes), *got = xmalloc(out_bytes);
+    fill(dt, x, (size_t)T * H, seed, "x", 1.0);
+    cuda_block *b = NULL;
+    OK(cuda_block_create(&w, T, false, &b, ERR));
+    void *dx;
+    OK(cuda_dev_alloc(&dx, out_bytes, "x", ERR));
+    OK(cuda_block_upload(b, dx, x, out_bytes, ERR));
+    moe_fwd_state st;
+    OK(cuda_fwd_state_alloc(b, T, false, &st, ERR));
+    OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+    OK(cuda_block_download(b, eager, st.out, out_bytes, ERR));
+    const moe_kernel_report *r1 = cuda_block_gemm_report(b, CUDA_GEMM_FWD1);
+    const moe_kernel_report *r2 = cuda_block_gemm_report(b, CUDA_GEMM_FWD2);
+    const bool wgk = r1->kernel && strstr(r1->kernel, "wgmma") != NULL;
+    fprintf(stderr, "graph captures: GEMM1 on %s, GEMM2 on %s\n", r1->kernel ? r1->kernel : "?",
+            r2->kernel ? r2->kernel : "?");
+    if (hopper) assert_true(wgk); /* 32 aligned rows per expert: the default is the wgmma kernel */
+    assert_int_equal(r1->sched_dynamic, wgk);
+    assert_int_equal(r2->sched_dynamic, wgk);
+
+    cudaStream_t s = cuda_block_stream(b);
+    double t0 = moe_now();
+    for (int i = 0; i < N; i++) {
+        cudaGraph_t g = NULL;
+        cudaGraphExec_t ge = NULL;
+        moe_error e = {0};
+        CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        const moe_status fs = cuda_block_forward(b, dx, T, &st, false, &e);
+        CU(cudaStreamEndCapture(s, &g));
+        if (fs != MOE_OK) fail_msg("capture %d: forward failed: %s", i, e.msg);
+        r1 = cuda_block_gemm_report(b, CUDA_GEMM_FWD1);
+        r2 = cuda_block_gemm_report(b, CUDA_GEMM_FWD2);
+        if (r1->sched_dynamic != wgk || r2->sched_dynamic != wgk)
+            fail_msg("capture %d of %d: GEMM1 / GEMM2 report sched_dynamic %d / %d, expected %d (the "
+                     "dynamic tile scheduler in every capture)", i + 1, N, r1->sched_dynamic,
+                     r2->sched_dynamic, wgk);
+        CU(cudaGraphInstantiate(&ge, g, 0));
+        const bool check = (i + 1) % 500 == 0 || i == N - 1;
+        if (check) CU(cudaMemsetAsync(st.out, 0xff, out_bytes, s)); /* NaN: an unwritten output fails */
+        CU(cudaGraphLaunch(ge, s));
+        CU(cudaGraphExecDestroy(ge));
+        CU(cudaGraphDestroy(g));
+        if (check) {
+            OK(cuda_block_download(b, got, st.out, out_bytes, ERR));
+            if (memcmp(got, eager, out_bytes) != 0)
+                fail_msg("replay of capture %d of %d: out differs bitwise from the eager forward", i + 1, N);
+        }
+    }
+    fprintf(stderr, "graph captures: %d captured, instantiated, replayed and destroyed in %.1f s; every one "
+                    "with the %s tile order, the checked replays bitwise equal to eager\n",
+            N, moe_now() - t0, wgk ? "dynamic" : "(mma.sync: no)");
+    /* and eager once more */
+    OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+    OK(cuda_block_download(b, got, st.out, out_bytes, ERR));
+    assert_memory_equal(got, eager, out_bytes);
+    cuda_fwd_state_free(&st);
+    cuda_dev_free(dx);
+    cuda_block_destroy(b);
+    free(x);
+    free(eager);
+    free(got);
+    free_weights(&w);
+}
+
+/* The block counts the tokens whose router logits are not finite (cuda_block_nonfinite_counter)
+ * inside its routing, with no extra launch: x rows holding a NaN, +inf or -inf make such logits,
+ * through the per-stage route and the one-launch one (MOE_ROUTE_SMALL=1); the count adds up over
+ * forwards and cuda_block_route; finite inputs add nothing. */
+static void test_nonfinite_count(void **state)
+{
+    (void)state;
+    const moe_config c = qwen_tiny(true);
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    const int T = 20, H = c.hidden;
+    const size_t xbytes = (size_t)T * H * moe_dtype_size(dt);
+    moe_weights w;
+    make_weights(&w, &c, dt, 0, c.num_experts, moe_test_seed() + 500);
+    void *xbad = xmalloc(xbytes), *xok = xmalloc(xbytes);
+    fill(dt, xok, (size_t)T * H, moe_test_seed() + 501, "x", 1.0);
+    memcpy(xbad, xok, xbytes);
+    moe_store_elem(dt, xbad, 3 * (size_t)H + 4, NAN);
+    moe_store_elem(dt, xbad, 11 * (size_t)H, INFINITY);
+    moe_store_elem(dt, xbad, 17 * (size_t)H + (size_t)H - 1, -INFINITY);
+    for (int small = 0; small < 2; small++) {
+        if (small)
+            setenv("MOE_ROUTE_SMALL", "1", 1);
+        else
+            unsetenv("MOE_ROUTE_SMALL");
+        cuda_block *b = NULL;
+        OK(cuda_block_create(&w, T, false, &b, ERR));
+        uint32_t *cnt = cuda_block_nonfinite_counter(b);
+        assert_non_null(cnt);
+        void *dx;
+        OK(cuda_dev_alloc(&dx, xbytes, "x", ERR));
+        moe_fwd_state st;
+        OK(cuda_fwd_state_alloc(b, T, false, &st, ERR));
+        uint32_t got = 99;
+        OK(cuda_block_upload(b, dx, xok, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(0, got); /* zero at creation, finite inputs add nothing */
+        assert_int_equal(cuda_block_route_was_small(b), small);
+        OK(cuda_block_upload(b, dx, xbad, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        if (got != 3) fail_msg("%s route: %u tokens counted non-finite, 3 have a NaN or an infinity",
+                               small ? "one-launch" : "per-stage", got);
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_route(b, dx, T, &st, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(9, got); /* cumulative */
+        OK(cuda_block_upload(b, dx, xok, xbytes, ERR));
+        OK(cuda_block_forward(b, dx, T, &st, false, ERR));
+        OK(cuda_block_download(b, &got, cnt, sizeof got, ERR));
+        assert_int_equal(9, got);
+        fprintf(stderr, "non-finite logits, %s route: counted 3 tokens per route\n",
+                small ? "one-launch" : "per-stage");
+        cuda_fwd_state_free(&st);
+        cuda_dev_free(dx);
+        cuda_block_destroy(b);
+    }
+    unsetenv("MOE_ROUTE_SMALL");
+    free(xbad);
+    free(xok);
+    free_weights(&w);
 }
 
 static void test_invalid(void **state)
@@ -1285,6 +1514,8 @@ int main(void)
         cmocka_unit_test(test_invalid),      cmocka_unit_test(test_tiny_qwen3),
         cmocka_unit_test(test_tiny_llama4),  cmocka_unit_test(test_real_qwen3),
         cmocka_unit_test(test_real_llama4),  cmocka_unit_test(test_route_small_block),
+        cmocka_unit_test(test_exact_hf_rounding), cmocka_unit_test(test_graph_captures),
+        cmocka_unit_test(test_nonfinite_count),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #else

@@ -8,7 +8,8 @@
  *   and-mul forward/backward (with the fused Qwen3 weight gradient and a device row count),
  *   router backward (every logit / only the selected ones), row dot products, argument checks;
  *   the one-launch route of small batches (logits against a double GEMM, everything else bit
- *   for bit against the per-stage kernels on the same logits, its counter back at zero).
+ *   for bit against the per-stage kernels on the same logits, its counter back at zero); the
+ *   count of tokens with non-finite router logits that both routes keep (nonfinite_count).
  * Outputs are poisoned (0xff bytes: NaN for bf16/fp16/fp32, -1 for int32) before each launch.
  * Skipped without a GPU (fails with MOE_REQUIRE_GPU=1). MOE_GPU_TEST_SMALL=1 leaves out the
  * largest cases (for compute-sanitizer runs).
@@ -163,7 +164,7 @@ static void check_route_case(moe_arch arch, bool norm, int E, int k, int T, moe_
     void *w = hmalloc(nk * es);
     ref_route(&cfg, dt, T, hl, ref_ids, ref_w);
     void *dl = dcopy(hl, nl * es), *dids = dmalloc(nk * 4), *dw = dmalloc(nk * es);
-    OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids, dw, 0, ERR));
+    OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids, dw, NULL, 0, ERR));
     d2h(ids, dids, nk * 4);
     d2h(w, dw, nk * es);
     size_t bad_ids = 0, bad_w = 0;
@@ -219,12 +220,76 @@ static void test_route_nan(void **state)
     moe_config cfg = {.arch = MOE_ARCH_LLAMA4, .num_experts = E, .top_k = k, .hidden = 1, .inter = 1};
     float h[6] = {NAN, 0.5f, NAN, -INFINITY, 2.0f, NAN};
     void *dl = dcopy(h, sizeof h), *dids = dmalloc(k * 4), *dw = dmalloc(k * 4);
-    OK(moe_cuda_route_topk(&cfg, MOE_DTYPE_F32, T, dl, dids, dw, 0, ERR));
+    OK(moe_cuda_route_topk(&cfg, MOE_DTYPE_F32, T, dl, dids, dw, NULL, 0, ERR));
     int32_t ids[4];
     d2h(ids, dids, sizeof ids);
     int want[4] = {4, 1, 3, 0};
     for (int j = 0; j < k; j++) assert_int_equal(want[j], ids[j]);
     cudaFree(dl); cudaFree(dids); cudaFree(dw);
+}
+
+/* Non-finite router logits are counted inside the top-k launch (nonfinite_count): every token
+ * whose row holds a NaN, +inf or -inf adds one, however many it holds, finite rows nothing; the
+ * count accumulates over launches (never reset by the kernel); NULL counts nothing, and the
+ * outputs do not depend on counting. Both architectures, every dtype. */
+static void test_route_nonfinite(void **state)
+{
+    (void)state;
+    const uint64_t seed = moe_test_seed();
+    const int E = 37, k = 3, T = 200;
+    uint32_t *dcount = NULL;
+    assert_int_equal(cudaSuccess, cudaMalloc((void **)&dcount, sizeof *dcount));
+    for (int a = 0; a < 2; a++)
+        for (int d = 0; d < 3; d++) {
+            const moe_dtype dt = k_dtypes[d];
+            moe_config cfg = {.arch = a ? MOE_ARCH_LLAMA4 : MOE_ARCH_QWEN3, .num_experts = E, .top_k = k,
+                              .norm_topk_prob = !a, .hidden = 1, .inter = 1};
+            const size_t es = moe_dtype_size(dt), nl = (size_t)T * E, nk = (size_t)T * k;
+            void *hl = hmalloc(nl * es);
+            fill_logits(dt, T, E, moe_rng_stream(seed + (uint64_t)(3 * a + d), "nonfinite"), hl);
+            uint32_t want = 0;
+            for (int t = 0; t < T; t++) {
+                bool bad = false;
+                if (t % 7 == 3) { moe_store_elem(dt, hl, (size_t)t * E + t % E, NAN); bad = true; }
+                if (t % 11 == 5) { moe_store_elem(dt, hl, (size_t)t * E + (t + 1) % E, INFINITY); bad = true; }
+                if (t % 13 == 8) { moe_store_elem(dt, hl, (size_t)t * E + (t + 2) % E, -INFINITY); bad = true; }
+                if (t % 17 == 0) { /* two NaNs in one row still count once */
+                    moe_store_elem(dt, hl, (size_t)t * E, NAN);
+                    moe_store_elem(dt, hl, (size_t)t * E + E - 1, NAN);
+                    bad = true;
+                }
+                want += bad;
+            }
+            void *dl = dcopy(hl, nl * es), *dids = dmalloc(nk * 4), *dw = dmalloc(nk * es);
+            void *dids2 = dmalloc(nk * 4), *dw2 = dmalloc(nk * es);
+            assert_int_equal(cudaSuccess, cudaMemset(dcount, 0, sizeof *dcount));
+            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids, dw, dcount, 0, ERR));
+            uint32_t got = 0;
+            d2h(&got, dcount, sizeof got);
+            if (got != want)
+                fail_msg("route %s %s: %u tokens counted non-finite, %u have a NaN or an infinity",
+                         a ? "llama4" : "qwen3", moe_dtype_name(dt), got, want);
+            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids, dw, dcount, 0, ERR)); /* accumulates */
+            d2h(&got, dcount, sizeof got);
+            assert_int_equal(2 * want, got);
+            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids2, dw2, NULL, 0, ERR)); /* not counted */
+            d2h(&got, dcount, sizeof got);
+            assert_int_equal(2 * want, got);
+            unsigned char *i1 = hmalloc(nk * 4), *i2 = hmalloc(nk * 4), *w1 = hmalloc(nk * es), *w2 = hmalloc(nk * es);
+            d2h(i1, dids, nk * 4);
+            d2h(i2, dids2, nk * 4);
+            d2h(w1, dw, nk * es);
+            d2h(w2, dw2, nk * es);
+            assert_memory_equal(i1, i2, nk * 4);
+            assert_memory_equal(w1, w2, nk * es);
+            /* every id still a valid expert (NaNs rank last) */
+            for (size_t i = 0; i < nk; i++) assert_true(((int32_t *)i1)[i] >= 0 && ((int32_t *)i1)[i] < E);
+            fprintf(stderr, "route %s %s: %u of %d tokens with non-finite logits counted\n",
+                    a ? "llama4" : "qwen3", moe_dtype_name(dt), want, T);
+            free(hl); free(i1); free(i2); free(w1); free(w2);
+            cudaFree(dl); cudaFree(dids); cudaFree(dw); cudaFree(dids2); cudaFree(dw2);
+        }
+    cudaFree(dcount);
 }
 
 /* ---- sort ---- */
@@ -601,6 +666,44 @@ static void test_row_dot(void **state)
 
 /* ---- the one-launch route of small batches (moe_cuda_route_small) ---- */
 
+/* The one-launch route counts tokens with non-finite logits as moe_cuda_route_topk does: x rows
+ * holding a NaN or an infinity give such logits, the others none. */
+static void test_route_small_nonfinite(void **state)
+{
+    (void)state;
+    const uint64_t seed = moe_test_seed();
+    const int E = 16, k = 2, H = 64, T = 9, El = 16;
+    moe_config cfg = {.arch = MOE_ARCH_QWEN3, .num_experts = E, .top_k = k, .norm_topk_prob = true,
+                      .hidden = H, .inter = 1};
+    const moe_dtype dt = MOE_DTYPE_BF16;
+    const size_t es = moe_dtype_size(dt), nx = (size_t)T * H, nw = (size_t)E * H, nk = (size_t)T * k;
+    void *hx = hmalloc(nx * es), *hw = hmalloc(nw * es);
+    fill_normal(dt, nx, moe_rng_stream(seed, "nf-x"), 1.0, hx);
+    fill_normal(dt, nw, moe_rng_stream(seed, "nf-router"), 1.0 / sqrt((double)H), hw);
+    moe_store_elem(dt, hx, 2 * (size_t)H + 5, NAN);      /* token 2 */
+    moe_store_elem(dt, hx, 6 * (size_t)H + 0, INFINITY); /* token 6 */
+    moe_store_elem(dt, hx, 7 * (size_t)H + 9, -INFINITY); /* token 7 */
+    void *dx = dcopy(hx, nx * es), *drouter = dcopy(hw, nw * es);
+    void *dl = dmalloc((size_t)T * E * es), *dw = dmalloc(nk * es), *dids = dmalloc(nk * 4);
+    void *dc = dmalloc((size_t)El * 4), *doff = dmalloc((size_t)(El + 1) * 4), *dg = dmalloc(nk * 4);
+    int *counter = NULL;
+    uint32_t *dcount = NULL;
+    assert_int_equal(cudaSuccess, cudaMalloc((void **)&counter, sizeof(int)));
+    assert_int_equal(cudaSuccess, cudaMemset(counter, 0, sizeof(int)));
+    assert_int_equal(cudaSuccess, cudaMalloc((void **)&dcount, sizeof *dcount));
+    assert_int_equal(cudaSuccess, cudaMemset(dcount, 0, sizeof *dcount));
+    OK(moe_cuda_route_small(&cfg, dt, T, dx, drouter, dl, dids, dw, 0, El, dc, doff, dg, counter, dcount, 0, ERR));
+    uint32_t got = 0;
+    d2h(&got, dcount, sizeof got);
+    assert_int_equal(3, got);
+    int32_t ids[2 * 9];
+    d2h(ids, dids, sizeof ids);
+    for (size_t i = 0; i < nk; i++) assert_true(ids[i] >= 0 && ids[i] < E);
+    free(hx); free(hw);
+    cudaFree(dx); cudaFree(drouter); cudaFree(dl); cudaFree(dw); cudaFree(dids); cudaFree(dc);
+    cudaFree(doff); cudaFree(dg); cudaFree(counter); cudaFree(dcount);
+}
+
 /* x [T,H] and router [E,H] drawn normal (logits ~ N(0,1)); the router's last row copies its
  * first, so those two logits tie exactly in every token (the same sum in the same order). The
  * one launch against a double-precision router GEMM (each logit within one rounding of the
@@ -641,7 +744,7 @@ static void check_route_small_case(moe_arch arch, bool norm, int E, int k, int H
     for (int rep = 0; rep < 2; rep++) {
         dpoison(dl, nl * es);
         for (int i = 0; i < 5; i++) dpoison(fused[i], bytes[i]);
-        OK(moe_cuda_route_small(&cfg, dt, T, dx, drouter, dl, dids, dw, begin, El, dc, doff, dg, counter,
+        OK(moe_cuda_route_small(&cfg, dt, T, dx, drouter, dl, dids, dw, begin, El, dc, doff, dg, counter, NULL,
                                 0, ERR));
         int back = -1;
         d2h(&back, counter, sizeof back);
@@ -665,7 +768,7 @@ static void check_route_small_case(moe_arch arch, bool norm, int E, int k, int H
             free(hl);
             /* the per-stage kernels on the same logits */
             for (int i = 0; i < 5; i++) dpoison(staged[i], bytes[i]);
-            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids2, dw2, 0, ERR));
+            OK(moe_cuda_route_topk(&cfg, dt, T, dl, dids2, dw2, NULL, 0, ERR));
             OK(moe_cuda_sort_by_expert(T, k, dids2, begin, El, dc2, doff2, dg2, scratch, sb, 0, ERR));
         }
         for (int i = 0; i < 5; i++) {
@@ -725,12 +828,12 @@ static void test_route_small(void **state)
     moe_error e = {0};
     assert_int_equal(MOE_ERR_INVALID_ARG,
                      moe_cuda_route_small(&cfg, MOE_DTYPE_BF16, MOE_ROUTE_SMALL_MAX_T + 1, d, d, d, d, d, 0,
-                                          128, d, d, d, d, 0, &e));
+                                          128, d, d, d, d, NULL, 0, &e));
     assert_non_null(strstr(e.msg, "does not fit"));
     assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_small(&cfg, MOE_DTYPE_BF16, 4, d, d, d, d, d, 0,
-                                                               128, d, d, d, NULL, 0, &e));
+                                                               128, d, d, d, NULL, NULL, 0, &e));
     assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_small(&cfg, MOE_DTYPE_I32, 4, d, d, d, d, d, 0,
-                                                               128, d, d, d, d, 0, &e));
+                                                               128, d, d, d, d, NULL, 0, &e));
     assert_int_equal(cudaSuccess, cudaDeviceSynchronize());
     assert_int_equal(cudaSuccess, cudaGetLastError());
     cudaFree(d);
@@ -742,12 +845,12 @@ static void test_invalid_args(void **state)
     moe_error e = {0};
     void *d = dmalloc(4096);
     moe_config cfg = {.arch = MOE_ARCH_QWEN3, .num_experts = 4, .top_k = 5, .hidden = 1, .inter = 1};
-    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_BF16, 3, d, d, d, 0, &e));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_BF16, 3, d, d, d, NULL, 0, &e));
     assert_non_null(strstr(e.msg, "top_k"));
     cfg.top_k = 2;
-    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_I32, 3, d, d, d, 0, &e));
-    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(NULL, MOE_DTYPE_BF16, 3, d, d, d, 0, &e));
-    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_BF16, 3, NULL, d, d, 0, &e));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_I32, 3, d, d, d, NULL, 0, &e));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(NULL, MOE_DTYPE_BF16, 3, d, d, d, NULL, 0, &e));
+    assert_int_equal(MOE_ERR_INVALID_ARG, moe_cuda_route_topk(&cfg, MOE_DTYPE_BF16, 3, NULL, d, d, NULL, 0, &e));
     assert_int_equal(MOE_ERR_INVALID_ARG,
                      moe_cuda_sort_by_expert(8, 2, d, 0, 4, d, d, d, NULL, 0, 0, &e)); /* no scratch */
     assert_non_null(strstr(e.msg, "scratch"));
@@ -777,10 +880,11 @@ int main(void)
 #ifdef MOE_HAVE_CUDA
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_route_topk),       cmocka_unit_test(test_route_nan),
-        cmocka_unit_test(test_sort),             cmocka_unit_test(test_sum_topk),
-        cmocka_unit_test(test_silu_mul),         cmocka_unit_test(test_silu_mul_backward),
-        cmocka_unit_test(test_router_backward),  cmocka_unit_test(test_row_dot),
-        cmocka_unit_test(test_route_small),      cmocka_unit_test(test_invalid_args),
+        cmocka_unit_test(test_route_nonfinite),  cmocka_unit_test(test_sort),
+        cmocka_unit_test(test_sum_topk),         cmocka_unit_test(test_silu_mul),
+        cmocka_unit_test(test_silu_mul_backward), cmocka_unit_test(test_router_backward),
+        cmocka_unit_test(test_row_dot),          cmocka_unit_test(test_route_small),
+        cmocka_unit_test(test_route_small_nonfinite), cmocka_unit_test(test_invalid_args),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 #else

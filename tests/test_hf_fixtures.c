@@ -6,7 +6,7 @@
 static void test_hf_fixtures_cpu(void **state)
 {
     (void)state;
-    moe_hf_fixtures_run_all("cpu");
+    moe_hf_fixtures_run_all("cpu", NULL);
 }
 
 int main(void)

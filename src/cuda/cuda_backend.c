@@ -368,6 +368,11 @@ moe_status cb_sort(moe_layer *L, int R, int count, const int32_t *ids, int rows_
 
 /* ------------------------------------------------------------------ forward ---- */
 
+/* The routing kernels add the tokens whose router logits hold a NaN or an infinity to status
+ * word 2 inside the top-k launch itself (no extra launch, no host read); cb_check_errors
+ * reports and clears it. */
+static uint32_t *cb_nonfinite(cuda_state *s) { return (uint32_t *)(s->d_status + 2); }
+
 static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int32_t *ids,
                            void *w, int32_t *counts, int32_t *offsets, int32_t *gather,
                            moe_error *err)
@@ -378,7 +383,8 @@ static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int
     if (counts && s->route_small && moe_cuda_route_small_fits(&L->cfg, T, L->E)) {
         /* routing and sorting in one launch: the permute phase is empty */
         MOE_TRY(moe_cuda_route_small(&L->cfg, L->dt, T, x, L->w.router, logits, ids, w, 0, L->E,
-                                     counts, offsets, gather, s->route_counter, cb_main(L), err));
+                                     counts, offsets, gather, s->route_counter, cb_nonfinite(s),
+                                     cb_main(L), err));
         s->last_route_small = true;
         moe_layer_mark(L, MOE_MARK_ROUTED, false);
         moe_layer_mark(L, MOE_MARK_PERMUTED, false);
@@ -388,7 +394,8 @@ static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int
      * rounds the router logits before top-k) */
     MOE_TRY(cb_gemm(L, false, L->dt, T, L->E, L->H, x, L->H, false, L->w.router, L->H, false,
                     logits, L->E, "router GEMM", err));
-    MOE_TRY(moe_cuda_route_topk(&L->cfg, L->dt, T, logits, ids, w, cb_main(L), err));
+    MOE_TRY(moe_cuda_route_topk(&L->cfg, L->dt, T, logits, ids, w, cb_nonfinite(s), cb_main(L),
+                                err));
     moe_layer_mark(L, MOE_MARK_ROUTED, false);
     if (!counts) return MOE_OK;
     MOE_TRY(cb_sort(L, T, L->E, ids, (int)L->max_tokens, counts, offsets, gather, err));

@@ -80,8 +80,10 @@ static int run_cmd(const char *cmd)
     return system(cmd);
 }
 
-static void one_case(const hf_case *c, const char *backend, bool hub, const char *tmpdir)
+static void one_case(const hf_case *c, const char *backend, const char *extra, bool hub,
+                     const char *tmpdir)
 {
+    if (!extra) extra = "";
     char dir[512], cmd[4096], out[600], cfg[600], wts[600], io[600];
     snprintf(dir, sizeof dir, "%s/hf/%s", MOE_FIXTURE_DIR, c->dir);
     snprintf(cfg, sizeof cfg, "%s/config.json", dir);
@@ -89,8 +91,8 @@ static void one_case(const hf_case *c, const char *backend, bool hub, const char
     snprintf(io, sizeof io, "%s/io.safetensors", dir);
     snprintf(out, sizeof out, "%s/%s_%s_fwd.safetensors", tmpdir, c->dir, hub ? "hub" : "own");
     snprintf(cmd, sizeof cmd,
-             "'%s' forward --config '%s' --weights '%s' --input '%s' --output '%s' --backend %s --dtype %s",
-             MOE_EP_BINARY, cfg, wts, io, out, backend, c->dtype);
+             "'%s' forward --config '%s' --weights '%s' --input '%s' --output '%s' --backend %s --dtype %s %s",
+             MOE_EP_BINARY, cfg, wts, io, out, backend, c->dtype, extra);
     assert_int_equal(0, run_cmd(cmd));
 
     moe_error err = {0};
@@ -110,7 +112,8 @@ static void one_case(const hf_case *c, const char *backend, bool hub, const char
     bool bf16 = strcmp(c->dtype, "bf16") == 0;
     double tol = bf16 ? 1e-2 : 1e-5;
     char label[128];
-    snprintf(label, sizeof label, "%s/%s[%s]", c->dir, hub ? "hub" : "own", backend);
+    snprintf(label, sizeof label, "%s/%s[%s%s%s]", c->dir, hub ? "hub" : "own", backend, *extra ? " " : "",
+             extra);
     assert_true(compare(label, &got, "router_logits", &want, "router_logits", E, mask, tol));
     assert_true(compare(label, &got, "output", &want, "output", H, mask, tol));
     moe_st_close(&got);
@@ -120,8 +123,8 @@ static void one_case(const hf_case *c, const char *backend, bool hub, const char
         snprintf(gout, sizeof gout, "%s/%s_%s_bwd.safetensors", tmpdir, c->dir, hub ? "hub" : "own");
         snprintf(cmd, sizeof cmd,
                  "'%s' backward --config '%s' --weights '%s' --input '%s' --grad-output '%s' "
-                 "--output '%s' --backend %s --dtype %s",
-                 MOE_EP_BINARY, cfg, wts, io, io, gout, backend, c->dtype);
+                 "--output '%s' --backend %s --dtype %s %s",
+                 MOE_EP_BINARY, cfg, wts, io, io, gout, backend, c->dtype, extra);
         assert_int_equal(0, run_cmd(cmd));
         assert_int_equal(MOE_OK, moe_st_open(gout, &got, &err));
         /* every gradient HF's autograd produced must be in our file under the same name (for
@@ -148,14 +151,14 @@ static void one_case(const hf_case *c, const char *backend, bool hub, const char
     moe_st_close(&want);
 }
 
-void moe_hf_fixtures_run_all(const char *backend)
+void moe_hf_fixtures_run_all(const char *backend, const char *extra)
 {
     char tmpl[] = "/tmp/moe-hf-XXXXXX";
     char *tmpdir = mkdtemp(tmpl);
     assert_non_null(tmpdir);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        one_case(&cases[i], backend, false, tmpdir);
-        if (cases[i].hub) one_case(&cases[i], backend, true, tmpdir);
+        one_case(&cases[i], backend, extra, false, tmpdir);
+        if (cases[i].hub) one_case(&cases[i], backend, extra, true, tmpdir);
     }
     char cmd[700];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);

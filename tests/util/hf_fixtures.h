@@ -6,7 +6,9 @@
 
 #include <stdbool.h>
 
-/* Every fixture through the program on `backend` ("cpu" or "cuda"); cmocka-asserts. */
-void moe_hf_fixtures_run_all(const char *backend);
+/* Every fixture through the program on `backend` ("cpu" or "cuda"), with the extra options
+ * `extra` (NULL: none; e.g. "--exact-hf-rounding") given to forward and backward;
+ * cmocka-asserts. Each compared tensor's relative error to HF's prints as one line. */
+void moe_hf_fixtures_run_all(const char *backend, const char *extra);
 
 #endif
