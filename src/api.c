@@ -301,6 +301,12 @@ moe_status moe_layer_forward_stages(moe_layer *L, int T, const void *x_host,
     void *dx = NULL;
     if (st == MOE_OK) st = moe_mem_alloc(L->backend, L->device, t * L->H * dsz + 16, "stage input", &dx, err);
     if (st == MOE_OK) st = L->ops->upload(L, dx, x_host, t * L->H * dsz, err);
+    /* no tokens: nothing runs, but the counts and offsets are still read back (zeros, as the
+     * CPU backend writes them), not the fresh allocation's contents */
+    if (st == MOE_OK && T == 0 && d.token_counts)
+        st = L->ops->zero(L, d.token_counts, (size_t)L->E * 4, err);
+    if (st == MOE_OK && T == 0 && d.expert_offsets)
+        st = L->ops->zero(L, d.expert_offsets, ((size_t)L->E + 1) * 4, err);
     if (st == MOE_OK && T > 0) st = ep_plain_forward(L, T, dx, &d, false, err);
     for (int i = 0; i < n && st == MOE_OK; i++)
         if (b[i].hostp) st = L->ops->download(L, b[i].hostp, *b[i].devp, b[i].bytes, err);
