@@ -46,6 +46,15 @@ static moe_status begin_call(moe_layer *L, const char *fn, int64_t T, void *stre
         return moe_fail(err, MOE_ERR_OVERFLOW,
                         "%s: T = %lld exceeds the layer's max_tokens = %lld (its buffers are "
                         "sized for that)", fn, (long long)T, (long long)L->max_tokens);
+    /* Sync-free EP buffers are slots of max_tokens_per_rank rows and nothing on the device
+     * checks T against them (the plan and the pack would write past them): refuse here, before
+     * the call's agreement, so every rank fails together. (Sized EP calls check it in the
+     * plan.) */
+    if (L->ep && L->ep->syncfree && T > L->ep->M)
+        return moe_fail(err, MOE_ERR_OVERFLOW,
+                        "%s: T = %lld exceeds --max-tokens-per-rank %lld (the sync-free "
+                        "expert-parallel buffers are sized for it)", fn, (long long)T,
+                        (long long)L->ep->M);
     if (L->backend == MOE_BACKEND_CPU && stream)
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: stream must be NULL on the CPU backend (calls run to completion)", fn);

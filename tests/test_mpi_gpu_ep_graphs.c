@@ -16,7 +16,9 @@
  *             every rank;
  *   overflow  a receive bound (max_recv_tokens) below what arrives: the sync-free forward and
  *             backward raise the device flag that moe_layer_check_errors reports as
- *             MOE_ERR_OVERFLOW (with the rows that arrived), once;
+ *             MOE_ERR_OVERFLOW (with the rows that arrived), once; T beyond
+ *             max_tokens_per_rank is refused (MOE_ERR_OVERFLOW) before anything runs, and the
+ *             layer works afterwards;
  *   order     (np > 1) the replicated gradients summed in rank order, identical on every rank:
  *             in fp32, each rank's partial is what the layer returns when only that rank brings
  *             tokens (the others T = 0), and the gradients of the whole batch are bitwise the
@@ -317,6 +319,42 @@ static void test_syncfree_overflow(void **state)
             setup_free(&s);
         }
         CHECK_API(moe_ep_comm_destroy(comm));
+        /* T beyond max_tokens_per_rank: refused before anything runs (the slots hold M rows),
+         * and the layer works afterwards */
+        comm = comm_open(MPI_COMM_SELF, MOE_TRANSPORT_NCCL, 4, 1, T, 0, NULL);
+        ok &= comm != NULL;
+        if (comm) {
+            setup s;
+            ok &= setup_make(&s, MPI_COMM_SELF, &k_cases[2], T, false);
+            answer a;
+            ok &= answer_plain(&s, s.xg, s.doutg, false, &a);
+            moe_layer *L = layer_make(&s, comm, NULL, MOE_BACKEND_CUDA, 0, NULL);
+            ok &= L != NULL;
+            if (L) {
+                const size_t H = s.cfg.hidden, es = s.dsz;
+                void *x = dev_poisoned((size_t)(T + 1) * H * es), *out = dev_poisoned((size_t)(T + 1) * H * es);
+                moe_status st = moe_layer_forward_async(L, T + 1, x, out, NULL, NULL);
+                if (st != MOE_ERR_OVERFLOW || !strstr(moe_last_error(), "max-tokens-per-rank")) {
+                    fprintf(stderr, "r0 sync-free T = %d > max_tokens_per_rank %d: %s (%s)\n", T + 1, T,
+                            moe_strerror(st), moe_last_error());
+                    ok = false;
+                }
+                fprintf(stderr, "r0 expected refusal: %s\n", moe_last_error());
+                cudaFree(x);
+                cudaFree(out);
+                cudaStream_t cs;
+                CHECK_CU(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+                ep_result r;
+                ok &= run_ep(L, &s, s.xg, s.doutg, false, cs, true, &r);
+                ok &= compare("sync-free after the refusal", &s, L, &r, &a, false);
+                result_free(&r);
+                CHECK_CU(cudaStreamDestroy(cs));
+                CHECK_API(moe_layer_destroy(L));
+            }
+            answer_free(&a);
+            setup_free(&s);
+            CHECK_API(moe_ep_comm_destroy(comm));
+        }
     }
     assert_true(all_true(ok));
 }

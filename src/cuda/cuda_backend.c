@@ -235,7 +235,9 @@ static moe_status cb_enter(moe_layer *L, moe_error *err)
  * NCCL error, not a hang). */
 static moe_status wait_main(moe_layer *L, moe_error *err)
 {
-    if (L->ep && L->ep->tp && L->ep->nccl) return L->ep->tp->sync(L->ep->tp, L->stream, err);
+    /* (the transport's sync takes NULL as "its own stream": the legacy stream is named) */
+    if (L->ep && L->ep->tp && L->ep->nccl)
+        return L->ep->tp->sync(L->ep->tp, L->stream ? L->stream : (void *)cudaStreamLegacy, err);
     CB_CUDA(cudaStreamSynchronize(cb_main(L)), "waiting for the layer's stream");
     return MOE_OK;
 }
