@@ -49,6 +49,15 @@ static moe_status begin_call(moe_layer *L, const char *fn, int64_t T, void *stre
         return moe_fail(err, MOE_ERR_OVERFLOW,
                         "%s: T = %lld exceeds the layer's max_tokens = %lld (its buffers are "
                         "sized for that)", fn, (long long)T, (long long)L->max_tokens);
+    /* Sync-free EP buffers are slots of max_tokens_per_rank rows and nothing on the device
+     * checks T against them (the plan and the pack would write past them): refuse here, before
+     * the call's agreement, so every rank fails together. (Sized EP calls check it in the
+     * plan.) */
+    if (L->ep && L->ep->syncfree && T > L->ep->M)
+        return moe_fail(err, MOE_ERR_OVERFLOW,
+                        "%s: T = %lld exceeds --max-tokens-per-rank %lld (the sync-free "
+                        "expert-parallel buffers are sized for it)", fn, (long long)T,
+                        (long long)L->ep->M);
     if (L->backend == MOE_BACKEND_CPU && stream)
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: stream must be NULL on the CPU backend (calls run to completion)", fn);
@@ -319,6 +328,12 @@ moe_status moe_layer_forward_stages(moe_layer *L, int T, const void *x_host,
     void *dx = NULL;
     if (st == MOE_OK) st = moe_mem_alloc(L->backend, L->device, t * L->H * dsz + 16, "stage input", &dx, err);
     if (st == MOE_OK) st = L->ops->upload(L, dx, x_host, t * L->H * dsz, err);
+    /* no tokens: nothing runs, but the counts and offsets are still read back (zeros, as the
+     * CPU backend writes them), not the fresh allocation's contents */
+    if (st == MOE_OK && T == 0 && d.token_counts)
+        st = L->ops->zero(L, d.token_counts, (size_t)L->E * 4, err);
+    if (st == MOE_OK && T == 0 && d.expert_offsets)
+        st = L->ops->zero(L, d.expert_offsets, ((size_t)L->E + 1) * 4, err);
     if (st == MOE_OK && T > 0) st = ep_plain_forward(L, T, dx, &d, false, err);
     for (int i = 0; i < n && st == MOE_OK; i++)
         if (b[i].hostp) st = L->ops->download(L, b[i].hostp, *b[i].devp, b[i].bytes, err);

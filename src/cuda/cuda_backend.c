@@ -131,6 +131,11 @@ static moe_status cb_place(moe_layer *L, moe_error *err)
     L->w.w2 = s->w2;
     L->w.shared_gu = s->shared_gu;
     L->w.shared_down = s->shared_down;
+    /* cudaMemcpy from pageable memory may return before its DMA reached the device, and it
+     * runs on the legacy stream, which the layer's non-blocking streams do not wait for: the
+     * next call's kernels could read old weights. Wait for the device here (creation and
+     * reload only). */
+    CB_CUDA(cudaDeviceSynchronize(), "placing the weights");
     return MOE_OK;
 }
 
@@ -181,7 +186,8 @@ static moe_status cb_create(moe_layer *L, moe_error *err)
     }
     s->autotune = L->autotune;
     snprintf(s->autotune_cache, sizeof s->autotune_cache, "%s", L->autotune_cache);
-    MOE_TRY(cb_place(L, err));
+    MOE_TRY(cb_place(L, err)); /* ends with a device-wide wait: the memsets above (legacy
+                                  stream) are done too */
     CB_CUDA(cudaStreamSynchronize(s->own), "layer set-up");
     return MOE_OK;
 }
@@ -229,7 +235,9 @@ static moe_status cb_enter(moe_layer *L, moe_error *err)
  * NCCL error, not a hang). */
 static moe_status wait_main(moe_layer *L, moe_error *err)
 {
-    if (L->ep && L->ep->tp && L->ep->nccl) return L->ep->tp->sync(L->ep->tp, L->stream, err);
+    /* (the transport's sync takes NULL as "its own stream": the legacy stream is named) */
+    if (L->ep && L->ep->tp && L->ep->nccl)
+        return L->ep->tp->sync(L->ep->tp, L->stream ? L->stream : (void *)cudaStreamLegacy, err);
     CB_CUDA(cudaStreamSynchronize(cb_main(L)), "waiting for the layer's stream");
     return MOE_OK;
 }
@@ -380,14 +388,27 @@ static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int
     cuda_state *s = L->be;
     if (T == 0) return MOE_OK;
     s->last_route_small = false;
-    if (counts && s->route_small && moe_cuda_route_small_fits(&L->cfg, T, L->E)) {
-        /* routing and sorting in one launch: the permute phase is empty */
+    if (s->route_small && moe_cuda_route_small_fits(&L->cfg, T, L->E)) {
+        /* routing and sorting in one launch: the permute phase is empty. A caller that wants no
+         * sort (the plain backward, the EP route) still routes this way, sorting into scratch:
+         * this kernel's logits may differ from the router GEMM's in the last bit, so routing
+         * the backward with the GEMM would not be the gradient of the forward that ran. */
+        const bool sort = counts != NULL;
+        if (!sort) {
+            const size_t rows = (size_t)(T > L->max_tokens ? T : L->max_tokens);
+            MOE_TRY(moe_ws_need(L->ws, L->ws_set, WB_COUNTS, ((size_t)L->E + 1) * 4,
+                                (void **)&counts, err));
+            MOE_TRY(moe_ws_need(L->ws, L->ws_set, WB_OFFS, ((size_t)L->E + 1) * 4,
+                                (void **)&offsets, err));
+            MOE_TRY(moe_ws_need(L->ws, L->ws_set, WB_GATHER, rows * L->k * 4, (void **)&gather,
+                                err));
+        }
         MOE_TRY(moe_cuda_route_small(&L->cfg, L->dt, T, x, L->w.router, logits, ids, w, 0, L->E,
                                      counts, offsets, gather, s->route_counter, cb_nonfinite(s),
                                      cb_main(L), err));
         s->last_route_small = true;
         moe_layer_mark(L, MOE_MARK_ROUTED, false);
-        moe_layer_mark(L, MOE_MARK_PERMUTED, false);
+        if (sort) moe_layer_mark(L, MOE_MARK_PERMUTED, false);
         return MOE_OK;
     }
     /* logits [T,E] = x [T,H] @ router [E,H]^T, written in the activation dtype (rounded, as HF

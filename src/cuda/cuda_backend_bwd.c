@@ -240,7 +240,10 @@ moe_status cb_check_errors(moe_layer *L, moe_error *err)
     int32_t h[4] = {0};
     CB_CUDA(cudaMemcpy(h, s->d_status, sizeof h, cudaMemcpyDeviceToHost), "reading the status flags");
     if (h[0] == 0 && h[2] == 0) return MOE_OK;
-    CB_CUDA(cudaMemset(s->d_status, 0, sizeof h), "clearing the status flags");
+    /* cleared before returning: a cudaMemset on the legacy stream could land after the next
+     * call's kernels (on non-blocking streams) raised the flag again, losing that report */
+    CB_CUDA(cudaMemsetAsync(s->d_status, 0, sizeof h, s->own), "clearing the status flags");
+    CB_CUDA(cudaStreamSynchronize(s->own), "clearing the status flags");
     if (h[0])
         return moe_fail(err, MOE_ERR_OVERFLOW,
                         "rank %d: receive buffer overflow in a sync-free call: %d token rows "

@@ -261,9 +261,13 @@ static void round_layout(const ep_plan *p, int c, int v, bool back, int64_t *L4)
     }
 }
 
+/* s_cap / r_cap: rows the pinned mirrors must hold on each side for the whole call (every
+ * round of it), so a later round never reallocates a mirror an earlier round's transfer is
+ * still reading or writing (MPI_Ialltoallv in flight), nor moves the rows drv_xfer_wait copies
+ * back. */
 static moe_status xfer_with(moe_layer *L, const drv_bufs *xb, const int64_t *lay, int64_t sbase,
-                            int64_t rbase, int64_t stot, int64_t rtot, bool overlap,
-                            ep_request *req, moe_error *err)
+                            int64_t rbase, int64_t stot, int64_t rtot, int64_t s_cap,
+                            int64_t r_cap, bool overlap, ep_request *req, moe_error *err)
 {
     ep_state *s = L->ep;
     const int N = s->N;
@@ -287,10 +291,10 @@ static moe_status xfer_with(moe_layer *L, const drv_bufs *xb, const int64_t *lay
         if (stage) {
             /* device rows through pinned host mirrors (same layout) */
             void *ps, *pr;
-            MOE_TRY(moe_ws_need(L->ws, WS_PIN, xb->pin_send[b], (size_t)(sbase + stot) * rb + 1,
-                                &ps, err));
-            MOE_TRY(moe_ws_need(L->ws, WS_PIN, xb->pin_recv[b], (size_t)(rbase + rtot) * rb + 1,
-                                &pr, err));
+            const int64_t sn = s_cap > sbase + stot ? s_cap : sbase + stot;
+            const int64_t rn = r_cap > rbase + rtot ? r_cap : rbase + rtot;
+            MOE_TRY(moe_ws_need(L->ws, WS_PIN, xb->pin_send[b], (size_t)sn * rb + 1, &ps, err));
+            MOE_TRY(moe_ws_need(L->ws, WS_PIN, xb->pin_recv[b], (size_t)rn * rb + 1, &pr, err));
             if (stot) MOE_TRY(L->ops->copy(L, (char *)ps + (size_t)sbase * rb, snd,
                                            (size_t)stot * rb, err));
             snd = (char *)ps + (size_t)sbase * rb;
@@ -314,7 +318,10 @@ moe_status drv_xfer_start(moe_layer *L, const ep_plan *p, int c, int v, bool bac
     round_layout(p, c, v, back, lay);
     int64_t sb = ep_round_base(p, c, v, back), rb = ep_round_base(p, c, v, !back);
     int64_t st_ = ep_round_rows(p, c, v, back), rt = ep_round_rows(p, c, v, !back);
-    moe_status st = xfer_with(L, xb, lay, sb, rb, st_, rt, overlap, req, err);
+    /* staged mirrors sized for every round of the call at its first round */
+    const int64_t scap = back ? p->recv_total : p->send_total;
+    const int64_t rcap = back ? p->send_total : p->recv_total;
+    moe_status st = xfer_with(L, xb, lay, sb, rb, st_, rt, scap, rcap, overlap, req, err);
     if (lay != small) free(lay);
     return st;
 }
@@ -353,7 +360,8 @@ moe_status drv_xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_
     }
     (void)back;
     const int64_t base = (int64_t)v * N * rows_per_peer, tot = (int64_t)N * rows_per_peer;
-    moe_status st = xfer_with(L, xb, lay, base, base, tot, tot, false, req, err);
+    moe_status st = xfer_with(L, xb, lay, base, base, tot, tot, (int64_t)s->V * tot,
+                              (int64_t)s->V * tot, false, req, err);
     if (lay != small) free(lay);
     return st;
 }
