@@ -732,7 +732,9 @@ static void run_case(const lcase *c, uint64_t seed)
     {
         /* the route asked for ran: one launch where MOE_ROUTE_SMALL=1 and the batch fits */
         const bool want = c->route_small && moe_cuda_route_small_fits(&c->cfg, c->T, r->E);
-        const bool ran = ((const cuda_state *)r->G->be)->last_route_small;
+        moe_layer_stats ls = MOE_LAYER_STATS_INIT;
+        API(moe_layer_stats_get(r->G, &ls));
+        const bool ran = ls.route_one_launch != 0;
         if (ran != want)
             fail_msg("%s: the route ran as %s, expected %s", r->cn, ran ? "one launch" : "five",
                      want ? "one launch" : "five");

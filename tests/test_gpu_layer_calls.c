@@ -8,8 +8,8 @@
  *             layer info; caller tensors: a mis-shaped one named, borrowed host memory refused,
  *             borrowed device memory read in place = copied = generated weights (bitwise);
  *   nonfinite a NaN row of x leaves the other tokens' outputs bitwise unchanged;
- *             moe_layer_check_errors reports MOE_ERR_NONFINITE on the CPU layer, and on CUDA
- *             where the routing kernel counts (MOE_TEST_CUDA_COUNTS_NONFINITE, off: it does not);
+ *             moe_layer_check_errors reports MOE_ERR_NONFINITE (the CUDA routing kernels count
+ *             such tokens inside the top-k launch), as the CPU layer does;
  *   bound     T growing from 1 to max_tokens (forward and backward, asynchronous and host):
  *             the weights uploaded once (weight_uploads == 1), the workspace never grows after
  *             the first calls at max_tokens;
@@ -34,13 +34,6 @@
 #include "cpu/cpu_fused.h"
 #include "gpu_layer_test.h"
 #include "weights.h"
-
-/* The routing kernel does not count tokens with non-finite logits yet: cuda_state.d_status[2]
- * is never written (moe_cuda_route_topk takes no counter), so moe_layer_check_errors cannot
- * return MOE_ERR_NONFINITE on CUDA. Set to 1 once kernels/routing.cu counts them. */
-#ifndef MOE_TEST_CUDA_COUNTS_NONFINITE
-#define MOE_TEST_CUDA_COUNTS_NONFINITE 0
-#endif
 
 /* ------------------------------------------------------------------ T = 0 ---- */
 
@@ -278,8 +271,8 @@ static void test_invalid(void **state)
 /* ------------------------------------------------------------------ non-finite logits ---- */
 
 /* A NaN row of x: the other tokens' outputs are bitwise those of the same batch without it, and
- * moe_layer_check_errors reports MOE_ERR_NONFINITE (once: the record is cleared) — on the CPU
- * always; on CUDA where the routing kernel counts (MOE_TEST_CUDA_COUNTS_NONFINITE). */
+ * moe_layer_check_errors reports MOE_ERR_NONFINITE (once: the record is cleared), on CUDA as on
+ * the CPU. */
 static void test_nonfinite_logits(void **state)
 {
     (void)state;
@@ -304,17 +297,8 @@ static void test_nonfinite_logits(void **state)
             if (t != bad_row && memcmp((char *)o1 + t * H * es, (char *)o2 + t * H * es, H * es) != 0)
                 fail_msg("%s: token %zu's output changed when token %zu's input became NaN", c->name, t, bad_row);
         moe_status st = moe_layer_check_errors(G);
-#if MOE_TEST_CUDA_COUNTS_NONFINITE
         expect_fail(st, MOE_ERR_NONFINITE, "1 token", "CUDA: a NaN row of x");
         API(moe_layer_check_errors(G)); /* cleared */
-#else
-        if (st != MOE_OK && st != MOE_ERR_NONFINITE)
-            fail_msg("%s: CUDA check_errors after a NaN row: %s (%s)", c->name, moe_strerror(st), moe_last_error());
-        fprintf(stderr, "NOTE %s: CUDA check_errors after a NaN row of x returned %s; the routing "
-                "kernel does not count non-finite logits yet (MOE_TEST_CUDA_COUNTS_NONFINITE=0)\n",
-                c->name, moe_strerror(st));
-        moe_layer_check_errors(G);
-#endif
         /* the CPU layer reports it (the semantics the CUDA backend is to match) */
         API(moe_layer_forward(C, &vn, &v2, NULL));
         expect_fail(moe_layer_check_errors(C), MOE_ERR_NONFINITE, "1 token", "CPU: a NaN row of x");

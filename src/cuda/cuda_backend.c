@@ -387,7 +387,7 @@ static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int
 {
     cuda_state *s = L->be;
     if (T == 0) return MOE_OK;
-    s->last_route_small = false;
+    L->ctr.route_one_launch = 0;
     if (s->route_small && moe_cuda_route_small_fits(&L->cfg, T, L->E)) {
         /* routing and sorting in one launch: the permute phase is empty. A caller that wants no
          * sort (the plain backward, the EP route) still routes this way, sorting into scratch:
@@ -406,7 +406,7 @@ static moe_status cb_route(moe_layer *L, int T, const void *x, void *logits, int
         MOE_TRY(moe_cuda_route_small(&L->cfg, L->dt, T, x, L->w.router, logits, ids, w, 0, L->E,
                                      counts, offsets, gather, s->route_counter, cb_nonfinite(s),
                                      cb_main(L), err));
-        s->last_route_small = true;
+        L->ctr.route_one_launch = 1;
         moe_layer_mark(L, MOE_MARK_ROUTED, false);
         if (sort) moe_layer_mark(L, MOE_MARK_PERMUTED, false);
         return MOE_OK;

@@ -39,7 +39,7 @@ typedef struct cuda_state {
      * seen, [2] tokens with non-finite router logits */
     int32_t *d_status;
     int *route_counter; /* moe_cuda_route_small's count-in counter */
-    bool route_small, last_route_small;
+    bool route_small;
 } cuda_state;
 
 #define CB_CUDA(call, what)                                                                   \

@@ -576,7 +576,7 @@ moe_status moe_layer_stats_get(const moe_layer *L, moe_layer_stats *s)
     for (int g = 0; g < MOE_STATS_NUM_GEMMS; g++)
         L->ops->gemm_report(L, g, s->gemm_kernel[g], sizeof s->gemm_kernel[g], s->gemm_config[g],
                             sizeof s->gemm_config[g]);
-    s->route_one_launch = 0;
+    s->route_one_launch = c->route_one_launch;
     return MOE_OK;
 }
 

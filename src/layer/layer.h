@@ -129,6 +129,7 @@ typedef struct moe_layer_counters {
     double phase_ms[MOE_STATS_NUM_PHASES];
     int nchunks;
     moe_chunk_timeline timeline[MOE_STATS_MAX_CHUNKS];
+    int route_one_launch; /* CUDA: the last route ran as one launch (router, top-k and sort) */
 } moe_layer_counters;
 
 struct moe_layer {

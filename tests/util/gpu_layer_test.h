@@ -23,7 +23,7 @@
 
 #include "block_state.h"
 #include "config.h"
-#include "cuda/cuda_backend.h" /* cuda_state: the kernel reports (rep[]), last_route_small */
+#include "cuda/cuda_backend.h" /* cuda_state: the kernel reports (rep[]) */
 #include "dtype.h"
 #include "layer/layer.h"
 #include "rng.h"
