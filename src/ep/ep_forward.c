@@ -239,6 +239,77 @@ static moe_status forward_syncfree(moe_layer *L, int T, const void *x, const int
     return o->ep_reduce(L, T, shout, NULL, back, s->d_slotbase, tdest, tn, trow, out, err);
 }
 
+/* ------------------------------------------------------------------ the plain path ---- */
+
+/* Buffers of one plain forward: the caller's (st) where given, else the saved state or the
+ * workspace. */
+moe_status ep_plain_forward(moe_layer *L, int T, const void *x, moe_fwd_state *st,
+                            bool keep, moe_error *err)
+{
+    const moe_layer_backend_ops *o = L->ops;
+    const size_t tk = (size_t)T * L->k, dsz = L->dsz;
+    void *logits = st->router_logits, *w = st->topk_w, *act = st->act, *rows = st->gemm2_out;
+    void *shout = st->shared_out, *gu = st->gemm1_out, *sgu = NULL, *sact = NULL;
+    int32_t *ids = st->topk_ids, *counts = st->token_counts, *offs = st->expert_offsets;
+    int32_t *gather = st->gather_idx;
+    moe_layer_saved_bufs sv;
+    bool save = keep && drv_saved_bufs(L, T, &sv);
+    if (save) {
+        if (!logits) logits = sv.logits;
+        if (!ids) ids = sv.ids;
+        if (!w) w = sv.w;
+        if (!offs) offs = sv.offsets;
+        if (!gather) gather = sv.gather;
+        if (!gu) gu = sv.gemm1_out;
+        if (!act) act = sv.act;
+        sgu = sv.sgu;
+        sact = sv.sact;
+    }
+    if (!logits) MOE_TRY(drv_buf(L, WB_LOGITS, (size_t)T * L->E * dsz, &logits, err));
+    if (!ids) MOE_TRY(drv_buf(L, WB_IDS, tk * 4, (void **)&ids, err));
+    if (!w) MOE_TRY(drv_buf(L, WB_W, tk * dsz, &w, err));
+    if (!counts) MOE_TRY(drv_buf(L, WB_COUNTS, ((size_t)L->E + 1) * 4, (void **)&counts, err));
+    if (!offs) MOE_TRY(drv_buf(L, WB_OFFS, ((size_t)L->E + 1) * 4, (void **)&offs, err));
+    if (!gather) MOE_TRY(drv_buf(L, WB_GATHER, tk * 4, (void **)&gather, err));
+    if (!act) MOE_TRY(drv_buf(L, WB_ACT, tk * L->I * dsz, &act, err));
+    if (!rows) MOE_TRY(drv_buf(L, WB_ROWS, tk * L->H * dsz, &rows, err));
+    if (L->shared) {
+        if (!shout) MOE_TRY(drv_buf(L, WB_SHOUT, (size_t)T * L->H * dsz, &shout, err));
+        if (!sgu) MOE_TRY(drv_buf(L, WB_SGU, (size_t)T * 2 * L->Is * dsz, &sgu, err));
+        if (!sact) MOE_TRY(drv_buf(L, WB_SACT, (size_t)T * L->Is * dsz, &sact, err));
+    }
+    moe_layer_mark(L, MOE_MARK_START, false);
+    if (L->shared) {
+        /* the shared expert needs only x: it overlaps routing and the routed GEMMs */
+        MOE_TRY(o->fork(L, err));
+        moe_layer_mark(L, MOE_MARK_SHARED0, true);
+        MOE_TRY(o->shared_forward(L, T, x, sgu, sact, shout, err));
+        moe_layer_mark(L, MOE_MARK_SHARED1, true);
+    }
+    MOE_TRY(o->route(L, T, x, logits, ids, w, counts, offs, gather, err));
+    /* The backward reads the saved logits: when they went to the caller's buffer (router_logits
+     * asked for), keep a copy, or the backward would read a stale saved buffer. */
+    if (save && logits != sv.logits)
+        MOE_TRY(o->copy(L, sv.logits, logits, (size_t)T * L->E * dsz, err));
+    /* the plain route includes the sort; nothing is dispatched (drv_call_end reports -1) */
+    moe_layer_mark(L, MOE_MARK_ROUTED, false);
+    moe_layer_mark(L, MOE_MARK_PERMUTED, false);
+    moe_layer_mark(L, MOE_MARK_DISPATCHED, false);
+    moe_experts_args a = {
+        .R = T, .first = 0, .count = L->E, .x = x, .ids = ids, .w = w, .rows = rows,
+        .counts = counts, .offsets = offs, .gather = gather, .gemm1_out = gu, .act = act,
+        .presorted = true, .zero_rows = false,
+    };
+    MOE_TRY(o->experts_forward(L, &a, err));
+    if (L->shared) MOE_TRY(o->join(L, err));
+    moe_sumk_args s = {.T = T, .rows = rows, .add = L->shared ? shout : NULL, .ids = ids,
+                       .filter_count = -1, .out = st->out};
+    MOE_TRY(o->sum_k(L, &s, err));
+    moe_layer_mark(L, MOE_MARK_END, false);
+    if (save) drv_saved_commit(L, x, T);
+    return MOE_OK;
+}
+
 moe_status ep_forward(moe_layer *L, int T, const void *x, void *out, void *logits,
                       moe_error *err)
 {
