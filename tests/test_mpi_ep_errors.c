@@ -89,23 +89,23 @@ static void test_comm_options(void **state)
     (void)state;
     bool ok = true;
     const int bad = last_rank();
-    moe_ep_comm *c = (moe_ep_comm *)&ok; /* must come back NULL */
+    moe_ep_comm *const sentinel = (moe_ep_comm *)&ok, *c = sentinel; /* [out]: untouched on failure */
     moe_ep_options o = mpi_opts();
     o.virtual_ranks = g_rank == bad ? 0 : 1;
-    EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, "--ep-virtual 0", bad);
-    CHECK(c == NULL);
+    EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, "virtual_ranks 0 (--ep-virtual)", bad);
+    CHECK(c == sentinel);
     o = mpi_opts();
     o.chunks = g_rank == bad ? 0 : 2;
-    EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, "--chunks 0", bad);
+    EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, "chunks 0 (--chunks)", bad);
     o = mpi_opts();
     o.max_recv_tokens = 16; /* without max_tokens_per_rank */
     EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG,
-                "only together with --max-tokens-per-rank", -1);
+                "only together with max_tokens_per_rank (--max-tokens-per-rank)", -1);
     o = mpi_opts();
     o.size = 8; /* not from MOE_EP_OPTIONS_INIT */
     EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, "MOE_EP_OPTIONS_INIT",
                 -1);
-    CHECK(c == NULL);
+    CHECK(c == sentinel);
     /* valid options that differ between ranks */
     skip_note("options that differ between ranks");
     if (g_size > 1) {
@@ -122,7 +122,7 @@ static void test_comm_options(void **state)
             char needle[64];
             snprintf(needle, sizeof needle, "ranks disagree on %s", field[i]);
             EXPECT_FAIL(ept_comm_make(MPI_COMM_WORLD, &o, &c), MOE_ERR_INVALID_ARG, needle, -1);
-            CHECK(c == NULL);
+            CHECK(c == sentinel);
         }
     }
     /* and good options still make one */
@@ -157,7 +157,7 @@ static void test_layer_create_refusals(void **state)
         snprintf(needle, sizeof needle, "%d ranks but only %d experts", g_size, g_size - 1);
         EXPECT_FAIL(ept_layer_make(path, MOE_NUM_DTYPES, g_seed, c, NULL, &L), MOE_ERR_INVALID_ARG,
                     needle, -1);
-        CHECK(L == NULL);
+        CHECK(L == (moe_layer *)&ok); /* [out]: untouched on failure */
         /* ... which an explicit map leaving a rank empty allows */
         int32_t map[4];
         for (int e = 0; e < g_size - 1; e++) map[e] = e;
@@ -177,7 +177,7 @@ static void test_layer_create_refusals(void **state)
     L = (moe_layer *)&ok;
     EXPECT_FAIL(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, map, &L),
                 MOE_ERR_INVALID_ARG, needle, last_rank());
-    CHECK(L == NULL);
+    CHECK(L == (moe_layer *)&ok); /* [out]: untouched on failure */
     /* forced routing that cannot work (parsed at layer creation) */
     struct {
         const char *route;
@@ -205,6 +205,7 @@ static void test_layer_create_refusals(void **state)
     o = mpi_opts();
     o.transport = MOE_TRANSPORT_NCCL;
     EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &nc));
+    L = NULL;
     moe_status st = ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, nc, NULL, &L);
     fprintf(stderr, "rank %d: a CPU layer over NCCL: %s %s\n", g_rank, moe_strerror(st),
             moe_last_error());
@@ -264,7 +265,7 @@ static void test_fingerprint(void **state)
     moe_layer *L = (moe_layer *)&ok;
     EXPECT_FAIL(ept_layer_make("tiny-qwen3", odd ? MOE_DTYPE_BF16 : MOE_DTYPE_F32, g_seed, c,
                                NULL, &L), MOE_ERR_INVALID_ARG, "ranks disagree on the dtype", -1);
-    CHECK(L == NULL);
+    CHECK(L == (moe_layer *)&ok); /* [out]: untouched on failure */
     /* tiny-qwen3 with norm_topk_prob false, written as a config.json on one rank */
     char path[256] = "tiny-qwen3";
     if (odd) CHECK(ept_config_write(path, sizeof path, false, 37, 23, 7, 3, false, "float32"));
@@ -278,7 +279,7 @@ static void test_fingerprint(void **state)
     for (int e = 0; e < 7; e++) map[e] = e % g_size;
     EXPECT_FAIL(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, odd ? map : NULL, &L),
                 MOE_ERR_INVALID_ARG, "ranks disagree on the expert map", -1);
-    CHECK(L == NULL);
+    CHECK(L == (moe_layer *)&ok);
     EXPECT_OK(moe_ep_comm_destroy(c));
     assert_true(all_true(ok));
 }
