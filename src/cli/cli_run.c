@@ -268,6 +268,11 @@ static int run(const char *cmd, int argc, char **argv, bool backward)
         }
         moe_tensor_view vd = {dt, 2, {Tr, H}, dout}, vdx = {dt, 2, {Tr, H}, dx};
         st = moe_layer_backward(L, &vx, &vd, NULL, &vdx, &g);
+        if (st == MOE_OK) st = moe_layer_check_errors(L);
+        if (st == MOE_ERR_NONFINITE) {
+            fprintf(stderr, "moe-ep %s: warning: %s\n", cmd, moe_last_error());
+            st = MOE_OK;
+        }
     }
     if (st != MOE_OK) rc = cli_api_fail(cmd, st);
     if ((rc = cli_agree(rc))) goto out;
