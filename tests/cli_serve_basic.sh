@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # cli_serve_basic.sh — a real `moe-ep serve` under mpirun -np 2 on a Unix socket:
+#  - --threads reaches the layers (the start line says rank 0 runs on 3 threads);
 #  - INFO reports the model, the layer and 2 ranks, expert-parallel (the 7 experts in uneven
 #    slices of 4 and 3: E need not divide by the rank count);
 #  - served results equal `moe-ep forward` under mpirun -np 2 (the same placement) bit for bit
@@ -13,7 +14,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/util/serve_common.sh"
 
 SOCK=$TMP/s.sock
-start_server basic 2 --listen "unix:$SOCK" --config "$QCFG" --weights "$QW" --max-batch-tokens 64
+start_server basic 2 --listen "unix:$SOCK" --config "$QCFG" --weights "$QW" --max-batch-tokens 64 --threads 3
+# --threads reaches the served layers (the start line names rank 0's)
+grep -q "rank 0 on cpu (3 threads)" "$SERVER_LOG" || fail "--threads 3 did not reach the served layers"
 [ "$ADDR" = "unix:$SOCK" ] || fail "ready file address '$ADDR'"
 [ "$RANK0" -gt 0 ] 2>/dev/null || fail "ready file pid '$RANK0'"
 

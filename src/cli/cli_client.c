@@ -317,8 +317,8 @@ static moe_status local_reference(const char *config, const char *weights, int l
     if (!*px || !*pout || !*plog) return MOE_ERR_NOMEM;
     moe_fill_normal(dt, *px, (size_t)P * H, seed, "client.load.x", 0, 1.0);
     moe_layer *L = NULL;
-    moe_status s = moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, P, NULL,
-                                          &L, err);
+    moe_status s = moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, P, 0,
+                                          NULL, &L, err);
     if (s == MOE_OK) {
         moe_tensor_view vx = {dt, 2, {P, H}, *px}, vo = {dt, 2, {P, H}, *pout},
                         vl = {dt, 2, {P, E}, *plog};
@@ -851,8 +851,8 @@ static double direct_engine(const char *config, const char *weights, int layer_f
     moe_layer *L = NULL;
     double *t = malloc((size_t)reps * sizeof *t);
     double med = -1;
-    if (t && moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, T, NULL, &L,
-                                    err) == MOE_OK) {
+    if (t && moe_serve_layer_create(config, weights, layer_file, dt, MOE_BACKEND_CPU, T, 0, NULL,
+                                    &L, err) == MOE_OK) {
         size_t esz = moe_dtype_size(dt);
         uint8_t *out = malloc((size_t)T * cfg.hidden * esz + 1), *lg = malloc((size_t)T * cfg.num_experts * esz + 1);
         int i;

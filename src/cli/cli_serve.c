@@ -8,7 +8,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <omp.h>
 
 #include "cli.h"
 #include "cli_opts.h"
@@ -96,7 +95,7 @@ int cli_serve(int argc, char **argv)
         {"io-timeout-ms", OPT_INT, "MS", "a partial frame or an unread reply may stall this long before the connection is closed (default 10000)", .i = &o.io_timeout_ms, .min = 1},
         {"idle-poll-us", OPT_INT, "US", "ranks > 0 sleep up to this long between polls for work when idle (default 1000)", .i = &o.idle_poll_us, .min = 1},
         {"allow-remote-shutdown", OPT_FLAG, NULL, "honour SHUTDOWN requests (default: refused)", .flag = &remote_shutdown},
-        {"threads", OPT_INT, "N", "CPU threads per rank (default: all cores, or OMP_NUM_THREADS)", .i = &threads, .min = 0},
+        {"threads", OPT_INT, "N", "CPU threads per rank (default: OMP_NUM_THREADS if set, else the cores this process is bound to divided by the ranks bound to the same cores)", .i = &threads, .min = 0},
         {0},
     };
     const char *syn = "--listen unix:PATH|tcp:HOST:PORT --config C --weights W [--layers L1,L2,..] "
@@ -149,7 +148,7 @@ int cli_serve(int argc, char **argv)
     o.allow_remote_shutdown = remote_shutdown;
     o.on_ready = on_ready;
     o.user = &o;
-    if (threads > 0) omp_set_num_threads(threads);
+    o.threads = threads; /* each layer runs with it (0: the library's default) */
 
     /* Only the main thread calls MPI; the I/O thread never does. */
     int provided = 0;

@@ -41,6 +41,7 @@ typedef struct moe_serve_options {
     moe_backend backend;
     moe_serve_ep ep;              /* how the experts are placed over the ranks */
     moe_dtype dtype;              /* activation dtype; MOE_NUM_DTYPES = the config's */
+    int threads;                  /* CPU threads per rank; 0 (default) = moe_default_threads() */
     const char *ready_file;       /* written by rank 0 once serving: "PID\nADDRESS\n" */
     int max_batch_tokens;         /* rows per batch, and per request (default 4096) */
     int max_wait_us;              /* batching latency budget (default 500) */
@@ -63,8 +64,8 @@ void moe_serve_options_default(moe_serve_options *o);
  * comm, collective and expert-parallel. The client's verification creates its reference
  * through this too, so both sides agree. */
 moe_status moe_serve_layer_create(const char *config, const char *spec, int layer, moe_dtype dt,
-                                  moe_backend backend, int64_t max_tokens, moe_ep_comm *comm,
-                                  moe_layer **out, moe_error *err);
+                                  moe_backend backend, int64_t max_tokens, int threads,
+                                  moe_ep_comm *comm, moe_layer **out, moe_error *err);
 
 /* Collective over comm: every rank calls it with the same options. Loads the layers, serves
  * until SIGTERM/SIGINT reaches rank 0 or a SHUTDOWN request is honoured, drains in-flight

@@ -20,8 +20,8 @@
 #include "svc_internal.h"
 
 moe_status moe_serve_layer_create(const char *config, const char *spec, int layer, moe_dtype dt,
-                                  moe_backend backend, int64_t max_tokens, moe_ep_comm *comm,
-                                  moe_layer **out, moe_error *err)
+                                  moe_backend backend, int64_t max_tokens, int threads,
+                                  moe_ep_comm *comm, moe_layer **out, moe_error *err)
 {
     moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
     if (strncmp(spec, "random:", 7) == 0) {
@@ -41,6 +41,7 @@ moe_status moe_serve_layer_create(const char *config, const char *spec, int laye
     lo.backend = backend;
     lo.dtype = dt;
     lo.max_tokens = max_tokens;
+    lo.threads = threads;
     lo.comm = comm;
     moe_status st = moe_layer_create(config, &src, &lo, out);
     if (st != MOE_OK) moe_fail(err, st, "%s", moe_last_error());
@@ -89,7 +90,8 @@ moe_status svc_model_load(svc_model *m, const moe_serve_options *o, MPI_Comm com
         m->nlayers = i + 1;
         /* collective with EP: every rank gets the same status, so they leave together */
         moe_status st = moe_serve_layer_create(o->config, o->weights, file_layer, m->dt,
-                                               m->backend, m->max_local_T, m->comm, &l->layer, err);
+                                               m->backend, m->max_local_T, o->threads, m->comm,
+                                               &l->layer, err);
         if (st != MOE_OK) {
             if (o->layers) moe_error_prefix(err, "layer %d", file_layer);
             return st;

@@ -222,7 +222,15 @@ moe_status moe_serve_run(MPI_Comm user_comm, const moe_serve_options *o, moe_err
             sh.draining = true;
             pthread_mutex_unlock(&sh.mu);
         } else if (o->on_ready) {
-            o->on_ready(o->user, bound, model.ep ? "expert-parallel" : "experts replicated on every rank");
+            /* where rank 0's layers run ("cpu (N threads)" / the GPU's name), so the threads
+             * --threads gave (or the default) show */
+            moe_layer_info li = MOE_LAYER_INFO_INIT;
+            char where[400];
+            moe_layer_info_get(model.layers[0].layer, &li);
+            snprintf(where, sizeof where, "%s, rank 0 on %s",
+                     model.ep ? "expert-parallel" : "experts replicated on every rank",
+                     li.device_name);
+            o->on_ready(o->user, bound, where);
         }
         /* With draining already set, the worker only releases the other ranks. */
         svc_worker_root(comm, &sh, &model, o);
