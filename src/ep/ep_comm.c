@@ -10,10 +10,6 @@
 #include "hash.h"
 #include "moe_threads.h"
 
-#ifdef MOE_HAVE_CUDA
-#include <cuda_runtime.h>
-#endif
-
 moe_status ep_mpi_fail(moe_error *err, int rc, int rank, const char *what)
 {
     char s[MPI_MAX_ERROR_STRING + 1];
@@ -236,13 +232,7 @@ moe_status moe_ep_comm_rank(const moe_ep_comm *c, int *rank, int *nranks)
 static moe_status nccl_possible(moe_ep_comm *c, bool *ok, char *why, size_t wlen,
                                 moe_error *err)
 {
-    int ndev = 0;
-#ifdef MOE_HAVE_CUDA
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
-        cudaGetLastError();
-        ndev = 0;
-    }
-#endif
+    const int ndev = moe_gpu_count();
     int mine = c->local_size <= ndev ? 1 : 0, all = 0;
     int rc = MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, c->comm);
     if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, c->rank, "MPI_Allreduce (GPU count)");

@@ -106,13 +106,7 @@ static moe_status check_source(const moe_weights_source *s, moe_error *err)
 static moe_status pick_backend(moe_layer *L, const moe_layer_options *o, moe_error *err)
 {
     moe_backend b = o->backend;
-    int ndev = 0;
-#ifdef MOE_HAVE_CUDA
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
-        cudaGetLastError();
-        ndev = 0;
-    }
-#endif
+    const int ndev = moe_gpu_count();
     if (b == MOE_BACKEND_AUTO) b = ndev > 0 ? MOE_BACKEND_CUDA : MOE_BACKEND_CPU;
     L->backend = b;
     L->device = -1;
