@@ -44,16 +44,6 @@
             ok = false;                                                                        \
         }                                                                                      \
     } while (0)
-/* A public call that must succeed (the reason from moe_last_error()). */
-#define CHECK_API(call)                                                                        \
-    do {                                                                                       \
-        moe_status s_ = (call);                                                                \
-        if (s_ != MOE_OK) {                                                                    \
-            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
-                    #call, moe_strerror(s_), moe_last_error());                                \
-            ok = false;                                                                        \
-        }                                                                                      \
-    } while (0)
 
 /* ------------------------------------------------------------------ the cases ---- */
 
