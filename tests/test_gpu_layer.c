@@ -950,18 +950,7 @@ static void test_real_llama4(void **state)
 
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_qwen3),    cmocka_unit_test(test_tiny_llama4),
-        cmocka_unit_test(test_route_small),   cmocka_unit_test(test_real_qwen3),
-        cmocka_unit_test(test_real_llama4),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_tiny_qwen3),    cmocka_unit_test(test_tiny_llama4),
+    cmocka_unit_test(test_route_small),   cmocka_unit_test(test_real_qwen3),
+    cmocka_unit_test(test_real_llama4))

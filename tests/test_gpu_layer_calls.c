@@ -671,18 +671,7 @@ static void test_exact_hf_rounding(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_invalid),         cmocka_unit_test(test_empty_batch),
-        cmocka_unit_test(test_nonfinite_logits), cmocka_unit_test(test_token_bound),
-        cmocka_unit_test(test_save_for_backward), cmocka_unit_test(test_exact_hf_rounding),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_invalid),         cmocka_unit_test(test_empty_batch),
+    cmocka_unit_test(test_nonfinite_logits), cmocka_unit_test(test_token_bound),
+    cmocka_unit_test(test_save_for_backward), cmocka_unit_test(test_exact_hf_rounding))

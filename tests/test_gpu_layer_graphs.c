@@ -319,17 +319,6 @@ static void test_graph_5000(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_graph_replay),
-        cmocka_unit_test(test_graph_5000),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_graph_replay),
+    cmocka_unit_test(test_graph_5000))

@@ -4,8 +4,9 @@
  * TESTS OVERVIEW
  *  - Every test that draws random data calls moe_test_seed() once: a fresh seed per run (from
  *    the clock), printed so a failure can be replayed with MOE_TEST_SEED=<seed>.
- *  - GPU tests call moe_test_require_gpu() in main(): without a usable GPU it returns 77 (ctest's
- *    SKIP_RETURN_CODE), or fails when MOE_REQUIRE_GPU=1 is set.
+ *  - GPU tests call moe_test_require_gpu() in main() (MOE_TEST_GPU_MAIN writes such a main()):
+ *    without a usable GPU it returns 77 (ctest's SKIP_RETURN_CODE), or fails when
+ *    MOE_REQUIRE_GPU=1 is set.
  *  - moe_test_rel_err(): ||a-b|| / ||b|| over doubles; moe_test_assert_close(): that AND the
  *    worst row within 10x, as DESIGN.md "Tolerances" says; NaN never passes.
  *  - cmocka includes are here (setjmp/stdarg/stddef order matters).
@@ -28,6 +29,26 @@
 uint64_t moe_test_seed(void);
 /* 0 if a GPU is usable; else MOE_TEST_SKIP (or 1 with MOE_REQUIRE_GPU=1), printing why. */
 int moe_test_require_gpu(void);
+/* main() of a single-process GPU test, its tests (cmocka_unit_test(...), ...) defined in CUDA
+ * builds only: without a usable GPU it skips (or fails with MOE_REQUIRE_GPU=1), else runs them.
+ * A build without CUDA never names them (it never has a usable GPU; 1 if it did). */
+#ifdef MOE_HAVE_CUDA
+#define MOE_TEST_GPU_MAIN(...)                                                                \
+    int main(void)                                                                            \
+    {                                                                                         \
+        int rc_ = moe_test_require_gpu();                                                     \
+        if (rc_) return rc_;                                                                  \
+        const struct CMUnitTest tests[] = {__VA_ARGS__};                                      \
+        return cmocka_run_group_tests(tests, NULL, NULL);                                     \
+    }
+#else
+#define MOE_TEST_GPU_MAIN(...)                                                                \
+    int main(void)                                                                            \
+    {                                                                                         \
+        int rc_ = moe_test_require_gpu();                                                     \
+        return rc_ ? rc_ : 1;                                                                 \
+    }
+#endif
 /* Global relative error; +inf if either has a NaN or ref is zero while a is not. */
 double moe_test_rel_err(const double *a, const double *ref, size_t n);
 /* Check rows x cols: global rel err <= tol and every row's rel err <= 10*tol (a zero reference
