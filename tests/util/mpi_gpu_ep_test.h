@@ -7,8 +7,9 @@
  * the answer (test_util's tolerances; tokens routed differently at a near-tie between
  * differently sized router GEMMs are left out and counted: at most 2%). Every check prints the
  * rank and what failed, and sets the caller's `ok` (mpi_test.h), so every rank takes the same
- * path to the next collective. Header-only, included by one translation unit per test; CUDA
- * builds only (a build without CUDA compiles the tests to a skip).
+ * path to the next collective. Header-only, included by one translation unit per test; all of
+ * it in CUDA builds only but main() (EPT_MAIN: a build without CUDA compiles the tests to a
+ * skip).
  */
 #ifndef MOE_MPI_GPU_EP_TEST_H
 #define MOE_MPI_GPU_EP_TEST_H
@@ -662,4 +663,52 @@ static EPT_UNUSED bool world_has_gpu_per_rank(void)
 }
 
 #endif /* MOE_HAVE_CUDA */
+
+/* ------------------------------------------------------------------ main ---- */
+
+/* The start of main(): MPI; every rank skips (or fails) together, so mpirun sees one answer:
+ * then MPI is finalised and the exit code returned. Else 0, the node's cores shared between
+ * its ranks, one seed, and each rank on GPU rank % GPUs. */
+static inline int ept_main_begin(int *argc, char ***argv)
+{
+    mpi_test_init(argc, argv);
+    int rc = moe_test_require_gpu(), worst = 0;
+    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (worst != 0) {
+        MPI_Finalize();
+        return worst == MOE_TEST_SKIP ? MOE_TEST_SKIP : 1;
+    }
+#ifdef MOE_HAVE_CUDA
+    mpi_test_share_cores_and_seed();
+    int ndev = 0;
+    cudaGetDeviceCount(&ndev);
+    cudaSetDevice(ndev > 0 ? g_rank % ndev : 0);
+#endif
+    return 0;
+}
+
+/* main() of a test_mpi_gpu_ep*.c, its tests (cmocka_unit_test(...), ...) defined in CUDA builds
+ * only. A build without CUDA never names them (it never has a usable GPU; 1 if it did). */
+#ifdef MOE_HAVE_CUDA
+#define EPT_MAIN(...)                                                                          \
+    int main(int argc, char **argv)                                                            \
+    {                                                                                          \
+        int rc_ = ept_main_begin(&argc, &argv);                                                \
+        if (rc_) return rc_;                                                                   \
+        const struct CMUnitTest tests[] = {__VA_ARGS__};                                       \
+        rc_ = cmocka_run_group_tests(tests, NULL, NULL);                                       \
+        MPI_Finalize();                                                                        \
+        return rc_;                                                                            \
+    }
+#else
+#define EPT_MAIN(...)                                                                          \
+    int main(int argc, char **argv)                                                            \
+    {                                                                                          \
+        int rc_ = ept_main_begin(&argc, &argv);                                                \
+        if (rc_) return rc_;                                                                   \
+        MPI_Finalize();                                                                        \
+        return 1;                                                                              \
+    }
+#endif
+
 #endif /* MOE_MPI_GPU_EP_TEST_H */
