@@ -47,15 +47,15 @@ static void dev_grads(const moe_layer *L, moe_layer_grads *g, size_t *bytes)
     for (int i = 0; i < 6; i++) {
         bytes[i] = b[i];
         if (b[i]) {
-            *gt_grad_slot(g, i) = gt_dev(b[i]);
-            gt_poison(*gt_grad_slot(g, i), b[i]);
+            *moe_test_grad_slot(g, i) = gt_dev(b[i]);
+            gt_poison(*moe_test_grad_slot(g, i), b[i]);
         }
     }
 }
 
 static void dev_grads_free(moe_layer_grads *g)
 {
-    for (int i = 0; i < 6; i++) cudaFree(*gt_grad_slot(g, i));
+    for (int i = 0; i < 6; i++) cudaFree(*moe_test_grad_slot(g, i));
 }
 
 /* Host gradients of the sizes dev_grads gave (every element poisoned); NULL where 0. */
@@ -63,12 +63,12 @@ static void host_grads(moe_layer_grads *g, const size_t *bytes)
 {
     memset(g, 0, sizeof *g);
     for (int i = 0; i < 6; i++)
-        if (bytes[i]) *gt_grad_slot(g, i) = gt_malloc(bytes[i]);
+        if (bytes[i]) *moe_test_grad_slot(g, i) = gt_malloc(bytes[i]);
 }
 
 static void host_grads_free(moe_layer_grads *g)
 {
-    for (int i = 0; i < 6; i++) free(*gt_grad_slot(g, i));
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(g, i));
 }
 
 /* one(c, dt, seed, case name) for the tiny Qwen3 (norm_topk_prob) and Llama-4 (k = 2, shared
@@ -125,9 +125,10 @@ static void empty_batch_case(const moe_config *c, moe_dtype dt, uint64_t seed, c
         CU(cudaStreamSynchronize(st));
         for (int i = 0; i < 6; i++) {
             if (!gb[i]) continue;
-            void *h = gt_host_from(*gt_grad_slot(&g, i), gb[i]);
+            void *h = gt_host_from(*moe_test_grad_slot(&g, i), gb[i]);
             if (!all_zero(h, gb[i]))
-                fail_msg("%s: backward_async with T = 0 (round %d): %s is not all +0.0", cn, round, gt_grad_names[i]);
+                fail_msg("%s: backward_async with T = 0 (round %d): %s is not all +0.0", cn, round,
+                         moe_test_grad_names[i]);
             free(h);
         }
         dev_grads_free(&g);
@@ -140,8 +141,9 @@ static void empty_batch_case(const moe_config *c, moe_dtype dt, uint64_t seed, c
         host_grads(&hg, gb);
         API(moe_layer_backward(G, &vx, &vo, &vl, &vdx, &hg));
         for (int i = 0; i < 6; i++)
-            if (gb[i] && !all_zero(*gt_grad_slot(&hg, i), gb[i]))
-                fail_msg("%s: moe_layer_backward with T = 0 (round %d): %s is not all +0.0", cn, round, gt_grad_names[i]);
+            if (gb[i] && !all_zero(*moe_test_grad_slot(&hg, i), gb[i]))
+                fail_msg("%s: moe_layer_backward with T = 0 (round %d): %s is not all +0.0", cn,
+                         round, moe_test_grad_names[i]);
         host_grads_free(&hg);
         /* the stages of no tokens: nothing routed, zero counts */
         moe_fwd_state s0;
@@ -442,7 +444,7 @@ static void assert_grads_equal(const char *cn, const char *what, moe_dtype dt, c
     for (int i = 0; i < 6; i++) {
         if (!pa[i]) continue;
         char w[160];
-        snprintf(w, sizeof w, "%s: %s", what, gt_grad_names[i]);
+        snprintf(w, sizeof w, "%s: %s", what, moe_test_grad_names[i]);
         void *ha = gt_host_from(pa[i], bytes[i]);
         void *hb = b_on_host ? (void *)pb[i] : gt_host_from(pb[i], bytes[i]);
         gt_assert_bitwise(cn, w, dt, ha, hb, bytes[i] / moe_dtype_size(dt), 1);

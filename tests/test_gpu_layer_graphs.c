@@ -87,7 +87,7 @@ static void io_assert_equal(const char *cn, const char *what, const moe_layer *L
     const void *pb[6] = {b->g.router, b->g.w13, b->g.w2, b->g.shared_gate, b->g.shared_up, b->g.shared_down};
     for (int i = 0; i < 6; i++) {
         if (!pa[i]) continue;
-        snprintf(w, sizeof w, "%s: %s", what, gt_grad_names[i]);
+        snprintf(w, sizeof w, "%s: %s", what, moe_test_grad_names[i]);
         gt_assert_dev_bitwise(cn, w, dt, pa[i], pb[i], a->gb[i] / moe_dtype_size(dt), H);
     }
 }

@@ -73,9 +73,9 @@ static bool results_equal(const char *label, const setup *s, const ep_result *r,
     CHECK(same_bits(what, r->dx, r2->dx, T * H * es, es));
     for (int i = 0; i < 6; i++) {
         if (!r->gb[i]) continue;
-        snprintf(what, sizeof what, "%s: %s", label, k_gnames[i]);
-        CHECK(same_bits(what, *grad_slot((moe_layer_grads *)&r->g, i), *grad_slot((moe_layer_grads *)&r2->g, i),
-                        r->gb[i], es));
+        snprintf(what, sizeof what, "%s: %s", label, moe_test_grad_names[i]);
+        CHECK(same_bits(what, *moe_test_grad_slot((moe_layer_grads *)&r->g, i),
+                        *moe_test_grad_slot((moe_layer_grads *)&r2->g, i), r->gb[i], es));
     }
     return ok;
 }

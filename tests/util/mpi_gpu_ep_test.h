@@ -305,16 +305,6 @@ static EPT_UNUSED void grad_bytes(const moe_layer *L, size_t *b)
     b[5] = H * Is * es;
 }
 
-static const char *const k_gnames[6] EPT_UNUSED = {"d router", "d w13", "d w2",
-                                                   "d shared_gate", "d shared_up",
-                                                   "d shared_down"};
-
-static EPT_UNUSED void **grad_slot(moe_layer_grads *g, int i)
-{
-    void **p[6] = {&g->router, &g->w13, &g->w2, &g->shared_gate, &g->shared_up, &g->shared_down};
-    return p[i];
-}
-
 /* ------------------------------------------------------------------ the single-rank answer -- */
 
 typedef struct answer {
@@ -329,7 +319,7 @@ static EPT_UNUSED void answer_free(answer *a)
     free(a->logits);
     free(a->dx);
     free(a->ids);
-    for (int i = 0; i < 6; i++) free(*grad_slot(&a->g, i));
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(&a->g, i));
     memset(a, 0, sizeof *a);
 }
 
@@ -364,7 +354,7 @@ static EPT_UNUSED bool answer_plain(const setup *s, const void *x, const void *d
         size_t gb[6];
         grad_bytes(L, gb);
         for (int i = 0; i < 6; i++)
-            if (gb[i]) *grad_slot(&a->g, i) = malloc(gb[i]);
+            if (gb[i]) *moe_test_grad_slot(&a->g, i) = malloc(gb[i]);
         a->dx = malloc(Tg * H * es + 16);
         moe_tensor_view vx = {s->dt, 2, {s->Tg, (int64_t)H}, (void *)x};
         moe_tensor_view vd = {s->dt, 2, {s->Tg, (int64_t)H}, (void *)dout};
@@ -393,7 +383,7 @@ static EPT_UNUSED void result_free(ep_result *r)
     free(r->dx);
     free(r->ids);
     free(r->peers);
-    for (int i = 0; i < 6; i++) free(*grad_slot(&r->g, i));
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(&r->g, i));
     memset(r, 0, sizeof *r);
 }
 
@@ -464,9 +454,9 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
         CHECK_API(moe_layer_stats_reset(L));
         for (int i = 0; i < 6; i++) {
             if (!r->gb[i]) continue;
-            *grad_slot(&r->g, i) = malloc(r->gb[i]);
-            memset(*grad_slot(&r->g, i), 0xff, r->gb[i]);
-            if (async) *grad_slot(&dg, i) = dev_poisoned(r->gb[i]);
+            *moe_test_grad_slot(&r->g, i) = malloc(r->gb[i]);
+            memset(*moe_test_grad_slot(&r->g, i), 0xff, r->gb[i]);
+            if (async) *moe_test_grad_slot(&dg, i) = dev_poisoned(r->gb[i]);
         }
         if (async) {
             ddx = dev_poisoned(T * H * es);
@@ -476,7 +466,8 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
             cudaMemcpy(r->dx, ddx, T * H * es, cudaMemcpyDeviceToHost);
             for (int i = 0; i < 6; i++)
                 if (r->gb[i])
-                    cudaMemcpy(*grad_slot(&r->g, i), *grad_slot(&dg, i), r->gb[i], cudaMemcpyDeviceToHost);
+                    cudaMemcpy(*moe_test_grad_slot(&r->g, i), *moe_test_grad_slot(&dg, i), r->gb[i],
+                               cudaMemcpyDeviceToHost);
         } else {
             moe_tensor_view vx = {s->dt, 2, {s->T, (int64_t)H}, (void *)x};
             moe_tensor_view vd = {s->dt, 2, {s->T, (int64_t)H}, (void *)dout};
@@ -490,7 +481,7 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
     cudaFree(dout_);
     cudaFree(dlg);
     cudaFree(ddx);
-    for (int i = 0; i < 6; i++) cudaFree(*grad_slot(&dg, i));
+    for (int i = 0; i < 6; i++) cudaFree(*moe_test_grad_slot(&dg, i));
     return ok;
 }
 
@@ -588,11 +579,11 @@ static EPT_UNUSED bool replicated_identical(const char *label, MPI_Comm comm, co
         const int i = idx[q];
         if (!r->gb[i]) continue;
         void *root = malloc(r->gb[i]);
-        memcpy(root, *grad_slot((moe_layer_grads *)&r->g, i), r->gb[i]);
+        memcpy(root, *moe_test_grad_slot((moe_layer_grads *)&r->g, i), r->gb[i]);
         MPI_Bcast(root, (int)r->gb[i], MPI_BYTE, 0, comm);
         char what[224];
-        snprintf(what, sizeof what, "%s: %s on this rank vs rank 0", label, k_gnames[i]);
-        CHECK(same_bits(what, *grad_slot((moe_layer_grads *)&r->g, i), root, r->gb[i], es));
+        snprintf(what, sizeof what, "%s: %s on this rank vs rank 0", label, moe_test_grad_names[i]);
+        CHECK(same_bits(what, *moe_test_grad_slot((moe_layer_grads *)&r->g, i), root, r->gb[i], es));
         free(root);
     }
     return ok;

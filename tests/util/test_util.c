@@ -50,6 +50,15 @@ int moe_test_require_gpu(void)
     return MOE_TEST_SKIP;
 }
 
+const char *const moe_test_grad_names[6] = {"d router",      "d w13",       "d w2",
+                                            "d shared_gate", "d shared_up", "d shared_down"};
+
+void **moe_test_grad_slot(moe_layer_grads *g, int i)
+{
+    void **p[6] = {&g->router, &g->w13, &g->w2, &g->shared_gate, &g->shared_up, &g->shared_down};
+    return p[i];
+}
+
 double moe_test_rel_err(const double *a, const double *ref, size_t n)
 {
     double num = 0, den = 0;

@@ -49,6 +49,10 @@ int moe_test_require_gpu(void);
         return rc_ ? rc_ : 1;                                                                 \
     }
 #endif
+/* The fields of moe_layer_grads in order (router, w13, w2, shared gate, up, down): their names
+ * ("d router", ...) and field i of g. */
+extern const char *const moe_test_grad_names[6];
+void **moe_test_grad_slot(moe_layer_grads *g, int i);
 /* Global relative error; +inf if either has a NaN or ref is zero while a is not. */
 double moe_test_rel_err(const double *a, const double *ref, size_t n);
 /* Check rows x cols: global rel err <= tol and every row's rel err <= 10*tol (a zero reference
