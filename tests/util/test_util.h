@@ -59,6 +59,10 @@ double moe_test_rel_err(const double *a, const double *ref, size_t n);
  * row must be exactly zero). Prints the worst row on failure. Returns true when within. */
 bool moe_test_close(const char *what, const double *a, const double *ref, size_t rows,
                     size_t cols, double tol);
+/* moe_test_close over the rows r with skip[r] false (skip NULL: every row): a and ref are
+ * compacted in place (the kept rows first). */
+bool moe_test_close_kept(const char *what, double *a, double *ref, size_t rows, size_t cols,
+                         const bool *skip, double tol);
 #define moe_test_assert_close(what, a, ref, rows, cols, tol) \
     assert_true(moe_test_close((what), (a), (ref), (rows), (cols), (tol)))
 /* Default tolerance of a dtype (DESIGN.md): bf16 1e-2, fp16 1e-3, fp32 1e-5; grad=true: fp32 1e-4. */
