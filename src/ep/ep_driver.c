@@ -1,8 +1,9 @@
 /* ep_driver.c — the one driver of a layer (ep.h): the EP state, the start and end of every
  * call (agreement, counters, timing), the round transfers (with pinned-host staging where a
- * CUDA layer talks MPI), and the plain fused path itself (one rank: route, the experts on x,
- * sum over k). The expert-parallel forward is in ep_forward.c, the backward in
- * ep_backward.c. */
+ * CUDA layer talks MPI), the steps the forward and the backward share (a sized call's plan and
+ * counts exchange; a sync-free call's buffers, slot transfers, compaction and expansion), and
+ * the forward's state saved for the backward. The forward (the plain path too) is in
+ * ep_forward.c, the backward in ep_backward.c. */
 #include <stdlib.h>
 #include <string.h>
 
