@@ -4,6 +4,8 @@
 
 #include <math.h>
 
+#include "hash.h"
+
 static uint64_t mix64(uint64_t z)
 {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -13,11 +15,7 @@ static uint64_t mix64(uint64_t z)
 
 uint64_t moe_rng_stream(uint64_t seed, const char *tensor_name)
 {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const unsigned char *p = (const unsigned char *)tensor_name; p && *p; p++) {
-        h ^= *p;
-        h *= 0x100000001b3ull;
-    }
+    const uint64_t h = moe_fnv1a_str(MOE_FNV1A_INIT, tensor_name);
     return mix64(h ^ mix64(seed + 0x9e3779b97f4a7c15ull));
 }
 

@@ -11,13 +11,7 @@
 #    --weights): config.json is read from it, PASS on one rank and over 2;
 #  * a directory holding neither file: refused on every rank naming it, no hang.
 set -u
-ep=${MOE_EP:?MOE_EP must point at the moe-ep binary}
-src=${MOE_SOURCE_DIR:?}
-command -v python3 >/dev/null || { echo "SKIP: python3 not installed"; exit 77; }
-st="python3 $src/tests/util/st_tool.py"
-run_mpi() { local np=$1; shift; OMP_NUM_THREADS=1 timeout 120 ${MPIEXEC:-mpirun} ${MPIRUN_FLAGS:-} -np "$np" "$@"; }
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-fail=0
+. "$(dirname "$0")/util/cli_mpi_common.sh"
 ok_or_fail() { if [ "$1" = 0 ]; then echo "ok: $2"; else echo "FAIL: $2"; tail -20 "$tmp/log"; fail=1; fi; }
 D=$src/tests/fixtures/hf/qwen3_norm_fp32
 IN=$D/io.safetensors

@@ -12,13 +12,7 @@
 # and 4; also with --expert-map: a non-contiguous placement, and maps that leave a rank (rank 0
 # included: it writes the file) without experts.
 set -u
-ep=${MOE_EP:?MOE_EP must point at the moe-ep binary}
-src=${MOE_SOURCE_DIR:?}
-command -v python3 >/dev/null || { echo "SKIP: python3 not installed"; exit 77; }
-st="python3 $src/tests/util/st_tool.py"
-run_mpi() { local np=$1; shift; OMP_NUM_THREADS=1 timeout 120 ${MPIEXEC:-mpirun} ${MPIRUN_FLAGS:-} -np "$np" "$@"; }
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-fail=0
+. "$(dirname "$0")/util/cli_mpi_common.sh"
 seed=$(( $(date +%s%N) % 1000003 ))
 echo "input seed $seed"
 bad() { echo "FAIL: $1"; [ -f "$tmp/log" ] && tail -20 "$tmp/log"; fail=1; }

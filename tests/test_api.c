@@ -146,9 +146,8 @@ static moe_tensor_view view2(const void *data, int64_t r, int64_t c)
 
 /* ------------------------------------------------------------------ models ---- */
 
+/* moe_layer_grads' fields in order (their names: moe_test_grad_names) */
 enum { G_ROUTER, G_W13, G_W2, G_SG, G_SU, G_SD, G_N };
-static const char *const gnames[G_N] = {"d router", "d w13", "d w2", "d shared_gate",
-                                        "d shared_up", "d shared_down"};
 
 typedef struct model {
     const char *name;
@@ -335,7 +334,7 @@ static void same_result(const char *what, const model *m, const result *got, boo
     canonical_grads(m, got, llama4_layout, g);
     for (int i = 0; i < G_N; i++) {
         if (!ref->g[i]) continue;
-        snprintf(w, sizeof w, "%s %s: %s", m->name, what, gnames[i]);
+        snprintf(w, sizeof w, "%s %s: %s", m->name, what, moe_test_grad_names[i]);
         same_bits(w, g[i], ref->g[i], gsize(m, i));
     }
     for (int i = 0; i < G_N; i++) free(g[i]);
@@ -464,7 +463,7 @@ static void check_reference(const model *m, int T, const float *x, const float *
         if (!cmp[i].ref) continue;
         const size_t n = gsize(m, cmp[i].g);
         v = to_d(r->g[cmp[i].g], n);
-        snprintf(what, sizeof what, "%s %s%s", m->name, gnames[cmp[i].g],
+        snprintf(what, sizeof what, "%s %s%s", m->name, moe_test_grad_names[cmp[i].g],
                  dlog ? " (+ d logits)" : "");
         moe_test_assert_close(what, v, cmp[i].ref, cmp[i].rows, n / cmp[i].rows, gtol);
         free(v);
@@ -1366,7 +1365,7 @@ static void test_random_vs_reference(void **state)
         assert_true(differs(gd.g[G_ROUTER], f.a.g[G_ROUTER], gsize(m, G_ROUTER)));
         assert_true(differs(gd.dx, f.a.dx, (size_t)f.T * m->H));
         for (int g = G_W13; g < G_N; g++) /* the experts and the shared expert: unchanged */
-            if (gd.g[g]) same_bits(gnames[g], gd.g[g], f.a.g[g], gsize(m, g));
+            if (gd.g[g]) same_bits(moe_test_grad_names[g], gd.g[g], f.a.g[g], gsize(m, g));
         check_reference(m, f.T, f.x, f.dout, f.dlog, &gd);
         /* the identity on its own: the difference of the two runs is dlog^T x and dlog router */
         {
@@ -1703,7 +1702,7 @@ static void test_save_for_backward(void **state)
         canonical_grads(m, &p, false, gp);
         same_bits(w, r.dx, p.dx, (size_t)f.T * m->H);
         for (int g = 0; g < G_N; g++)
-            if (gr[g]) same_bits(gnames[g], gr[g], gp[g], gsize(m, g));
+            if (gr[g]) same_bits(moe_test_grad_names[g], gr[g], gp[g], gsize(m, g));
         for (int g = 0; g < G_N; g++) { free(gr[g]); free(gp[g]); }
         result_free(&r);
         result_free(&p);
@@ -1715,7 +1714,7 @@ static void test_save_for_backward(void **state)
         backward(P, m, T2, f.x, f.dout, NULL, true, &p);
         same_bits("fewer tokens: dx", r.dx, p.dx, (size_t)T2 * m->H);
         for (int g = 0; g < G_N; g++)
-            if (r.g[g]) same_bits(gnames[g], r.g[g], p.g[g], gsize(m, g));
+            if (r.g[g]) same_bits(moe_test_grad_names[g], r.g[g], p.g[g], gsize(m, g));
         result_free(&r);
         result_free(&p);
         free(x2);
@@ -1868,7 +1867,7 @@ static void test_zero_tokens(void **state)
                 if (r.g[i])
                     for (size_t e = 0; e < gsize(&m, i); e++)
                         if (r.g[i][e] != 0.0f || signbit(r.g[i][e]))
-                            fail_msg("%s T = 0: %s[%zu] = %g", m.name, gnames[i], e,
+                            fail_msg("%s T = 0: %s[%zu] = %g", m.name, moe_test_grad_names[i], e,
                                      (double)r.g[i][e]);
             /* [B, 0, H] and [0, S, H] */
             moe_tensor_view h3 = {MOE_DTYPE_F32, 3, {4, 0, m.H, 0}, NULL};

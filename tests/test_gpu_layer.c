@@ -616,7 +616,7 @@ static void check_backward(run *r, const dev_grads *dg, const void *ddx)
              * softmax-Jacobian terms (test_cpu_fused_ref, docs/PERF.md) */
             double t = tol_e2e(r, true) * (i == 0 && dt != MOE_DTYPE_F32 ? 2.5 : 1.0);
             char what[96];
-            snprintf(what, sizeof what, "%s (end to end, the CPU layer)", gt_grad_names[i]);
+            snprintf(what, sizeof what, "%s (end to end, the CPU layer)", moe_test_grad_names[i]);
             gt_assert_close(cn, what, dt, g, cg[i], rowsz[i], nel / rowsz[i], t);
             free(g);
             free(cg[i]);
@@ -797,7 +797,7 @@ static void run_case(const lcase *c, uint64_t seed)
     for (int i = 0; i < 6; i++) {
         if (!gp[i]) continue;
         char what[96];
-        snprintf(what, sizeof what, "%s of two backward runs", gt_grad_names[i]);
+        snprintf(what, sizeof what, "%s of two backward runs", moe_test_grad_names[i]);
         gt_assert_dev_bitwise(r->cn, what, dt, gp[i], gp2[i], g.bytes[i] / es, r->H);
     }
     if (!c->sampled) {
@@ -815,7 +815,7 @@ static void run_case(const lcase *c, uint64_t seed)
             if (!hg[i]) continue;
             void *a = gt_host_from(gp[i], g.bytes[i]);
             char what[96];
-            snprintf(what, sizeof what, "moe_layer_backward %s = backward_async's", gt_grad_names[i]);
+            snprintf(what, sizeof what, "moe_layer_backward %s = backward_async's", moe_test_grad_names[i]);
             gt_assert_bitwise(r->cn, what, dt, hg[i], a, g.bytes[i] / es, r->H);
             free(a);
             free(hg[i]);
@@ -950,18 +950,7 @@ static void test_real_llama4(void **state)
 
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_qwen3),    cmocka_unit_test(test_tiny_llama4),
-        cmocka_unit_test(test_route_small),   cmocka_unit_test(test_real_qwen3),
-        cmocka_unit_test(test_real_llama4),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_tiny_qwen3),    cmocka_unit_test(test_tiny_llama4),
+    cmocka_unit_test(test_route_small),   cmocka_unit_test(test_real_qwen3),
+    cmocka_unit_test(test_real_llama4))

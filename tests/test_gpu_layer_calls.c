@@ -35,6 +35,59 @@
 #include "gpu_layer_test.h"
 #include "weights.h"
 
+/* ------------------------------------------------------------------ helpers ---- */
+
+/* Device gradients of a layer (every element poisoned); NULL where the model has none. */
+static void dev_grads(const moe_layer *L, moe_layer_grads *g, size_t *bytes)
+{
+    const size_t es = L->dsz, H = L->H, I = L->I, E = L->map.El, Is = L->Is;
+    const size_t b[6] = {(size_t)L->E * H * es, E * 2 * I * H * es, E * H * I * es, Is * H * es,
+                         Is * H * es, H * Is * es};
+    memset(g, 0, sizeof *g);
+    for (int i = 0; i < 6; i++) {
+        bytes[i] = b[i];
+        if (b[i]) {
+            *moe_test_grad_slot(g, i) = gt_dev(b[i]);
+            gt_poison(*moe_test_grad_slot(g, i), b[i]);
+        }
+    }
+}
+
+static void dev_grads_free(moe_layer_grads *g)
+{
+    for (int i = 0; i < 6; i++) cudaFree(*moe_test_grad_slot(g, i));
+}
+
+/* Host gradients of the sizes dev_grads gave (every element poisoned); NULL where 0. */
+static void host_grads(moe_layer_grads *g, const size_t *bytes)
+{
+    memset(g, 0, sizeof *g);
+    for (int i = 0; i < 6; i++)
+        if (bytes[i]) *moe_test_grad_slot(g, i) = gt_malloc(bytes[i]);
+}
+
+static void host_grads_free(moe_layer_grads *g)
+{
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(g, i));
+}
+
+/* one(c, dt, seed, case name) for the tiny Qwen3 (norm_topk_prob) and Llama-4 (k = 2, shared
+ * expert) blocks, each in bf16 and fp32: the case name is "<config> <dtype> <what>". */
+static void each_tiny_case(const char *what,
+                           void (*one)(const moe_config *c, moe_dtype dt, uint64_t seed,
+                                       const char *cn))
+{
+    uint64_t seed = moe_test_seed();
+    const moe_config cfgs[2] = {gt_qwen_tiny(true), gt_llama_tiny(2, 27)};
+    const moe_dtype dts[2] = {MOE_DTYPE_BF16, MOE_DTYPE_F32};
+    for (int ci = 0; ci < 2; ci++)
+        for (int di = 0; di < 2; di++) {
+            char cn[96];
+            snprintf(cn, sizeof cn, "%s %s %s", cfgs[ci].name, moe_dtype_name(dts[di]), what);
+            one(&cfgs[ci], dts[di], seed, cn);
+        }
+}
+
 /* ------------------------------------------------------------------ T = 0 ---- */
 
 static bool all_zero(const void *p, size_t bytes)
@@ -48,96 +101,82 @@ static bool all_zero(const void *p, size_t bytes)
 /* T = 0 through every call: the asynchronous forward and backward (NULL buffers allowed), the
  * host calls ([0, H] views), the stages; gradients of no tokens are exact zeros (+0.0), and a
  * call with tokens between empty ones is unaffected. */
+static void empty_batch_case(const moe_config *c, moe_dtype dt, uint64_t seed, const char *cn)
+{
+    const size_t es = moe_dtype_size(dt), H = c->hidden, E = c->num_experts;
+    fprintf(stderr, "--- %s\n", cn);
+    moe_layer *G = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
+    cudaStream_t st;
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    for (int round = 0; round < 2; round++) {
+        /* round 1: after a call with tokens (buffers sized, state from a forward) */
+        if (round == 1) {
+            void *x = gt_random(dt, 5 * H, seed, "test.x", 1.0), *o = gt_malloc(5 * H * es);
+            moe_tensor_view vx = {dt, 2, {5, (int64_t)H}, x}, vo = {dt, 2, {5, (int64_t)H}, o};
+            API(moe_layer_forward(G, &vx, &vo, NULL));
+            free(x);
+            free(o);
+        }
+        API(moe_layer_forward_async(G, 0, NULL, NULL, NULL, st));
+        moe_layer_grads g;
+        size_t gb[6];
+        dev_grads(G, &g, gb);
+        API(moe_layer_backward_async(G, 0, NULL, NULL, NULL, NULL, &g, st));
+        CU(cudaStreamSynchronize(st));
+        for (int i = 0; i < 6; i++) {
+            if (!gb[i]) continue;
+            void *h = gt_host_from(*moe_test_grad_slot(&g, i), gb[i]);
+            if (!all_zero(h, gb[i]))
+                fail_msg("%s: backward_async with T = 0 (round %d): %s is not all +0.0", cn, round,
+                         moe_test_grad_names[i]);
+            free(h);
+        }
+        dev_grads_free(&g);
+        /* host calls on [0, H] views (their data pointers must still be given) */
+        char dummy[64];
+        moe_tensor_view vx = {dt, 2, {0, (int64_t)H}, dummy}, vo = {dt, 2, {0, (int64_t)H}, dummy};
+        moe_tensor_view vl = {dt, 2, {0, (int64_t)E}, dummy}, vdx = {dt, 2, {0, (int64_t)H}, dummy};
+        API(moe_layer_forward(G, &vx, &vo, &vl));
+        moe_layer_grads hg;
+        host_grads(&hg, gb);
+        API(moe_layer_backward(G, &vx, &vo, &vl, &vdx, &hg));
+        for (int i = 0; i < 6; i++)
+            if (gb[i] && !all_zero(*moe_test_grad_slot(&hg, i), gb[i]))
+                fail_msg("%s: moe_layer_backward with T = 0 (round %d): %s is not all +0.0", cn,
+                         round, moe_test_grad_names[i]);
+        host_grads_free(&hg);
+        /* the stages of no tokens: nothing routed, zero counts */
+        moe_fwd_state s0;
+        INT(moe_fwd_state_alloc(c, dt, 0, true, &s0, ERR));
+        moe_fwd_state_poison(c, dt, &s0);
+        INT(moe_layer_forward_stages(G, 0, dummy, &s0, ERR));
+        if (s0.M != 0) fail_msg("%s: stages of T = 0 report M = %d", cn, s0.M);
+        for (size_t e = 0; e < E; e++)
+            if (s0.token_counts[e] != 0 || s0.expert_offsets[e + 1] != 0 || s0.expert_offsets[0] != 0)
+                fail_msg("%s: stages of T = 0 (round %d): expert %zu has count %d, offsets %d..%d",
+                         cn, round, e, s0.token_counts[e], s0.expert_offsets[e], s0.expert_offsets[e + 1]);
+        moe_fwd_state_free(&s0);
+        API(moe_layer_check_errors(G));
+    }
+    /* a batch with tokens after the empty calls: the same as on a fresh layer */
+    moe_layer *F = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
+    void *x = gt_random(dt, 9 * H, seed, "test.x9", 1.0), *o1 = gt_malloc(9 * H * es), *o2 = gt_malloc(9 * H * es);
+    moe_tensor_view vx = {dt, 2, {9, (int64_t)H}, x}, v1 = {dt, 2, {9, (int64_t)H}, o1}, v2 = {dt, 2, {9, (int64_t)H}, o2};
+    API(moe_layer_forward(G, &vx, &v1, NULL));
+    API(moe_layer_forward(F, &vx, &v2, NULL));
+    gt_assert_bitwise(cn, "T = 9 after empty calls = on a fresh layer", dt, o1, o2, 9 * H, H);
+    free(x);
+    free(o1);
+    free(o2);
+    API(moe_layer_destroy(F));
+    API(moe_layer_destroy(G));
+    CU(cudaStreamDestroy(st));
+}
+
 static void test_empty_batch(void **state)
 {
     (void)state;
-    uint64_t seed = moe_test_seed();
-    const moe_config cfgs[2] = {gt_qwen_tiny(true), gt_llama_tiny(2, 27)};
-    const moe_dtype dts[2] = {MOE_DTYPE_BF16, MOE_DTYPE_F32};
-    for (int ci = 0; ci < 2; ci++)
-        for (int di = 0; di < 2; di++) {
-            const moe_config *c = &cfgs[ci];
-            const moe_dtype dt = dts[di];
-            const size_t es = moe_dtype_size(dt), H = c->hidden, E = c->num_experts, I = c->inter;
-            const size_t Is = c->arch == MOE_ARCH_LLAMA4 ? (size_t)c->shared_inter : 0;
-            char cn[96];
-            snprintf(cn, sizeof cn, "%s %s T=0", c->name, moe_dtype_name(dt));
-            fprintf(stderr, "--- %s\n", cn);
-            moe_layer *G = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
-            cudaStream_t st;
-            CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-            const size_t gb[6] = {E * H * es, E * 2 * I * H * es, E * H * I * es, Is * H * es, Is * H * es, H * Is * es};
-            for (int round = 0; round < 2; round++) {
-                /* round 1: after a call with tokens (buffers sized, state from a forward) */
-                if (round == 1) {
-                    void *x = gt_random(dt, 5 * H, seed, "test.x", 1.0), *o = gt_malloc(5 * H * es);
-                    moe_tensor_view vx = {dt, 2, {5, (int64_t)H}, x}, vo = {dt, 2, {5, (int64_t)H}, o};
-                    API(moe_layer_forward(G, &vx, &vo, NULL));
-                    free(x);
-                    free(o);
-                }
-                API(moe_layer_forward_async(G, 0, NULL, NULL, NULL, st));
-                moe_layer_grads g = {0};
-                void **gp[6] = {&g.router, &g.w13, &g.w2, &g.shared_gate, &g.shared_up, &g.shared_down};
-                for (int i = 0; i < 6; i++)
-                    if (gb[i]) {
-                        *gp[i] = gt_dev(gb[i]);
-                        gt_poison(*gp[i], gb[i]);
-                    }
-                API(moe_layer_backward_async(G, 0, NULL, NULL, NULL, NULL, &g, st));
-                CU(cudaStreamSynchronize(st));
-                for (int i = 0; i < 6; i++) {
-                    if (!gb[i]) continue;
-                    void *h = gt_host_from(*gp[i], gb[i]);
-                    if (!all_zero(h, gb[i]))
-                        fail_msg("%s: backward_async with T = 0 (round %d): %s is not all +0.0", cn, round, gt_grad_names[i]);
-                    free(h);
-                    cudaFree(*gp[i]);
-                }
-                /* host calls on [0, H] views (their data pointers must still be given) */
-                char dummy[64];
-                moe_tensor_view vx = {dt, 2, {0, (int64_t)H}, dummy}, vo = {dt, 2, {0, (int64_t)H}, dummy};
-                moe_tensor_view vl = {dt, 2, {0, (int64_t)E}, dummy}, vdx = {dt, 2, {0, (int64_t)H}, dummy};
-                API(moe_layer_forward(G, &vx, &vo, &vl));
-                moe_layer_grads hg = {0};
-                void *hb[6] = {NULL};
-                void **hp[6] = {&hg.router, &hg.w13, &hg.w2, &hg.shared_gate, &hg.shared_up, &hg.shared_down};
-                for (int i = 0; i < 6; i++)
-                    if (gb[i]) *hp[i] = hb[i] = gt_malloc(gb[i]);
-                API(moe_layer_backward(G, &vx, &vo, &vl, &vdx, &hg));
-                for (int i = 0; i < 6; i++) {
-                    if (!hb[i]) continue;
-                    if (!all_zero(hb[i], gb[i]))
-                        fail_msg("%s: moe_layer_backward with T = 0 (round %d): %s is not all +0.0", cn, round, gt_grad_names[i]);
-                    free(hb[i]);
-                }
-                /* the stages of no tokens: nothing routed, zero counts */
-                moe_fwd_state s0;
-                INT(moe_fwd_state_alloc(c, dt, 0, true, &s0, ERR));
-                moe_fwd_state_poison(c, dt, &s0);
-                INT(moe_layer_forward_stages(G, 0, dummy, &s0, ERR));
-                if (s0.M != 0) fail_msg("%s: stages of T = 0 report M = %d", cn, s0.M);
-                for (size_t e = 0; e < E; e++)
-                    if (s0.token_counts[e] != 0 || s0.expert_offsets[e + 1] != 0 || s0.expert_offsets[0] != 0)
-                        fail_msg("%s: stages of T = 0 (round %d): expert %zu has count %d, offsets %d..%d",
-                                 cn, round, e, s0.token_counts[e], s0.expert_offsets[e], s0.expert_offsets[e + 1]);
-                moe_fwd_state_free(&s0);
-                API(moe_layer_check_errors(G));
-            }
-            /* a batch with tokens after the empty calls: the same as on a fresh layer */
-            moe_layer *F = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
-            void *x = gt_random(dt, 9 * H, seed, "test.x9", 1.0), *o1 = gt_malloc(9 * H * es), *o2 = gt_malloc(9 * H * es);
-            moe_tensor_view vx = {dt, 2, {9, (int64_t)H}, x}, v1 = {dt, 2, {9, (int64_t)H}, o1}, v2 = {dt, 2, {9, (int64_t)H}, o2};
-            API(moe_layer_forward(G, &vx, &v1, NULL));
-            API(moe_layer_forward(F, &vx, &v2, NULL));
-            gt_assert_bitwise(cn, "T = 9 after empty calls = on a fresh layer", dt, o1, o2, 9 * H, H);
-            free(x);
-            free(o1);
-            free(o2);
-            API(moe_layer_destroy(F));
-            API(moe_layer_destroy(G));
-            CU(cudaStreamDestroy(st));
-        }
+    each_tiny_case("T=0", empty_batch_case);
 }
 
 /* ------------------------------------------------------------------ errors ---- */
@@ -323,29 +362,6 @@ static uint64_t ws_bytes(const moe_layer *L)
     return in.workspace_bytes;
 }
 
-/* Device gradients of a layer (every element poisoned); NULL where the model has none. */
-static void dev_grads(const moe_layer *L, moe_layer_grads *g, size_t *bytes)
-{
-    const size_t es = L->dsz, H = L->H, I = L->I, E = L->map.El, Is = L->Is;
-    const size_t b[6] = {(size_t)L->E * H * es, E * 2 * I * H * es, E * H * I * es, Is * H * es,
-                         Is * H * es, H * Is * es};
-    void **p[6] = {&g->router, &g->w13, &g->w2, &g->shared_gate, &g->shared_up, &g->shared_down};
-    memset(g, 0, sizeof *g);
-    for (int i = 0; i < 6; i++) {
-        bytes[i] = b[i];
-        if (b[i]) {
-            *p[i] = gt_dev(b[i]);
-            gt_poison(*p[i], b[i]);
-        }
-    }
-}
-
-static void dev_grads_free(moe_layer_grads *g)
-{
-    void *p[6] = {g->router, g->w13, g->w2, g->shared_gate, g->shared_up, g->shared_down};
-    for (int i = 0; i < 6; i++) cudaFree(p[i]);
-}
-
 /* T from 1 to max_tokens, twice: every call kind at every T. The weights stay uploaded once;
  * after the first pass (which ends with calls at max_tokens) the workspace does not grow. */
 static void test_token_bound(void **state)
@@ -428,7 +444,7 @@ static void assert_grads_equal(const char *cn, const char *what, moe_dtype dt, c
     for (int i = 0; i < 6; i++) {
         if (!pa[i]) continue;
         char w[160];
-        snprintf(w, sizeof w, "%s: %s", what, gt_grad_names[i]);
+        snprintf(w, sizeof w, "%s: %s", what, moe_test_grad_names[i]);
         void *ha = gt_host_from(pa[i], bytes[i]);
         void *hb = b_on_host ? (void *)pb[i] : gt_host_from(pb[i], bytes[i]);
         gt_assert_bitwise(cn, w, dt, ha, hb, bytes[i] / moe_dtype_size(dt), 1);
@@ -439,85 +455,78 @@ static void assert_grads_equal(const char *cn, const char *what, moe_dtype dt, c
 
 /* save_for_backward keeps the forward's routing, GEMM1 output and the shared expert's
  * activations for the backward of the same x: the same bits as recomputing them. */
+static void save_for_backward_case(const moe_config *c, moe_dtype dt, uint64_t seed,
+                                   const char *cn)
+{
+    const size_t es = moe_dtype_size(dt), H = c->hidden, T = 40;
+    moe_layer_options o = MOE_LAYER_OPTIONS_INIT;
+    o.save_for_backward = 1;
+    moe_layer *A = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, &o);
+    moe_layer *B = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
+    cudaStream_t st;
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    void *hx = gt_random(dt, T * H, seed, "test.x", 1.0), *hx2 = gt_random(dt, T * H, seed, "test.x2", 1.0);
+    void *hd = gt_random(dt, T * H, seed, "test.dout", 1.0);
+    void *x = gt_dev_from(hx, T * H * es), *x2 = gt_dev_from(hx2, T * H * es), *d = gt_dev_from(hd, T * H * es);
+    void *oa = gt_dev(T * H * es), *ob = gt_dev(T * H * es), *dxa = gt_dev(T * H * es), *dxb = gt_dev(T * H * es);
+    moe_layer_grads ga, gb;
+    size_t bytes[6];
+    dev_grads(A, &ga, bytes);
+    dev_grads(B, &gb, bytes);
+    /* forward then backward of the same x: the saved state is used */
+    API(moe_layer_forward_async(A, (int64_t)T, x, oa, NULL, st));
+    if (!A->saved) fail_msg("%s: the forward kept no state", cn);
+    API(moe_layer_backward_async(A, (int64_t)T, x, d, NULL, dxa, &ga, st));
+    API(moe_layer_forward_async(B, (int64_t)T, x, ob, NULL, st));
+    API(moe_layer_backward_async(B, (int64_t)T, x, d, NULL, dxb, &gb, st));
+    CU(cudaStreamSynchronize(st));
+    gt_assert_dev_bitwise(cn, "out, saved vs not", dt, oa, ob, T * H, H);
+    gt_assert_dev_bitwise(cn, "dx, saved vs recomputed", dt, dxa, dxb, T * H, H);
+    assert_grads_equal(cn, "saved vs recomputed", dt, &ga, &gb, bytes, false);
+    /* the host calls: forward then backward of the same hidden states */
+    void *ho = gt_malloc(T * H * es), *hdx = gt_malloc(T * H * es);
+    moe_layer_grads hg;
+    host_grads(&hg, bytes);
+    moe_tensor_view vx = {dt, 2, {(int64_t)T, (int64_t)H}, hx}, vo = {dt, 2, {(int64_t)T, (int64_t)H}, ho};
+    moe_tensor_view vd = {dt, 2, {(int64_t)T, (int64_t)H}, hd}, vdx = {dt, 2, {(int64_t)T, (int64_t)H}, hdx};
+    API(moe_layer_forward(A, &vx, &vo, NULL));
+    API(moe_layer_backward(A, &vx, &vd, NULL, &vdx, &hg));
+    void *hdxb = gt_host_from(dxb, T * H * es);
+    gt_assert_bitwise(cn, "host calls: dx, saved vs recomputed", dt, hdx, hdxb, T * H, H);
+    assert_grads_equal(cn, "host calls, saved vs recomputed", dt, &gb, &hg, bytes, true);
+    /* forward of x, then of x2, then the backward of x: the saved state is x2's, so
+     * the backward must recompute (the same bits as B's backward of x) */
+    API(moe_layer_forward_async(A, (int64_t)T, x, oa, NULL, st));
+    API(moe_layer_forward_async(A, (int64_t)T, x2, oa, NULL, st));
+    gt_poison(dxa, T * H * es);
+    API(moe_layer_backward_async(A, (int64_t)T, x, d, NULL, dxa, &ga, st));
+    CU(cudaStreamSynchronize(st));
+    gt_assert_dev_bitwise(cn, "dx of x after a forward of another x", dt, dxa, dxb, T * H, H);
+    assert_grads_equal(cn, "after a forward of another x", dt, &ga, &gb, bytes, false);
+    /* and a backward of x2 right after its forward: B's backward of x2 */
+    API(moe_layer_forward_async(A, (int64_t)T, x2, oa, NULL, st));
+    API(moe_layer_backward_async(A, (int64_t)T, x2, d, NULL, dxa, &ga, st));
+    API(moe_layer_backward_async(B, (int64_t)T, x2, d, NULL, dxb, &gb, st));
+    CU(cudaStreamSynchronize(st));
+    gt_assert_dev_bitwise(cn, "dx of x2, saved vs recomputed", dt, dxa, dxb, T * H, H);
+    assert_grads_equal(cn, "x2, saved vs recomputed", dt, &ga, &gb, bytes, false);
+    fprintf(stderr, "%s: ok\n", cn);
+    host_grads_free(&hg);
+    void *p[] = {hx, hx2, hd, ho, hdx, hdxb};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+    void *dp[] = {x, x2, d, oa, ob, dxa, dxb};
+    for (size_t i = 0; i < sizeof dp / sizeof dp[0]; i++) cudaFree(dp[i]);
+    dev_grads_free(&ga);
+    dev_grads_free(&gb);
+    API(moe_layer_destroy(A));
+    API(moe_layer_destroy(B));
+    CU(cudaStreamDestroy(st));
+}
+
 static void test_save_for_backward(void **state)
 {
     (void)state;
-    uint64_t seed = moe_test_seed();
-    const moe_config cfgs[2] = {gt_qwen_tiny(true), gt_llama_tiny(2, 27)};
-    const moe_dtype dts[2] = {MOE_DTYPE_BF16, MOE_DTYPE_F32};
-    for (int ci = 0; ci < 2; ci++)
-        for (int di = 0; di < 2; di++) {
-            const moe_config *c = &cfgs[ci];
-            const moe_dtype dt = dts[di];
-            const size_t es = moe_dtype_size(dt), H = c->hidden, T = 40;
-            char cn[96];
-            snprintf(cn, sizeof cn, "%s %s save_for_backward", c->name, moe_dtype_name(dt));
-            moe_layer_options o = MOE_LAYER_OPTIONS_INIT;
-            o.save_for_backward = 1;
-            moe_layer *A = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, &o);
-            moe_layer *B = gt_layer(c, MOE_BACKEND_CUDA, dt, seed, NULL);
-            cudaStream_t st;
-            CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-            void *hx = gt_random(dt, T * H, seed, "test.x", 1.0), *hx2 = gt_random(dt, T * H, seed, "test.x2", 1.0);
-            void *hd = gt_random(dt, T * H, seed, "test.dout", 1.0);
-            void *x = gt_dev_from(hx, T * H * es), *x2 = gt_dev_from(hx2, T * H * es), *d = gt_dev_from(hd, T * H * es);
-            void *oa = gt_dev(T * H * es), *ob = gt_dev(T * H * es), *dxa = gt_dev(T * H * es), *dxb = gt_dev(T * H * es);
-            moe_layer_grads ga, gb;
-            size_t bytes[6];
-            dev_grads(A, &ga, bytes);
-            dev_grads(B, &gb, bytes);
-            /* forward then backward of the same x: the saved state is used */
-            API(moe_layer_forward_async(A, (int64_t)T, x, oa, NULL, st));
-            if (!A->saved) fail_msg("%s: the forward kept no state", cn);
-            API(moe_layer_backward_async(A, (int64_t)T, x, d, NULL, dxa, &ga, st));
-            API(moe_layer_forward_async(B, (int64_t)T, x, ob, NULL, st));
-            API(moe_layer_backward_async(B, (int64_t)T, x, d, NULL, dxb, &gb, st));
-            CU(cudaStreamSynchronize(st));
-            gt_assert_dev_bitwise(cn, "out, saved vs not", dt, oa, ob, T * H, H);
-            gt_assert_dev_bitwise(cn, "dx, saved vs recomputed", dt, dxa, dxb, T * H, H);
-            assert_grads_equal(cn, "saved vs recomputed", dt, &ga, &gb, bytes, false);
-            /* the host calls: forward then backward of the same hidden states */
-            void *ho = gt_malloc(T * H * es), *hdx = gt_malloc(T * H * es);
-            moe_layer_grads hg = {0};
-            void *hp[6] = {NULL};
-            void **hq[6] = {&hg.router, &hg.w13, &hg.w2, &hg.shared_gate, &hg.shared_up, &hg.shared_down};
-            for (int i = 0; i < 6; i++)
-                if (bytes[i]) *hq[i] = hp[i] = gt_malloc(bytes[i]);
-            moe_tensor_view vx = {dt, 2, {(int64_t)T, (int64_t)H}, hx}, vo = {dt, 2, {(int64_t)T, (int64_t)H}, ho};
-            moe_tensor_view vd = {dt, 2, {(int64_t)T, (int64_t)H}, hd}, vdx = {dt, 2, {(int64_t)T, (int64_t)H}, hdx};
-            API(moe_layer_forward(A, &vx, &vo, NULL));
-            API(moe_layer_backward(A, &vx, &vd, NULL, &vdx, &hg));
-            void *hdxb = gt_host_from(dxb, T * H * es);
-            gt_assert_bitwise(cn, "host calls: dx, saved vs recomputed", dt, hdx, hdxb, T * H, H);
-            assert_grads_equal(cn, "host calls, saved vs recomputed", dt, &gb, &hg, bytes, true);
-            /* forward of x, then of x2, then the backward of x: the saved state is x2's, so
-             * the backward must recompute (the same bits as B's backward of x) */
-            API(moe_layer_forward_async(A, (int64_t)T, x, oa, NULL, st));
-            API(moe_layer_forward_async(A, (int64_t)T, x2, oa, NULL, st));
-            gt_poison(dxa, T * H * es);
-            API(moe_layer_backward_async(A, (int64_t)T, x, d, NULL, dxa, &ga, st));
-            CU(cudaStreamSynchronize(st));
-            gt_assert_dev_bitwise(cn, "dx of x after a forward of another x", dt, dxa, dxb, T * H, H);
-            assert_grads_equal(cn, "after a forward of another x", dt, &ga, &gb, bytes, false);
-            /* and a backward of x2 right after its forward: B's backward of x2 */
-            API(moe_layer_forward_async(A, (int64_t)T, x2, oa, NULL, st));
-            API(moe_layer_backward_async(A, (int64_t)T, x2, d, NULL, dxa, &ga, st));
-            API(moe_layer_backward_async(B, (int64_t)T, x2, d, NULL, dxb, &gb, st));
-            CU(cudaStreamSynchronize(st));
-            gt_assert_dev_bitwise(cn, "dx of x2, saved vs recomputed", dt, dxa, dxb, T * H, H);
-            assert_grads_equal(cn, "x2, saved vs recomputed", dt, &ga, &gb, bytes, false);
-            fprintf(stderr, "%s: ok\n", cn);
-            for (int i = 0; i < 6; i++) free(hp[i]);
-            void *p[] = {hx, hx2, hd, ho, hdx, hdxb};
-            for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
-            void *dp[] = {x, x2, d, oa, ob, dxa, dxb};
-            for (size_t i = 0; i < sizeof dp / sizeof dp[0]; i++) cudaFree(dp[i]);
-            dev_grads_free(&ga);
-            dev_grads_free(&gb);
-            API(moe_layer_destroy(A));
-            API(moe_layer_destroy(B));
-            CU(cudaStreamDestroy(st));
-        }
+    each_tiny_case("save_for_backward", save_for_backward_case);
 }
 
 /* ------------------------------------------------------------------ exact_hf_rounding ---- */
@@ -671,18 +680,7 @@ static void test_exact_hf_rounding(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_invalid),         cmocka_unit_test(test_empty_batch),
-        cmocka_unit_test(test_nonfinite_logits), cmocka_unit_test(test_token_bound),
-        cmocka_unit_test(test_save_for_backward), cmocka_unit_test(test_exact_hf_rounding),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_invalid),         cmocka_unit_test(test_empty_batch),
+    cmocka_unit_test(test_nonfinite_logits), cmocka_unit_test(test_token_bound),
+    cmocka_unit_test(test_save_for_backward), cmocka_unit_test(test_exact_hf_rounding))

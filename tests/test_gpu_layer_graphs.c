@@ -87,7 +87,7 @@ static void io_assert_equal(const char *cn, const char *what, const moe_layer *L
     const void *pb[6] = {b->g.router, b->g.w13, b->g.w2, b->g.shared_gate, b->g.shared_up, b->g.shared_down};
     for (int i = 0; i < 6; i++) {
         if (!pa[i]) continue;
-        snprintf(w, sizeof w, "%s: %s", what, gt_grad_names[i]);
+        snprintf(w, sizeof w, "%s: %s", what, moe_test_grad_names[i]);
         gt_assert_dev_bitwise(cn, w, dt, pa[i], pb[i], a->gb[i] / moe_dtype_size(dt), H);
     }
 }
@@ -319,17 +319,6 @@ static void test_graph_5000(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_graph_replay),
-        cmocka_unit_test(test_graph_5000),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1;
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_graph_replay),
+    cmocka_unit_test(test_graph_5000))

@@ -873,21 +873,10 @@ static void test_invalid_args(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(void)
-{
-    int rc = moe_test_require_gpu();
-    if (rc) return rc;
-#ifdef MOE_HAVE_CUDA
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_route_topk),       cmocka_unit_test(test_route_nan),
-        cmocka_unit_test(test_route_nonfinite),  cmocka_unit_test(test_sort),
-        cmocka_unit_test(test_sum_topk),         cmocka_unit_test(test_silu_mul),
-        cmocka_unit_test(test_silu_mul_backward), cmocka_unit_test(test_router_backward),
-        cmocka_unit_test(test_row_dot),          cmocka_unit_test(test_route_small),
-        cmocka_unit_test(test_route_small_nonfinite), cmocka_unit_test(test_invalid_args),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-#else
-    return 1; /* unreachable: moe_test_require_gpu fails without CUDA */
-#endif
-}
+MOE_TEST_GPU_MAIN(
+    cmocka_unit_test(test_route_topk),       cmocka_unit_test(test_route_nan),
+    cmocka_unit_test(test_route_nonfinite),  cmocka_unit_test(test_sort),
+    cmocka_unit_test(test_sum_topk),         cmocka_unit_test(test_silu_mul),
+    cmocka_unit_test(test_silu_mul_backward), cmocka_unit_test(test_router_backward),
+    cmocka_unit_test(test_row_dot),          cmocka_unit_test(test_route_small),
+    cmocka_unit_test(test_route_small_nonfinite), cmocka_unit_test(test_invalid_args))

@@ -51,15 +51,6 @@
             ok = false;                                                                        \
         }                                                                                      \
     } while (0)
-#define EXPECT_OK(call)                                                                        \
-    do {                                                                                       \
-        moe_status s_ = (call);                                                                \
-        if (s_ != MOE_OK) {                                                                    \
-            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
-                    #call, moe_strerror(s_), moe_last_error());                                \
-            ok = false;                                                                        \
-        }                                                                                      \
-    } while (0)
 
 static int last_rank(void) { return g_size - 1; }
 
@@ -129,11 +120,11 @@ static void test_comm_options(void **state)
     o = mpi_opts();
     o.chunks = 2;
     c = NULL;
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &c));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &c));
     int r = -1, n = -1;
-    EXPECT_OK(moe_ep_comm_rank(c, &r, &n));
+    CHECK_API(moe_ep_comm_rank(c, &r, &n));
     CHECK(r == g_rank && n == g_size);
-    EXPECT_OK(moe_ep_comm_destroy(c));
+    CHECK_API(moe_ep_comm_destroy(c));
     assert_true(all_true(ok));
 }
 
@@ -146,7 +137,7 @@ static void test_layer_create_refusals(void **state)
     bool ok = true;
     moe_ep_comm *c = NULL;
     moe_ep_options o = mpi_opts();
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &c));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &c));
     moe_layer *L = (moe_layer *)&ok;
     /* more ranks than experts with the default slices (E = N - 1); at one rank E = 1 is fine */
     char path[256];
@@ -161,11 +152,11 @@ static void test_layer_create_refusals(void **state)
         /* ... which an explicit map leaving a rank empty allows */
         int32_t map[4];
         for (int e = 0; e < g_size - 1; e++) map[e] = e;
-        EXPECT_OK(ept_layer_make(path, MOE_NUM_DTYPES, g_seed, c, map, &L));
-        EXPECT_OK(moe_layer_destroy(L));
+        CHECK_API(ept_layer_make(path, MOE_NUM_DTYPES, g_seed, c, map, &L));
+        CHECK_API(moe_layer_destroy(L));
     } else {
-        EXPECT_OK(ept_layer_make(path, MOE_NUM_DTYPES, g_seed, c, NULL, &L));
-        EXPECT_OK(moe_layer_destroy(L));
+        CHECK_API(ept_layer_make(path, MOE_NUM_DTYPES, g_seed, c, NULL, &L));
+        CHECK_API(moe_layer_destroy(L));
     }
     ept_config_remove(path);
     /* an owner out of range on the last rank only: its reason reaches everyone */
@@ -194,17 +185,17 @@ static void test_layer_create_refusals(void **state)
         moe_ep_comm *rc = NULL;
         o = mpi_opts();
         o.route = routes[i].route;
-        EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &rc));
+        CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &rc));
         EXPECT_FAIL(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, rc, NULL, &L),
                     routes[i].st, routes[i].needle, -1);
-        EXPECT_OK(moe_ep_comm_destroy(rc));
+        CHECK_API(moe_ep_comm_destroy(rc));
     }
     /* NCCL without a GPU (or without a CUDA build): refused everywhere; one rank alone with the
      * router's routing is the plain path and needs no transport */
     moe_ep_comm *nc = NULL;
     o = mpi_opts();
     o.transport = MOE_TRANSPORT_NCCL;
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &nc));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &nc));
     L = NULL;
     moe_status st = ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, nc, NULL, &L);
     fprintf(stderr, "rank %d: a CPU layer over NCCL: %s %s\n", g_rank, moe_strerror(st),
@@ -213,14 +204,14 @@ static void test_layer_create_refusals(void **state)
         CHECK(st == MOE_ERR_UNSUPPORTED && L == NULL);
     } else {
         CHECK(st == MOE_OK);
-        EXPECT_OK(moe_layer_destroy(L));
+        CHECK_API(moe_layer_destroy(L));
     }
-    EXPECT_OK(moe_ep_comm_destroy(nc));
+    CHECK_API(moe_ep_comm_destroy(nc));
     /* after all of that, the communicator still makes layers and is destroyable */
     L = NULL;
-    EXPECT_OK(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, NULL, &L));
-    EXPECT_OK(moe_layer_destroy(L));
-    EXPECT_OK(moe_ep_comm_destroy(c));
+    CHECK_API(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, NULL, &L));
+    CHECK_API(moe_layer_destroy(L));
+    CHECK_API(moe_ep_comm_destroy(c));
     assert_true(all_true(ok));
 }
 
@@ -232,7 +223,7 @@ static void test_failed_create_releases_comm(void **state)
     bool ok = true;
     moe_ep_comm *c = NULL;
     moe_ep_options o = mpi_opts();
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &c));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &c));
     moe_layer *L = NULL;
     const char *cfg = g_rank == last_rank() ? "/nonexistent/config.json" : "tiny-qwen3";
     EXPECT_FAIL(ept_layer_make(cfg, MOE_NUM_DTYPES, g_seed, c, NULL, &L), MOE_ERR_INVALID_ARG,
@@ -243,7 +234,7 @@ static void test_failed_create_releases_comm(void **state)
     EXPECT_FAIL(moe_layer_create("tiny-qwen3", NULL, &lo, &L), MOE_ERR_INVALID_ARG,
                 "weights source is NULL", -1);
     CHECK(L == NULL);
-    EXPECT_OK(moe_ep_comm_destroy(c));
+    CHECK_API(moe_ep_comm_destroy(c));
     assert_true(all_true(ok));
 }
 
@@ -260,7 +251,7 @@ static void test_fingerprint(void **state)
     }
     moe_ep_comm *c = NULL;
     moe_ep_options o = mpi_opts();
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &c));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &c));
     const bool odd = g_rank == last_rank();
     moe_layer *L = (moe_layer *)&ok;
     EXPECT_FAIL(ept_layer_make("tiny-qwen3", odd ? MOE_DTYPE_BF16 : MOE_DTYPE_F32, g_seed, c,
@@ -280,7 +271,7 @@ static void test_fingerprint(void **state)
     EXPECT_FAIL(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, odd ? map : NULL, &L),
                 MOE_ERR_INVALID_ARG, "ranks disagree on the expert map", -1);
     CHECK(L == (moe_layer *)&ok);
-    EXPECT_OK(moe_ep_comm_destroy(c));
+    CHECK_API(moe_ep_comm_destroy(c));
     assert_true(all_true(ok));
 }
 
@@ -299,8 +290,8 @@ static bool fixture_make(fixture *f, const moe_ep_options *o, const char *config
 {
     bool ok = true;
     memset(f, 0, sizeof *f);
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, o, &f->c));
-    if (f->c) EXPECT_OK(ept_layer_make(config, MOE_NUM_DTYPES, seed, f->c, NULL, &f->L));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, o, &f->c));
+    if (f->c) CHECK_API(ept_layer_make(config, MOE_NUM_DTYPES, seed, f->c, NULL, &f->L));
     if (f->L) ok &= ept_shape_of(f->L, &f->s);
     if (!ok) return false;
     const size_t n = (size_t)Tmax * f->s.H;
@@ -314,8 +305,8 @@ static bool fixture_make(fixture *f, const moe_ep_options *o, const char *config
 static void fixture_free(fixture *f)
 {
     bool ok = true;
-    EXPECT_OK(moe_layer_destroy(f->L));
-    EXPECT_OK(moe_ep_comm_destroy(f->c));
+    CHECK_API(moe_layer_destroy(f->L));
+    CHECK_API(moe_ep_comm_destroy(f->c));
     free(f->x);
     free(f->dout);
     free(f->out);
@@ -339,8 +330,8 @@ static bool works(fixture *f, int T)
     bool ok = true;
     memset(f->out, 0xff, (size_t)T * f->s.H * f->s.dsz);
     memset(f->dx, 0xff, (size_t)T * f->s.H * f->s.dsz);
-    EXPECT_OK(fwd(f, T, f->x));
-    EXPECT_OK(bwd(f, T, f->x));
+    CHECK_API(fwd(f, T, f->x));
+    CHECK_API(bwd(f, T, f->x));
     CHECK(finite_all(f->s.dt, f->out, (size_t)T * f->s.H));
     CHECK(finite_all(f->s.dt, f->dx, (size_t)T * f->s.H));
     return ok;
@@ -441,7 +432,7 @@ static void test_call_mismatch(void **state)
     }
     ok &= works(&f, 4);
     moe_layer_stats st = MOE_LAYER_STATS_INIT;
-    EXPECT_OK(moe_layer_stats_get(f.L, &st));
+    CHECK_API(moe_layer_stats_get(f.L, &st));
     CHECK(st.calls_forward == 1 && st.calls_backward == 1); /* the failed calls did not count */
     fixture_free(&f);
     assert_true(all_true(ok));
@@ -458,7 +449,7 @@ static void test_layer_mismatch(void **state)
     moe_ep_options o = mpi_opts();
     CHECK(fixture_make(&f, &o, "tiny-qwen3", g_seed, 9));
     moe_layer *B = NULL;
-    if (f.c) EXPECT_OK(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed + 7, f.c, NULL, &B));
+    if (f.c) CHECK_API(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed + 7, f.c, NULL, &B));
     if (!all_true(ok)) fail();
     const int T = 4;
     if (g_size > 1) {
@@ -469,9 +460,9 @@ static void test_layer_mismatch(void **state)
                     MOE_ERR_INVALID_ARG, "ranks disagree on the layer", -1);
     }
     /* both layers still work when everyone calls the same one */
-    EXPECT_OK(moe_layer_forward_async(B, T, f.x, f.out, NULL, NULL));
+    CHECK_API(moe_layer_forward_async(B, T, f.x, f.out, NULL, NULL));
     ok &= works(&f, T);
-    EXPECT_OK(moe_layer_destroy(B));
+    CHECK_API(moe_layer_destroy(B));
     fixture_free(&f);
     assert_true(all_true(ok));
 }
@@ -549,7 +540,7 @@ static void test_reads_own_experts(void **state)
     if (!all_true(ok)) fail();
     moe_ep_comm *c = NULL;
     moe_ep_options o = mpi_opts();
-    EXPECT_OK(ept_comm_make(MPI_COMM_WORLD, &o, &c));
+    CHECK_API(ept_comm_make(MPI_COMM_WORLD, &o, &c));
     moe_weights_source src = MOE_WEIGHTS_SOURCE_INIT;
     src.kind = MOE_WEIGHTS_FILE;
     src.path = path;
@@ -558,35 +549,35 @@ static void test_reads_own_experts(void **state)
     lo.threads = omp_get_max_threads();
     lo.comm = c;
     moe_layer *F = NULL, *R = NULL;
-    EXPECT_OK(moe_layer_create("tiny-qwen3", &src, &lo, &F));
-    EXPECT_OK(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, NULL, &R));
+    CHECK_API(moe_layer_create("tiny-qwen3", &src, &lo, &F));
+    CHECK_API(ept_layer_make("tiny-qwen3", MOE_NUM_DTYPES, g_seed, c, NULL, &R));
     ept_shape s;
     if (all_true(ok) && ept_shape_of(F, &s)) {
         const int El = 7 / g_size + (g_rank < 7 % g_size ? 1 : 0);
         const uint64_t per_expert = (uint64_t)3 * cfg.inter * cfg.hidden * 4;
         CHECK(s.El == El);
         moe_layer_stats st = MOE_LAYER_STATS_INIT;
-        EXPECT_OK(moe_layer_stats_get(F, &st));
+        CHECK_API(moe_layer_stats_get(F, &st));
         CHECK(st.weight_bytes_read == (uint64_t)El * per_expert);
         const int T = 6;
         ept_io a, b;
         ept_io_alloc(&s, T, &a);
         ept_io_alloc(&s, T, &b);
         void *x = ept_global(s.dt, (size_t)T * s.H, g_seed + (uint64_t)g_rank, "test.ep.file.x");
-        EXPECT_OK(ept_forward(F, &s, x, false, &a));
-        EXPECT_OK(ept_forward(R, &s, x, true, &b));
+        CHECK_API(ept_forward(F, &s, x, false, &a));
+        CHECK_API(ept_forward(R, &s, x, true, &b));
         CHECK(ept_bitwise("out from the file", a.out, b.out, (size_t)T * s.H * s.dsz, s.dsz));
-        EXPECT_OK(ept_backward(F, &s, x, x, NULL, true, &a));
-        EXPECT_OK(ept_backward(R, &s, x, x, NULL, false, &b));
+        CHECK_API(ept_backward(F, &s, x, x, NULL, true, &a));
+        CHECK_API(ept_backward(R, &s, x, x, NULL, false, &b));
         CHECK(ept_bitwise("d w13 from the file", a.g_w13, b.g_w13,
                           (size_t)El * 2 * s.I * s.H * s.dsz, s.dsz));
         ept_io_free(&a);
         ept_io_free(&b);
         free(x);
     }
-    EXPECT_OK(moe_layer_destroy(F));
-    EXPECT_OK(moe_layer_destroy(R));
-    EXPECT_OK(moe_ep_comm_destroy(c));
+    CHECK_API(moe_layer_destroy(F));
+    CHECK_API(moe_layer_destroy(R));
+    CHECK_API(moe_ep_comm_destroy(c));
     MPI_Barrier(MPI_COMM_WORLD);
     if (g_rank == 0) unlink(path);
     assert_true(all_true(ok));

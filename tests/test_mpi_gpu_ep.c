@@ -36,11 +36,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mpi_gpu_ep_test.h"
 #include "mpi_test.h"
 #include "test_util.h"
 
 #ifdef MOE_HAVE_CUDA
-#include "mpi_gpu_ep_test.h"
 
 static int default_V(void) { return 4 / (g_size <= 4 ? g_size : 4) > 0 ? 4 / (g_size <= 4 ? g_size : 4) : 1; }
 
@@ -73,9 +73,9 @@ static bool results_equal(const char *label, const setup *s, const ep_result *r,
     CHECK(same_bits(what, r->dx, r2->dx, T * H * es, es));
     for (int i = 0; i < 6; i++) {
         if (!r->gb[i]) continue;
-        snprintf(what, sizeof what, "%s: %s", label, k_gnames[i]);
-        CHECK(same_bits(what, *grad_slot((moe_layer_grads *)&r->g, i), *grad_slot((moe_layer_grads *)&r2->g, i),
-                        r->gb[i], es));
+        snprintf(what, sizeof what, "%s: %s", label, moe_test_grad_names[i]);
+        CHECK(same_bits(what, *moe_test_grad_slot((moe_layer_grads *)&r->g, i),
+                        *moe_test_grad_slot((moe_layer_grads *)&r2->g, i), r->gb[i], es));
     }
     return ok;
 }
@@ -582,32 +582,8 @@ static void test_chunks(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(int argc, char **argv)
-{
-    mpi_test_init(&argc, &argv);
-    /* Every rank skips (or fails) together, so mpirun sees one answer. */
-    int rc = moe_test_require_gpu(), worst = 0;
-    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (worst != 0) {
-        MPI_Finalize();
-        return worst == MOE_TEST_SKIP ? MOE_TEST_SKIP : 1;
-    }
-#ifdef MOE_HAVE_CUDA
-    mpi_test_share_cores_and_seed();
-    int ndev = 0;
-    cudaGetDeviceCount(&ndev);
-    cudaSetDevice(ndev > 0 ? g_rank % ndev : 0);
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_virtual_nccl),  cmocka_unit_test(test_shared_gpu_mpi),
-        cmocka_unit_test(test_placement),     cmocka_unit_test(test_overflow_mpi),
-        cmocka_unit_test(test_nccl_refused),  cmocka_unit_test(test_forced_vs_cpu),
-        cmocka_unit_test(test_chunks),
-    };
-    rc = cmocka_run_group_tests(tests, NULL, NULL);
-    MPI_Finalize();
-    return rc;
-#else
-    MPI_Finalize();
-    return 1;
-#endif
-}
+EPT_MAIN(
+    cmocka_unit_test(test_virtual_nccl),  cmocka_unit_test(test_shared_gpu_mpi),
+    cmocka_unit_test(test_placement),     cmocka_unit_test(test_overflow_mpi),
+    cmocka_unit_test(test_nccl_refused),  cmocka_unit_test(test_forced_vs_cpu),
+    cmocka_unit_test(test_chunks))

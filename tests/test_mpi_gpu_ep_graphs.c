@@ -32,11 +32,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mpi_gpu_ep_test.h"
 #include "mpi_test.h"
 #include "test_util.h"
 
 #ifdef MOE_HAVE_CUDA
-#include "mpi_gpu_ep_test.h"
 
 /* Device copies of one run's inputs and outputs. */
 typedef struct dbufs {
@@ -56,14 +56,14 @@ static void dbufs_alloc(const moe_layer *L, const setup *s, dbufs *b)
     b->dx = dev_poisoned(T * H * es);
     grad_bytes(L, b->gb);
     for (int i = 0; i < 6; i++)
-        if (b->gb[i]) *grad_slot(&b->g, i) = dev_poisoned(b->gb[i]);
+        if (b->gb[i]) *moe_test_grad_slot(&b->g, i) = dev_poisoned(b->gb[i]);
 }
 
 static void dbufs_free(dbufs *b)
 {
     void *p[5] = {b->x, b->dout, b->out, b->lg, b->dx};
     for (int i = 0; i < 5; i++) cudaFree(p[i]);
-    for (int i = 0; i < 6; i++) cudaFree(*grad_slot(&b->g, i));
+    for (int i = 0; i < 6; i++) cudaFree(*moe_test_grad_slot(&b->g, i));
 }
 
 static void dbufs_inputs(const setup *s, dbufs *b, const void *xg, const void *doutg)
@@ -80,7 +80,7 @@ static void dbufs_poison_outputs(const setup *s, dbufs *b)
     dev_poison(b->lg, T * E * es);
     dev_poison(b->dx, T * H * es);
     for (int i = 0; i < 6; i++)
-        if (b->gb[i]) dev_poison(*grad_slot(&b->g, i), b->gb[i]);
+        if (b->gb[i]) dev_poison(*moe_test_grad_slot(&b->g, i), b->gb[i]);
 }
 
 /* The device outputs as a host ep_result (ids from the logits) for compare(). */
@@ -94,7 +94,9 @@ static bool to_result(const setup *s, const dbufs *b, ep_result *r)
     r->dx = dev_download(b->dx, T * H * es);
     for (int i = 0; i < 6; i++) {
         r->gb[i] = b->gb[i];
-        if (b->gb[i]) *grad_slot(&r->g, i) = dev_download(*grad_slot((moe_layer_grads *)&b->g, i), b->gb[i]);
+        if (b->gb[i])
+            *moe_test_grad_slot(&r->g, i) =
+                dev_download(*moe_test_grad_slot((moe_layer_grads *)&b->g, i), b->gb[i]);
     }
     r->ids = malloc(T * k * 4 + 16);
     void *w = malloc(T * k * es + 16);
@@ -125,8 +127,8 @@ static bool dbufs_equal(const char *label, const setup *s, const dbufs *a, const
     CHECK(same_bits(what, ra.dx, rb.dx, T * H * es, es));
     for (int i = 0; i < 6; i++) {
         if (!ra.gb[i]) continue;
-        snprintf(what, sizeof what, "%s: %s", label, k_gnames[i]);
-        CHECK(same_bits(what, *grad_slot(&ra.g, i), *grad_slot(&rb.g, i), ra.gb[i], es));
+        snprintf(what, sizeof what, "%s: %s", label, moe_test_grad_names[i]);
+        CHECK(same_bits(what, *moe_test_grad_slot(&ra.g, i), *moe_test_grad_slot(&rb.g, i), ra.gb[i], es));
     }
     result_free(&ra);
     result_free(&rb);
@@ -393,7 +395,7 @@ static bool rank_order_case(const setup *s, moe_ep_comm *comm, int64_t M, const 
             for (int q = 0; q < 4; q++) {
                 const int i = idx[q];
                 if (!sum[i]) continue;
-                const float *p = *grad_slot(&part.g, i);
+                const float *p = *moe_test_grad_slot(&part.g, i);
                 for (size_t e = 0; e < full.gb[i] / 4; e++) sum[i][e] = sum[i][e] + p[e];
             }
             result_free(&part);
@@ -401,7 +403,7 @@ static bool rank_order_case(const setup *s, moe_ep_comm *comm, int64_t M, const 
         for (int q = 0; q < 4; q++) {
             const int i = idx[q];
             if (!sum[i]) continue;
-            const float *g = *grad_slot(&full.g, i);
+            const float *g = *moe_test_grad_slot(&full.g, i);
             size_t bad = 0, first = 0;
             for (size_t e = 0; e < full.gb[i] / 4; e++)
                 if (!(g[e] == sum[i][e])) {
@@ -410,8 +412,8 @@ static bool rank_order_case(const setup *s, moe_ep_comm *comm, int64_t M, const 
                 }
             if (bad) {
                 fprintf(stderr, "rank %d: %s: %s: %zu elements are not the rank-order fp32 sum of the "
-                        "ranks' partials; first %zu: %.9g vs %.9g\n", g_rank, label, k_gnames[i], bad,
-                        first, g[first], sum[i][first]);
+                        "ranks' partials; first %zu: %.9g vs %.9g\n", g_rank, label,
+                        moe_test_grad_names[i], bad, first, g[first], sum[i][first]);
                 ok = false;
             }
             free(sum[i]);
@@ -461,30 +463,7 @@ static void test_replicated_rank_order(void **state)
 }
 #endif /* MOE_HAVE_CUDA */
 
-int main(int argc, char **argv)
-{
-    mpi_test_init(&argc, &argv);
-    int rc = moe_test_require_gpu(), worst = 0;
-    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (worst != 0) {
-        MPI_Finalize();
-        return worst == MOE_TEST_SKIP ? MOE_TEST_SKIP : 1;
-    }
-#ifdef MOE_HAVE_CUDA
-    mpi_test_share_cores_and_seed();
-    int ndev = 0;
-    cudaGetDeviceCount(&ndev);
-    cudaSetDevice(ndev > 0 ? g_rank % ndev : 0);
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_syncfree_graphs),
-        cmocka_unit_test(test_syncfree_overflow),
-        cmocka_unit_test(test_replicated_rank_order),
-    };
-    rc = cmocka_run_group_tests(tests, NULL, NULL);
-    MPI_Finalize();
-    return rc;
-#else
-    MPI_Finalize();
-    return 1;
-#endif
-}
+EPT_MAIN(
+    cmocka_unit_test(test_syncfree_graphs),
+    cmocka_unit_test(test_syncfree_overflow),
+    cmocka_unit_test(test_replicated_rank_order))

@@ -59,16 +59,23 @@ typedef struct run_args {
     int layer;
 } run_args;
 
-/* Rank 0's [T, cols] rows spread (contiguous slices) / gathered, bytes per row `rb`. */
-static void scatter_rows(const void *all, void *mine, int T, size_t rb, int rank, int size)
+/* Every rank's slice of rank 0's T rows (cli_split) in bytes: cnt[r] bytes at dis[r], for
+ * the v-collectives of scatter_rows / gather_rows. */
+static void row_slices(int T, size_t rb, int size, int *cnt, int *dis)
 {
-    int *cnt = calloc((size_t)size, sizeof(int)), *dis = calloc((size_t)size, sizeof(int));
     for (int r = 0; r < size; r++) {
         int tr, off;
         cli_split(T, size, r, &tr, &off);
         cnt[r] = (int)((size_t)tr * rb);
         dis[r] = (int)((size_t)off * rb);
     }
+}
+
+/* Rank 0's [T, cols] rows spread (contiguous slices) / gathered, bytes per row `rb`. */
+static void scatter_rows(const void *all, void *mine, int T, size_t rb, int rank, int size)
+{
+    int *cnt = calloc((size_t)size, sizeof(int)), *dis = calloc((size_t)size, sizeof(int));
+    row_slices(T, rb, size, cnt, dis);
     MPI_Scatterv(all, cnt, dis, MPI_BYTE, mine, cnt[rank], MPI_BYTE, 0, MPI_COMM_WORLD);
     free(cnt);
     free(dis);
@@ -77,12 +84,7 @@ static void scatter_rows(const void *all, void *mine, int T, size_t rb, int rank
 static void gather_rows(const void *mine, void *all, int T, size_t rb, int rank, int size)
 {
     int *cnt = calloc((size_t)size, sizeof(int)), *dis = calloc((size_t)size, sizeof(int));
-    for (int r = 0; r < size; r++) {
-        int tr, off;
-        cli_split(T, size, r, &tr, &off);
-        cnt[r] = (int)((size_t)tr * rb);
-        dis[r] = (int)((size_t)off * rb);
-    }
+    row_slices(T, rb, size, cnt, dis);
     MPI_Gatherv(mine, cnt[rank], MPI_BYTE, all, cnt, dis, MPI_BYTE, 0, MPI_COMM_WORLD);
     free(cnt);
     free(dis);

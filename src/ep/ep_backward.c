@@ -312,20 +312,9 @@ static moe_status backward_sized(moe_layer *L, int T, const void *x, const void 
     moe_layer_mark(L, MOE_MARK_START, false);
     if (st == MOE_OK) st = src_begin(L, T, x, dout, g0, &b, err);
     if (st == MOE_OK) st = o->ep_plan(L, T, b.ids, tdest, tn, trow, dcount, err);
-    if (st == MOE_OK) st = o->download(L, s->h_dcount, dcount, (size_t)G * 4, err);
     ep_plan plan;
-    memset(&plan, 0, sizeof plan);
-    if (st == MOE_OK) st = ep_plan_from_counts(&plan, s->N, L->map.rank, V, 1, T, NULL, s->h_dcount, err);
-    st = ep_agree(s->comm->comm, st, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return st;
-    }
-    st = ep_plan_exchange(&plan, s->comm->comm, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return drv_fatal(L, st, err);
-    }
+    st = drv_plan_sized(L, st, 1, T, NULL, dcount, &plan, err);
+    if (st != MOE_OK) return st;
     /* the same bounds as the forward's: the same rows travel (the sync-free backward checks
      * max_recv on the device) */
     st = ep_plan_check_capacity(&plan, s->M, s->M > 0 ? s->max_recv : 0, err);
@@ -345,11 +334,8 @@ static moe_status backward_sized(moe_layer *L, int T, const void *x, const void 
     if (st == MOE_OK) st = drv_buf(L, WB_PART, R * xrow + 4, &part, err);
     if (st == MOE_OK) st = drv_buf(L, WB_PART_DW, R * dwrow + 4, &pdw, err);
     if (st == MOE_OK) st = o->upload(L, base, plan.base, (size_t)G * 8, err);
-    st = ep_agree(s->comm->comm, st, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return st;
-    }
+    st = drv_plan_agree(L, st, &plan, err);
+    if (st != MOE_OK) return st;
 #define TRY(call)                                                                             \
     do {                                                                                      \
         if ((st = (call)) != MOE_OK) goto fatal;                                              \
@@ -399,75 +385,44 @@ static moe_status backward_syncfree(moe_layer *L, int T, const void *x, const vo
 {
     ep_state *s = L->ep;
     const moe_layer_backend_ops *o = L->ops;
-    const int N = s->N, V = s->V, G = s->G, k = L->k;
+    const int V = s->V, G = s->G, k = L->k;
     const int64_t M = s->M, Rc = s->Rc;
     const size_t xrow = (size_t)L->H * L->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * L->dsz;
     const size_t dwrow = (size_t)k * sizeof(float), slots = (size_t)G * M;
     bwd_src b;
-    void *tdest, *tn, *trow, *dcount, *scnt, *rcnt, *sx, *sids, *sw, *sd, *back, *bdw, *rx,
-        *rids, *rw, *rd, *part, *pdw, *cx, *cids, *cw, *cd, *cpart, *cpdw;
+    drv_slots q; /* what the forward moves too; the dout rows and d-weights besides */
+    void *sd, *bdw, *rd, *pdw, *cd, *cpdw;
     MOE_TRY(src_bufs(L, (int)M, &b, err));
-    MOE_TRY(drv_buf(L, WB_TDEST, (size_t)M * s->D * 4, &tdest, err));
-    MOE_TRY(drv_buf(L, WB_TN, (size_t)M * 4, &tn, err));
-    MOE_TRY(drv_buf(L, WB_TROW, (size_t)M * s->D * 4, &trow, err));
-    MOE_TRY(drv_buf(L, WB_DCOUNT, (size_t)G * 4, &dcount, err));
-    MOE_TRY(drv_buf(L, WB_SCNT, (size_t)G * 4, &scnt, err));
-    MOE_TRY(drv_buf(L, WB_RCNT, (size_t)G * 4, &rcnt, err));
-    MOE_TRY(drv_buf(L, WB_SEND_X, slots * xrow, &sx, err));
-    MOE_TRY(drv_buf(L, WB_SEND_IDS, slots * idrow, &sids, err));
-    MOE_TRY(drv_buf(L, WB_SEND_W, slots * wrow, &sw, err));
+    MOE_TRY(drv_slots_get(L, &q, err));
     MOE_TRY(drv_buf(L, WB_SEND_DOUT, slots * xrow, &sd, err));
-    MOE_TRY(drv_buf(L, WB_BACK, slots * xrow, &back, err));
     MOE_TRY(drv_buf(L, WB_BACK_DW, slots * dwrow, &bdw, err));
-    MOE_TRY(drv_buf(L, WB_RECV_X, slots * xrow, &rx, err));
-    MOE_TRY(drv_buf(L, WB_RECV_IDS, slots * idrow, &rids, err));
-    MOE_TRY(drv_buf(L, WB_RECV_W, slots * wrow, &rw, err));
     MOE_TRY(drv_buf(L, WB_RECV_DOUT, slots * xrow, &rd, err));
-    MOE_TRY(drv_buf(L, WB_PART, slots * xrow, &part, err));
     MOE_TRY(drv_buf(L, WB_PART_DW, slots * dwrow, &pdw, err));
-    MOE_TRY(drv_buf(L, WB_CX, (size_t)Rc * xrow, &cx, err));
-    MOE_TRY(drv_buf(L, WB_CIDS, (size_t)Rc * idrow, &cids, err));
-    MOE_TRY(drv_buf(L, WB_CW, (size_t)Rc * wrow, &cw, err));
     MOE_TRY(drv_buf(L, WB_CDOUT, (size_t)Rc * xrow, &cd, err));
-    MOE_TRY(drv_buf(L, WB_CPART, (size_t)Rc * xrow, &cpart, err));
     MOE_TRY(drv_buf(L, WB_CPART_DW, (size_t)Rc * dwrow, &cpdw, err));
     moe_layer_mark(L, MOE_MARK_START, false);
     MOE_TRY(src_begin(L, T, x, dout, g0, &b, err));
-    MOE_TRY(o->ep_plan(L, T, b.ids, tdest, tn, trow, dcount, err));
-    MOE_TRY(o->ep_slot_counts(L, dcount, scnt, err));
-    MOE_TRY(o->ep_pack(L, T, x, dout, b.ids, b.w, tdest, tn, trow, s->d_slotbase, sx, sd, sids,
-                       sw, err));
-    drv_bufs cnt = {.n = 1, .send = {scnt}, .recv = {rcnt}, .row = {4},
-                    .what = {"dispatch slot counts"}};
-    drv_bufs disp = {.n = 4, .send = {sx, sids, sw, sd}, .recv = {rx, rids, rw, rd},
+    MOE_TRY(o->ep_plan(L, T, b.ids, q.tdest, q.tn, q.trow, q.dcount, err));
+    MOE_TRY(o->ep_slot_counts(L, q.dcount, q.scnt, err));
+    MOE_TRY(o->ep_pack(L, T, x, dout, b.ids, b.w, q.tdest, q.tn, q.trow, s->d_slotbase, q.sx, sd,
+                       q.sids, q.sw, err));
+    drv_bufs disp = {.n = 4, .send = {q.sx, q.sids, q.sw, sd}, .recv = {q.rx, q.rids, q.rw, rd},
                      .row = {xrow, idrow, wrow, xrow},
                      .what = {"dispatch x rows", "dispatch expert ids", "dispatch weights",
                               "dispatch dout rows"}};
-    ep_request *rq = s->reqs;
+    MOE_TRY(drv_slots_dispatch(L, &q, &disp, err));
+    if (s->max_recv < (int64_t)G * M) MOE_TRY(o->ep_check_total(L, G, q.rcnt, s->max_recv, err));
     for (int v = 0; v < V; v++) {
-        MOE_TRY(drv_xfer_slots(L, &cnt, v, 1, false, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
-        MOE_TRY(drv_xfer_slots(L, &disp, v, M, false, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
+        MOE_TRY(drv_slots_compact(L, &q, v, rd, cd, err));
+        MOE_TRY(experts_round_bwd(L, v, Rc, Rc, q.cx, cd, q.cids, q.cw, g, q.cpart, cpdw, err));
+        MOE_TRY(drv_slots_expand(L, &q, v, xrow, q.cpart, q.part, err));
+        MOE_TRY(drv_slots_expand(L, &q, v, dwrow, cpdw, pdw, err));
     }
-    if (s->max_recv < (int64_t)G * M) MOE_TRY(o->ep_check_total(L, G, rcnt, s->max_recv, err));
-    for (int v = 0; v < V; v++) {
-        const size_t s0 = (size_t)v * N * M;
-        const int32_t *rc = (const int32_t *)rcnt + (size_t)v * N;
-        MOE_TRY(o->ep_compact(L, M, rc, (char *)rx + s0 * xrow,
-                              (const int32_t *)((char *)rids + s0 * idrow), (char *)rw + s0 * wrow,
-                              (char *)rd + s0 * xrow, Rc, cx, cids, cw, cd, err));
-        MOE_TRY(experts_round_bwd(L, v, Rc, Rc, cx, cd, cids, cw, g, cpart, cpdw, err));
-        MOE_TRY(o->ep_expand(L, M, rc, xrow, cpart, Rc, (char *)part + s0 * xrow, err));
-        MOE_TRY(o->ep_expand(L, M, rc, dwrow, cpdw, Rc, (char *)pdw + s0 * dwrow, err));
-    }
-    drv_bufs comb = {.n = 2, .send = {part, pdw}, .recv = {back, bdw}, .row = {xrow, dwrow},
+    drv_bufs comb = {.n = 2, .send = {q.part, pdw}, .recv = {q.back, bdw}, .row = {xrow, dwrow},
                      .what = {"combine dx rows", "combine d-weights"}};
-    for (int v = 0; v < V; v++) {
-        MOE_TRY(drv_xfer_slots(L, &comb, v, M, true, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
-    }
-    MOE_TRY(src_end(L, T, x, dlog_in, dx, &b, back, bdw, s->d_slotbase, tdest, tn, trow, err));
+    MOE_TRY(drv_slots_combine(L, &comb, err));
+    MOE_TRY(src_end(L, T, x, dlog_in, dx, &b, q.back, bdw, s->d_slotbase, q.tdest, q.tn, q.trow,
+                    err));
     MOE_TRY(src_replicated(L, &b, g, err));
     moe_layer_mark(L, MOE_MARK_END, false);
     return MOE_OK;

@@ -7,11 +7,8 @@
 #include <string.h>
 
 #include "ep.h"
+#include "hash.h"
 #include "moe_threads.h"
-
-#ifdef MOE_HAVE_CUDA
-#include <cuda_runtime.h>
-#endif
 
 moe_status ep_mpi_fail(moe_error *err, int rc, int rank, const char *what)
 {
@@ -82,16 +79,6 @@ moe_status ep_agree_fields(MPI_Comm comm, moe_status st, const int64_t *fields,
 moe_status ep_agree(MPI_Comm comm, moe_status st, moe_error *err)
 {
     return ep_agree_fields(comm, st, NULL, NULL, 0, err);
-}
-
-static uint64_t fnv_str(const char *s)
-{
-    uint64_t h = 14695981039346656037ull;
-    for (; s && *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ull;
-    }
-    return h;
 }
 
 static moe_status check_options(const moe_ep_options *o, moe_error *err)
@@ -177,7 +164,7 @@ moe_status moe_ep_comm_create(int32_t fcomm, const moe_ep_options *opts, moe_ep_
     /* Every rank must pass the same options: the collectives would not match otherwise. */
     int64_t f[7] = {o.transport, o.virtual_ranks, o.chunks, o.max_tokens_per_rank,
                     o.max_recv_tokens, o.abort_on_fatal != 0,
-                    (int64_t)(fnv_str(o.route ? o.route : "router") >> 1)};
+                    (int64_t)(moe_fnv1a_str(MOE_FNV1A_INIT, o.route ? o.route : "router") >> 1)};
     static const char *const names[7] = {"the transport", "--ep-virtual", "--chunks",
                                          "--max-tokens-per-rank", "max_recv_tokens",
                                          "abort_on_fatal", "--route"};
@@ -245,13 +232,7 @@ moe_status moe_ep_comm_rank(const moe_ep_comm *c, int *rank, int *nranks)
 static moe_status nccl_possible(moe_ep_comm *c, bool *ok, char *why, size_t wlen,
                                 moe_error *err)
 {
-    int ndev = 0;
-#ifdef MOE_HAVE_CUDA
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
-        cudaGetLastError();
-        ndev = 0;
-    }
-#endif
+    const int ndev = moe_gpu_count();
     int mine = c->local_size <= ndev ? 1 : 0, all = 0;
     int rc = MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, c->comm);
     if (rc != MPI_SUCCESS) return ep_mpi_fail(err, rc, c->rank, "MPI_Allreduce (GPU count)");

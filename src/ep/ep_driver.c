@@ -1,8 +1,9 @@
 /* ep_driver.c — the one driver of a layer (ep.h): the EP state, the start and end of every
  * call (agreement, counters, timing), the round transfers (with pinned-host staging where a
- * CUDA layer talks MPI), and the plain fused path itself (one rank: route, the experts on x,
- * sum over k). The expert-parallel forward is in ep_forward.c, the backward in
- * ep_backward.c. */
+ * CUDA layer talks MPI), the steps the forward and the backward share (a sized call's plan and
+ * counts exchange; a sync-free call's buffers, slot transfers, compaction and expansion), and
+ * the forward's state saved for the backward. The forward (the plain path too) is in
+ * ep_forward.c, the backward in ep_backward.c. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -344,8 +345,10 @@ moe_status drv_xfer_wait(moe_layer *L, const ep_plan *p, int c, int v, bool back
     return MOE_OK;
 }
 
-moe_status drv_xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_per_peer,
-                          bool back, ep_request *req, moe_error *err)
+/* Round v of a sync-free transfer: every peer's slot of rows_per_peer rows (slot (v*N + q) at
+ * row (v*N + q) * rows_per_peer of every buffer), on the layer's stream. */
+static moe_status xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_per_peer,
+                             bool back, ep_request *req, moe_error *err)
 {
     ep_state *s = L->ep;
     const int N = s->N;
@@ -364,6 +367,114 @@ moe_status drv_xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_
                               (int64_t)s->V * tot, false, req, err);
     if (lay != small) free(lay);
     return st;
+}
+
+/* ------------------------------------------------------------------ sized steps ---- */
+
+moe_status drv_plan_sized(moe_layer *L, moe_status st, int C, int T, const int32_t *cb,
+                          const void *dcount, ep_plan *plan, moe_error *err)
+{
+    ep_state *s = L->ep;
+    memset(plan, 0, sizeof *plan);
+    if (st == MOE_OK) st = L->ops->download(L, s->h_dcount, dcount, (size_t)C * s->G * 4, err);
+    if (st == MOE_OK)
+        st = ep_plan_from_counts(plan, s->N, L->map.rank, s->V, C, T, cb, s->h_dcount, err);
+    st = drv_plan_agree(L, st, plan, err);
+    if (st != MOE_OK) return st;
+    st = ep_plan_exchange(plan, s->comm->comm, err);
+    if (st != MOE_OK) {
+        ep_plan_free(plan);
+        return drv_fatal(L, st, err);
+    }
+    return MOE_OK;
+}
+
+moe_status drv_plan_agree(moe_layer *L, moe_status st, ep_plan *plan, moe_error *err)
+{
+    st = ep_agree(L->ep->comm->comm, st, err);
+    if (st != MOE_OK) ep_plan_free(plan);
+    return st;
+}
+
+/* ------------------------------------------------------------------ sync-free steps ---- */
+
+moe_status drv_slots_get(moe_layer *L, drv_slots *b, moe_error *err)
+{
+    const ep_state *s = L->ep;
+    const size_t M = (size_t)s->M, Rc = (size_t)s->Rc, G = (size_t)s->G, slots = G * M;
+    const size_t xrow = (size_t)L->H * L->dsz, idrow = (size_t)L->k * 4;
+    const size_t wrow = (size_t)L->k * L->dsz;
+    MOE_TRY(drv_buf(L, WB_TDEST, M * s->D * 4, &b->tdest, err));
+    MOE_TRY(drv_buf(L, WB_TN, M * 4, &b->tn, err));
+    MOE_TRY(drv_buf(L, WB_TROW, M * s->D * 4, &b->trow, err));
+    MOE_TRY(drv_buf(L, WB_DCOUNT, G * 4, &b->dcount, err));
+    MOE_TRY(drv_buf(L, WB_SCNT, G * 4, &b->scnt, err));
+    MOE_TRY(drv_buf(L, WB_RCNT, G * 4, &b->rcnt, err));
+    MOE_TRY(drv_buf(L, WB_SEND_X, slots * xrow, &b->sx, err));
+    MOE_TRY(drv_buf(L, WB_SEND_IDS, slots * idrow, &b->sids, err));
+    MOE_TRY(drv_buf(L, WB_SEND_W, slots * wrow, &b->sw, err));
+    MOE_TRY(drv_buf(L, WB_BACK, slots * xrow, &b->back, err));
+    MOE_TRY(drv_buf(L, WB_RECV_X, slots * xrow, &b->rx, err));
+    MOE_TRY(drv_buf(L, WB_RECV_IDS, slots * idrow, &b->rids, err));
+    MOE_TRY(drv_buf(L, WB_RECV_W, slots * wrow, &b->rw, err));
+    MOE_TRY(drv_buf(L, WB_PART, slots * xrow, &b->part, err));
+    MOE_TRY(drv_buf(L, WB_CX, Rc * xrow, &b->cx, err));
+    MOE_TRY(drv_buf(L, WB_CIDS, Rc * idrow, &b->cids, err));
+    MOE_TRY(drv_buf(L, WB_CW, Rc * wrow, &b->cw, err));
+    return drv_buf(L, WB_CPART, Rc * xrow, &b->cpart, err);
+}
+
+/* One round of a sync-free transfer, waited for before the next starts: the call is one chunk,
+ * there is nothing to overlap it with. */
+static moe_status slots_round(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_per_peer,
+                              bool back, moe_error *err)
+{
+    ep_state *s = L->ep;
+    MOE_TRY(xfer_slots(L, xb, v, rows_per_peer, back, &s->reqs[0], err));
+    return s->tp->wait(s->tp, &s->reqs[0], err);
+}
+
+moe_status drv_slots_dispatch(moe_layer *L, const drv_slots *b, const drv_bufs *rows,
+                              moe_error *err)
+{
+    const ep_state *s = L->ep;
+    drv_bufs cnt = {.n = 1, .send = {b->scnt}, .recv = {b->rcnt}, .row = {4},
+                    .what = {"dispatch slot counts"}};
+    for (int v = 0; v < s->V; v++) {
+        MOE_TRY(slots_round(L, &cnt, v, 1, false, err));
+        MOE_TRY(slots_round(L, rows, v, s->M, false, err));
+    }
+    return MOE_OK;
+}
+
+moe_status drv_slots_combine(moe_layer *L, const drv_bufs *rows, moe_error *err)
+{
+    for (int v = 0; v < L->ep->V; v++) MOE_TRY(slots_round(L, rows, v, L->ep->M, true, err));
+    return MOE_OK;
+}
+
+moe_status drv_slots_compact(moe_layer *L, const drv_slots *b, int v, const void *rdout,
+                             void *cdout, moe_error *err)
+{
+    const ep_state *s = L->ep;
+    const size_t s0 = (size_t)v * s->N * s->M, xrow = (size_t)L->H * L->dsz;
+    const size_t idrow = (size_t)L->k * 4, wrow = (size_t)L->k * L->dsz;
+    const int32_t *rc = (const int32_t *)b->rcnt + (size_t)v * s->N;
+    return L->ops->ep_compact(L, s->M, rc, (char *)b->rx + s0 * xrow,
+                              (const int32_t *)((char *)b->rids + s0 * idrow),
+                              (char *)b->rw + s0 * wrow,
+                              rdout ? (const char *)rdout + s0 * xrow : NULL, s->Rc, b->cx,
+                              b->cids, b->cw, cdout, err);
+}
+
+moe_status drv_slots_expand(moe_layer *L, const drv_slots *b, int v, size_t row_bytes,
+                            const void *compact, void *slots, moe_error *err)
+{
+    const ep_state *s = L->ep;
+    const size_t s0 = (size_t)v * s->N * s->M;
+    const int32_t *rc = (const int32_t *)b->rcnt + (size_t)v * s->N;
+    return L->ops->ep_expand(L, s->M, rc, row_bytes, compact, s->Rc,
+                             (char *)slots + s0 * row_bytes, err);
 }
 
 /* ------------------------------------------------------------------ saved forward state ---- */

@@ -42,10 +42,44 @@ moe_status drv_xfer_start(moe_layer *L, const ep_plan *p, int c, int v, bool bac
                           const drv_bufs *xb, bool overlap, ep_request *req, moe_error *err);
 moe_status drv_xfer_wait(moe_layer *L, const ep_plan *p, int c, int v, bool back,
                          const drv_bufs *xb, ep_request *req, moe_error *err);
-/* Round v of a sync-free transfer: every peer's slot of rows_per_peer rows (slot (v*N + q) at
- * row (v*N + q) * rows_per_peer of every buffer), on the layer's stream. */
-moe_status drv_xfer_slots(moe_layer *L, const drv_bufs *xb, int v, int64_t rows_per_peer,
-                          bool back, ep_request *req, moe_error *err);
+
+/* ---- the steps of a sized call (ep_forward.c, ep_backward.c) ---- */
+
+/* After the plan kernels: this rank's per-destination counts of C chunks (dcount, backend
+ * memory; chunk bounds cb, or NULL with C = 1) to the host, the plan from them, then the counts
+ * exchange. st is the status so far: a local failure is agreed on before anything is
+ * exchanged. On failure the plan is freed (a failed exchange through drv_fatal). Collective. */
+moe_status drv_plan_sized(moe_layer *L, moe_status st, int C, int T, const int32_t *cb,
+                          const void *dcount, ep_plan *plan, moe_error *err);
+/* Every rank's st agreed on (the buffers, the capacity check) before any payload moves; on
+ * failure the plan is freed. Collective. */
+moe_status drv_plan_agree(moe_layer *L, moe_status st, ep_plan *plan, moe_error *err);
+
+/* ---- the steps of a sync-free call (ep_forward.c, ep_backward.c) ---- */
+
+/* The buffers both directions use, all of a fixed size (G slots of M rows, Rc compacted rows):
+ * the plan tables, the slot counts sent and received, the x / ids / weights slots on both
+ * sides, the partial rows (part: computed here for the senders, back: returned to this rank),
+ * and one virtual rank's compacted rows. The backward adds its dout rows and d-weights. */
+typedef struct drv_slots {
+    void *tdest, *tn, *trow, *dcount, *scnt, *rcnt;
+    void *sx, *sids, *sw, *rx, *rids, *rw, *part, *back;
+    void *cx, *cids, *cw, *cpart;
+} drv_slots;
+moe_status drv_slots_get(moe_layer *L, drv_slots *b, moe_error *err);
+/* The dispatch, virtual rank by virtual rank: the slot counts (one row a peer), then the slots
+ * of `rows` (M rows a peer). */
+moe_status drv_slots_dispatch(moe_layer *L, const drv_slots *b, const drv_bufs *rows,
+                              moe_error *err);
+/* The combine: the slots of `rows` (M rows a peer) back to their sources. */
+moe_status drv_slots_combine(moe_layer *L, const drv_bufs *rows, moe_error *err);
+/* Virtual rank v's received slots (rows with the counts that came with them) compacted into
+ * b's Rc rows; with rdout, the dout slots into cdout too (the backward). */
+moe_status drv_slots_compact(moe_layer *L, const drv_slots *b, int v, const void *rdout,
+                             void *cdout, moe_error *err);
+/* Rc compacted rows of row_bytes each back into virtual rank v's slots of `slots`. */
+moe_status drv_slots_expand(moe_layer *L, const drv_slots *b, int v, size_t row_bytes,
+                            const void *compact, void *slots, moe_error *err);
 
 /* ---- the forward's intermediates kept for the backward (save_for_backward) ---- */
 typedef struct moe_layer_saved_bufs {

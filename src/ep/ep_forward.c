@@ -36,7 +36,7 @@ static moe_status forward_sized(moe_layer *L, int T, const void *x, const int32_
     ep_split_even(T, C, cb);
     void *tdest, *tn, *trow, *dcount;
     moe_status st = MOE_OK;
-    /* 1. the plan of every chunk on the backend, the counts to the host */
+    /* 1. the plan of every chunk on the backend */
     if (st == MOE_OK) st = drv_buf(L, WB_TDEST, (size_t)T * D * 4 + 4, &tdest, err);
     if (st == MOE_OK) st = drv_buf(L, WB_TN, (size_t)T * 4 + 4, &tn, err);
     if (st == MOE_OK) st = drv_buf(L, WB_TROW, (size_t)T * D * 4 + 4, &trow, err);
@@ -47,21 +47,11 @@ static moe_status forward_sized(moe_layer *L, int T, const void *x, const int32_
                         (int32_t *)tn + a, (int32_t *)trow + (size_t)a * D,
                         (int32_t *)dcount + (size_t)c * G, err);
     }
-    if (st == MOE_OK) st = o->download(L, s->h_dcount, dcount, (size_t)C * G * 4, err);
+    /* 2. the counts to the host and exchanged, then every rank checks it can take what is
+     * coming */
     ep_plan plan;
-    memset(&plan, 0, sizeof plan);
-    if (st == MOE_OK) st = ep_plan_from_counts(&plan, s->N, L->map.rank, V, C, T, cb, s->h_dcount, err);
-    st = ep_agree(s->comm->comm, st, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return st;
-    }
-    /* 2. the counts exchange, then every rank checks it can take what is coming */
-    st = ep_plan_exchange(&plan, s->comm->comm, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return drv_fatal(L, st, err);
-    }
+    st = drv_plan_sized(L, st, C, T, cb, dcount, &plan, err);
+    if (st != MOE_OK) return st;
     st = ep_plan_check_capacity(&plan, s->M, s->M > 0 ? s->max_recv : 0, err);
     const size_t S = (size_t)plan.send_total, R = (size_t)plan.recv_total;
     void *base, *sx, *sids, *sw, *rx, *rids, *rw, *part, *back;
@@ -76,11 +66,8 @@ static moe_status forward_sized(moe_layer *L, int T, const void *x, const int32_
     if (st == MOE_OK) st = drv_buf(L, WB_PART, R * xrow, &part, err);
     if (st == MOE_OK) st = o->upload(L, base, plan.base, (size_t)C * G * 8, err);
     /* the buffers and the capacity check are agreed on before any payload moves */
-    st = ep_agree(s->comm->comm, st, err);
-    if (st != MOE_OK) {
-        ep_plan_free(&plan);
-        return st;
-    }
+    st = drv_plan_agree(L, st, &plan, err);
+    if (st != MOE_OK) return st;
     /* 3. pack every chunk */
     for (int c = 0; c < C && st == MOE_OK; c++) {
         int a = cb[c];
@@ -174,69 +161,36 @@ static moe_status forward_syncfree(moe_layer *L, int T, const void *x, const int
 {
     ep_state *s = L->ep;
     const moe_layer_backend_ops *o = L->ops;
-    const int N = s->N, V = s->V, G = s->G, k = L->k;
-    const int64_t M = s->M, Rc = s->Rc;
+    const int V = s->V, G = s->G, k = L->k;
+    const int64_t M = s->M;
     const size_t xrow = (size_t)L->H * L->dsz, idrow = (size_t)k * 4, wrow = (size_t)k * L->dsz;
-    const size_t slots = (size_t)G * M;
-    void *tdest, *tn, *trow, *dcount, *scnt, *rcnt, *sx, *sids, *sw, *rx, *rids, *rw, *part,
-        *back, *cx, *cids, *cw, *cpart;
-    MOE_TRY(drv_buf(L, WB_TDEST, (size_t)M * s->D * 4, &tdest, err));
-    MOE_TRY(drv_buf(L, WB_TN, (size_t)M * 4, &tn, err));
-    MOE_TRY(drv_buf(L, WB_TROW, (size_t)M * s->D * 4, &trow, err));
-    MOE_TRY(drv_buf(L, WB_DCOUNT, (size_t)G * 4, &dcount, err));
-    MOE_TRY(drv_buf(L, WB_SCNT, (size_t)G * 4, &scnt, err));
-    MOE_TRY(drv_buf(L, WB_RCNT, (size_t)G * 4, &rcnt, err));
-    MOE_TRY(drv_buf(L, WB_SEND_X, slots * xrow, &sx, err));
-    MOE_TRY(drv_buf(L, WB_SEND_IDS, slots * idrow, &sids, err));
-    MOE_TRY(drv_buf(L, WB_SEND_W, slots * wrow, &sw, err));
-    MOE_TRY(drv_buf(L, WB_BACK, slots * xrow, &back, err));
-    MOE_TRY(drv_buf(L, WB_RECV_X, slots * xrow, &rx, err));
-    MOE_TRY(drv_buf(L, WB_RECV_IDS, slots * idrow, &rids, err));
-    MOE_TRY(drv_buf(L, WB_RECV_W, slots * wrow, &rw, err));
-    MOE_TRY(drv_buf(L, WB_PART, slots * xrow, &part, err));
-    MOE_TRY(drv_buf(L, WB_CX, (size_t)Rc * xrow, &cx, err));
-    MOE_TRY(drv_buf(L, WB_CIDS, (size_t)Rc * idrow, &cids, err));
-    MOE_TRY(drv_buf(L, WB_CW, (size_t)Rc * wrow, &cw, err));
-    MOE_TRY(drv_buf(L, WB_CPART, (size_t)Rc * xrow, &cpart, err));
-    MOE_TRY(o->ep_plan(L, T, ids, tdest, tn, trow, dcount, err));
-    MOE_TRY(o->ep_slot_counts(L, dcount, scnt, err));
-    MOE_TRY(o->ep_pack(L, T, x, NULL, ids, w, tdest, tn, trow, s->d_slotbase, sx, NULL, sids, sw,
-                       err));
+    drv_slots b;
+    MOE_TRY(drv_slots_get(L, &b, err));
+    MOE_TRY(o->ep_plan(L, T, ids, b.tdest, b.tn, b.trow, b.dcount, err));
+    MOE_TRY(o->ep_slot_counts(L, b.dcount, b.scnt, err));
+    MOE_TRY(o->ep_pack(L, T, x, NULL, ids, w, b.tdest, b.tn, b.trow, s->d_slotbase, b.sx, NULL,
+                       b.sids, b.sw, err));
     moe_layer_mark(L, MOE_MARK_PERMUTED, false);
-    drv_bufs cnt = {.n = 1, .send = {scnt}, .recv = {rcnt}, .row = {4},
-                    .what = {"dispatch slot counts"}};
-    drv_bufs disp = {.n = 3, .send = {sx, sids, sw}, .recv = {rx, rids, rw},
+    drv_bufs disp = {.n = 3, .send = {b.sx, b.sids, b.sw}, .recv = {b.rx, b.rids, b.rw},
                      .row = {xrow, idrow, wrow},
                      .what = {"dispatch x rows", "dispatch expert ids", "dispatch weights"}};
-    ep_request *rq = s->reqs;
-    for (int v = 0; v < V; v++) {
-        MOE_TRY(drv_xfer_slots(L, &cnt, v, 1, false, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
-        MOE_TRY(drv_xfer_slots(L, &disp, v, M, false, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
-    }
+    MOE_TRY(drv_slots_dispatch(L, &b, &disp, err));
     moe_layer_mark(L, MOE_MARK_DISPATCHED, false);
-    if (s->max_recv < (int64_t)G * M) MOE_TRY(o->ep_check_total(L, G, rcnt, s->max_recv, err));
+    if (s->max_recv < (int64_t)G * M) MOE_TRY(o->ep_check_total(L, G, b.rcnt, s->max_recv, err));
     for (int v = 0; v < V; v++) {
-        const size_t s0 = (size_t)v * N * M;
-        const int32_t *rc = (const int32_t *)rcnt + (size_t)v * N;
-        MOE_TRY(o->ep_compact(L, M, rc, (char *)rx + s0 * xrow,
-                              (const int32_t *)((char *)rids + s0 * idrow), (char *)rw + s0 * wrow,
-                              NULL, Rc, cx, cids, cw, NULL, err));
-        MOE_TRY(experts_round(L, v, Rc, cx, cids, cw, cpart, err));
-        MOE_TRY(o->ep_expand(L, M, rc, xrow, cpart, Rc, (char *)part + s0 * xrow, err));
+        MOE_TRY(drv_slots_compact(L, &b, v, NULL, NULL, err));
+        MOE_TRY(experts_round(L, v, s->Rc, b.cx, b.cids, b.cw, b.cpart, err));
+        MOE_TRY(drv_slots_expand(L, &b, v, xrow, b.cpart, b.part, err));
     }
-    drv_bufs comb = {.n = 1, .send = {part}, .recv = {back}, .row = {xrow},
+    drv_bufs comb = {.n = 1, .send = {b.part}, .recv = {b.back}, .row = {xrow},
                      .what = {"combine partial rows"}};
-    for (int v = 0; v < V; v++) {
-        MOE_TRY(drv_xfer_slots(L, &comb, v, M, true, &rq[0], err));
-        MOE_TRY(s->tp->wait(s->tp, &rq[0], err));
-    }
+    MOE_TRY(drv_slots_combine(L, &comb, err));
     moe_layer_mark(L, MOE_MARK_GEMM2, false);
     if (L->shared && T > 0) MOE_TRY(o->join(L, err));
     L->ctr.nchunks = 1;
     L->ctr.timeline[0].tokens = T;
-    return o->ep_reduce(L, T, shout, NULL, back, s->d_slotbase, tdest, tn, trow, out, err);
+    return o->ep_reduce(L, T, shout, NULL, b.back, s->d_slotbase, b.tdest, b.tn, b.trow, out,
+                        err);
 }
 
 /* ------------------------------------------------------------------ the plain path ---- */

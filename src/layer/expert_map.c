@@ -8,6 +8,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "../hash.h"
+
 void moe_expert_map_free(moe_expert_map *m)
 {
     if (!m) return;
@@ -133,22 +135,12 @@ bool moe_expert_map_contiguous(const moe_expert_map *m, int *begin)
     return true;
 }
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        h ^= b[i];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 uint64_t moe_expert_map_hash(const moe_expert_map *m)
 {
-    uint64_t h = 14695981039346656037ull;
+    uint64_t h = MOE_FNV1A_INIT;
     int32_t dims[3] = {m->E, m->N, m->V};
-    h = fnv(h, dims, sizeof dims);
-    return fnv(h, m->owner, (size_t)m->E * sizeof(int32_t));
+    h = moe_fnv1a(h, dims, sizeof dims);
+    return moe_fnv1a(h, m->owner, (size_t)m->E * sizeof(int32_t));
 }
 
 moe_status moe_expert_map_parse(const char *json, const char *what, int E, int N,

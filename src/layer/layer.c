@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include "../config.h"
+#include "../hash.h"
 #include "../ep/ep.h"
 #include "../ep/ep_driver.h"
 #include "layer_internal.h"
@@ -24,16 +25,6 @@ moe_status layer_check(const moe_layer *L, const char *fn, moe_error *err)
         return moe_fail(err, MOE_ERR_INVALID_ARG, "%s: layer is NULL, destroyed or not a layer",
                         fn);
     return MOE_OK;
-}
-
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        h ^= b[i];
-        h *= 1099511628211ull;
-    }
-    return h;
 }
 
 /* ------------------------------------------------------------------ options ---- */
@@ -115,13 +106,7 @@ static moe_status check_source(const moe_weights_source *s, moe_error *err)
 static moe_status pick_backend(moe_layer *L, const moe_layer_options *o, moe_error *err)
 {
     moe_backend b = o->backend;
-    int ndev = 0;
-#ifdef MOE_HAVE_CUDA
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
-        cudaGetLastError();
-        ndev = 0;
-    }
-#endif
+    const int ndev = moe_gpu_count();
     if (b == MOE_BACKEND_AUTO) b = ndev > 0 ? MOE_BACKEND_CUDA : MOE_BACKEND_CPU;
     L->backend = b;
     L->device = -1;
@@ -252,11 +237,11 @@ static moe_status load_weights(moe_layer *L, const moe_weights_source *s, moe_er
 
 static uint64_t replicated_hash(const moe_layer *L)
 {
-    uint64_t h = 14695981039346656037ull;
-    if (L->host.router.data) h = fnv(h, L->host.router.data, L->host.router.nbytes);
+    uint64_t h = MOE_FNV1A_INIT;
+    if (L->host.router.data) h = moe_fnv1a(h, L->host.router.data, L->host.router.nbytes);
     const moe_tensor *sh[3] = {&L->host.shared_gate, &L->host.shared_up, &L->host.shared_down};
     for (int i = 0; i < 3; i++)
-        if (sh[i]->data) h = fnv(h, sh[i]->data, sh[i]->nbytes);
+        if (sh[i]->data) h = moe_fnv1a(h, sh[i]->data, sh[i]->nbytes);
     return h;
 }
 
@@ -277,8 +262,8 @@ static moe_status agree_fingerprint(moe_layer *L, moe_ep_comm *c, moe_status st,
         "the dtype", "the backend", "the expert map", "the transport", "--ep-virtual",
         "--chunks", "--max-tokens-per-rank", "max_recv_tokens",
         "the router and shared-expert weights (a hash of their bytes)"};
-    uint64_t h = 14695981039346656037ull;
-    h = fnv(h, v, sizeof v);
+    uint64_t h = MOE_FNV1A_INIT;
+    h = moe_fnv1a(h, v, sizeof v);
     L->fingerprint = h;
     return ep_agree_fields(c->comm, st, v, names, 16, err);
 }

@@ -101,6 +101,10 @@ moe_backend moe_ws_backend(const moe_workspace *ws);
 int moe_ws_device(const moe_workspace *ws);
 void moe_ws_attach(moe_workspace *ws, int delta); /* layers using it (destroy refuses > 0) */
 
+/* ---- GPUs (src/layer/gpus.c) ---- */
+/* GPUs this process can use: 0 in a build without CUDA, or when the runtime finds none. */
+int moe_gpu_count(void);
+
 /* ---- backend memory (src/layer/memory.c: host malloc, or cudaMalloc on the device) ---- */
 moe_status moe_mem_alloc(moe_backend b, int device, size_t bytes, const char *what, void **p,
                          moe_error *err);

@@ -147,13 +147,7 @@ moe_status moe_workspace_create(moe_backend backend, int device, moe_workspace *
         return moe_fail(err, MOE_ERR_INVALID_ARG,
                         "%s: backend %d: expected MOE_BACKEND_CPU, _CUDA or _AUTO", fn,
                         (int)backend);
-    int ndev = 0;
-#ifdef MOE_HAVE_CUDA
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
-        cudaGetLastError();
-        ndev = 0;
-    }
-#endif
+    const int ndev = moe_gpu_count();
     /* AUTO resolves as for layers: CUDA when this build has it and a GPU is usable */
     if (backend == MOE_BACKEND_AUTO) backend = ndev > 0 ? MOE_BACKEND_CUDA : MOE_BACKEND_CPU;
 #ifndef MOE_HAVE_CUDA

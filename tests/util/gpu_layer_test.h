@@ -250,11 +250,6 @@ static GT_UNUSED moe_config gt_llama_tiny(int k, int Is)
     return gt_cfg(MOE_ARCH_LLAMA4, 41, 19, 5, k, Is, false);
 }
 
-/* The order of moe_layer_grads' fields. */
-static const char *const gt_grad_names[6] GT_UNUSED = {"d router", "d w13", "d w2",
-                                                       "d shared_gate", "d shared_up",
-                                                       "d shared_down"};
-
 /* A layer of cfg on `backend` in dt with random weights of `seed` (the same seed gives the
  * same weights on every backend), options from base (NULL: defaults). */
 static GT_UNUSED moe_layer *gt_layer(const moe_config *cfg, moe_backend backend, moe_dtype dt,

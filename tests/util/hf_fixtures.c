@@ -49,22 +49,15 @@ static double *read_all(const moe_st_file *f, const char *name, size_t *n)
 /* Compare tensor `name` of got vs want over rows of `cols`, leaving out masked rows. */
 static bool compare(const char *label, const moe_st_file *got, const char *got_name,
                     const moe_st_file *want, const char *want_name, size_t cols,
-                    const int *mask, double tol)
+                    const bool *mask, double tol)
 {
     size_t ng = 0, nw = 0;
     double *g = read_all(got, got_name, &ng), *w = read_all(want, want_name, &nw);
     bool ok = g && w && ng == nw && ng % cols == 0;
     if (ok) {
-        size_t rows = ng / cols, kept = 0;
-        for (size_t r = 0; r < rows; r++) {
-            if (mask && mask[r]) continue;
-            memmove(g + kept * cols, g + r * cols, cols * sizeof(double));
-            memmove(w + kept * cols, w + r * cols, cols * sizeof(double));
-            kept++;
-        }
         char what[160];
         snprintf(what, sizeof what, "%s %s", label, got_name);
-        ok = moe_test_close(what, g, w, kept, cols, tol);
+        ok = moe_test_close_kept(what, g, w, ng / cols, cols, mask, tol);
     } else {
         fprintf(stderr, "%s: %s has %zu elements, HF's %s has %zu\n", label, got_name, ng,
                 want_name, nw);
@@ -102,7 +95,7 @@ static void one_case(const hf_case *c, const char *backend, const char *extra, b
     size_t nm = 0;
     double *maskd = read_all(&want, "tie_mask", &nm);
     assert_non_null(maskd);
-    int *mask = calloc(nm + 1, sizeof(int));
+    bool *mask = calloc(nm + 1, sizeof(bool));
     for (size_t i = 0; i < nm; i++) mask[i] = maskd[i] != 0;
     const moe_st_entry *lg = moe_st_find(&want, "router_logits");
     const moe_st_entry *hs = moe_st_find(&want, "hidden_states");

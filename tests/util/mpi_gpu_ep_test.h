@@ -7,8 +7,9 @@
  * the answer (test_util's tolerances; tokens routed differently at a near-tie between
  * differently sized router GEMMs are left out and counted: at most 2%). Every check prints the
  * rank and what failed, and sets the caller's `ok` (mpi_test.h), so every rank takes the same
- * path to the next collective. Header-only, included by one translation unit per test; CUDA
- * builds only (a build without CUDA compiles the tests to a skip).
+ * path to the next collective. Header-only, included by one translation unit per test; all of
+ * it in CUDA builds only but main() (EPT_MAIN: a build without CUDA compiles the tests to a
+ * skip).
  */
 #ifndef MOE_MPI_GPU_EP_TEST_H
 #define MOE_MPI_GPU_EP_TEST_H
@@ -41,16 +42,6 @@
         if (e_ != cudaSuccess) {                                                               \
             fprintf(stderr, "rank %d: %s:%d: %s -> %s\n", g_rank, __FILE__, __LINE__, #call,   \
                     cudaGetErrorString(e_));                                                   \
-            ok = false;                                                                        \
-        }                                                                                      \
-    } while (0)
-/* A public call that must succeed (the reason from moe_last_error()). */
-#define CHECK_API(call)                                                                        \
-    do {                                                                                       \
-        moe_status s_ = (call);                                                                \
-        if (s_ != MOE_OK) {                                                                    \
-            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
-                    #call, moe_strerror(s_), moe_last_error());                                \
             ok = false;                                                                        \
         }                                                                                      \
     } while (0)
@@ -228,16 +219,9 @@ static EPT_UNUSED bool close_rows(const char *what, moe_dtype dt, const void *a,
 {
     if (rows * cols == 0) return true;
     double *da = widen(dt, a, rows * cols), *dr = widen(dt, ref, rows * cols);
-    size_t kept = 0;
-    for (size_t i = 0; i < rows; i++) {
-        if (skip && skip[i]) continue;
-        memmove(da + kept * cols, da + i * cols, cols * sizeof(double));
-        memmove(dr + kept * cols, dr + i * cols, cols * sizeof(double));
-        kept++;
-    }
     char label[224];
     snprintf(label, sizeof label, "r%d %s", g_rank, what);
-    bool ok = moe_test_close(label, da, dr, kept, cols, tol);
+    bool ok = moe_test_close_kept(label, da, dr, rows, cols, skip, tol);
     free(da);
     free(dr);
     return ok;
@@ -314,16 +298,6 @@ static EPT_UNUSED void grad_bytes(const moe_layer *L, size_t *b)
     b[5] = H * Is * es;
 }
 
-static const char *const k_gnames[6] EPT_UNUSED = {"d router", "d w13", "d w2",
-                                                   "d shared_gate", "d shared_up",
-                                                   "d shared_down"};
-
-static EPT_UNUSED void **grad_slot(moe_layer_grads *g, int i)
-{
-    void **p[6] = {&g->router, &g->w13, &g->w2, &g->shared_gate, &g->shared_up, &g->shared_down};
-    return p[i];
-}
-
 /* ------------------------------------------------------------------ the single-rank answer -- */
 
 typedef struct answer {
@@ -338,7 +312,7 @@ static EPT_UNUSED void answer_free(answer *a)
     free(a->logits);
     free(a->dx);
     free(a->ids);
-    for (int i = 0; i < 6; i++) free(*grad_slot(&a->g, i));
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(&a->g, i));
     memset(a, 0, sizeof *a);
 }
 
@@ -373,7 +347,7 @@ static EPT_UNUSED bool answer_plain(const setup *s, const void *x, const void *d
         size_t gb[6];
         grad_bytes(L, gb);
         for (int i = 0; i < 6; i++)
-            if (gb[i]) *grad_slot(&a->g, i) = malloc(gb[i]);
+            if (gb[i]) *moe_test_grad_slot(&a->g, i) = malloc(gb[i]);
         a->dx = malloc(Tg * H * es + 16);
         moe_tensor_view vx = {s->dt, 2, {s->Tg, (int64_t)H}, (void *)x};
         moe_tensor_view vd = {s->dt, 2, {s->Tg, (int64_t)H}, (void *)dout};
@@ -402,7 +376,7 @@ static EPT_UNUSED void result_free(ep_result *r)
     free(r->dx);
     free(r->ids);
     free(r->peers);
-    for (int i = 0; i < 6; i++) free(*grad_slot(&r->g, i));
+    for (int i = 0; i < 6; i++) free(*moe_test_grad_slot(&r->g, i));
     memset(r, 0, sizeof *r);
 }
 
@@ -473,9 +447,9 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
         CHECK_API(moe_layer_stats_reset(L));
         for (int i = 0; i < 6; i++) {
             if (!r->gb[i]) continue;
-            *grad_slot(&r->g, i) = malloc(r->gb[i]);
-            memset(*grad_slot(&r->g, i), 0xff, r->gb[i]);
-            if (async) *grad_slot(&dg, i) = dev_poisoned(r->gb[i]);
+            *moe_test_grad_slot(&r->g, i) = malloc(r->gb[i]);
+            memset(*moe_test_grad_slot(&r->g, i), 0xff, r->gb[i]);
+            if (async) *moe_test_grad_slot(&dg, i) = dev_poisoned(r->gb[i]);
         }
         if (async) {
             ddx = dev_poisoned(T * H * es);
@@ -485,7 +459,8 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
             cudaMemcpy(r->dx, ddx, T * H * es, cudaMemcpyDeviceToHost);
             for (int i = 0; i < 6; i++)
                 if (r->gb[i])
-                    cudaMemcpy(*grad_slot(&r->g, i), *grad_slot(&dg, i), r->gb[i], cudaMemcpyDeviceToHost);
+                    cudaMemcpy(*moe_test_grad_slot(&r->g, i), *moe_test_grad_slot(&dg, i), r->gb[i],
+                               cudaMemcpyDeviceToHost);
         } else {
             moe_tensor_view vx = {s->dt, 2, {s->T, (int64_t)H}, (void *)x};
             moe_tensor_view vd = {s->dt, 2, {s->T, (int64_t)H}, (void *)dout};
@@ -499,7 +474,7 @@ static EPT_UNUSED bool run_ep(moe_layer *L, const setup *s, const void *xg, cons
     cudaFree(dout_);
     cudaFree(dlg);
     cudaFree(ddx);
-    for (int i = 0; i < 6; i++) cudaFree(*grad_slot(&dg, i));
+    for (int i = 0; i < 6; i++) cudaFree(*moe_test_grad_slot(&dg, i));
     return ok;
 }
 
@@ -597,11 +572,11 @@ static EPT_UNUSED bool replicated_identical(const char *label, MPI_Comm comm, co
         const int i = idx[q];
         if (!r->gb[i]) continue;
         void *root = malloc(r->gb[i]);
-        memcpy(root, *grad_slot((moe_layer_grads *)&r->g, i), r->gb[i]);
+        memcpy(root, *moe_test_grad_slot((moe_layer_grads *)&r->g, i), r->gb[i]);
         MPI_Bcast(root, (int)r->gb[i], MPI_BYTE, 0, comm);
         char what[224];
-        snprintf(what, sizeof what, "%s: %s on this rank vs rank 0", label, k_gnames[i]);
-        CHECK(same_bits(what, *grad_slot((moe_layer_grads *)&r->g, i), root, r->gb[i], es));
+        snprintf(what, sizeof what, "%s: %s on this rank vs rank 0", label, moe_test_grad_names[i]);
+        CHECK(same_bits(what, *moe_test_grad_slot((moe_layer_grads *)&r->g, i), root, r->gb[i], es));
         free(root);
     }
     return ok;
@@ -672,4 +647,52 @@ static EPT_UNUSED bool world_has_gpu_per_rank(void)
 }
 
 #endif /* MOE_HAVE_CUDA */
+
+/* ------------------------------------------------------------------ main ---- */
+
+/* The start of main(): MPI; every rank skips (or fails) together, so mpirun sees one answer:
+ * then MPI is finalised and the exit code returned. Else 0, the node's cores shared between
+ * its ranks, one seed, and each rank on GPU rank % GPUs. */
+static inline int ept_main_begin(int *argc, char ***argv)
+{
+    mpi_test_init(argc, argv);
+    int rc = moe_test_require_gpu(), worst = 0;
+    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (worst != 0) {
+        MPI_Finalize();
+        return worst == MOE_TEST_SKIP ? MOE_TEST_SKIP : 1;
+    }
+#ifdef MOE_HAVE_CUDA
+    mpi_test_share_cores_and_seed();
+    int ndev = 0;
+    cudaGetDeviceCount(&ndev);
+    cudaSetDevice(ndev > 0 ? g_rank % ndev : 0);
+#endif
+    return 0;
+}
+
+/* main() of a test_mpi_gpu_ep*.c, its tests (cmocka_unit_test(...), ...) defined in CUDA builds
+ * only. A build without CUDA never names them (it never has a usable GPU; 1 if it did). */
+#ifdef MOE_HAVE_CUDA
+#define EPT_MAIN(...)                                                                          \
+    int main(int argc, char **argv)                                                            \
+    {                                                                                          \
+        int rc_ = ept_main_begin(&argc, &argv);                                                \
+        if (rc_) return rc_;                                                                   \
+        const struct CMUnitTest tests[] = {__VA_ARGS__};                                       \
+        rc_ = cmocka_run_group_tests(tests, NULL, NULL);                                       \
+        MPI_Finalize();                                                                        \
+        return rc_;                                                                            \
+    }
+#else
+#define EPT_MAIN(...)                                                                          \
+    int main(int argc, char **argv)                                                            \
+    {                                                                                          \
+        int rc_ = ept_main_begin(&argc, &argv);                                                \
+        if (rc_) return rc_;                                                                   \
+        MPI_Finalize();                                                                        \
+        return 1;                                                                              \
+    }
+#endif
+
 #endif /* MOE_MPI_GPU_EP_TEST_H */

@@ -30,7 +30,7 @@ static inline bool all_true(bool ok)
     return r != 0;
 }
 
-/* Both set the caller's `bool ok` to false and say which rank failed where. */
+/* All three set the caller's `bool ok` to false and say which rank failed where. */
 #define CHECK(cond)                                                                            \
     do {                                                                                       \
         if (!(cond)) {                                                                         \
@@ -46,6 +46,17 @@ static inline bool all_true(bool ok)
         if (s_ != MOE_OK) {                                                                    \
             fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
                     #call, moe_strerror(s_), err.msg);                                          \
+            ok = false;                                                                        \
+        }                                                                                      \
+    } while (0)
+
+/* A public call that must succeed (the reason from moe_last_error()). */
+#define CHECK_API(call)                                                                        \
+    do {                                                                                       \
+        moe_status s_ = (call);                                                                \
+        if (s_ != MOE_OK) {                                                                    \
+            fprintf(stderr, "rank %d: %s:%d: %s -> %s: %s\n", g_rank, __FILE__, __LINE__,      \
+                    #call, moe_strerror(s_), moe_last_error());                                \
             ok = false;                                                                        \
         }                                                                                      \
     } while (0)

@@ -50,6 +50,15 @@ int moe_test_require_gpu(void)
     return MOE_TEST_SKIP;
 }
 
+const char *const moe_test_grad_names[6] = {"d router",      "d w13",       "d w2",
+                                            "d shared_gate", "d shared_up", "d shared_down"};
+
+void **moe_test_grad_slot(moe_layer_grads *g, int i)
+{
+    void **p[6] = {&g->router, &g->w13, &g->w2, &g->shared_gate, &g->shared_up, &g->shared_down};
+    return p[i];
+}
+
 double moe_test_rel_err(const double *a, const double *ref, size_t n)
 {
     double num = 0, den = 0;
@@ -77,6 +86,19 @@ bool moe_test_close(const char *what, const double *a, const double *ref, size_t
     fprintf(stderr, "%-28s rel %.3e  worst row %zu: %.3e  tol %.1e  %s\n", what, g, worst_row,
             worst, tol, ok ? "ok" : "FAIL");
     return ok;
+}
+
+bool moe_test_close_kept(const char *what, double *a, double *ref, size_t rows, size_t cols,
+                         const bool *skip, double tol)
+{
+    size_t kept = 0;
+    for (size_t r = 0; r < rows; r++) {
+        if (skip && skip[r]) continue;
+        memmove(a + kept * cols, a + r * cols, cols * sizeof(double));
+        memmove(ref + kept * cols, ref + r * cols, cols * sizeof(double));
+        kept++;
+    }
+    return moe_test_close(what, a, ref, kept, cols, tol);
 }
 
 double moe_test_tol(moe_dtype dt, bool grad)
