@@ -21,7 +21,10 @@
  *
  * Thread safety: calls on DIFFERENT layers may run concurrently from different threads,
  * unless those layers share a workspace (moe_workspace) — a workspace is used by one call at
- * a time. Calls on the SAME layer must not overlap. moe_version, moe_strerror,
+ * a time. Calls on the SAME layer must not overlap, on the host or on the device: every call
+ * reuses the layer's scratch, so asynchronous calls given different streams must be ordered by
+ * the caller (events, or one stream), and a host-memory call after an asynchronous one on
+ * another stream must wait for that stream first. moe_version, moe_strerror,
  * moe_dtype_name, moe_dtype_size and moe_last_error may be called from any thread at any time.
  *
  * Expert parallelism: a layer created with an EP communicator (moe_ep_comm_create) holds only
