@@ -1,6 +1,6 @@
 /*
  * check.h — the correctness mode's comparisons: each named stage of the fused path against the
- * reference, fed the fused path's own upstream values (DESIGN.md "Tolerances").
+ * reference, fed the fused path's own upstream values (docs/DESIGN.md "Tolerances").
  *
  * A stage passes when ||got-ref||/||ref|| <= tol AND every row's relative error <= 10*tol
  * (rows: tokens; experts for weight gradients), a row whose reference is exactly zero is exactly
@@ -49,7 +49,7 @@ void moe_check_compare(moe_check_report *r, const char *stage, const char *compa
 void moe_check_exact(moe_check_report *r, const char *stage, const char *compared, long n,
                      long mismatches, const char *note);
 void moe_check_print(const moe_check_report *r, FILE *f);
-/* DESIGN.md tolerances: bf16 1e-2, fp16 1e-3, fp32 1e-5 (grad: 1e-4). */
+/* docs/DESIGN.md tolerances: bf16 1e-2, fp16 1e-3, fp32 1e-5 (grad: 1e-4). */
 double moe_check_tol(moe_dtype dt, bool grad);
 
 /* Forward stages of one fused run (st: host copy with every intermediate kept) on input x

@@ -4,7 +4,7 @@
 # dispatched to their experts' owners and combined back.
 #  - Qwen3-style block, E=8 over 2 ranks (random weights, the same generator the client
 #    verifies with): INFO says cpu+ep; 8 clients x 50 requests of random T, every row within
-#    the DESIGN.md per-row fp32 bound (10 x 1e-5) of the single-rank engine in the client's
+#    the docs/DESIGN.md per-row fp32 bound (10 x 1e-5) of the single-rank engine in the client's
 #    process (expert parallelism rounds each rank's partial sum, so not bit for bit);
 #  - Llama-4-style block (shared expert, sigmoid routing), E=4 over 2 ranks: the same;
 #  - E=8 over 4 ranks (oversubscribed): the same, fewer requests;

@@ -2,7 +2,7 @@
  * test_cpu_fused_hf.c — the CPU fused path against HuggingFace itself: the fixtures under
  * tests/fixtures/hf (transformers 5 on a GPU, see their README) hold a block's weights, its
  * input, output and router logits, and for fp32 cases the gradients of sum(output *
- * grad_output). The fused forward must match HF's output and logits within DESIGN.md's
+ * grad_output). The fused forward must match HF's output and logits within docs/DESIGN.md's
  * tolerance (tokens whose logits tie at the k-th place, tie_mask, left out), and the fused
  * backward HF's input and parameter gradients, compared under HF's own names through
  * moe_weights_write_grads.

@@ -1,7 +1,7 @@
 /*
  * test_cpu_fused_ref.c — the CPU fused path (cpu_block_forward / cpu_block_backward) against the
  * independent HF-order reference (ref_forward / ref_backward, src/cpu/reference.c) in bf16,
- * fp16 and fp32, within DESIGN.md's tolerances: global relative error bf16 1e-2, fp16 1e-3,
+ * fp16 and fp32, within docs/DESIGN.md's tolerances: global relative error bf16 1e-2, fp16 1e-3,
  * fp32 1e-5 (1e-4 for gradients), every row (a token; an expert for the routed weight
  * gradients) within 10x, and rows whose reference is exactly zero (experts no token picked)
  * exactly zero; the router gradient in bf16/fp16 gets 2.5x (see check_case). The reference is routed like the fused path (forced_ids), as the correctness
@@ -141,7 +141,7 @@ static void check_case(const moe_config *c, moe_dtype dt, int T, uint64_t tag, b
          * softmax's cancellation), so their distance runs up to 1.5x the tolerance and DESIGN's
          * value would fail about one run in ten: 2.5x here. */
         double t = (dt != MOE_DTYPE_F32 && i == 1) ? 2.5 * gtol : gtol;
-        /* Weight gradients: a "row" is an expert (DESIGN.md); a single matrix row of an
+        /* Weight gradients: a "row" is an expert (docs/DESIGN.md); a single matrix row of an
          * expert with one token is one scalar of dGU times x, and dGU's SiLU derivative has a
          * zero (g = -1.28) where any rounding difference is a large relative one. */
         size_t rows = cmp[i].rows, cols = cmp[i].cols;

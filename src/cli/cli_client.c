@@ -100,7 +100,7 @@ static void print_stats(const moe_client_stats *s)
 
 /* The per-row tolerance a load check uses when none is given: bit for bit when the experts
  * are replicated (the row-independent fused path); with expert parallelism (INFO backend
- * "...+ep") each owner's partial sum is rounded before the combine, so 10x DESIGN.md's global
+ * "...+ep") each owner's partial sum is rounded before the combine, so 10x docs/DESIGN.md's global
  * tolerance of the dtype, its per-row bound. */
 static double auto_tol(const moe_client_info *in)
 {

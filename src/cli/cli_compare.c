@@ -1,4 +1,4 @@
-/* cli_compare.c — `moe-ep compare`: one tensor of two safetensors files, by DESIGN.md's rule
+/* cli_compare.c — `moe-ep compare`: one tensor of two safetensors files, by docs/DESIGN.md's rule
  * (global relative error AND the worst row within 10x; NaN never passes). How a user checks our
  * output against HuggingFace's, and how the tests check multi-rank runs against one rank.
  * Nothing compared (an empty tensor, every row masked) is a failure, not a pass. */

@@ -1,5 +1,5 @@
 /*
- * reference.c — the independent HuggingFace-order reference (see reference.h, DESIGN.md).
+ * reference.c — the independent HuggingFace-order reference (see reference.h, docs/DESIGN.md).
  *
  * Everything is computed in double and rounded with moe_round_to(rd, .) exactly where HF's
  * modules round; rd = MOE_DTYPE_F64 rounds nowhere. The steps HF computes in fp32 whatever

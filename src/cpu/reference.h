@@ -1,6 +1,6 @@
 /*
  * reference.h — the independent reference: a per-expert loop in HuggingFace's order, in double
- * arithmetic, rounding to `rd` exactly where HF's modules round (DESIGN.md):
+ * arithmetic, rounding to `rd` exactly where HF's modules round (docs/DESIGN.md):
  *   Qwen3: logits=rd(x Wg^T); p=softmax(logits) in fp32; top-k; renorm; w=rd(w);
  *          per expert ascending id: g=rd(x Wgate^T), u=rd(x Wup^T), a=rd(silu(g)), h=rd(a*u),
  *          y=rd(h Wdown^T), y=rd(y*w); out=rd(out+y) starting from zeros (index_add_ order).

@@ -1,6 +1,6 @@
 /* hf_fixtures.c — see hf_fixtures.h.
  *
- * Tolerances (DESIGN.md): outputs fp32 1e-5 and bf16 1e-2 global relative error with the worst
+ * Tolerances (docs/DESIGN.md): outputs fp32 1e-5 and bf16 1e-2 global relative error with the worst
  * token within 10x; gradients fp32 1e-4 per tensor. Tokens whose logits tie at the k-th place
  * (tie_mask) are left out of the comparison, since HF leaves that choice to torch.topk. */
 #include "hf_fixtures.h"

@@ -8,7 +8,7 @@
  *    without a usable GPU it returns 77 (ctest's SKIP_RETURN_CODE), or fails when
  *    MOE_REQUIRE_GPU=1 is set.
  *  - moe_test_rel_err(): ||a-b|| / ||b|| over doubles; moe_test_assert_close(): that AND the
- *    worst row within 10x, as DESIGN.md "Tolerances" says; NaN never passes.
+ *    worst row within 10x, as docs/DESIGN.md "Tolerances" says; NaN never passes.
  *  - cmocka includes are here (setjmp/stdarg/stddef order matters).
  */
 #ifndef MOE_TEST_UTIL_H
@@ -65,7 +65,7 @@ bool moe_test_close_kept(const char *what, double *a, double *ref, size_t rows, 
                          const bool *skip, double tol);
 #define moe_test_assert_close(what, a, ref, rows, cols, tol) \
     assert_true(moe_test_close((what), (a), (ref), (rows), (cols), (tol)))
-/* Default tolerance of a dtype (DESIGN.md): bf16 1e-2, fp16 1e-3, fp32 1e-5; grad=true: fp32 1e-4. */
+/* Default tolerance of a dtype (docs/DESIGN.md): bf16 1e-2, fp16 1e-3, fp32 1e-5; grad=true: fp32 1e-4. */
 double moe_test_tol(moe_dtype dt, bool grad);
 /* Router backward of one token in double, written from the math (not the library's code):
  * logits [E] (as the layer rounded them), its top-k ids [k] and dL/d(routing weight j) dw [k]
